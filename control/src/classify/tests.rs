@@ -1,0 +1,172 @@
+use proptest::prelude::*;
+
+use super::*;
+use crate::key::FlowKey;
+use crate::rule::{AddrSet, Direction, Match, PortRange, Prefix};
+
+fn p(s: &str) -> Prefix {
+    s.parse().unwrap()
+}
+
+fn m(src: &[&str], except: &[&str], proto: Option<u8>, dport: PortRange) -> Match {
+    let mut x = Match::any(Direction::Ingress);
+    x.src = AddrSet {
+        include: src.iter().map(|s| p(s)).collect(),
+        except: except.iter().map(|s| p(s)).collect(),
+    };
+    x.proto = proto;
+    x.dport = dport;
+    x
+}
+
+fn key(src: &str, dst: &str, proto: u8, sport: u16, dport: u16) -> FlowKey {
+    FlowKey::new(
+        Direction::Ingress,
+        src.parse().unwrap(),
+        dst.parse().unwrap(),
+        proto,
+        sport,
+        dport,
+    )
+}
+
+#[test]
+fn first_match_and_continuation() {
+    let rules = vec![
+        m(&["10.0.0.0/8"], &["10.1.0.0/16"], Some(6), PortRange::single(80)),
+        m(&["10.0.0.0/8"], &[], None, PortRange::ANY),
+        m(&[], &[], None, PortRange::ANY),
+    ];
+    let t = TupleSpace::build(&rules);
+    let l = Linear::build(&rules);
+    for c in [&t as &dyn Classifier, &l] {
+        assert_eq!(c.first_match(&key("10.2.3.4", "1.1.1.1", 6, 9, 80), 0), 0);
+        // the exception skips rule 0
+        assert_eq!(c.first_match(&key("10.1.3.4", "1.1.1.1", 6, 9, 80), 0), 1);
+        assert_eq!(c.first_match(&key("10.2.3.4", "1.1.1.1", 17, 9, 80), 0), 1);
+        assert_eq!(c.first_match(&key("11.2.3.4", "1.1.1.1", 6, 9, 80), 0), 2);
+        // continuing after a match skips the earlier rules
+        assert_eq!(c.first_match(&key("10.2.3.4", "1.1.1.1", 6, 9, 80), 1), 1);
+        assert_eq!(c.first_match(&key("10.2.3.4", "1.1.1.1", 6, 9, 80), 3), NO_MATCH);
+        // egress keys see no ingress rule
+        let mut k = key("10.2.3.4", "1.1.1.1", 6, 9, 80);
+        k.dir = Direction::Egress as u8;
+        assert_eq!(c.first_match(&k, 0), NO_MATCH);
+    }
+}
+
+#[test]
+fn fragments_skip_port_rules_and_ipv6_is_separate() {
+    let mut v6 = m(&["2001:db8::/32"], &[], Some(17), PortRange::single(53));
+    v6.dst = AddrSet::any();
+    let rules = vec![v6, m(&["10.0.0.0/8"], &[], Some(17), PortRange::single(53))];
+    let t = TupleSpace::build(&rules);
+    let mut k = key("2001:db8::1", "2001:db8::2", 17, 1, 53);
+    assert_eq!(t.first_match(&k, 0), 0);
+    k.ports_known = false;
+    assert_eq!(t.first_match(&k, 0), NO_MATCH);
+    assert_eq!(t.first_match(&key("10.0.0.1", "10.0.0.2", 17, 1, 53), 0), 1);
+    assert_eq!(t.first_match(&key("2001:db9::1", "::1", 17, 1, 53), 0), NO_MATCH);
+}
+
+fn arb_prefix(v6: bool) -> impl Strategy<Value = Prefix> {
+    // A small address space so that prefixes overlap and keys hit them.
+    (0u32..16, 0u8..=8).prop_map(move |(host, short)| {
+        let len = if v6 { 120 + short } else { 24 + short };
+        let base: u128 = if v6 { 0x2001_0db8 << 96 } else { 0x0a00_0000 };
+        let bits = base | host as u128 * 16;
+        Prefix::new(crate::rule::bits_addr(v6, bits), len.min(Prefix::width(v6))).unwrap()
+    })
+}
+
+fn arb_set(v6: bool) -> impl Strategy<Value = AddrSet> {
+    (
+        prop::collection::vec(arb_prefix(v6), 0..3),
+        prop::collection::vec(arb_prefix(v6), 0..2),
+    )
+        .prop_map(|(include, except)| AddrSet { include, except })
+}
+
+fn arb_range() -> impl Strategy<Value = PortRange> {
+    prop_oneof![
+        Just(PortRange::ANY),
+        (0u16..8, 0u16..8).prop_map(|(a, b)| PortRange {
+            lo: a.min(b),
+            hi: a.max(b)
+        }),
+    ]
+}
+
+fn arb_match() -> impl Strategy<Value = Match> {
+    (
+        any::<bool>(),
+        any::<bool>(),
+        prop_oneof![Just(None), Just(Some(6u8)), Just(Some(17u8))],
+        arb_range(),
+        arb_range(),
+        prop_oneof![3 => Just(None), 1 => Just(Some(7u16))],
+    )
+        .prop_flat_map(|(v6, egress, proto, sport, dport, vlan)| {
+            (arb_set(v6), arb_set(v6)).prop_map(move |(src, dst)| Match {
+                direction: if egress {
+                    Direction::Egress
+                } else {
+                    Direction::Ingress
+                },
+                src,
+                dst,
+                proto,
+                sport,
+                dport,
+                vlan,
+            })
+        })
+}
+
+fn arb_key() -> impl Strategy<Value = FlowKey> {
+    (
+        any::<bool>(),
+        any::<bool>(),
+        0u32..256,
+        0u32..256,
+        prop_oneof![Just(6u8), Just(17u8), Just(1u8)],
+        0u16..8,
+        0u16..8,
+        any::<bool>(),
+        prop_oneof![Just(crate::key::NO_VLAN), Just(7u16)],
+    )
+        .prop_map(|(v6, egress, s, d, proto, sport, dport, frag, vlan)| {
+            let base: u128 = if v6 { 0x2001_0db8 << 96 } else { 0x0a00_0000 };
+            FlowKey {
+                dir: egress as u8,
+                v6,
+                src: base | s as u128,
+                dst: base | d as u128,
+                proto,
+                sport,
+                dport,
+                ports_known: !frag,
+                vlan,
+            }
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+    #[test]
+    fn tuple_space_agrees_with_linear(
+        rules in prop::collection::vec(arb_match(), 1..40),
+        keys in prop::collection::vec(arb_key(), 64),
+        from in 0u32..8,
+    ) {
+        let fast = TupleSpace::build(&rules);
+        let oracle = Linear::build(&rules);
+        let mut batch = vec![0u32; keys.len()];
+        fast.classify_batch(&keys, &mut batch);
+        for (k, b) in keys.iter().zip(&batch) {
+            prop_assert_eq!(fast.first_match(k, 0), oracle.first_match(k, 0), "key {}", k);
+            prop_assert_eq!(*b, oracle.first_match(k, 0));
+            prop_assert_eq!(fast.first_match(k, from), oracle.first_match(k, from));
+        }
+    }
+}

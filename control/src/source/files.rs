@@ -1,0 +1,231 @@
+//! The file source: every `*.yaml`/`*.yml` file under a directory (recursively, in path order),
+//! each possibly holding several `---`-separated documents, exactly as kubectl prints objects.
+//!
+//! A directory loads all or nothing: any bad document fails the load and every error is
+//! reported with its file, document index, kind/name and field, so the caller keeps the last good
+//! table.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use serde::Deserialize;
+
+use crate::policy::{FieldError, GatewayPolicy, API_GROUP};
+use crate::snapshot::{Located, Snapshot};
+
+/// One problem with one document (or file).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceError {
+    pub file: PathBuf,
+    /// 0-based document index within the file, when the problem is in a document.
+    pub document: Option<usize>,
+    /// `Kind/name`, when known.
+    pub object: Option<String>,
+    pub field: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for SourceError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(d) = self.document {
+            write!(f, ": document {d}")?;
+        }
+        if let Some(o) = &self.object {
+            write!(f, " ({o})")?;
+        }
+        if let Some(field) = &self.field {
+            write!(f, ": {field}")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+impl std::error::Error for SourceError {}
+
+/// Enough of a document to dispatch on.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct TypeMeta {
+    #[serde(default)]
+    api_version: String,
+    #[serde(default)]
+    kind: String,
+    #[serde(default)]
+    metadata: Option<crate::policy::ObjectMeta>,
+}
+
+fn yaml_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    let mut entries: Vec<_> = std::fs::read_dir(dir)?.collect::<Result<_, _>>()?;
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        let path = e.path();
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        // Skip hidden entries, which also skips Kubernetes ConfigMap mounts' `..data` links.
+        if name.starts_with('.') {
+            continue;
+        }
+        if path.is_dir() {
+            yaml_files(&path, out)?;
+        } else if name.ends_with(".yaml") || name.ends_with(".yml") {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
+/// Loads every object under `dir`. On any error, returns all errors found.
+pub fn load_dir(dir: &Path) -> Result<Snapshot, Vec<SourceError>> {
+    let mut files = Vec::new();
+    if let Err(e) = yaml_files(dir, &mut files) {
+        return Err(vec![SourceError {
+            file: dir.to_path_buf(),
+            document: None,
+            object: None,
+            field: None,
+            message: format!("cannot read the policy directory: {e}"),
+        }]);
+    }
+    let mut snap = Snapshot::default();
+    let mut errors = Vec::new();
+    for file in files {
+        load_file(&file, &mut snap, &mut errors);
+    }
+    if errors.is_empty() {
+        Ok(snap)
+    } else {
+        Err(errors)
+    }
+}
+
+fn load_file(file: &Path, snap: &mut Snapshot, errors: &mut Vec<SourceError>) {
+    let err = |document, object, field: Option<String>, message: String| SourceError {
+        file: file.to_path_buf(),
+        document,
+        object,
+        field,
+        message,
+    };
+    let text = match std::fs::read_to_string(file) {
+        Ok(t) => t,
+        Err(e) => return errors.push(err(None, None, None, format!("cannot read: {e}"))),
+    };
+    for (i, doc) in serde_norway::Deserializer::from_str(&text).enumerate() {
+        let value = match serde_norway::Value::deserialize(doc) {
+            Ok(serde_norway::Value::Null) => continue,
+            Ok(v) => v,
+            Err(e) => {
+                errors.push(err(Some(i), None, None, format!("not valid YAML: {e}")));
+                // The YAML stream is broken from here on; later documents cannot be trusted.
+                return;
+            }
+        };
+        let meta: TypeMeta = match serde_norway::from_value(value.clone()) {
+            Ok(m) => m,
+            Err(e) => {
+                errors.push(err(Some(i), None, None, format!("not a Kubernetes-style object: {e}")));
+                continue;
+            }
+        };
+        let name = meta.metadata.as_ref().map(|m| m.name.clone()).unwrap_or_default();
+        let object = Some(format!("{}/{}", meta.kind, name));
+        let source = format!("{}#{}", file.display(), i);
+        let group = meta.api_version.split('/').next().unwrap_or_default();
+        match (group, meta.kind.as_str()) {
+            (API_GROUP, "GatewayPolicy") => match GatewayPolicy::from_yaml(value) {
+                Ok(p) => snap.gateway_policies.push(Located { source, object: p }),
+                Err(FieldError { field, message }) => {
+                    errors.push(err(Some(i), object, Some(field), message))
+                }
+            },
+            (_, "") => errors.push(err(Some(i), None, Some("kind".into()), "missing".into())),
+            _ => errors.push(err(
+                Some(i),
+                object,
+                Some("kind".into()),
+                format!(
+                    "`{}` `{}` is not a kind this source reads (expected {API_GROUP}/v1alpha1 GatewayPolicy)",
+                    meta.api_version, meta.kind
+                ),
+            )),
+        }
+    }
+}
+
+/// Cheap change detection for a policy directory: every YAML file's path, size and mtime.
+/// Polling this is robust where inotify is not (ConfigMap symlink swaps, editors' rename dance).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Fingerprint(Vec<(PathBuf, u64, Option<SystemTime>)>);
+
+impl Fingerprint {
+    pub fn of(dir: &Path) -> Fingerprint {
+        let mut files = Vec::new();
+        let _ = yaml_files(dir, &mut files);
+        Fingerprint(
+            files
+                .into_iter()
+                .map(|f| {
+                    let md = std::fs::metadata(&f).ok();
+                    let len = md.as_ref().map_or(0, |m| m.len());
+                    let mtime = md.and_then(|m| m.modified().ok());
+                    (f, len, mtime)
+                })
+                .collect(),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmpdir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("portcullis-src-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    const GOOD: &str = "apiVersion: portcullis.io/v1alpha1\nkind: GatewayPolicy\nmetadata: {name: a}\nspec: {ingress: [{action: Allow}]}\n";
+
+    #[test]
+    fn loads_multi_document_files_and_reports_every_error() {
+        let d = tmpdir("multi");
+        std::fs::write(d.join("a.yaml"), format!("{GOOD}---\n{}", GOOD.replace("name: a", "name: b"))).unwrap();
+        std::fs::write(d.join("notes.txt"), "ignored").unwrap();
+        let snap = load_dir(&d).unwrap();
+        assert_eq!(snap.gateway_policies.len(), 2);
+        assert!(snap.gateway_policies[1].source.ends_with("a.yaml#1"));
+
+        std::fs::write(
+            d.join("b.yaml"),
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n---\napiVersion: portcullis.io/v1alpha1\nkind: GatewayPolicy\nmetadata: {name: bad}\nspec: {ingress: [{action: Allow, source: {nets: [300.1.1.1/8]}}]}\n",
+        )
+        .unwrap();
+        let errs = load_dir(&d).unwrap_err();
+        assert_eq!(errs.len(), 2, "{errs:?}");
+        let text: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
+        assert!(text[0].contains("b.yaml: document 0 (ConfigMap/c): kind"), "{}", text[0]);
+        assert!(
+            text[1].contains("b.yaml: document 1 (GatewayPolicy/bad): spec.ingress[0].source.nets[0]"),
+            "{}",
+            text[1]
+        );
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn broken_yaml_and_missing_dir_are_errors() {
+        let d = tmpdir("broken");
+        std::fs::write(d.join("x.yml"), "spec: [unclosed\n").unwrap();
+        let errs = load_dir(&d).unwrap_err();
+        assert!(errs[0].message.contains("not valid YAML"), "{}", errs[0]);
+        let fp = Fingerprint::of(&d);
+        std::fs::write(d.join("x.yml"), GOOD).unwrap();
+        assert_ne!(fp, Fingerprint::of(&d));
+        std::fs::remove_dir_all(&d).unwrap();
+        assert!(load_dir(&d).unwrap_err()[0].message.contains("cannot read the policy directory"));
+    }
+}
