@@ -7,7 +7,8 @@
 //!    [`rule::RuleSet`], every rule carrying its [`rule::Origin`];
 //! 3. [`classify`] builds a packet classifier from the rule set;
 //! 4. [`table`] pairs the two into an immutable [`table::Table`], the contract with the gateway;
-//! 5. [`publish`] swaps tables in atomically; workers load once per burst and never block.
+//! 5. [`publish`] swaps tables in atomically; workers load once per burst and never block;
+//! 6. [`reload`] ties it together for a running gateway: reload on change, keep the last good table.
 //!
 //! Nothing here touches sockets or packets; all of it is testable without root.
 
@@ -17,6 +18,7 @@ pub mod compile;
 pub mod key;
 pub mod policy;
 pub mod publish;
+pub mod reload;
 pub mod rule;
 pub mod snapshot;
 pub mod source;

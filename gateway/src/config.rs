@@ -1,0 +1,474 @@
+//! The gateway config file: YAML, strictly validated. Unknown fields are errors, and every error
+//! names the file, the field and what was expected. Every key and its default is documented in
+//! the README ("Configuration reference").
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use control::compile::GatewayContext;
+use control::policy::RuleSpec;
+use control::rule::{DenyReason, Direction, Verdict};
+
+/// A config problem: which file, which field, what was expected.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {field}: {message}")]
+pub struct ConfigError {
+    pub file: String,
+    pub field: String,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Interfaces {
+    /// The external (client-facing) interface.
+    pub ext: String,
+    /// The internal (cluster-facing) interface.
+    pub int: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PollMode {
+    /// Spin on the rings; lowest latency, one full core per worker.
+    Busy,
+    /// Spin, but after `idle_after` empty bursts sleep in poll(2) until traffic or timeout.
+    Idle,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub struct Poll {
+    #[serde(default = "default_poll_mode")]
+    pub mode: PollMode,
+    #[serde(default = "default_idle_after")]
+    pub idle_after: u32,
+    #[serde(default = "default_poll_timeout")]
+    pub timeout_ms: u32,
+}
+
+fn default_poll_mode() -> PollMode {
+    PollMode::Busy
+}
+fn default_idle_after() -> u32 {
+    64
+}
+fn default_poll_timeout() -> u32 {
+    100
+}
+
+impl Default for Poll {
+    fn default() -> Self {
+        Poll {
+            mode: default_poll_mode(),
+            idle_after: default_idle_after(),
+            timeout_ms: default_poll_timeout(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpMode {
+    /// Driver (native) XDP.
+    Native,
+    /// Generic (skb) XDP: works everywhere, slower.
+    Skb,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ZeroCopy {
+    /// Try zero-copy, fall back to copy mode with a warning.
+    Auto,
+    /// Zero-copy or fail.
+    On,
+    /// Copy mode.
+    Off,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub struct Xdp {
+    #[serde(default = "default_xdp_mode")]
+    pub mode: XdpMode,
+    #[serde(default = "default_zero_copy")]
+    pub zero_copy: ZeroCopy,
+}
+
+fn default_xdp_mode() -> XdpMode {
+    XdpMode::Native
+}
+fn default_zero_copy() -> ZeroCopy {
+    ZeroCopy::Auto
+}
+
+impl Default for Xdp {
+    fn default() -> Self {
+        Xdp {
+            mode: default_xdp_mode(),
+            zero_copy: default_zero_copy(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DefaultAction {
+    Allow,
+    Deny,
+}
+
+impl DefaultAction {
+    fn verdict(self) -> Verdict {
+        match self {
+            DefaultAction::Allow => Verdict::Allow,
+            DefaultAction::Deny => Verdict::Deny(DenyReason::Default),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Defaults {
+    #[serde(default = "deny")]
+    pub ingress: DefaultAction,
+    #[serde(default = "allow")]
+    pub egress: DefaultAction,
+}
+
+fn deny() -> DefaultAction {
+    DefaultAction::Deny
+}
+fn allow() -> DefaultAction {
+    DefaultAction::Allow
+}
+
+impl Default for Defaults {
+    fn default() -> Self {
+        Defaults {
+            ingress: deny(),
+            egress: allow(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum L2Action {
+    Forward,
+    Drop,
+}
+
+/// What happens to frames that are not IP.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct L2 {
+    #[serde(default = "forward")]
+    pub arp: L2Action,
+    #[serde(default = "drop")]
+    pub other: L2Action,
+}
+
+fn forward() -> L2Action {
+    L2Action::Forward
+}
+fn drop() -> L2Action {
+    L2Action::Drop
+}
+
+impl Default for L2 {
+    fn default() -> Self {
+        L2 {
+            arp: forward(),
+            other: drop(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Failsafe {
+    #[serde(default)]
+    pub ingress: Vec<RuleSpec>,
+    #[serde(default)]
+    pub egress: Vec<RuleSpec>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Metrics {
+    /// Where `/metrics`, `/status` and `/healthz` are served; `null` turns the endpoint off.
+    #[serde(default = "default_listen")]
+    pub listen: Option<SocketAddr>,
+}
+
+fn default_listen() -> Option<SocketAddr> {
+    Some(SocketAddr::from(([127, 0, 0, 1], 9477)))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            listen: default_listen(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub struct Logging {
+    /// At most this many denied/logged flows are written per second (per process).
+    #[serde(default = "default_log_rate")]
+    pub flows_per_sec: u32,
+}
+
+fn default_log_rate() -> u32 {
+    20
+}
+
+impl Default for Logging {
+    fn default() -> Self {
+        Logging {
+            flows_per_sec: default_log_rate(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+struct ConfigWire {
+    interfaces: Interfaces,
+    #[serde(default = "one")]
+    queues: u32,
+    #[serde(default)]
+    cores: Option<Vec<usize>>,
+    #[serde(default)]
+    poll: Poll,
+    #[serde(default = "default_burst")]
+    burst: usize,
+    #[serde(default = "default_ring")]
+    ring_size: u32,
+    #[serde(default = "default_frame_size")]
+    frame_size: u32,
+    #[serde(default = "default_frames")]
+    frames: u32,
+    #[serde(default)]
+    xdp: Xdp,
+    policy_dir: PathBuf,
+    #[serde(default)]
+    default: Defaults,
+    #[serde(default)]
+    l2: L2,
+    #[serde(default)]
+    failsafe: Failsafe,
+    #[serde(default)]
+    metrics: Metrics,
+    #[serde(default)]
+    logging: Logging,
+}
+
+fn one() -> u32 {
+    1
+}
+fn default_burst() -> usize {
+    64
+}
+fn default_ring() -> u32 {
+    2048
+}
+fn default_frame_size() -> u32 {
+    4096
+}
+fn default_frames() -> u32 {
+    8192
+}
+
+/// The largest burst the worker's stack arrays hold.
+pub const MAX_BURST: usize = 256;
+
+/// A validated config.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub path: PathBuf,
+    pub interfaces: Interfaces,
+    pub queues: u32,
+    /// Core for worker `i` (queue `i`).
+    pub cores: Vec<usize>,
+    pub poll: Poll,
+    pub burst: usize,
+    pub ring_size: u32,
+    pub frame_size: u32,
+    pub frames: u32,
+    pub xdp: Xdp,
+    /// Absolute, or relative to the config file's directory.
+    pub policy_dir: PathBuf,
+    pub l2: L2,
+    pub metrics: Metrics,
+    pub logging: Logging,
+    pub context: GatewayContext,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: file.clone(),
+            field: "(file)".into(),
+            message: format!("cannot read: {e}"),
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses and validates config text; `path` names it in errors and anchors `policy_dir`.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let err = |field: &str, message: String| ConfigError {
+            file: file.clone(),
+            field: field.to_string(),
+            message,
+        };
+        let de = serde_norway::Deserializer::from_str(text);
+        let w: ConfigWire = serde_path_to_error::deserialize(de).map_err(|e| {
+            let field = e.path().to_string();
+            let field = if field == "." { "(document)".to_string() } else { field };
+            err(&field, e.into_inner().to_string())
+        })?;
+
+        for (name, value) in [("interfaces.ext", &w.interfaces.ext), ("interfaces.int", &w.interfaces.int)] {
+            if value.is_empty() || value.len() > 15 || value.contains(['/', ' ']) {
+                return Err(err(name, format!("`{value}` is not an interface name (1-15 characters, no '/' or spaces)")));
+            }
+        }
+        if w.interfaces.ext == w.interfaces.int {
+            return Err(err("interfaces.int", "must differ from interfaces.ext".into()));
+        }
+        if !(1..=64).contains(&w.queues) {
+            return Err(err("queues", format!("{} is out of range (expected 1-64)", w.queues)));
+        }
+        let ncores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let cores = match w.cores {
+            Some(c) => {
+                if c.len() != w.queues as usize {
+                    return Err(err("cores", format!("lists {} cores for {} queues (expected one core per queue)", c.len(), w.queues)));
+                }
+                if let Some((i, bad)) = c.iter().enumerate().find(|(_, &c)| c >= ncores) {
+                    return Err(err(&format!("cores[{i}]"), format!("core {bad} does not exist (this machine has cores 0-{})", ncores - 1)));
+                }
+                c
+            }
+            None => (0..w.queues as usize).map(|i| (ncores - 1 - i % ncores) % ncores).collect(),
+        };
+        if !(1..=MAX_BURST).contains(&w.burst) {
+            return Err(err("burst", format!("{} is out of range (expected 1-{MAX_BURST})", w.burst)));
+        }
+        if !w.ring_size.is_power_of_two() || !(64..=16384).contains(&w.ring_size) {
+            return Err(err("ring_size", format!("{} must be a power of two in 64-16384", w.ring_size)));
+        }
+        if w.frame_size != 2048 && w.frame_size != 4096 {
+            return Err(err("frame_size", format!("{} must be 2048 or 4096", w.frame_size)));
+        }
+        // Two fill rings to stock, plus frames in flight on two TX rings.
+        let needed = 4 * w.ring_size;
+        if w.frames < needed || !w.frames.is_power_of_two() {
+            return Err(err("frames", format!("{} must be a power of two of at least 4 x ring_size = {needed}", w.frames)));
+        }
+        if w.poll.mode == PollMode::Idle && !(1..=10_000).contains(&w.poll.timeout_ms) {
+            return Err(err("poll.timeout_ms", format!("{} is out of range (expected 1-10000)", w.poll.timeout_ms)));
+        }
+        let mut failsafe = Vec::new();
+        for (dir, list, key) in [(Direction::Ingress, &w.failsafe.ingress, "ingress"), (Direction::Egress, &w.failsafe.egress, "egress")] {
+            for (i, r) in list.iter().enumerate() {
+                let rules = r.to_rules(dir, &format!("failsafe.{key}[{i}]")).map_err(|e| err(&e.field, e.message))?;
+                failsafe.extend(rules.into_iter().map(|r| (i, r)));
+            }
+        }
+        let base = path.parent().unwrap_or(Path::new("."));
+        let policy_dir = if w.policy_dir.is_absolute() { w.policy_dir } else { base.join(w.policy_dir) };
+        Ok(Config {
+            path: path.to_path_buf(),
+            interfaces: w.interfaces,
+            queues: w.queues,
+            cores,
+            poll: w.poll,
+            burst: w.burst,
+            ring_size: w.ring_size,
+            frame_size: w.frame_size,
+            frames: w.frames,
+            xdp: w.xdp,
+            policy_dir,
+            l2: w.l2,
+            metrics: w.metrics,
+            logging: w.logging,
+            context: GatewayContext {
+                default_ingress: w.default.ingress.verdict(),
+                default_egress: w.default.egress.verdict(),
+                failsafe,
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = "interfaces: {ext: e0, int: i0}\npolicy_dir: policies\n";
+
+    fn parse(t: &str) -> Result<Config, ConfigError> {
+        Config::parse(t, Path::new("/etc/portcullis/gw.yaml"))
+    }
+
+    #[test]
+    fn defaults() {
+        let c = parse(MIN).unwrap();
+        assert_eq!(c.queues, 1);
+        assert_eq!(c.burst, 64);
+        assert_eq!(c.poll.mode, PollMode::Busy);
+        assert_eq!(c.policy_dir, Path::new("/etc/portcullis/policies"));
+        assert_eq!(c.context.default_ingress, Verdict::Deny(DenyReason::Default));
+        assert_eq!(c.context.default_egress, Verdict::Allow);
+        assert_eq!(c.l2.arp, L2Action::Forward);
+        assert_eq!(c.metrics.listen.unwrap().to_string(), "127.0.0.1:9477");
+        assert_eq!(c.cores.len(), 1);
+    }
+
+    #[test]
+    fn errors_name_file_and_field() {
+        let cases = [
+            ("interfaces: {ext: e0, int: i0}\n", "(document)", "policy_dir"),
+            (&format!("{MIN}colour: red\n"), "(document)", "colour"),
+            (&format!("{MIN}burst: 0\n"), "burst", "1-256"),
+            (&format!("{MIN}ring_size: 1000\n"), "ring_size", "power of two"),
+            (&format!("{MIN}frames: 1024\n"), "frames", "at least"),
+            (&format!("{MIN}queues: 2\ncores: [0]\n"), "cores", "one core per queue"),
+            (&format!("{MIN}cores: [4096]\n"), "cores[0]", "does not exist"),
+            (&format!("{MIN}xdp: {{mode: turbo}}\n"), "xdp.mode", "native"),
+            (&format!("{MIN}default: {{ingress: maybe}}\n"), "default.ingress", "allow"),
+            (&format!("{MIN}failsafe: {{ingress: [{{protocol: TCP, destination: {{ports: [99999]}}}}]}}\n"), "failsafe.ingress[0]", ""),
+            (&format!("{MIN}failsafe: {{ingress: [{{destination: {{nets: [bogus]}}}}]}}\n"), "failsafe.ingress[0].destination.nets[0]", "not an IP"),
+            ("interfaces: {ext: e0, int: e0}\npolicy_dir: p\n", "interfaces.int", "differ"),
+            ("interfaces: {ext: a-very-long-interface-name, int: i0}\npolicy_dir: p\n", "interfaces.ext", "1-15"),
+            (&format!("{MIN}metrics: {{listen: nowhere}}\n"), "metrics.listen", ""),
+        ];
+        for (text, field, needle) in cases {
+            let e = parse(text).unwrap_err();
+            let shown = e.to_string();
+            assert!(shown.starts_with("/etc/portcullis/gw.yaml: "), "{shown}");
+            assert!(e.field.starts_with(field), "{text:?}: field {} in {shown}", e.field);
+            assert!(shown.contains(needle), "{text:?}: {shown}");
+        }
+    }
+
+    #[test]
+    fn failsafe_rules_compile_into_the_context() {
+        let c = parse(&format!(
+            "{MIN}failsafe:\n  ingress:\n    - {{protocol: ICMP, icmp: {{type: 3, code: 4}}, description: frag-needed}}\n    - {{protocol: TCP, destination: {{nets: [10.0.0.1], ports: [22]}}}}\n"
+        ))
+        .unwrap();
+        assert_eq!(c.context.failsafe.len(), 2);
+        assert_eq!(c.context.failsafe[1].0, 1);
+    }
+}

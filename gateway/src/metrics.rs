@@ -1,0 +1,229 @@
+//! Observability: `/metrics` (Prometheus text), `/status` (JSON) and `/healthz`, served by a small
+//! blocking HTTP/1.0 server on its own thread, on localhost by default. It reads worker counters
+//! (relaxed loads) and the reloader's state (a mutex the datapath never touches).
+
+use std::fmt::Write as _;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use control::publish::RuleHits;
+use control::reload::{ReloadStatus, Reloader};
+use serde::Serialize;
+
+use crate::stats::{new_histogram, CounterSnapshot, LatencySummary, SharedLatency, WorkerCounters};
+
+/// What the observability endpoints read. Shared by the control thread and the HTTP thread.
+pub struct Observed {
+    pub started: Instant,
+    pub config: String,
+    pub ext: String,
+    pub int: String,
+    pub queues: u32,
+    pub copy_mode: bool,
+    pub counters: Vec<Arc<WorkerCounters>>,
+    pub latency: Vec<Arc<SharedLatency>>,
+    pub reloader: Arc<Mutex<Reloader>>,
+}
+
+/// The `/status` document.
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub version: &'static str,
+    pub uptime_s: u64,
+    pub config: String,
+    pub ext: String,
+    pub int: String,
+    pub queues: u32,
+    pub copy_mode: bool,
+    pub policy: ReloadStatus,
+    pub totals: CounterSnapshot,
+    pub workers: Vec<CounterSnapshot>,
+    pub burst_latency: LatencySummary,
+    pub rules: Vec<RuleHits>,
+}
+
+impl Observed {
+    pub fn status(&self) -> Status {
+        let workers: Vec<CounterSnapshot> = self.counters.iter().map(|c| c.snapshot()).collect();
+        let mut totals = CounterSnapshot::default();
+        for w in &workers {
+            totals.add(w);
+        }
+        let mut h = new_histogram();
+        for l in &self.latency {
+            l.merge_into(&mut h);
+        }
+        let (policy, rules) = {
+            let mut r = self.reloader.lock().unwrap_or_else(|p| p.into_inner());
+            (r.status().clone(), r.rule_hits())
+        };
+        Status {
+            version: env!("CARGO_PKG_VERSION"),
+            uptime_s: self.started.elapsed().as_secs(),
+            config: self.config.clone(),
+            ext: self.ext.clone(),
+            int: self.int.clone(),
+            queues: self.queues,
+            copy_mode: self.copy_mode,
+            policy,
+            totals,
+            workers,
+            burst_latency: LatencySummary::of(&h),
+            rules,
+        }
+    }
+}
+
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+/// Renders the Prometheus text exposition.
+pub fn prometheus(s: &Status) -> String {
+    let mut o = String::new();
+    let family = |name: &str, kind: &str, help: &str, o: &mut String| {
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    };
+    family("portcullis_rx_packets_total", "counter", "Frames received, per worker and direction (ingress = received on ext).", &mut o);
+    for (i, w) in s.workers.iter().enumerate() {
+        let _ = writeln!(o, "portcullis_rx_packets_total{{worker=\"{i}\",direction=\"ingress\"}} {}", w.rx_ingress);
+        let _ = writeln!(o, "portcullis_rx_packets_total{{worker=\"{i}\",direction=\"egress\"}} {}", w.rx_egress);
+    }
+    family("portcullis_tx_packets_total", "counter", "Frames forwarded, per worker and direction.", &mut o);
+    for (i, w) in s.workers.iter().enumerate() {
+        let _ = writeln!(o, "portcullis_tx_packets_total{{worker=\"{i}\",direction=\"ingress\"}} {}", w.tx_ingress);
+        let _ = writeln!(o, "portcullis_tx_packets_total{{worker=\"{i}\",direction=\"egress\"}} {}", w.tx_egress);
+    }
+    family("portcullis_drops_total", "counter", "Frames dropped, per worker and reason.", &mut o);
+    for (i, w) in s.workers.iter().enumerate() {
+        for (reason, n) in &w.drops {
+            let _ = writeln!(o, "portcullis_drops_total{{worker=\"{i}\",reason=\"{reason}\"}} {n}");
+        }
+    }
+    for (name, help, get) in [
+        ("portcullis_l2_forwarded_total", "Non-IP frames forwarded by the l2 policy.", (|w: &CounterSnapshot| w.l2_forwarded) as fn(&CounterSnapshot) -> u64),
+        ("portcullis_wakeups_total", "Syscalls made to kick TX or the fill ring (need_wakeup).", |w| w.wakeups),
+        ("portcullis_fill_starved_total", "Bursts that found no free frame to refill the fill rings.", |w| w.fill_starved),
+        ("portcullis_idle_sleeps_total", "poll(2) sleeps in idle mode.", |w| w.idle_sleeps),
+        ("portcullis_bursts_total", "Non-empty bursts processed.", |w| w.bursts),
+    ] {
+        family(name, "counter", help, &mut o);
+        for (i, w) in s.workers.iter().enumerate() {
+            let _ = writeln!(o, "{name}{{worker=\"{i}\"}} {}", get(w));
+        }
+    }
+    family("portcullis_rule_hits_total", "counter", "Frames that matched each rule of the current table, carried across table swaps.", &mut o);
+    for r in &s.rules {
+        let _ = writeln!(
+            o,
+            "portcullis_rule_hits_total{{rule=\"{}\",index=\"{}\",layer=\"{}\",object=\"{}\",position=\"{}\"}} {}",
+            r.id,
+            r.index,
+            serde_json::to_value(r.layer).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default(),
+            label(&r.object),
+            r.rule.map_or(String::new(), |p| p.to_string()),
+            r.hits
+        );
+    }
+    let p = &s.policy;
+    for (name, kind, help, value) in [
+        ("portcullis_table_generation", "gauge", "Generation of the table the workers use.", p.generation as f64),
+        ("portcullis_table_rules", "gauge", "Rules in the current table.", p.rules as f64),
+        ("portcullis_table_build_seconds", "gauge", "Time to build the current classifier.", p.build_ms / 1e3),
+        ("portcullis_table_compile_seconds", "gauge", "Time to load and compile the current policies.", p.compile_ms / 1e3),
+        ("portcullis_table_memory_bytes", "gauge", "Memory held by the current table.", p.memory_bytes as f64),
+        ("portcullis_policy_reload_errors_total", "counter", "Policy reloads rejected (the last good table stayed).", p.reloads_failed as f64),
+        ("portcullis_policy_reloads_total", "counter", "Policy reloads published.", p.reloads_ok as f64),
+        ("portcullis_policy_healthy", "gauge", "1 when the last reload succeeded.", if p.last_error.is_empty() { 1.0 } else { 0.0 }),
+        ("portcullis_uptime_seconds", "gauge", "Seconds since start.", s.uptime_s as f64),
+    ] {
+        family(name, kind, help, &mut o);
+        let _ = writeln!(o, "{name} {value}");
+    }
+    family("portcullis_burst_service_seconds", "summary", "Time a worker spends on one non-empty burst.", &mut o);
+    let l = &s.burst_latency;
+    for (q, v) in [("0.5", l.p50_ns), ("0.99", l.p99_ns), ("0.999", l.p999_ns), ("1", l.max_ns)] {
+        let _ = writeln!(o, "portcullis_burst_service_seconds{{quantile=\"{q}\"}} {}", v as f64 / 1e9);
+    }
+    let _ = writeln!(o, "portcullis_burst_service_seconds_count {}", l.count);
+    o
+}
+
+fn respond(mut stream: TcpStream, obs: &Observed) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let mut buf = [0u8; 4096];
+    let n = stream.read(&mut buf)?;
+    let req = String::from_utf8_lossy(&buf[..n]);
+    let path = req.split_whitespace().nth(1).unwrap_or("/");
+    let (code, ctype, body) = match path {
+        "/metrics" => ("200 OK", "text/plain; version=0.0.4", prometheus(&obs.status())),
+        "/status" => (
+            "200 OK",
+            "application/json",
+            serde_json::to_string_pretty(&obs.status()).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")),
+        ),
+        "/healthz" => {
+            let healthy = obs
+                .reloader
+                .lock()
+                .map(|r| r.status().last_error.is_empty())
+                .unwrap_or(false);
+            if healthy {
+                ("200 OK", "text/plain", "ok\n".to_string())
+            } else {
+                ("503 Service Unavailable", "text/plain", "policy reload failing; serving the last good table\n".to_string())
+            }
+        }
+        _ => ("404 Not Found", "text/plain", "try /metrics, /status or /healthz\n".to_string()),
+    };
+    write!(
+        stream,
+        "HTTP/1.0 {code}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// Binds the endpoint. Fails at start-up (not later) when the address is taken.
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let l = TcpListener::bind(addr)?;
+    l.set_nonblocking(true)?;
+    Ok(l)
+}
+
+/// Serves requests until `stop` is set.
+pub fn serve(listener: TcpListener, obs: Arc<Observed>, stop: Arc<AtomicBool>) {
+    while !stop.load(Relaxed) {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                let _ = stream.set_nonblocking(false);
+                if let Err(e) = respond(stream, &obs) {
+                    tracing::debug!(error = %e, "metrics request failed");
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(50)),
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics accept failed");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+}
+
+/// A minimal HTTP GET for `portcullis stats` and the lab: returns (status code, body).
+pub fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    let code = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_string();
+    Ok((code, body))
+}

@@ -1,0 +1,308 @@
+//! Frame parsing: Ethernet (with up to three 802.1Q/802.1ad tags), IPv4 (with options), IPv6
+//! (with extension headers), TCP, UDP, SCTP, ICMPv4/v6, through etherparse's zero-copy slicer.
+//!
+//! Never panics and never allocates: every frame becomes a [`Frame`] or a [`Reason`] to drop it.
+//! Fragments: the first fragment carries the transport header and yields ports; a non-first
+//! fragment has none (`ports_known = false`), so only rules that need no ports can match it.
+//! A first fragment too short to hold its ports is the RFC 1858 tiny-fragment attack and is
+//! dropped.
+
+use control::key::{proto, FlowKey, NO_VLAN};
+use control::rule::Direction;
+use etherparse::err::packet::SliceError;
+use etherparse::{
+    IpNumber, Ipv6ExtensionSlice, LenSource, LinkExtSlice, NetSlice, SlicedPacket, TransportSlice,
+};
+
+use crate::stats::Reason;
+
+/// What a frame is, as far as the gateway cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Frame {
+    Ip(FlowKey),
+    Arp,
+    /// Any other ethertype (LLDP, ...), or an unknown one behind VLAN tags.
+    OtherL2,
+}
+
+fn malformed(e: &SliceError) -> Reason {
+    match e {
+        SliceError::Len(l) if l.len_source == LenSource::Slice => Reason::Truncated,
+        SliceError::Len(_) => Reason::BadIpLength,
+        SliceError::Ip(etherparse::err::ip::HeaderError::UnsupportedIpVersion { .. }) => {
+            Reason::BadIpVersion
+        }
+        SliceError::Ip(_) | SliceError::Ipv4(_) => Reason::BadIpv4Header,
+        SliceError::Ipv6(_) => Reason::BadIpv6Header,
+        SliceError::Ipv4Exts(_) | SliceError::Ipv6Exts(_) => Reason::BadIpExtension,
+        SliceError::Tcp(_) => Reason::BadTransport,
+        SliceError::LinuxSll(_) | SliceError::Macsec(_) => Reason::UnsupportedLink,
+    }
+}
+
+/// Reads (sport, dport) from the start of a transport header that etherparse did not slice
+/// (SCTP, or the first fragment of a fragmented datagram).
+#[inline]
+fn raw_ports(p: u8, payload: &[u8]) -> Option<(u16, u16)> {
+    if proto::is_icmp(p) {
+        return (payload.len() >= 2).then(|| (payload[0] as u16, payload[1] as u16));
+    }
+    // SCTP's common header is 12 bytes; TCP and UDP ports are the first 4 bytes of theirs.
+    let need = if p == proto::SCTP { 12 } else { 4 };
+    (payload.len() >= need).then(|| {
+        (
+            u16::from_be_bytes([payload[0], payload[1]]),
+            u16::from_be_bytes([payload[2], payload[3]]),
+        )
+    })
+}
+
+fn has_ports(p: u8) -> bool {
+    matches!(p, proto::TCP | proto::UDP | proto::SCTP) || proto::is_icmp(p)
+}
+
+/// Parses one frame received in `direction`.
+#[inline]
+pub fn parse(data: &[u8], direction: Direction) -> Result<Frame, Reason> {
+    let pkt = SlicedPacket::from_ethernet(data).map_err(|e| malformed(&e))?;
+    let vlan = pkt
+        .link_exts
+        .iter()
+        .find_map(|x| match x {
+            LinkExtSlice::Vlan(v) => Some(v.vlan_identifier().value()),
+            LinkExtSlice::Macsec(_) => None,
+        })
+        .unwrap_or(NO_VLAN);
+    let mut key = FlowKey {
+        dir: direction as u8,
+        vlan,
+        ..FlowKey::default()
+    };
+    let (payload, first_fragment) = match &pkt.net {
+        None => return Ok(Frame::OtherL2),
+        Some(NetSlice::Arp(_)) => return Ok(Frame::Arp),
+        Some(NetSlice::Ipv4(ip)) => {
+            let h = ip.header();
+            key.src = u32::from_be_bytes(h.source()) as u128;
+            key.dst = u32::from_be_bytes(h.destination()) as u128;
+            (ip.payload(), h.fragments_offset().value() == 0)
+        }
+        Some(NetSlice::Ipv6(ip)) => {
+            let h = ip.header();
+            key.v6 = true;
+            key.src = u128::from_be_bytes(h.source());
+            key.dst = u128::from_be_bytes(h.destination());
+            let first = ip.extensions().clone().into_iter().all(|x| match x {
+                Ipv6ExtensionSlice::Fragment(f) => f.fragment_offset().value() == 0,
+                _ => true,
+            });
+            (ip.payload(), first)
+        }
+    };
+    key.proto = payload.ip_number.0;
+    match &pkt.transport {
+        Some(TransportSlice::Tcp(t)) => {
+            key.sport = t.source_port();
+            key.dport = t.destination_port();
+        }
+        Some(TransportSlice::Udp(u)) => {
+            key.sport = u.source_port();
+            key.dport = u.destination_port();
+        }
+        Some(TransportSlice::Icmpv4(i)) => {
+            key.sport = i.type_u8() as u16;
+            key.dport = i.code_u8() as u16;
+        }
+        Some(TransportSlice::Icmpv6(i)) => {
+            key.sport = i.type_u8() as u16;
+            key.dport = i.code_u8() as u16;
+        }
+        None if payload.fragmented && !first_fragment => key.ports_known = false,
+        None if has_ports(key.proto) => {
+            let (s, d) = raw_ports(key.proto, payload.payload).ok_or(
+                if payload.fragmented {
+                    Reason::TinyFragment
+                } else {
+                    Reason::Truncated
+                },
+            )?;
+            key.sport = s;
+            key.dport = d;
+        }
+        // A protocol without ports (GRE, ESP, ...): rules that need ports cannot match it.
+        None => key.ports_known = payload.ip_number == IpNumber::IPV6_NO_NEXT_HEADER,
+    }
+    Ok(Frame::Ip(key))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use etherparse::PacketBuilder;
+
+    const MAC_A: [u8; 6] = [2, 0, 0, 0, 0, 1];
+    const MAC_B: [u8; 6] = [2, 0, 0, 0, 0, 2];
+
+    fn build(b: PacketBuilder<etherparse::UdpHeader>, payload: &[u8]) -> Vec<u8> {
+        let mut v = Vec::new();
+        b.write(&mut v, payload).unwrap();
+        v
+    }
+
+    fn ip_key(f: Result<Frame, Reason>) -> FlowKey {
+        match f {
+            Ok(Frame::Ip(k)) => k,
+            other => panic!("expected an IP frame, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn udp_v4_and_vlan() {
+        let b = PacketBuilder::ethernet2(MAC_A, MAC_B).ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64).udp(5000, 53);
+        let k = ip_key(parse(&build(b, b"hello"), Direction::Ingress));
+        assert_eq!((k.src, k.dst, k.proto, k.sport, k.dport), (0x0a00_0001, 0x0a00_0002, 17, 5000, 53));
+        assert!(k.ports_known && !k.v6 && k.vlan == NO_VLAN);
+
+        let b = PacketBuilder::ethernet2(MAC_A, MAC_B)
+            .single_vlan(42.try_into().unwrap())
+            .ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64)
+            .udp(1, 2);
+        let k = ip_key(parse(&build(b, b""), Direction::Egress));
+        assert_eq!(k.vlan, 42);
+        assert_eq!(k.dir, 1);
+    }
+
+    #[test]
+    fn tcp_v6_with_extension_headers_and_icmp() {
+        // IPv6 + hop-by-hop options (8 bytes) + TCP SYN, by hand.
+        let mut f = Vec::new();
+        f.extend_from_slice(&[2, 0, 0, 0, 0, 2, 2, 0, 0, 0, 0, 1, 0x86, 0xdd]);
+        f.extend_from_slice(&[0x60, 0, 0, 0, 0, 28, 0 /* HBH */, 64]);
+        f.extend_from_slice(&[0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+        f.extend_from_slice(&[0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]);
+        f.extend_from_slice(&[6 /* next: TCP */, 0, 1, 4, 0, 0, 0, 0]);
+        f.extend_from_slice(&[0x9c, 0x40, 0, 80, 0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
+        let k = ip_key(parse(&f, Direction::Ingress));
+        assert!(k.v6);
+        assert_eq!((k.proto, k.sport, k.dport), (6, 40000, 80));
+        assert_eq!(k.dst & 0xff, 2);
+
+        let mut v = Vec::new();
+        PacketBuilder::ethernet2(MAC_A, MAC_B)
+            .ipv4([1, 1, 1, 1], [2, 2, 2, 2], 9)
+            .icmpv4_echo_request(1, 1)
+            .write(&mut v, b"ping")
+            .unwrap();
+        let k = ip_key(parse(&v, Direction::Ingress));
+        assert_eq!((k.proto, k.sport, k.dport), (1, 8, 0));
+    }
+
+    /// A minimal IPv4 header + payload behind an Ethernet header; checksum left zero (we do not
+    /// validate it: the receiving host does).
+    fn v4(ihl_words: u8, total_len: u16, proto_: u8, frag: u16, payload: &[u8]) -> Vec<u8> {
+        let mut f = vec![2, 0, 0, 0, 0, 2, 2, 0, 0, 0, 0, 1, 0x08, 0x00];
+        f.extend_from_slice(&[0x40 | ihl_words, 0]);
+        f.extend_from_slice(&total_len.to_be_bytes());
+        f.extend_from_slice(&[0, 1]);
+        f.extend_from_slice(&frag.to_be_bytes());
+        f.extend_from_slice(&[64, proto_, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2]);
+        for _ in 5..ihl_words {
+            f.extend_from_slice(&[1, 1, 1, 1]); // NOP options
+        }
+        f.extend_from_slice(payload);
+        f
+    }
+
+    #[test]
+    fn options_sctp_and_fragments() {
+        let udp = [0x13, 0x88, 0, 53, 0, 8, 0, 0];
+        let k = ip_key(parse(&v4(6, 32, 17, 0, &udp), Direction::Ingress));
+        assert_eq!((k.sport, k.dport), (5000, 53), "IPv4 options are skipped");
+
+        let sctp = [0x0b, 0xb8, 0x0f, 0xa0, 0, 0, 0, 0, 0, 0, 0, 0];
+        let k = ip_key(parse(&v4(5, 32, 132, 0, &sctp), Direction::Ingress));
+        assert_eq!((k.proto, k.sport, k.dport), (132, 3000, 4000));
+
+        // First fragment (MF set, offset 0): ports read from the partial transport header.
+        let k = ip_key(parse(&v4(5, 28, 17, 0x2000, &udp), Direction::Ingress));
+        assert!(k.ports_known);
+        assert_eq!(k.dport, 53);
+        // Non-first fragment (offset 8 bytes): no ports.
+        let k = ip_key(parse(&v4(5, 28, 17, 0x0001, &udp), Direction::Ingress));
+        assert!(!k.ports_known);
+        // A first fragment too short for its ports.
+        assert_eq!(parse(&v4(5, 22, 6, 0x2000, &[0, 80]), Direction::Ingress), Err(Reason::TinyFragment));
+    }
+
+    #[test]
+    fn malformed_frames_get_reasons() {
+        let udp = [0x13, 0x88, 0, 53, 0, 8, 0, 0];
+        let cases: Vec<(&str, Vec<u8>, Reason)> = vec![
+            ("runt ethernet", vec![1, 2, 3], Reason::Truncated),
+            ("truncated ipv4 header", v4(5, 28, 17, 0, &udp)[..24].to_vec(), Reason::Truncated),
+            ("ihl below 5", v4(4, 28, 17, 0, &udp), Reason::BadIpv4Header),
+            ("total length beyond frame", v4(5, 200, 17, 0, &udp), Reason::BadIpLength),
+            ("total length below header", v4(5, 12, 17, 0, &udp), Reason::BadIpv4Header),
+            ("ip version 7", {
+                let mut f = v4(5, 28, 17, 0, &udp);
+                f[14] = 0x75;
+                f
+            }, Reason::BadIpVersion),
+            ("truncated udp", v4(5, 24, 17, 0, &udp[..4]), Reason::Truncated),
+            ("tcp data offset too small", v4(5, 40, 6, 0, &[0, 1, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0x10, 0, 0, 0, 0, 0, 0, 0]), Reason::BadTransport),
+        ];
+        for (what, frame, reason) in cases {
+            assert_eq!(parse(&frame, Direction::Ingress), Err(reason), "{what}");
+        }
+        // IPv6 with a hop-by-hop header that is not first.
+        let mut f = vec![2, 0, 0, 0, 0, 2, 2, 0, 0, 0, 0, 1, 0x86, 0xdd];
+        f.extend_from_slice(&[0x60, 0, 0, 0, 0, 16, 60 /* dest opts */, 64]);
+        f.extend_from_slice(&[0u8; 32]);
+        f.extend_from_slice(&[0 /* next: HBH */, 0, 1, 4, 0, 0, 0, 0]);
+        f.extend_from_slice(&[17, 0, 1, 4, 0, 0, 0, 0]);
+        assert_eq!(parse(&f, Direction::Ingress), Err(Reason::BadIpExtension));
+        // An extension header whose length runs past the payload.
+        let mut f = vec![2, 0, 0, 0, 0, 2, 2, 0, 0, 0, 0, 1, 0x86, 0xdd];
+        f.extend_from_slice(&[0x60, 0, 0, 0, 0, 8, 0, 64]);
+        f.extend_from_slice(&[0u8; 32]);
+        f.extend_from_slice(&[17, 9, 1, 4, 0, 0, 0, 0]);
+        assert!(matches!(parse(&f, Direction::Ingress), Err(Reason::BadIpLength | Reason::Truncated)));
+    }
+
+    #[test]
+    fn l2_frames() {
+        let mut arp = vec![0xff; 6];
+        arp.extend_from_slice(&MAC_A);
+        arp.extend_from_slice(&[0x08, 0x06, 0, 1, 8, 0, 6, 4, 0, 1]);
+        arp.extend_from_slice(&MAC_A);
+        arp.extend_from_slice(&[10, 0, 0, 1, 0, 0, 0, 0, 0, 0, 10, 0, 0, 2]);
+        assert_eq!(parse(&arp, Direction::Ingress), Ok(Frame::Arp));
+        let mut lldp = vec![0x01, 0x80, 0xc2, 0, 0, 0x0e];
+        lldp.extend_from_slice(&MAC_A);
+        lldp.extend_from_slice(&[0x88, 0xcc, 2, 7, 4, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(parse(&lldp, Direction::Ingress), Ok(Frame::OtherL2));
+    }
+
+    #[test]
+    fn never_panics_on_arbitrary_bytes() {
+        // Deterministic xorshift fuzz over mutated valid frames and random garbage.
+        let base = v4(6, 32, 17, 0, &[0x13, 0x88, 0, 53, 0, 8, 0, 0]);
+        let mut s: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s
+        };
+        for _ in 0..200_000 {
+            let mut f = base.clone();
+            let n = (next() % 4) as usize + 1;
+            for _ in 0..n {
+                let i = (next() as usize) % f.len();
+                f[i] = next() as u8;
+            }
+            let cut = (next() as usize) % (f.len() + 1);
+            let _ = parse(&f[..cut], Direction::Ingress);
+        }
+    }
+}

@@ -1,0 +1,176 @@
+//! `portcullis run`: preflight, first compile, sockets, workers, the control thread, the
+//! observability endpoint, and a clean shutdown that detaches every XDP program it attached.
+
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use control::reload::Reloader;
+use control::rule::Verdict;
+use crossbeam_queue::ArrayQueue;
+
+use crate::config::Config;
+use crate::metrics::{self, Observed};
+use crate::preflight;
+use crate::stats::{SharedLatency, WorkerCounters};
+use crate::sys::xdp;
+use crate::sys::xsk::{QueuePair, SocketOptions};
+use crate::worker::{self, FlowRecord, WorkerSetup};
+
+/// Detaches the XDP programs from both interfaces when dropped, whatever path leaves `run`.
+struct Detach<'a> {
+    cfg: &'a Config,
+    ifindex: [u32; 2],
+}
+
+impl Drop for Detach<'_> {
+    fn drop(&mut self) {
+        for (iface, idx) in [(&self.cfg.interfaces.ext, self.ifindex[0]), (&self.cfg.interfaces.int, self.ifindex[1])] {
+            match xdp::detach(idx, self.cfg.xdp.mode) {
+                Ok(()) => tracing::info!(iface = iface.as_str(), "XDP program detached"),
+                Err(e) => tracing::error!(iface = iface.as_str(), error = %e, "could not detach the XDP program; remove it with `ip link set dev {iface} xdp off`"),
+            }
+        }
+    }
+}
+
+/// Runs the gateway until SIGINT/SIGTERM. SIGHUP forces a policy reload.
+pub fn run(cfg: Config) -> Result<()> {
+    let ifs = preflight::check(&cfg)?;
+    let workers = cfg.queues as usize;
+    let reloader = Reloader::new(&cfg.policy_dir, cfg.context.clone(), workers)
+        .with_context(|| format!("the policies in {} do not load; nothing was started", cfg.policy_dir.display()))?;
+    for w in &reloader.status().warnings {
+        tracing::warn!(warning = w.as_str(), "policy warning");
+    }
+    tracing::info!(generation = 1, rules = reloader.status().rules, build_ms = reloader.status().build_ms, "table compiled");
+    let reloader = Arc::new(Mutex::new(reloader));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let hup = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, Arc::clone(&stop)).context("cannot install signal handlers")?;
+    }
+    signal_hook::flag::register(signal_hook::consts::SIGHUP, Arc::clone(&hup)).context("cannot install the SIGHUP handler")?;
+
+    let listener = match cfg.metrics.listen {
+        Some(addr) => Some(metrics::bind(addr).with_context(|| format!("cannot listen on {addr} (metrics.listen in {})", cfg.path.display()))?),
+        None => None,
+    };
+
+    // From here on, programs may be attached: detach them on every way out.
+    let _detach = Detach {
+        cfg: &cfg,
+        ifindex: [ifs.ext, ifs.int],
+    };
+    let opts = SocketOptions {
+        ring_size: cfg.ring_size,
+        frame_size: cfg.frame_size,
+        frames: cfg.frames,
+        xdp_mode: cfg.xdp.mode,
+        zero_copy: cfg.xdp.zero_copy,
+    };
+    let mut pairs = Vec::with_capacity(workers);
+    for q in 0..cfg.queues {
+        let pair = QueuePair::open(&cfg.interfaces.ext, &cfg.interfaces.int, q, &opts)
+            .with_context(|| format!("opening queue {q} of {} and {}", cfg.interfaces.ext, cfg.interfaces.int))?;
+        pairs.push(pair);
+    }
+    let copy_mode = pairs.iter().any(|p| p.copy_mode);
+
+    let counters: Vec<Arc<WorkerCounters>> = (0..workers).map(|_| Arc::default()).collect();
+    let latency: Vec<Arc<SharedLatency>> = (0..workers).map(|_| Arc::default()).collect();
+    let flows = Arc::new(ArrayQueue::<FlowRecord>::new(4096));
+    let obs = Arc::new(Observed {
+        started: Instant::now(),
+        config: cfg.path.display().to_string(),
+        ext: cfg.interfaces.ext.clone(),
+        int: cfg.interfaces.int.clone(),
+        queues: cfg.queues,
+        copy_mode,
+        counters: counters.clone(),
+        latency: latency.clone(),
+        reloader: Arc::clone(&reloader),
+    });
+
+    let mut handles = Vec::new();
+    for (i, pair) in pairs.into_iter().enumerate() {
+        let setup = WorkerSetup {
+            index: i,
+            core: cfg.cores[i],
+            pair,
+            reader: reloader.lock().unwrap_or_else(|p| p.into_inner()).publisher().reader(),
+            counters: Arc::clone(&counters[i]),
+            latency: Arc::clone(&latency[i]),
+            flows: Arc::clone(&flows),
+            flow_budget: cfg.logging.flows_per_sec.div_ceil(workers as u32),
+            burst: cfg.burst,
+            poll: cfg.poll.clone(),
+            l2: cfg.l2.clone(),
+            stop: Arc::clone(&stop),
+        };
+        handles.push(
+            std::thread::Builder::new()
+                .name(format!("pc-worker-{i}"))
+                .spawn(move || worker::run(setup))
+                .context("cannot spawn a worker thread")?,
+        );
+    }
+    if let Some(l) = listener {
+        let (obs, stop) = (Arc::clone(&obs), Arc::clone(&stop));
+        handles.push(std::thread::Builder::new().name("pc-metrics".into()).spawn(move || metrics::serve(l, obs, stop))?);
+    }
+    tracing::info!(ext = cfg.interfaces.ext.as_str(), int = cfg.interfaces.int.as_str(), queues = cfg.queues, copy_mode, listen = ?cfg.metrics.listen, "portcullis running");
+
+    control_loop(&reloader, &flows, &stop, &hup);
+
+    tracing::info!("stopping");
+    for h in handles {
+        let _ = h.join();
+    }
+    let totals = obs.status().totals;
+    tracing::info!(rx_ingress = totals.rx_ingress, tx_ingress = totals.tx_ingress, rx_egress = totals.rx_egress, tx_egress = totals.tx_egress, "final counters");
+    Ok(())
+}
+
+/// The control thread's loop (on the main thread): reload on change or SIGHUP, and write the
+/// flow log at a bounded rate.
+fn control_loop(reloader: &Mutex<Reloader>, flows: &ArrayQueue<FlowRecord>, stop: &AtomicBool, hup: &AtomicBool) {
+    let mut last_check = Instant::now() - Duration::from_secs(1);
+    while !stop.load(Relaxed) {
+        let force = hup.swap(false, Relaxed);
+        if force || last_check.elapsed() >= Duration::from_millis(250) {
+            last_check = Instant::now();
+            let mut r = reloader.lock().unwrap_or_else(|p| p.into_inner());
+            match r.poll(force) {
+                None => {}
+                Some(Ok(generation)) => {
+                    let s = r.status();
+                    tracing::info!(generation, rules = s.rules, build_ms = s.build_ms, forced = force, "table swapped");
+                    for w in &s.warnings {
+                        tracing::warn!(warning = w.as_str(), "policy warning");
+                    }
+                }
+                Some(Err(e)) => tracing::error!("policy reload rejected, keeping generation {}: {e}", r.status().generation),
+            }
+        }
+        let table = reloader.lock().map(|mut r| r.publisher().current()).ok();
+        while let Some(f) = flows.pop() {
+            let origin = table
+                .as_ref()
+                .filter(|t| t.generation() == f.generation)
+                .and_then(|t| t.rules().get(f.rule as usize))
+                .map(|r| match r.origin.index {
+                    Some(i) => format!("{} rule {i}", r.origin.object),
+                    None => r.origin.object.clone(),
+                })
+                .unwrap_or_else(|| format!("rule #{} of generation {}", f.rule, f.generation));
+            match f.verdict {
+                Verdict::Allow => tracing::info!(target: "portcullis::flows", flow = %f.key, verdict = "allow", rule = origin.as_str(), worker = f.worker, "logged flow"),
+                Verdict::Deny(r) => tracing::info!(target: "portcullis::flows", flow = %f.key, verdict = "deny", reason = r.as_str(), rule = origin.as_str(), worker = f.worker, "denied flow"),
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
