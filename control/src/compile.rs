@@ -58,7 +58,13 @@ pub struct Compiled {
 }
 
 fn action_of(a: RuleAction, audit: bool) -> Action {
-    let decide = |v| if audit { Action::Audit(v) } else { Action::Decide(v) };
+    let decide = |v| {
+        if audit {
+            Action::Audit(v)
+        } else {
+            Action::Decide(v)
+        }
+    };
     match a {
         RuleAction::Allow => decide(Verdict::Allow),
         RuleAction::Deny => decide(Verdict::Deny(DenyReason::Policy)),
@@ -184,12 +190,22 @@ mod tests {
         let snap = Snapshot {
             gateway_policies: vec![
                 policy("late", 200, false, "[{action: Allow}]"),
-                policy("early", 100, false, "[{action: Deny, source: {nets: [192.0.2.0/24]}}, {action: Pass}]"),
+                policy(
+                    "early",
+                    100,
+                    false,
+                    "[{action: Deny, source: {nets: [192.0.2.0/24]}}, {action: Pass}]",
+                ),
                 policy("watch", 150, true, "[{action: Deny}]"),
             ],
         };
         let c = compile(&snap, &GatewayContext::default()).unwrap();
-        let objects: Vec<&str> = c.rules.rules().iter().map(|r| r.origin.object.as_str()).collect();
+        let objects: Vec<&str> = c
+            .rules
+            .rules()
+            .iter()
+            .map(|r| r.origin.object.as_str())
+            .collect();
         assert_eq!(
             objects,
             [
@@ -202,10 +218,16 @@ mod tests {
             ]
         );
         let actions: Vec<Action> = c.rules.rules().iter().map(|r| r.action).collect();
-        assert_eq!(actions[0], Action::Decide(Verdict::Deny(DenyReason::Policy)));
+        assert_eq!(
+            actions[0],
+            Action::Decide(Verdict::Deny(DenyReason::Policy))
+        );
         assert_eq!(actions[1], Action::Pass);
         assert_eq!(actions[2], Action::Audit(Verdict::Deny(DenyReason::Policy)));
-        assert_eq!(actions[4], Action::Decide(Verdict::Deny(DenyReason::Default)));
+        assert_eq!(
+            actions[4],
+            Action::Decide(Verdict::Deny(DenyReason::Default))
+        );
         assert_eq!(actions[5], Action::Decide(Verdict::Allow));
         // Pass continues after the gateway layer, i.e. at the defaults.
         assert_eq!(c.rules.next_layer_start(Layer::Gateway), 4);
@@ -221,10 +243,7 @@ mod tests {
         let ids = |c: &Compiled| c.rules.rules().iter().map(|r| r.id).collect::<Vec<_>>();
         assert_eq!(ids(&a), ids(&b));
         let dup = Snapshot {
-            gateway_policies: vec![
-                policy("a", 1, false, "[]"),
-                policy("a", 2, false, "[]"),
-            ],
+            gateway_policies: vec![policy("a", 1, false, "[]"), policy("a", 2, false, "[]")],
         };
         assert!(matches!(
             compile(&dup, &GatewayContext::default()),

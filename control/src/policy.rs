@@ -161,9 +161,7 @@ pub fn parse_port(p: &PortSpec, field: &str) -> Result<PortRange, FieldError> {
             let num = |s: &str| s.trim().parse::<u16>();
             match (num(lo), num(hi)) {
                 (Ok(lo), Ok(hi)) if lo <= hi => Ok(PortRange { lo, hi }),
-                (Ok(_), Ok(_)) => Err(bad(&format!(
-                    "`{t}`: the range's start is above its end"
-                ))),
+                (Ok(_), Ok(_)) => Err(bad(&format!("`{t}`: the range's start is above its end"))),
                 _ if !t.is_empty() && t.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') => {
                     Err(bad(&format!(
                         "`{t}` looks like a named port; GatewayPolicy rules need port numbers \
@@ -181,14 +179,20 @@ pub fn parse_port(p: &PortSpec, field: &str) -> Result<PortRange, FieldError> {
 impl RuleSpec {
     /// Validates the rule for one direction. `field` is the rule's path, e.g. `spec.ingress[2]`.
     /// A rule with several port ranges lowers to one match per (source, destination) port pair.
-    pub fn to_rules(&self, direction: Direction, field: &str) -> Result<Vec<PolicyRule>, FieldError> {
+    pub fn to_rules(
+        &self,
+        direction: Direction,
+        field: &str,
+    ) -> Result<Vec<PolicyRule>, FieldError> {
         let protocol = match &self.protocol {
             None => None,
             Some(ProtocolSpec::Number(n)) => Some(*n),
             Some(ProtocolSpec::Name(s)) => Some(proto::parse(s).ok_or_else(|| {
                 FieldError::new(
                     format!("{field}.protocol"),
-                    format!("`{s}` is not a protocol (expected TCP, UDP, SCTP, ICMP, ICMPv6 or 0-255)"),
+                    format!(
+                        "`{s}` is not a protocol (expected TCP, UDP, SCTP, ICMP, ICMPv6 or 0-255)"
+                    ),
                 )
             })?),
         };
@@ -241,9 +245,14 @@ impl RuleSpec {
         let (sports, dports) = match &self.icmp {
             Some(icmp) => (
                 vec![PortRange::single(icmp.icmp_type.into())],
-                vec![icmp.code.map_or(PortRange { lo: 0, hi: 255 }, |c| PortRange::single(c.into()))],
+                vec![icmp.code.map_or(PortRange { lo: 0, hi: 255 }, |c| {
+                    PortRange::single(c.into())
+                })],
             ),
-            None => (ports(&self.source, "source")?, ports(&self.destination, "destination")?),
+            None => (
+                ports(&self.source, "source")?,
+                ports(&self.destination, "destination")?,
+            ),
         };
         let mut out = Vec::with_capacity(sports.len() * dports.len());
         for s in &sports {
@@ -311,10 +320,20 @@ impl GatewayPolicy {
     pub fn from_yaml(value: serde_norway::Value) -> Result<GatewayPolicy, FieldError> {
         let wire: GatewayPolicyWire = serde_path_to_error::deserialize(value).map_err(|e| {
             let path = e.path().to_string();
-            FieldError::new(if path == "." { "(document)".into() } else { path }, e.into_inner().to_string())
+            FieldError::new(
+                if path == "." {
+                    "(document)".into()
+                } else {
+                    path
+                },
+                e.into_inner().to_string(),
+            )
         })?;
         if wire.metadata.name.is_empty() {
-            return Err(FieldError::new("metadata.name", "a GatewayPolicy needs a name"));
+            return Err(FieldError::new(
+                "metadata.name",
+                "a GatewayPolicy needs a name",
+            ));
         }
         let mut rules = Vec::new();
         for (direction, list, key) in [

@@ -147,10 +147,21 @@ mod tests {
 
     #[test]
     fn counters_survive_swaps_and_old_tables_are_released() {
-        let rules = || compile(&Snapshot::default(), &GatewayContext::default()).unwrap().rules;
+        let rules = || {
+            compile(&Snapshot::default(), &GatewayContext::default())
+                .unwrap()
+                .rules
+        };
         let mut p = Publisher::new(rules(), 1);
         let mut reader = p.reader();
-        let key = FlowKey::new(Direction::Ingress, "192.0.2.1".parse().unwrap(), "10.0.0.1".parse().unwrap(), 6, 1, 80);
+        let key = FlowKey::new(
+            Direction::Ingress,
+            "192.0.2.1".parse().unwrap(),
+            "10.0.0.1".parse().unwrap(),
+            6,
+            1,
+            80,
+        );
         let mut out = [Decision::default()];
         for generation in 1..=5u64 {
             let t = reader.load();

@@ -169,7 +169,11 @@ mod tests {
 
         std::fs::write(d.join("p.yaml"), good.replace("[80]", "[eighty]")).unwrap();
         let err = r.poll(false).unwrap().unwrap_err();
-        assert!(err.to_string().contains("spec.ingress[0].destination.ports[0]"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("spec.ingress[0].destination.ports[0]"),
+            "{err}"
+        );
         assert_eq!(r.publisher().current().generation(), 2, "old table kept");
         assert_eq!(r.status().reloads_failed, 1);
         assert!(!r.status().last_error.is_empty());

@@ -55,7 +55,11 @@ impl Prefix {
 
     /// The prefix that matches every address of a family.
     pub const fn any(v6: bool) -> Prefix {
-        Prefix { v6, bits: 0, len: 0 }
+        Prefix {
+            v6,
+            bits: 0,
+            len: 0,
+        }
     }
 
     /// Builds a prefix, clearing host bits. `len` must not exceed the family width.
@@ -224,7 +228,11 @@ impl AddrSet {
         let mut parts: Vec<Prefix> = if self.include.is_empty() {
             vec![Prefix::any(v6)]
         } else {
-            self.include.iter().filter(|p| p.v6 == v6).copied().collect()
+            self.include
+                .iter()
+                .filter(|p| p.v6 == v6)
+                .copied()
+                .collect()
         };
         for hole in self.except.iter().filter(|p| p.v6 == v6) {
             parts = parts.iter().flat_map(|p| p.subtract(hole)).collect();
@@ -243,7 +251,10 @@ pub struct PortRange {
 }
 
 impl PortRange {
-    pub const ANY: PortRange = PortRange { lo: 0, hi: u16::MAX };
+    pub const ANY: PortRange = PortRange {
+        lo: 0,
+        hi: u16::MAX,
+    };
 
     pub fn single(p: u16) -> PortRange {
         PortRange { lo: p, hi: p }
@@ -597,7 +608,10 @@ mod tests {
         assert_eq!(parts.len(), 4);
         for host in 0u32..256 {
             let bits = (0x0a00_0000 + host) as u128;
-            let in_parts = parts.iter().filter(|q| q.contains_bits(false, bits)).count();
+            let in_parts = parts
+                .iter()
+                .filter(|q| q.contains_bits(false, bits))
+                .count();
             let expected = usize::from(!hole.contains_bits(false, bits));
             assert_eq!(in_parts, expected, "host {host}");
         }

@@ -260,11 +260,22 @@ mod tests {
                 object: GatewayPolicy::from_yaml(serde_norway::from_str(&y).unwrap()).unwrap(),
             }],
         };
-        Table::build(compile(&snap, &GatewayContext::default()).unwrap().rules, 1, 2)
+        Table::build(
+            compile(&snap, &GatewayContext::default()).unwrap().rules,
+            1,
+            2,
+        )
     }
 
     fn k(src: &str, dport: u16) -> FlowKey {
-        FlowKey::new(Direction::Ingress, src.parse().unwrap(), "10.0.0.2".parse().unwrap(), 6, 40000, dport)
+        FlowKey::new(
+            Direction::Ingress,
+            src.parse().unwrap(),
+            "10.0.0.2".parse().unwrap(),
+            6,
+            40000,
+            dport,
+        )
     }
 
     #[test]
@@ -285,7 +296,11 @@ mod tests {
         assert!(out[0].log && !out[1].log);
         // The Allow lowers to one rule per port: 22 at index 2, 80 at index 3.
         assert_eq!(t.hit_counts()[..4], [1, 0, 1, 1]);
-        for key in [k("192.0.2.1", 22), k("198.51.100.9", 80), k("192.0.2.1", 443)] {
+        for key in [
+            k("192.0.2.1", 22),
+            k("198.51.100.9", 80),
+            k("192.0.2.1", 443),
+        ] {
             assert_eq!(t.decide(&key).verdict, t.reference_decision(&key));
         }
     }

@@ -25,7 +25,10 @@ fn sets() -> Vec<String> {
         })
         .collect();
     names.sort();
-    assert!(names.len() >= 4, "expected the acl1/fw1/ipc1 sets, found {names:?}");
+    assert!(
+        names.len() >= 4,
+        "expected the acl1/fw1/ipc1 sets, found {names:?}"
+    );
     names
 }
 
@@ -44,7 +47,11 @@ fn tuple_space_agrees_with_expected_on_every_header() {
         let rules = read_filters(&dir.join(format!("{set}.filters"))).unwrap();
         let trace = read_trace(&dir.join(format!("{set}.trace"))).unwrap();
         let expected = read_expected(&dir.join(format!("{set}.expected"))).unwrap();
-        assert_eq!(trace.len(), expected.len(), "{set}: trace and expected differ in length");
+        assert_eq!(
+            trace.len(),
+            expected.len(),
+            "{set}: trace and expected differ in length"
+        );
         let fast = TupleSpace::build(&rules);
         let mut out = vec![0u32; trace.len()];
         for (keys, res) in trace.chunks(64).zip(out.chunks_mut(64)) {
@@ -62,7 +69,12 @@ fn tuple_space_agrees_with_expected_on_every_header() {
             as_index(out[wrong[0]]),
             expected[wrong[0]]
         );
-        eprintln!("{set}: {} rules, {} headers agree, {:?}", rules.len(), trace.len(), fast.stats());
+        eprintln!(
+            "{set}: {} rules, {} headers agree, {:?}",
+            rules.len(),
+            trace.len(),
+            fast.stats()
+        );
     }
 }
 
@@ -77,7 +89,12 @@ fn linear_oracle_agrees_with_expected() {
         // Every header of the 1k sets; a deterministic tenth of the larger ones.
         let step = if rules.len() > 2000 { 10 } else { 1 };
         for i in (0..trace.len()).step_by(step) {
-            assert_eq!(as_index(oracle.first_match(&trace[i], 0)), expected[i], "{set} line {}", i + 1);
+            assert_eq!(
+                as_index(oracle.first_match(&trace[i], 0)),
+                expected[i],
+                "{set} line {}",
+                i + 1
+            );
         }
     }
 }

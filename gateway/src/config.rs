@@ -333,60 +333,120 @@ impl Config {
         let de = serde_norway::Deserializer::from_str(text);
         let w: ConfigWire = serde_path_to_error::deserialize(de).map_err(|e| {
             let field = e.path().to_string();
-            let field = if field == "." { "(document)".to_string() } else { field };
+            let field = if field == "." {
+                "(document)".to_string()
+            } else {
+                field
+            };
             err(&field, e.into_inner().to_string())
         })?;
 
-        for (name, value) in [("interfaces.ext", &w.interfaces.ext), ("interfaces.int", &w.interfaces.int)] {
+        for (name, value) in [
+            ("interfaces.ext", &w.interfaces.ext),
+            ("interfaces.int", &w.interfaces.int),
+        ] {
             if value.is_empty() || value.len() > 15 || value.contains(['/', ' ']) {
-                return Err(err(name, format!("`{value}` is not an interface name (1-15 characters, no '/' or spaces)")));
+                return Err(err(
+                    name,
+                    format!(
+                        "`{value}` is not an interface name (1-15 characters, no '/' or spaces)"
+                    ),
+                ));
             }
         }
         if w.interfaces.ext == w.interfaces.int {
-            return Err(err("interfaces.int", "must differ from interfaces.ext".into()));
+            return Err(err(
+                "interfaces.int",
+                "must differ from interfaces.ext".into(),
+            ));
         }
         if !(1..=64).contains(&w.queues) {
-            return Err(err("queues", format!("{} is out of range (expected 1-64)", w.queues)));
+            return Err(err(
+                "queues",
+                format!("{} is out of range (expected 1-64)", w.queues),
+            ));
         }
         let ncores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let cores = match w.cores {
             Some(c) => {
                 if c.len() != w.queues as usize {
-                    return Err(err("cores", format!("lists {} cores for {} queues (expected one core per queue)", c.len(), w.queues)));
+                    return Err(err(
+                        "cores",
+                        format!(
+                            "lists {} cores for {} queues (expected one core per queue)",
+                            c.len(),
+                            w.queues
+                        ),
+                    ));
                 }
                 if let Some((i, bad)) = c.iter().enumerate().find(|(_, &c)| c >= ncores) {
-                    return Err(err(&format!("cores[{i}]"), format!("core {bad} does not exist (this machine has cores 0-{})", ncores - 1)));
+                    return Err(err(
+                        &format!("cores[{i}]"),
+                        format!(
+                            "core {bad} does not exist (this machine has cores 0-{})",
+                            ncores - 1
+                        ),
+                    ));
                 }
                 c
             }
-            None => (0..w.queues as usize).map(|i| (ncores - 1 - i % ncores) % ncores).collect(),
+            None => (0..w.queues as usize)
+                .map(|i| (ncores - 1 - i % ncores) % ncores)
+                .collect(),
         };
         if !(1..=MAX_BURST).contains(&w.burst) {
-            return Err(err("burst", format!("{} is out of range (expected 1-{MAX_BURST})", w.burst)));
+            return Err(err(
+                "burst",
+                format!("{} is out of range (expected 1-{MAX_BURST})", w.burst),
+            ));
         }
         if !w.ring_size.is_power_of_two() || !(64..=16384).contains(&w.ring_size) {
-            return Err(err("ring_size", format!("{} must be a power of two in 64-16384", w.ring_size)));
+            return Err(err(
+                "ring_size",
+                format!("{} must be a power of two in 64-16384", w.ring_size),
+            ));
         }
         if w.frame_size != 2048 && w.frame_size != 4096 {
-            return Err(err("frame_size", format!("{} must be 2048 or 4096", w.frame_size)));
+            return Err(err(
+                "frame_size",
+                format!("{} must be 2048 or 4096", w.frame_size),
+            ));
         }
         // Two fill rings to stock, plus frames in flight on two TX rings.
         let needed = 4 * w.ring_size;
         if w.frames < needed || !w.frames.is_power_of_two() {
-            return Err(err("frames", format!("{} must be a power of two of at least 4 x ring_size = {needed}", w.frames)));
+            return Err(err(
+                "frames",
+                format!(
+                    "{} must be a power of two of at least 4 x ring_size = {needed}",
+                    w.frames
+                ),
+            ));
         }
         if w.poll.mode == PollMode::Idle && !(1..=10_000).contains(&w.poll.timeout_ms) {
-            return Err(err("poll.timeout_ms", format!("{} is out of range (expected 1-10000)", w.poll.timeout_ms)));
+            return Err(err(
+                "poll.timeout_ms",
+                format!("{} is out of range (expected 1-10000)", w.poll.timeout_ms),
+            ));
         }
         let mut failsafe = Vec::new();
-        for (dir, list, key) in [(Direction::Ingress, &w.failsafe.ingress, "ingress"), (Direction::Egress, &w.failsafe.egress, "egress")] {
+        for (dir, list, key) in [
+            (Direction::Ingress, &w.failsafe.ingress, "ingress"),
+            (Direction::Egress, &w.failsafe.egress, "egress"),
+        ] {
             for (i, r) in list.iter().enumerate() {
-                let rules = r.to_rules(dir, &format!("failsafe.{key}[{i}]")).map_err(|e| err(&e.field, e.message))?;
+                let rules = r
+                    .to_rules(dir, &format!("failsafe.{key}[{i}]"))
+                    .map_err(|e| err(&e.field, e.message))?;
                 failsafe.extend(rules.into_iter().map(|r| (i, r)));
             }
         }
         let base = path.parent().unwrap_or(Path::new("."));
-        let policy_dir = if w.policy_dir.is_absolute() { w.policy_dir } else { base.join(w.policy_dir) };
+        let policy_dir = if w.policy_dir.is_absolute() {
+            w.policy_dir
+        } else {
+            base.join(w.policy_dir)
+        };
         Ok(Config {
             path: path.to_path_buf(),
             interfaces: w.interfaces,
@@ -428,7 +488,10 @@ mod tests {
         assert_eq!(c.burst, 64);
         assert_eq!(c.poll.mode, PollMode::Busy);
         assert_eq!(c.policy_dir, Path::new("/etc/portcullis/policies"));
-        assert_eq!(c.context.default_ingress, Verdict::Deny(DenyReason::Default));
+        assert_eq!(
+            c.context.default_ingress,
+            Verdict::Deny(DenyReason::Default)
+        );
         assert_eq!(c.context.default_egress, Verdict::Allow);
         assert_eq!(c.l2.arp, L2Action::Forward);
         assert_eq!(c.metrics.listen.unwrap().to_string(), "127.0.0.1:9477");
@@ -439,7 +502,7 @@ mod tests {
     fn errors_name_file_and_field() {
         let cases = [
             ("interfaces: {ext: e0, int: i0}\n", "(document)", "policy_dir"),
-            (&format!("{MIN}colour: red\n"), "(document)", "colour"),
+            (&format!("{MIN}colour: red\n"), "colour", "unknown field"),
             (&format!("{MIN}burst: 0\n"), "burst", "1-256"),
             (&format!("{MIN}ring_size: 1000\n"), "ring_size", "power of two"),
             (&format!("{MIN}frames: 1024\n"), "frames", "at least"),
@@ -457,7 +520,11 @@ mod tests {
             let e = parse(text).unwrap_err();
             let shown = e.to_string();
             assert!(shown.starts_with("/etc/portcullis/gw.yaml: "), "{shown}");
-            assert!(e.field.starts_with(field), "{text:?}: field {} in {shown}", e.field);
+            assert!(
+                e.field.starts_with(field),
+                "{text:?}: field {} in {shown}",
+                e.field
+            );
             assert!(shown.contains(needle), "{text:?}: {shown}");
         }
     }

@@ -23,13 +23,62 @@ struct Probe {
 }
 
 const PROBES: &[Probe] = &[
-    Probe { what: "web", target: SERVER_V4, proto: "tcp", port: 80, allowed: true, why: "GatewayPolicy/allow-web" },
-    Probe { what: "web (tls)", target: SERVER_V4, proto: "tcp", port: 443, allowed: true, why: "GatewayPolicy/allow-web" },
-    Probe { what: "web over IPv6", target: SERVER_V6, proto: "tcp", port: 80, allowed: true, why: "GatewayPolicy/allow-web" },
-    Probe { what: "ssh", target: SERVER_V4, proto: "tcp", port: 22, allowed: false, why: "GatewayPolicy/deny-ssh (policy_deny)" },
-    Probe { what: "admin port", target: SERVER_V4, proto: "tcp", port: 8080, allowed: false, why: "default ingress deny" },
-    Probe { what: "dns", target: SERVER_V4, proto: "udp", port: 53, allowed: true, why: "GatewayPolicy/allow-dns" },
-    Probe { what: "syslog", target: SERVER_V4, proto: "udp", port: 514, allowed: false, why: "default ingress deny" },
+    Probe {
+        what: "web",
+        target: SERVER_V4,
+        proto: "tcp",
+        port: 80,
+        allowed: true,
+        why: "GatewayPolicy/allow-web",
+    },
+    Probe {
+        what: "web (tls)",
+        target: SERVER_V4,
+        proto: "tcp",
+        port: 443,
+        allowed: true,
+        why: "GatewayPolicy/allow-web",
+    },
+    Probe {
+        what: "web over IPv6",
+        target: SERVER_V6,
+        proto: "tcp",
+        port: 80,
+        allowed: true,
+        why: "GatewayPolicy/allow-web",
+    },
+    Probe {
+        what: "ssh",
+        target: SERVER_V4,
+        proto: "tcp",
+        port: 22,
+        allowed: false,
+        why: "GatewayPolicy/deny-ssh (policy_deny)",
+    },
+    Probe {
+        what: "admin port",
+        target: SERVER_V4,
+        proto: "tcp",
+        port: 8080,
+        allowed: false,
+        why: "default ingress deny",
+    },
+    Probe {
+        what: "dns",
+        target: SERVER_V4,
+        proto: "udp",
+        port: 53,
+        allowed: true,
+        why: "GatewayPolicy/allow-dns",
+    },
+    Probe {
+        what: "syslog",
+        target: SERVER_V4,
+        proto: "udp",
+        port: 514,
+        allowed: false,
+        why: "default ingress deny",
+    },
 ];
 
 /// Runs the demo. `template` is the lab gateway config; its `policy_dir` is used as is.
@@ -48,13 +97,21 @@ pub fn run(exe: &Path, template: &Path, prefix: &str, queues: u32) -> Result<()>
     let config = workdir.join("gateway.yaml");
     lab.write_config(template, &cfg.policy_dir, &config)?;
     let log = workdir.join("gateway.log");
-    let metrics = cfg.metrics.listen.context("the demo reads counters from the metrics endpoint; set metrics.listen")?;
+    let metrics = cfg
+        .metrics
+        .listen
+        .context("the demo reads counters from the metrics endpoint; set metrics.listen")?;
     let mut gw = GatewayProcess::spawn(&lab, exe, &config, metrics, &log)?;
     println!("== gateway starting (log: {})", log.display());
-    gw.wait_ready(Duration::from_secs(20)).map_err(anyhow::Error::msg)?;
+    gw.wait_ready(Duration::from_secs(20))
+        .map_err(anyhow::Error::msg)?;
 
     let ports = |proto: &str| -> Vec<u16> {
-        let set: std::collections::BTreeSet<u16> = PROBES.iter().filter(|p| p.proto == proto).map(|p| p.port).collect();
+        let set: std::collections::BTreeSet<u16> = PROBES
+            .iter()
+            .filter(|p| p.proto == proto)
+            .map(|p| p.port)
+            .collect();
         set.into_iter().collect()
     };
     let (tcp_ports, udp_ports) = (ports("tcp"), ports("udp"));
@@ -70,7 +127,11 @@ pub fn run(exe: &Path, template: &Path, prefix: &str, queues: u32) -> Result<()>
         }
         let (observed, passed) = match p.proto {
             "tcp" => {
-                let o = tcp_connect(&lab.client_ns(), addr(p.target, p.port), Duration::from_millis(1500))?;
+                let o = tcp_connect(
+                    &lab.client_ns(),
+                    addr(p.target, p.port),
+                    Duration::from_millis(1500),
+                )?;
                 let text = match &o {
                     TcpOutcome::Connected => "connected".to_string(),
                     TcpOutcome::Refused => "refused".to_string(),
@@ -80,9 +141,23 @@ pub fn run(exe: &Path, template: &Path, prefix: &str, queues: u32) -> Result<()>
                 (text, o == TcpOutcome::Connected)
             }
             _ => {
-                let sent = udp_stream(&lab.client_ns(), addr(p.target, p.port), 20, 200, Duration::from_secs(2))?;
-                let log = wait_udp(&servers, p.port, sent, Duration::from_millis(if p.allowed { 2000 } else { 500 }));
-                (format!("{}/{} datagrams arrived", log.seqs.len(), sent), log.seqs.len() as u64 == sent && sent > 0)
+                let sent = udp_stream(
+                    &lab.client_ns(),
+                    addr(p.target, p.port),
+                    20,
+                    200,
+                    Duration::from_secs(2),
+                )?;
+                let log = wait_udp(
+                    &servers,
+                    p.port,
+                    sent,
+                    Duration::from_millis(if p.allowed { 2000 } else { 500 }),
+                );
+                (
+                    format!("{}/{} datagrams arrived", log.seqs.len(), sent),
+                    log.seqs.len() as u64 == sent && sent > 0,
+                )
             }
         };
         let ok = passed == p.allowed;
@@ -101,12 +176,24 @@ pub fn run(exe: &Path, template: &Path, prefix: &str, queues: u32) -> Result<()>
     }
 
     let status = gw.status().map_err(anyhow::Error::msg)?;
-    println!("\n== per-rule counters (table generation {})\n", status["policy"]["generation"]);
+    println!(
+        "\n== per-rule counters (table generation {})\n",
+        status["policy"]["generation"]
+    );
     println!("| # | rule | layer | hits |");
     println!("|---|---|---|---|");
     for r in status["rules"].as_array().into_iter().flatten() {
-        let pos = r["rule"].as_u64().map_or(String::new(), |p| format!(" [{p}]"));
-        println!("| {} | {}{} | {} | {} |", r["index"], r["object"].as_str().unwrap_or("?"), pos, r["layer"].as_str().unwrap_or("?"), r["hits"]);
+        let pos = r["rule"]
+            .as_u64()
+            .map_or(String::new(), |p| format!(" [{p}]"));
+        println!(
+            "| {} | {}{} | {} | {} |",
+            r["index"],
+            r["object"].as_str().unwrap_or("?"),
+            pos,
+            r["layer"].as_str().unwrap_or("?"),
+            r["hits"]
+        );
     }
     let t = &status["totals"];
     println!(
@@ -120,12 +207,31 @@ pub fn run(exe: &Path, template: &Path, prefix: &str, queues: u32) -> Result<()>
         .filter(|d| d[1].as_u64().unwrap_or(0) > 0)
         .map(|d| format!("{}={}", d[0].as_str().unwrap_or("?"), d[1]))
         .collect();
-    println!("== drops by reason: {}", if drops.is_empty() { "none".into() } else { drops.join(", ") });
+    println!(
+        "== drops by reason: {}",
+        if drops.is_empty() {
+            "none".into()
+        } else {
+            drops.join(", ")
+        }
+    );
     drop(servers);
 
-    let exit = gw.stop(Duration::from_secs(10)).map_err(anyhow::Error::msg)?;
-    let leftover: Vec<String> = [lab.ext(), lab.int()].into_iter().filter(|i| lab.xdp_program(i).is_some()).collect();
-    println!("== gateway stopped ({exit}); XDP programs left attached: {}", if leftover.is_empty() { "none".to_string() } else { leftover.join(", ") });
+    let exit = gw
+        .stop(Duration::from_secs(10))
+        .map_err(anyhow::Error::msg)?;
+    let leftover: Vec<String> = [lab.ext(), lab.int()]
+        .into_iter()
+        .filter(|i| lab.xdp_program(i).is_some())
+        .collect();
+    println!(
+        "== gateway stopped ({exit}); XDP programs left attached: {}",
+        if leftover.is_empty() {
+            "none".to_string()
+        } else {
+            leftover.join(", ")
+        }
+    );
     drop(guard);
     println!("== lab `{prefix}` torn down");
     if failures > 0 || !exit.success() || !leftover.is_empty() {

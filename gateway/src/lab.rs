@@ -66,7 +66,10 @@ pub fn sh(args: &[&str]) -> Result<String, LabError> {
         .args(&args[1..])
         .stdin(Stdio::null())
         .output()
-        .map_err(|source| LabError::Spawn { cmd: cmd.clone(), source })?;
+        .map_err(|source| LabError::Spawn {
+            cmd: cmd.clone(),
+            source,
+        })?;
     if !out.status.success() {
         return Err(LabError::Command {
             cmd,
@@ -86,7 +89,8 @@ pub fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> Result<T, La
     std::thread::scope(|s| {
         s.spawn(|| {
             let file = File::open(&path).map_err(err)?;
-            nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| err(e.into()))?;
+            nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(|e| err(e.into()))?;
             Ok(f())
         })
         .join()
@@ -105,7 +109,9 @@ impl Lab {
     pub fn new(prefix: &str, queues: u32) -> Result<Lab, LabError> {
         let ok = !prefix.is_empty()
             && prefix.len() <= 8
-            && prefix.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+            && prefix
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
         if !ok {
             return Err(LabError::Prefix(prefix.to_string()));
         }
@@ -145,7 +151,9 @@ impl Lab {
     }
 
     pub fn exists(&self) -> bool {
-        self.namespaces().iter().any(|ns| Path::new("/run/netns").join(ns).exists())
+        self.namespaces()
+            .iter()
+            .any(|ns| Path::new("/run/netns").join(ns).exists())
     }
 
     /// Builds the topology. On failure, whatever was built is torn down again.
@@ -167,10 +175,32 @@ impl Lab {
             sh(&["ip", "-n", &ns, "link", "set", "lo", "up"])?;
         }
         let (cns, gns, sns) = (self.client_ns(), self.gw_ns(), self.server_ns());
-        for (host_if, host_ns, gw_if) in [(self.client_if(), &cns, self.ext()), (self.server_if(), &sns, self.int())] {
+        for (host_if, host_ns, gw_if) in [
+            (self.client_if(), &cns, self.ext()),
+            (self.server_if(), &sns, self.int()),
+        ] {
             sh(&[
-                "ip", "link", "add", &host_if, "numtxqueues", &q, "numrxqueues", &q, "netns", host_ns,
-                "type", "veth", "peer", "name", &gw_if, "numtxqueues", &q, "numrxqueues", &q, "netns", &gns,
+                "ip",
+                "link",
+                "add",
+                &host_if,
+                "numtxqueues",
+                &q,
+                "numrxqueues",
+                &q,
+                "netns",
+                host_ns,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &gw_if,
+                "numtxqueues",
+                &q,
+                "numrxqueues",
+                &q,
+                "netns",
+                &gns,
             ])?;
         }
         for (ns, iface, mac, v4, v6) in [
@@ -178,15 +208,47 @@ impl Lab {
             (&sns, self.server_if(), SERVER_MAC, SERVER_V4, SERVER_V6),
         ] {
             sh(&["ip", "-n", ns, "link", "set", &iface, "address", mac])?;
-            sh(&["ip", "-n", ns, "addr", "add", &format!("{v4}/24"), "dev", &iface])?;
-            sh(&["ip", "-n", ns, "addr", "add", &format!("{v6}/64"), "dev", &iface, "nodad"])?;
-            sh(&["ip", "netns", "exec", ns, "ethtool", "-K", &iface, "tx", "off", "tso", "off", "gso", "off"])?;
+            sh(&[
+                "ip",
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("{v4}/24"),
+                "dev",
+                &iface,
+            ])?;
+            sh(&[
+                "ip",
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("{v6}/64"),
+                "dev",
+                &iface,
+                "nodad",
+            ])?;
+            sh(&[
+                "ip", "netns", "exec", ns, "ethtool", "-K", &iface, "tx", "off", "tso", "off",
+                "gso", "off",
+            ])?;
             sh(&["ip", "-n", ns, "link", "set", &iface, "up"])?;
         }
         for (iface, mac) in [(self.ext(), EXT_MAC), (self.int(), INT_MAC)] {
             sh(&["ip", "-n", &gns, "link", "set", &iface, "address", mac])?;
-            sh(&["ip", "netns", "exec", &gns, "sysctl", "-qw", &format!("net.ipv6.conf.{iface}.disable_ipv6=1")])?;
-            sh(&["ip", "netns", "exec", &gns, "ethtool", "-K", &iface, "gro", "on"])?;
+            sh(&[
+                "ip",
+                "netns",
+                "exec",
+                &gns,
+                "sysctl",
+                "-qw",
+                &format!("net.ipv6.conf.{iface}.disable_ipv6=1"),
+            ])?;
+            sh(&[
+                "ip", "netns", "exec", &gns, "ethtool", "-K", &iface, "gro", "on",
+            ])?;
             sh(&["ip", "-n", &gns, "link", "set", &iface, "up"])?;
         }
         Ok(())
@@ -225,7 +287,9 @@ impl Lab {
             }
         }
         for iface in [self.ext(), self.int()] {
-            let xdp = self.xdp_program(&iface).map_or("none".to_string(), |id| format!("id {id}"));
+            let xdp = self
+                .xdp_program(&iface)
+                .map_or("none".to_string(), |id| format!("id {id}"));
             out.push_str(&format!("XDP on {iface}: {xdp}\n"));
         }
         out
@@ -233,17 +297,35 @@ impl Lab {
 
     /// The XDP program attached to a gateway-side interface, read with `ip -d link`.
     pub fn xdp_program(&self, iface: &str) -> Option<u32> {
-        let s = sh(&["ip", "-n", &self.gw_ns(), "-d", "link", "show", "dev", iface]).ok()?;
+        let s = sh(&[
+            "ip",
+            "-n",
+            &self.gw_ns(),
+            "-d",
+            "link",
+            "show",
+            "dev",
+            iface,
+        ])
+        .ok()?;
         let after = s.split("prog/xdp id ").nth(1)?;
         after.split_whitespace().next()?.parse().ok()
     }
 
     /// Writes a copy of a gateway config with this lab's interface names and queue count, and
     /// the policy directory made absolute.
-    pub fn write_config(&self, template: &Path, policy_dir: &Path, out: &Path) -> std::io::Result<()> {
+    pub fn write_config(
+        &self,
+        template: &Path,
+        policy_dir: &Path,
+        out: &Path,
+    ) -> std::io::Result<()> {
         let text = std::fs::read_to_string(template)?;
-        let mut v: serde_norway::Value = serde_norway::from_str(&text).map_err(std::io::Error::other)?;
-        let map = v.as_mapping_mut().ok_or_else(|| std::io::Error::other("config is not a mapping"))?;
+        let mut v: serde_norway::Value =
+            serde_norway::from_str(&text).map_err(std::io::Error::other)?;
+        let map = v
+            .as_mapping_mut()
+            .ok_or_else(|| std::io::Error::other("config is not a mapping"))?;
         let mut ifs = serde_norway::Mapping::new();
         ifs.insert("ext".into(), self.ext().into());
         ifs.insert("int".into(), self.int().into());
@@ -252,7 +334,10 @@ impl Lab {
         map.remove("cores");
         let dir = std::fs::canonicalize(policy_dir)?;
         map.insert("policy_dir".into(), dir.display().to_string().into());
-        std::fs::write(out, serde_norway::to_string(&v).map_err(std::io::Error::other)?)
+        std::fs::write(
+            out,
+            serde_norway::to_string(&v).map_err(std::io::Error::other)?,
+        )
     }
 }
 
@@ -279,23 +364,58 @@ impl GatewayProcess {
     /// Starts `exe run --config config` in the lab's gateway namespace, mounting bpffs in that
     /// namespace's private mount namespace first (so libxdp can track its program), with stdout
     /// and stderr going to `log`.
-    pub fn spawn(lab: &Lab, exe: &Path, config: &Path, metrics: std::net::SocketAddr, log: &Path) -> Result<GatewayProcess, LabError> {
-        let out = File::create(log).map_err(|source| LabError::Spawn { cmd: format!("create {}", log.display()), source })?;
-        let err = out.try_clone().map_err(|source| LabError::Spawn { cmd: "dup log".into(), source })?;
-        let script = "mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf; exec \"$0\" \"$@\"";
+    pub fn spawn(
+        lab: &Lab,
+        exe: &Path,
+        config: &Path,
+        metrics: std::net::SocketAddr,
+        log: &Path,
+    ) -> Result<GatewayProcess, LabError> {
+        let out = File::create(log).map_err(|source| LabError::Spawn {
+            cmd: format!("create {}", log.display()),
+            source,
+        })?;
+        let err = out.try_clone().map_err(|source| LabError::Spawn {
+            cmd: "dup log".into(),
+            source,
+        })?;
+        let script =
+            "mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf; exec \"$0\" \"$@\"";
         let gw = lab.gw_ns();
         let exe_s = exe.display().to_string();
         let cfg_s = config.display().to_string();
-        let args = ["netns", "exec", gw.as_str(), "sh", "-c", script, exe_s.as_str(), "run", "--config", cfg_s.as_str()];
+        let args = [
+            "netns",
+            "exec",
+            gw.as_str(),
+            "sh",
+            "-c",
+            script,
+            exe_s.as_str(),
+            "run",
+            "--config",
+            cfg_s.as_str(),
+        ];
         let child = Command::new("ip")
             .args(args)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
             .spawn()
-            .map_err(|source| LabError::Spawn { cmd: format!("ip {}", args.join(" ")), source })?;
-        Ok(GatewayProcess { child, ns: gw, metrics, log_path: log.to_path_buf() })
+            .map_err(|source| LabError::Spawn {
+                cmd: format!("ip {}", args.join(" ")),
+                source,
+            })?;
+        Ok(GatewayProcess {
+            child,
+            ns: gw,
+            metrics,
+            log_path: log.to_path_buf(),
+        })
     }
 
     pub fn pid(&self) -> u32 {
@@ -310,9 +430,11 @@ impl GatewayProcess {
     /// GETs `path` from the gateway's metrics endpoint, from inside its namespace.
     pub fn get(&self, path: &str) -> Result<(u16, String), String> {
         let addr = self.metrics;
-        in_netns(&self.ns, || crate::metrics::http_get(addr, path, std::time::Duration::from_secs(3)))
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())
+        in_netns(&self.ns, || {
+            crate::metrics::http_get(addr, path, std::time::Duration::from_secs(3))
+        })
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())
     }
 
     /// The `/status` document.
@@ -329,13 +451,19 @@ impl GatewayProcess {
         let started = std::time::Instant::now();
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
-                return Err(format!("the gateway exited during start-up ({status}); its log:\n{}", self.log()));
+                return Err(format!(
+                    "the gateway exited during start-up ({status}); its log:\n{}",
+                    self.log()
+                ));
             }
             if matches!(self.get("/healthz"), Ok((200, _))) {
                 return Ok(());
             }
             if started.elapsed() > timeout {
-                return Err(format!("the gateway was not ready after {timeout:?}; its log:\n{}", self.log()));
+                return Err(format!(
+                    "the gateway was not ready after {timeout:?}; its log:\n{}",
+                    self.log()
+                ));
             }
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
@@ -343,11 +471,15 @@ impl GatewayProcess {
 
     /// Sends a signal to the gateway.
     pub fn signal(&self, sig: nix::sys::signal::Signal) -> Result<(), String> {
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig).map_err(|e| e.to_string())
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig)
+            .map_err(|e| e.to_string())
     }
 
     /// SIGTERM, then waits up to `timeout` for the exit status (SIGKILL after that).
-    pub fn stop(&mut self, timeout: std::time::Duration) -> Result<std::process::ExitStatus, String> {
+    pub fn stop(
+        &mut self,
+        timeout: std::time::Duration,
+    ) -> Result<std::process::ExitStatus, String> {
         if let Ok(Some(s)) = self.child.try_wait() {
             return Ok(s);
         }
@@ -360,7 +492,10 @@ impl GatewayProcess {
             if started.elapsed() > timeout {
                 let _ = self.child.kill();
                 let _ = self.child.wait();
-                return Err(format!("the gateway ignored SIGTERM for {timeout:?} and was killed; its log:\n{}", self.log()));
+                return Err(format!(
+                    "the gateway ignored SIGTERM for {timeout:?} and was killed; its log:\n{}",
+                    self.log()
+                ));
             }
             std::thread::sleep(std::time::Duration::from_millis(50));
         }

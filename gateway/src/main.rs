@@ -16,7 +16,11 @@ use gateway::config::Config;
 use gateway::lab::Lab;
 
 #[derive(Parser)]
-#[command(name = "portcullis", version, about = "AF_XDP packet-filter gateway for Kubernetes edge nodes")]
+#[command(
+    name = "portcullis",
+    version,
+    about = "AF_XDP packet-filter gateway for Kubernetes edge nodes"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -134,7 +138,9 @@ struct LabArgs {
 
 fn main() {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     if let Err(e) = dispatch(Cli::parse()) {
@@ -147,9 +153,21 @@ fn dispatch(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Run { config } => gateway::runtime::run(Config::load(&config)?),
         Cmd::Check { src } => check(&src),
-        Cmd::Explain { src, src_ip, src_addr, dst, sport, dport, proto: p, icmp_type, direction, json } => {
+        Cmd::Explain {
+            src,
+            src_ip,
+            src_addr,
+            dst,
+            sport,
+            dport,
+            proto: p,
+            icmp_type,
+            direction,
+            json,
+        } => {
             let src_ip = src_ip.or(src_addr).context("give --src IP")?;
-            let protocol = proto::parse(&p).with_context(|| format!("--proto `{p}` is not a protocol"))?;
+            let protocol =
+                proto::parse(&p).with_context(|| format!("--proto `{p}` is not a protocol"))?;
             if src_ip.is_ipv4() != dst.is_ipv4() {
                 bail!("--src and --dst must be the same address family");
             }
@@ -157,8 +175,16 @@ fn dispatch(cli: Cli) -> Result<()> {
                 Dir::Ingress => Direction::Ingress,
                 Dir::Egress => Direction::Egress,
             };
-            let sport = if proto::is_icmp(protocol) { icmp_type.map_or(sport, u16::from) } else { sport };
-            explain(&src, FlowKey::new(dir, src_ip, dst, protocol, sport, dport), json)
+            let sport = if proto::is_icmp(protocol) {
+                icmp_type.map_or(sport, u16::from)
+            } else {
+                sport
+            };
+            explain(
+                &src,
+                FlowKey::new(dir, src_ip, dst, protocol, sport, dport),
+                json,
+            )
         }
         Cmd::Stats { addr, json } => stats(addr, json),
         Cmd::Lab { action } => match action {
@@ -174,19 +200,29 @@ fn dispatch(cli: Cli) -> Result<()> {
                 Ok(())
             }
             LabCmd::Demo { lab, config } => {
-                let exe = std::env::current_exe().context("cannot find the portcullis executable")?;
+                let exe =
+                    std::env::current_exe().context("cannot find the portcullis executable")?;
                 gateway::demo::run(&exe, &config, &lab.prefix, lab.queues)
             }
         },
     }
 }
 
-fn build(src: &PolicySource) -> Result<(PathBuf, Table, Vec<String>, Vec<(&'static str, usize)>, f64)> {
+fn build(
+    src: &PolicySource,
+) -> Result<(PathBuf, Table, Vec<String>, Vec<(&'static str, usize)>, f64)> {
     let (dir, ctx) = src.load()?;
     let started = std::time::Instant::now();
-    let (snap, rules, warnings) = load_and_compile(&dir, &ctx).with_context(|| format!("policies in {}", dir.display()))?;
+    let (snap, rules, warnings) =
+        load_and_compile(&dir, &ctx).with_context(|| format!("policies in {}", dir.display()))?;
     let compile_ms = started.elapsed().as_secs_f64() * 1e3;
-    Ok((dir, Table::build(rules, 1, 1), warnings, snap.counts(), compile_ms))
+    Ok((
+        dir,
+        Table::build(rules, 1, 1),
+        warnings,
+        snap.counts(),
+        compile_ms,
+    ))
 }
 
 fn check(src: &PolicySource) -> Result<()> {
@@ -201,7 +237,11 @@ fn check(src: &PolicySource) -> Result<()> {
         "classifier: {} atoms in {} tuples, {} buckets (longest {})",
         stats.atoms, stats.tuples, stats.buckets, stats.max_bucket
     );
-    println!("load+compile: {compile_ms:.2} ms, classifier build: {:.2} ms, table memory: {} bytes", table.build_time().as_secs_f64() * 1e3, table.memory_bytes());
+    println!(
+        "load+compile: {compile_ms:.2} ms, classifier build: {:.2} ms, table memory: {} bytes",
+        table.build_time().as_secs_f64() * 1e3,
+        table.memory_bytes()
+    );
     if warnings.is_empty() {
         println!("warnings: none");
     } else {
@@ -221,7 +261,12 @@ fn explain(src: &PolicySource, key: FlowKey, json: bool) -> Result<()> {
         bail!("internal error: the classifier says {:?} but the reference scan says {reference:?}; please report this", e.verdict);
     }
     if json {
-        println!("{}", serde_json::to_string_pretty(&serde_json::json!({"flow": key.to_string(), "explanation": e}))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({"flow": key.to_string(), "explanation": e})
+            )?
+        );
         return Ok(());
     }
     let verdict = match e.verdict {
@@ -236,7 +281,10 @@ fn explain(src: &PolicySource, key: FlowKey, json: bool) -> Result<()> {
     let o = &last.origin;
     let pos = o.index.map_or(String::new(), |i| format!(" rule {i}"));
     println!("layer:   {:?}", last.layer);
-    println!("rule:    #{} {}{} (id {})", last.index, o.object, pos, last.rule);
+    println!(
+        "rule:    #{} {}{} (id {})",
+        last.index, o.object, pos, last.rule
+    );
     println!("origin:  {}", o.source);
     println!("reason:  {}", o.why);
     if e.steps.len() > 1 {
@@ -250,7 +298,9 @@ fn explain(src: &PolicySource, key: FlowKey, json: bool) -> Result<()> {
 
 fn stats(addr: SocketAddr, json: bool) -> Result<()> {
     let (code, body) = gateway::metrics::http_get(addr, "/status", Duration::from_secs(3))
-        .with_context(|| format!("cannot reach a running portcullis at {addr} (is metrics.listen set to it?)"))?;
+        .with_context(|| {
+            format!("cannot reach a running portcullis at {addr} (is metrics.listen set to it?)")
+        })?;
     if code != 200 {
         bail!("{addr}/status answered {code}");
     }
@@ -260,20 +310,44 @@ fn stats(addr: SocketAddr, json: bool) -> Result<()> {
     }
     let s: serde_json::Value = serde_json::from_str(&body)?;
     let t = &s["totals"];
-    println!("portcullis {} up {}s, ext={} int={} queues={} copy_mode={}", s["version"].as_str().unwrap_or("?"), s["uptime_s"], s["ext"].as_str().unwrap_or("?"), s["int"].as_str().unwrap_or("?"), s["queues"], s["copy_mode"]);
-    println!("table generation {} with {} rules; last reload error: {}", s["policy"]["generation"], s["policy"]["rules"], s["policy"]["last_error"]);
-    println!("ingress: {} rx, {} forwarded; egress: {} rx, {} forwarded; non-IP forwarded {}", t["rx_ingress"], t["tx_ingress"], t["rx_egress"], t["tx_egress"], t["l2_forwarded"]);
+    println!(
+        "portcullis {} up {}s, ext={} int={} queues={} copy_mode={}",
+        s["version"].as_str().unwrap_or("?"),
+        s["uptime_s"],
+        s["ext"].as_str().unwrap_or("?"),
+        s["int"].as_str().unwrap_or("?"),
+        s["queues"],
+        s["copy_mode"]
+    );
+    println!(
+        "table generation {} with {} rules; last reload error: {}",
+        s["policy"]["generation"], s["policy"]["rules"], s["policy"]["last_error"]
+    );
+    println!(
+        "ingress: {} rx, {} forwarded; egress: {} rx, {} forwarded; non-IP forwarded {}",
+        t["rx_ingress"], t["tx_ingress"], t["rx_egress"], t["tx_egress"], t["l2_forwarded"]
+    );
     for d in t["drops"].as_array().into_iter().flatten() {
         if d[1].as_u64().unwrap_or(0) > 0 {
             println!("  drop {}: {}", d[0].as_str().unwrap_or("?"), d[1]);
         }
     }
     let l = &s["burst_latency"];
-    println!("burst service time: p50 {} ns, p99 {} ns, max {} ns over {} bursts", l["p50_ns"], l["p99_ns"], l["max_ns"], l["count"]);
+    println!(
+        "burst service time: p50 {} ns, p99 {} ns, max {} ns over {} bursts",
+        l["p50_ns"], l["p99_ns"], l["max_ns"], l["count"]
+    );
     println!("rule hits:");
     for r in s["rules"].as_array().into_iter().flatten() {
-        println!("  #{:<4} {:>12}  {}{}", r["index"], r["hits"], r["object"].as_str().unwrap_or("?"), r["rule"].as_u64().map_or(String::new(), |p| format!(" [{p}]")));
+        println!(
+            "  #{:<4} {:>12}  {}{}",
+            r["index"],
+            r["hits"],
+            r["object"].as_str().unwrap_or("?"),
+            r["rule"]
+                .as_u64()
+                .map_or(String::new(), |p| format!(" [{p}]"))
+        );
     }
     Ok(())
 }
-

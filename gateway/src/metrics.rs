@@ -78,7 +78,9 @@ impl Observed {
 }
 
 fn label(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 /// Renders the Prometheus text exposition.
@@ -87,35 +89,94 @@ pub fn prometheus(s: &Status) -> String {
     let family = |name: &str, kind: &str, help: &str, o: &mut String| {
         let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
     };
-    family("portcullis_rx_packets_total", "counter", "Frames received, per worker and direction (ingress = received on ext).", &mut o);
+    family(
+        "portcullis_rx_packets_total",
+        "counter",
+        "Frames received, per worker and direction (ingress = received on ext).",
+        &mut o,
+    );
     for (i, w) in s.workers.iter().enumerate() {
-        let _ = writeln!(o, "portcullis_rx_packets_total{{worker=\"{i}\",direction=\"ingress\"}} {}", w.rx_ingress);
-        let _ = writeln!(o, "portcullis_rx_packets_total{{worker=\"{i}\",direction=\"egress\"}} {}", w.rx_egress);
+        let _ = writeln!(
+            o,
+            "portcullis_rx_packets_total{{worker=\"{i}\",direction=\"ingress\"}} {}",
+            w.rx_ingress
+        );
+        let _ = writeln!(
+            o,
+            "portcullis_rx_packets_total{{worker=\"{i}\",direction=\"egress\"}} {}",
+            w.rx_egress
+        );
     }
-    family("portcullis_tx_packets_total", "counter", "Frames forwarded, per worker and direction.", &mut o);
+    family(
+        "portcullis_tx_packets_total",
+        "counter",
+        "Frames forwarded, per worker and direction.",
+        &mut o,
+    );
     for (i, w) in s.workers.iter().enumerate() {
-        let _ = writeln!(o, "portcullis_tx_packets_total{{worker=\"{i}\",direction=\"ingress\"}} {}", w.tx_ingress);
-        let _ = writeln!(o, "portcullis_tx_packets_total{{worker=\"{i}\",direction=\"egress\"}} {}", w.tx_egress);
+        let _ = writeln!(
+            o,
+            "portcullis_tx_packets_total{{worker=\"{i}\",direction=\"ingress\"}} {}",
+            w.tx_ingress
+        );
+        let _ = writeln!(
+            o,
+            "portcullis_tx_packets_total{{worker=\"{i}\",direction=\"egress\"}} {}",
+            w.tx_egress
+        );
     }
-    family("portcullis_drops_total", "counter", "Frames dropped, per worker and reason.", &mut o);
+    family(
+        "portcullis_drops_total",
+        "counter",
+        "Frames dropped, per worker and reason.",
+        &mut o,
+    );
     for (i, w) in s.workers.iter().enumerate() {
         for (reason, n) in &w.drops {
-            let _ = writeln!(o, "portcullis_drops_total{{worker=\"{i}\",reason=\"{reason}\"}} {n}");
+            let _ = writeln!(
+                o,
+                "portcullis_drops_total{{worker=\"{i}\",reason=\"{reason}\"}} {n}"
+            );
         }
     }
     for (name, help, get) in [
-        ("portcullis_l2_forwarded_total", "Non-IP frames forwarded by the l2 policy.", (|w: &CounterSnapshot| w.l2_forwarded) as fn(&CounterSnapshot) -> u64),
-        ("portcullis_wakeups_total", "Syscalls made to kick TX or the fill ring (need_wakeup).", |w| w.wakeups),
-        ("portcullis_fill_starved_total", "Bursts that found no free frame to refill the fill rings.", |w| w.fill_starved),
-        ("portcullis_idle_sleeps_total", "poll(2) sleeps in idle mode.", |w| w.idle_sleeps),
-        ("portcullis_bursts_total", "Non-empty bursts processed.", |w| w.bursts),
+        (
+            "portcullis_l2_forwarded_total",
+            "Non-IP frames forwarded by the l2 policy.",
+            (|w: &CounterSnapshot| w.l2_forwarded) as fn(&CounterSnapshot) -> u64,
+        ),
+        (
+            "portcullis_wakeups_total",
+            "Syscalls made to kick TX or the fill ring (need_wakeup).",
+            |w| w.wakeups,
+        ),
+        (
+            "portcullis_fill_starved_total",
+            "Bursts that found no free frame to refill the fill rings.",
+            |w| w.fill_starved,
+        ),
+        (
+            "portcullis_idle_sleeps_total",
+            "poll(2) sleeps in idle mode.",
+            |w| w.idle_sleeps,
+        ),
+        (
+            "portcullis_bursts_total",
+            "Non-empty bursts processed.",
+            |w| w.bursts,
+        ),
     ] {
         family(name, "counter", help, &mut o);
         for (i, w) in s.workers.iter().enumerate() {
             let _ = writeln!(o, "{name}{{worker=\"{i}\"}} {}", get(w));
         }
     }
-    family("portcullis_rule_hits_total", "counter", "Frames that matched each rule of the current table, carried across table swaps.", &mut o);
+    family(
+        "portcullis_rule_hits_total",
+        "counter",
+        "Frames that matched each rule of the current table, carried across table swaps.",
+        &mut o,
+    );
     for r in &s.rules {
         let _ = writeln!(
             o,
@@ -130,23 +191,82 @@ pub fn prometheus(s: &Status) -> String {
     }
     let p = &s.policy;
     for (name, kind, help, value) in [
-        ("portcullis_table_generation", "gauge", "Generation of the table the workers use.", p.generation as f64),
-        ("portcullis_table_rules", "gauge", "Rules in the current table.", p.rules as f64),
-        ("portcullis_table_build_seconds", "gauge", "Time to build the current classifier.", p.build_ms / 1e3),
-        ("portcullis_table_compile_seconds", "gauge", "Time to load and compile the current policies.", p.compile_ms / 1e3),
-        ("portcullis_table_memory_bytes", "gauge", "Memory held by the current table.", p.memory_bytes as f64),
-        ("portcullis_policy_reload_errors_total", "counter", "Policy reloads rejected (the last good table stayed).", p.reloads_failed as f64),
-        ("portcullis_policy_reloads_total", "counter", "Policy reloads published.", p.reloads_ok as f64),
-        ("portcullis_policy_healthy", "gauge", "1 when the last reload succeeded.", if p.last_error.is_empty() { 1.0 } else { 0.0 }),
-        ("portcullis_uptime_seconds", "gauge", "Seconds since start.", s.uptime_s as f64),
+        (
+            "portcullis_table_generation",
+            "gauge",
+            "Generation of the table the workers use.",
+            p.generation as f64,
+        ),
+        (
+            "portcullis_table_rules",
+            "gauge",
+            "Rules in the current table.",
+            p.rules as f64,
+        ),
+        (
+            "portcullis_table_build_seconds",
+            "gauge",
+            "Time to build the current classifier.",
+            p.build_ms / 1e3,
+        ),
+        (
+            "portcullis_table_compile_seconds",
+            "gauge",
+            "Time to load and compile the current policies.",
+            p.compile_ms / 1e3,
+        ),
+        (
+            "portcullis_table_memory_bytes",
+            "gauge",
+            "Memory held by the current table.",
+            p.memory_bytes as f64,
+        ),
+        (
+            "portcullis_policy_reload_errors_total",
+            "counter",
+            "Policy reloads rejected (the last good table stayed).",
+            p.reloads_failed as f64,
+        ),
+        (
+            "portcullis_policy_reloads_total",
+            "counter",
+            "Policy reloads published.",
+            p.reloads_ok as f64,
+        ),
+        (
+            "portcullis_policy_healthy",
+            "gauge",
+            "1 when the last reload succeeded.",
+            if p.last_error.is_empty() { 1.0 } else { 0.0 },
+        ),
+        (
+            "portcullis_uptime_seconds",
+            "gauge",
+            "Seconds since start.",
+            s.uptime_s as f64,
+        ),
     ] {
         family(name, kind, help, &mut o);
         let _ = writeln!(o, "{name} {value}");
     }
-    family("portcullis_burst_service_seconds", "summary", "Time a worker spends on one non-empty burst.", &mut o);
+    family(
+        "portcullis_burst_service_seconds",
+        "summary",
+        "Time a worker spends on one non-empty burst.",
+        &mut o,
+    );
     let l = &s.burst_latency;
-    for (q, v) in [("0.5", l.p50_ns), ("0.99", l.p99_ns), ("0.999", l.p999_ns), ("1", l.max_ns)] {
-        let _ = writeln!(o, "portcullis_burst_service_seconds{{quantile=\"{q}\"}} {}", v as f64 / 1e9);
+    for (q, v) in [
+        ("0.5", l.p50_ns),
+        ("0.99", l.p99_ns),
+        ("0.999", l.p999_ns),
+        ("1", l.max_ns),
+    ] {
+        let _ = writeln!(
+            o,
+            "portcullis_burst_service_seconds{{quantile=\"{q}\"}} {}",
+            v as f64 / 1e9
+        );
     }
     let _ = writeln!(o, "portcullis_burst_service_seconds_count {}", l.count);
     o
@@ -159,11 +279,16 @@ fn respond(mut stream: TcpStream, obs: &Observed) -> std::io::Result<()> {
     let req = String::from_utf8_lossy(&buf[..n]);
     let path = req.split_whitespace().nth(1).unwrap_or("/");
     let (code, ctype, body) = match path {
-        "/metrics" => ("200 OK", "text/plain; version=0.0.4", prometheus(&obs.status())),
+        "/metrics" => (
+            "200 OK",
+            "text/plain; version=0.0.4",
+            prometheus(&obs.status()),
+        ),
         "/status" => (
             "200 OK",
             "application/json",
-            serde_json::to_string_pretty(&obs.status()).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")),
+            serde_json::to_string_pretty(&obs.status())
+                .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")),
         ),
         "/healthz" => {
             let healthy = obs
@@ -174,10 +299,18 @@ fn respond(mut stream: TcpStream, obs: &Observed) -> std::io::Result<()> {
             if healthy {
                 ("200 OK", "text/plain", "ok\n".to_string())
             } else {
-                ("503 Service Unavailable", "text/plain", "policy reload failing; serving the last good table\n".to_string())
+                (
+                    "503 Service Unavailable",
+                    "text/plain",
+                    "policy reload failing; serving the last good table\n".to_string(),
+                )
             }
         }
-        _ => ("404 Not Found", "text/plain", "try /metrics, /status or /healthz\n".to_string()),
+        _ => (
+            "404 Not Found",
+            "text/plain",
+            "try /metrics, /status or /healthz\n".to_string(),
+        ),
     };
     write!(
         stream,
@@ -203,7 +336,9 @@ pub fn serve(listener: TcpListener, obs: Arc<Observed>, stop: Arc<AtomicBool>) {
                     tracing::debug!(error = %e, "metrics request failed");
                 }
             }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(50)),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(50))
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "metrics accept failed");
                 std::thread::sleep(Duration::from_millis(200));
@@ -224,6 +359,9 @@ pub fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> std::io::Res
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    let body = out.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_string();
+    let body = out
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
     Ok((code, body))
 }

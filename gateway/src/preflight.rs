@@ -80,7 +80,10 @@ pub fn check(cfg: &Config) -> Result<Interfaces, PreflightError> {
     let caps = effective_caps();
     let has = |c: u32| caps & (1u64 << c) != 0;
     let mut missing = Vec::new();
-    for (c, name) in [(CAP_NET_ADMIN, "CAP_NET_ADMIN"), (CAP_NET_RAW, "CAP_NET_RAW")] {
+    for (c, name) in [
+        (CAP_NET_ADMIN, "CAP_NET_ADMIN"),
+        (CAP_NET_RAW, "CAP_NET_RAW"),
+    ] {
         if !has(c) {
             missing.push(name);
         }
@@ -120,7 +123,9 @@ pub fn check(cfg: &Config) -> Result<Interfaces, PreflightError> {
                 "cannot read the queue count from /sys (sysfs of another network namespace?); not verified"
             ),
         }
-        if let Some(flags) = sysfs(iface, "flags").and_then(|f| u32::from_str_radix(f.trim_start_matches("0x"), 16).ok()) {
+        if let Some(flags) = sysfs(iface, "flags")
+            .and_then(|f| u32::from_str_radix(f.trim_start_matches("0x"), 16).ok())
+        {
             if flags & 1 == 0 {
                 return Err(PreflightError::Down {
                     iface: iface.clone(),
@@ -152,7 +157,8 @@ pub fn check(cfg: &Config) -> Result<Interfaces, PreflightError> {
         use nix::sys::resource::{getrlimit, setrlimit, Resource, RLIM_INFINITY};
         let (soft, hard) = getrlimit(Resource::RLIMIT_MEMLOCK).unwrap_or((0, 0));
         if soft != RLIM_INFINITY && soft < need {
-            let raised = setrlimit(Resource::RLIMIT_MEMLOCK, hard, hard).is_ok() && (hard == RLIM_INFINITY || hard >= need);
+            let raised = setrlimit(Resource::RLIMIT_MEMLOCK, hard, hard).is_ok()
+                && (hard == RLIM_INFINITY || hard >= need);
             if !raised {
                 return Err(PreflightError::Memlock { have: soft, need });
             }

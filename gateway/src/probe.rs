@@ -25,17 +25,32 @@ pub fn tcp_connect(ns: &str, addr: SocketAddr, timeout: Duration) -> Result<TcpO
     in_netns(ns, || match TcpStream::connect_timeout(&addr, timeout) {
         Ok(_) => TcpOutcome::Connected,
         Err(e) if e.kind() == ErrorKind::ConnectionRefused => TcpOutcome::Refused,
-        Err(e) if e.kind() == ErrorKind::TimedOut || e.kind() == ErrorKind::WouldBlock => TcpOutcome::TimedOut,
+        Err(e) if e.kind() == ErrorKind::TimedOut || e.kind() == ErrorKind::WouldBlock => {
+            TcpOutcome::TimedOut
+        }
         Err(e) => TcpOutcome::Failed(e.to_string()),
     })
 }
 
 /// Sends `count` UDP datagrams from `ns` to `addr`, each starting with its sequence number
 /// (u64, big-endian), at about `pps` per second. Returns how many were sent.
-pub fn udp_stream(ns: &str, addr: SocketAddr, count: u64, pps: u64, max_time: Duration) -> Result<u64, LabError> {
+pub fn udp_stream(
+    ns: &str,
+    addr: SocketAddr,
+    count: u64,
+    pps: u64,
+    max_time: Duration,
+) -> Result<u64, LabError> {
     in_netns(ns, || {
-        let bind: SocketAddr = if addr.is_ipv4() { "0.0.0.0:0".parse() } else { "[::]:0".parse() }.unwrap_or_else(|_| unreachable!());
-        let Ok(sock) = UdpSocket::bind(bind) else { return 0 };
+        let bind: SocketAddr = if addr.is_ipv4() {
+            "0.0.0.0:0".parse()
+        } else {
+            "[::]:0".parse()
+        }
+        .unwrap_or_else(|_| unreachable!());
+        let Ok(sock) = UdpSocket::bind(bind) else {
+            return 0;
+        };
         let started = Instant::now();
         let mut payload = [0u8; 64];
         let mut sent = 0;
@@ -66,23 +81,40 @@ pub struct UdpLog {
 }
 
 impl UdpLog {
-    /// (received, lost of `sent`, reordered): a datagram is reordered when its sequence number
-    /// is below the highest one seen before it.
-    pub fn summary(&self, sent: u64) -> (u64, u64, u64) {
+    /// What arrived of `sent` datagrams numbered `0..sent`.
+    pub fn summary(&self, sent: u64) -> StreamSummary {
         let mut max = None;
         let mut reordered = 0;
+        let mut seen = std::collections::HashSet::new();
+        let mut duplicated = 0;
         for &s in &self.seqs {
+            if !seen.insert(s) {
+                duplicated += 1;
+                continue;
+            }
             if max.is_some_and(|m| s < m) {
                 reordered += 1;
             }
             max = Some(max.map_or(s, |m: u64| m.max(s)));
         }
-        let mut uniq = self.seqs.clone();
-        uniq.sort_unstable();
-        uniq.dedup();
-        let received = uniq.len() as u64;
-        (received, sent.saturating_sub(received), reordered)
+        let received = seen.len() as u64;
+        StreamSummary {
+            received,
+            lost: sent.saturating_sub(received),
+            reordered,
+            duplicated,
+        }
     }
+}
+
+/// Loss, reordering and duplication of a sequence-numbered stream. A datagram is reordered when
+/// its number is below the highest one that arrived before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamSummary {
+    pub received: u64,
+    pub lost: u64,
+    pub reordered: u64,
+    pub duplicated: u64,
 }
 
 /// TCP and UDP servers in one namespace, until dropped.
@@ -106,7 +138,10 @@ impl Servers {
                 l.set_nonblocking(true)?;
                 Ok(vec![l])
             })?
-            .map_err(|source| LabError::Io { what: format!("listen on TCP port {port} in {ns}"), source })?;
+            .map_err(|source| LabError::Io {
+                what: format!("listen on TCP port {port} in {ns}"),
+                source,
+            })?;
             handles.push(std::thread::spawn(move || {
                 while !stop.load(Relaxed) {
                     let mut idle = true;
@@ -124,14 +159,19 @@ impl Servers {
         }
         for &port in udp {
             let (ns, stop, logs) = (ns.to_string(), Arc::clone(&stop), Arc::clone(&logs));
-            logs.lock().unwrap_or_else(|p| p.into_inner()).insert(port, UdpLog::default());
+            logs.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(port, UdpLog::default());
             let socks = in_netns(&ns, || -> std::io::Result<Vec<UdpSocket>> {
                 let s = UdpSocket::bind(("::", port))?;
                 s.set_read_timeout(Some(Duration::from_millis(20)))?;
                 // Room for a burst while the reader thread is descheduled.
                 Ok(vec![s])
             })?
-            .map_err(|source| LabError::Io { what: format!("bind UDP port {port} in {ns}"), source })?;
+            .map_err(|source| LabError::Io {
+                what: format!("bind UDP port {port} in {ns}"),
+                source,
+            })?;
             handles.push(std::thread::spawn(move || {
                 let mut buf = [0u8; 2048];
                 while !stop.load(Relaxed) {
@@ -139,7 +179,11 @@ impl Servers {
                         while let Ok((n, _)) = s.recv_from(&mut buf) {
                             if n >= 8 {
                                 let seq = u64::from_be_bytes(buf[..8].try_into().unwrap_or([0; 8]));
-                                if let Some(log) = logs.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&port) {
+                                if let Some(log) = logs
+                                    .lock()
+                                    .unwrap_or_else(|p| p.into_inner())
+                                    .get_mut(&port)
+                                {
                                     log.seqs.push(seq);
                                 }
                             }
@@ -148,12 +192,21 @@ impl Servers {
                 }
             }));
         }
-        Ok(Servers { stop, handles, udp: logs })
+        Ok(Servers {
+            stop,
+            handles,
+            udp: logs,
+        })
     }
 
     /// What UDP `port` has received so far.
     pub fn udp_log(&self, port: u16) -> UdpLog {
-        self.udp.lock().unwrap_or_else(|p| p.into_inner()).get(&port).cloned().unwrap_or_default()
+        self.udp
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&port)
+            .cloned()
+            .unwrap_or_default()
     }
 }
 

@@ -26,10 +26,15 @@ struct Detach<'a> {
 
 impl Drop for Detach<'_> {
     fn drop(&mut self) {
-        for (iface, idx) in [(&self.cfg.interfaces.ext, self.ifindex[0]), (&self.cfg.interfaces.int, self.ifindex[1])] {
+        for (iface, idx) in [
+            (&self.cfg.interfaces.ext, self.ifindex[0]),
+            (&self.cfg.interfaces.int, self.ifindex[1]),
+        ] {
             match xdp::detach(idx, self.cfg.xdp.mode) {
                 Ok(()) => tracing::info!(iface = iface.as_str(), "XDP program detached"),
-                Err(e) => tracing::error!(iface = iface.as_str(), error = %e, "could not detach the XDP program; remove it with `ip link set dev {iface} xdp off`"),
+                Err(e) => {
+                    tracing::error!(iface = iface.as_str(), error = %e, "could not detach the XDP program; remove it with `ip link set dev {iface} xdp off`")
+                }
             }
         }
     }
@@ -39,23 +44,40 @@ impl Drop for Detach<'_> {
 pub fn run(cfg: Config) -> Result<()> {
     let ifs = preflight::check(&cfg)?;
     let workers = cfg.queues as usize;
-    let reloader = Reloader::new(&cfg.policy_dir, cfg.context.clone(), workers)
-        .with_context(|| format!("the policies in {} do not load; nothing was started", cfg.policy_dir.display()))?;
+    let reloader =
+        Reloader::new(&cfg.policy_dir, cfg.context.clone(), workers).with_context(|| {
+            format!(
+                "the policies in {} do not load; nothing was started",
+                cfg.policy_dir.display()
+            )
+        })?;
     for w in &reloader.status().warnings {
         tracing::warn!(warning = w.as_str(), "policy warning");
     }
-    tracing::info!(generation = 1, rules = reloader.status().rules, build_ms = reloader.status().build_ms, "table compiled");
+    tracing::info!(
+        generation = 1,
+        rules = reloader.status().rules,
+        build_ms = reloader.status().build_ms,
+        "table compiled"
+    );
     let reloader = Arc::new(Mutex::new(reloader));
 
     let stop = Arc::new(AtomicBool::new(false));
     let hup = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(sig, Arc::clone(&stop)).context("cannot install signal handlers")?;
+        signal_hook::flag::register(sig, Arc::clone(&stop))
+            .context("cannot install signal handlers")?;
     }
-    signal_hook::flag::register(signal_hook::consts::SIGHUP, Arc::clone(&hup)).context("cannot install the SIGHUP handler")?;
+    signal_hook::flag::register(signal_hook::consts::SIGHUP, Arc::clone(&hup))
+        .context("cannot install the SIGHUP handler")?;
 
     let listener = match cfg.metrics.listen {
-        Some(addr) => Some(metrics::bind(addr).with_context(|| format!("cannot listen on {addr} (metrics.listen in {})", cfg.path.display()))?),
+        Some(addr) => Some(metrics::bind(addr).with_context(|| {
+            format!(
+                "cannot listen on {addr} (metrics.listen in {})",
+                cfg.path.display()
+            )
+        })?),
         None => None,
     };
 
@@ -74,7 +96,12 @@ pub fn run(cfg: Config) -> Result<()> {
     let mut pairs = Vec::with_capacity(workers);
     for q in 0..cfg.queues {
         let pair = QueuePair::open(&cfg.interfaces.ext, &cfg.interfaces.int, q, &opts)
-            .with_context(|| format!("opening queue {q} of {} and {}", cfg.interfaces.ext, cfg.interfaces.int))?;
+            .with_context(|| {
+                format!(
+                    "opening queue {q} of {} and {}",
+                    cfg.interfaces.ext, cfg.interfaces.int
+                )
+            })?;
         pairs.push(pair);
     }
     let copy_mode = pairs.iter().any(|p| p.copy_mode);
@@ -100,7 +127,11 @@ pub fn run(cfg: Config) -> Result<()> {
             index: i,
             core: cfg.cores[i],
             pair,
-            reader: reloader.lock().unwrap_or_else(|p| p.into_inner()).publisher().reader(),
+            reader: reloader
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .publisher()
+                .reader(),
             counters: Arc::clone(&counters[i]),
             latency: Arc::clone(&latency[i]),
             flows: Arc::clone(&flows),
@@ -119,7 +150,11 @@ pub fn run(cfg: Config) -> Result<()> {
     }
     if let Some(l) = listener {
         let (obs, stop) = (Arc::clone(&obs), Arc::clone(&stop));
-        handles.push(std::thread::Builder::new().name("pc-metrics".into()).spawn(move || metrics::serve(l, obs, stop))?);
+        handles.push(
+            std::thread::Builder::new()
+                .name("pc-metrics".into())
+                .spawn(move || metrics::serve(l, obs, stop))?,
+        );
     }
     tracing::info!(ext = cfg.interfaces.ext.as_str(), int = cfg.interfaces.int.as_str(), queues = cfg.queues, copy_mode, listen = ?cfg.metrics.listen, "portcullis running");
 
@@ -130,13 +165,24 @@ pub fn run(cfg: Config) -> Result<()> {
         let _ = h.join();
     }
     let totals = obs.status().totals;
-    tracing::info!(rx_ingress = totals.rx_ingress, tx_ingress = totals.tx_ingress, rx_egress = totals.rx_egress, tx_egress = totals.tx_egress, "final counters");
+    tracing::info!(
+        rx_ingress = totals.rx_ingress,
+        tx_ingress = totals.tx_ingress,
+        rx_egress = totals.rx_egress,
+        tx_egress = totals.tx_egress,
+        "final counters"
+    );
     Ok(())
 }
 
 /// The control thread's loop (on the main thread): reload on change or SIGHUP, and write the
 /// flow log at a bounded rate.
-fn control_loop(reloader: &Mutex<Reloader>, flows: &ArrayQueue<FlowRecord>, stop: &AtomicBool, hup: &AtomicBool) {
+fn control_loop(
+    reloader: &Mutex<Reloader>,
+    flows: &ArrayQueue<FlowRecord>,
+    stop: &AtomicBool,
+    hup: &AtomicBool,
+) {
     let mut last_check = Instant::now() - Duration::from_secs(1);
     while !stop.load(Relaxed) {
         let force = hup.swap(false, Relaxed);
@@ -147,12 +193,21 @@ fn control_loop(reloader: &Mutex<Reloader>, flows: &ArrayQueue<FlowRecord>, stop
                 None => {}
                 Some(Ok(generation)) => {
                     let s = r.status();
-                    tracing::info!(generation, rules = s.rules, build_ms = s.build_ms, forced = force, "table swapped");
+                    tracing::info!(
+                        generation,
+                        rules = s.rules,
+                        build_ms = s.build_ms,
+                        forced = force,
+                        "table swapped"
+                    );
                     for w in &s.warnings {
                         tracing::warn!(warning = w.as_str(), "policy warning");
                     }
                 }
-                Some(Err(e)) => tracing::error!("policy reload rejected, keeping generation {}: {e}", r.status().generation),
+                Some(Err(e)) => tracing::error!(
+                    "policy reload rejected, keeping generation {}: {e}",
+                    r.status().generation
+                ),
             }
         }
         let table = reloader.lock().map(|mut r| r.publisher().current()).ok();
@@ -167,8 +222,12 @@ fn control_loop(reloader: &Mutex<Reloader>, flows: &ArrayQueue<FlowRecord>, stop
                 })
                 .unwrap_or_else(|| format!("rule #{} of generation {}", f.rule, f.generation));
             match f.verdict {
-                Verdict::Allow => tracing::info!(target: "portcullis::flows", flow = %f.key, verdict = "allow", rule = origin.as_str(), worker = f.worker, "logged flow"),
-                Verdict::Deny(r) => tracing::info!(target: "portcullis::flows", flow = %f.key, verdict = "deny", reason = r.as_str(), rule = origin.as_str(), worker = f.worker, "denied flow"),
+                Verdict::Allow => {
+                    tracing::info!(target: "portcullis::flows", flow = %f.key, verdict = "allow", rule = origin.as_str(), worker = f.worker, "logged flow")
+                }
+                Verdict::Deny(r) => {
+                    tracing::info!(target: "portcullis::flows", flow = %f.key, verdict = "deny", reason = r.as_str(), rule = origin.as_str(), worker = f.worker, "denied flow")
+                }
             }
         }
         std::thread::sleep(Duration::from_millis(50));

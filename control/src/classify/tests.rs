@@ -33,7 +33,12 @@ fn key(src: &str, dst: &str, proto: u8, sport: u16, dport: u16) -> FlowKey {
 #[test]
 fn first_match_and_continuation() {
     let rules = vec![
-        m(&["10.0.0.0/8"], &["10.1.0.0/16"], Some(6), PortRange::single(80)),
+        m(
+            &["10.0.0.0/8"],
+            &["10.1.0.0/16"],
+            Some(6),
+            PortRange::single(80),
+        ),
         m(&["10.0.0.0/8"], &[], None, PortRange::ANY),
         m(&[], &[], None, PortRange::ANY),
     ];
@@ -47,7 +52,10 @@ fn first_match_and_continuation() {
         assert_eq!(c.first_match(&key("11.2.3.4", "1.1.1.1", 6, 9, 80), 0), 2);
         // continuing after a match skips the earlier rules
         assert_eq!(c.first_match(&key("10.2.3.4", "1.1.1.1", 6, 9, 80), 1), 1);
-        assert_eq!(c.first_match(&key("10.2.3.4", "1.1.1.1", 6, 9, 80), 3), NO_MATCH);
+        assert_eq!(
+            c.first_match(&key("10.2.3.4", "1.1.1.1", 6, 9, 80), 3),
+            NO_MATCH
+        );
         // egress keys see no ingress rule
         let mut k = key("10.2.3.4", "1.1.1.1", 6, 9, 80);
         k.dir = Direction::Egress as u8;
@@ -66,7 +74,10 @@ fn fragments_skip_port_rules_and_ipv6_is_separate() {
     k.ports_known = false;
     assert_eq!(t.first_match(&k, 0), NO_MATCH);
     assert_eq!(t.first_match(&key("10.0.0.1", "10.0.0.2", 17, 1, 53), 0), 1);
-    assert_eq!(t.first_match(&key("2001:db9::1", "::1", 17, 1, 53), 0), NO_MATCH);
+    assert_eq!(
+        t.first_match(&key("2001:db9::1", "::1", 17, 1, 53), 0),
+        NO_MATCH
+    );
 }
 
 fn arb_prefix(v6: bool) -> impl Strategy<Value = Prefix> {

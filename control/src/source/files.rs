@@ -125,11 +125,20 @@ fn load_file(file: &Path, snap: &mut Snapshot, errors: &mut Vec<SourceError>) {
         let meta: TypeMeta = match serde_norway::from_value(value.clone()) {
             Ok(m) => m,
             Err(e) => {
-                errors.push(err(Some(i), None, None, format!("not a Kubernetes-style object: {e}")));
+                errors.push(err(
+                    Some(i),
+                    None,
+                    None,
+                    format!("not a Kubernetes-style object: {e}"),
+                ));
                 continue;
             }
         };
-        let name = meta.metadata.as_ref().map(|m| m.name.clone()).unwrap_or_default();
+        let name = meta
+            .metadata
+            .as_ref()
+            .map(|m| m.name.clone())
+            .unwrap_or_default();
         let object = Some(format!("{}/{}", meta.kind, name));
         let source = format!("{}#{}", file.display(), i);
         let group = meta.api_version.split('/').next().unwrap_or_default();
@@ -193,7 +202,11 @@ mod tests {
     #[test]
     fn loads_multi_document_files_and_reports_every_error() {
         let d = tmpdir("multi");
-        std::fs::write(d.join("a.yaml"), format!("{GOOD}---\n{}", GOOD.replace("name: a", "name: b"))).unwrap();
+        std::fs::write(
+            d.join("a.yaml"),
+            format!("{GOOD}---\n{}", GOOD.replace("name: a", "name: b")),
+        )
+        .unwrap();
         std::fs::write(d.join("notes.txt"), "ignored").unwrap();
         let snap = load_dir(&d).unwrap();
         assert_eq!(snap.gateway_policies.len(), 2);
@@ -207,9 +220,14 @@ mod tests {
         let errs = load_dir(&d).unwrap_err();
         assert_eq!(errs.len(), 2, "{errs:?}");
         let text: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
-        assert!(text[0].contains("b.yaml: document 0 (ConfigMap/c): kind"), "{}", text[0]);
         assert!(
-            text[1].contains("b.yaml: document 1 (GatewayPolicy/bad): spec.ingress[0].source.nets[0]"),
+            text[0].contains("b.yaml: document 0 (ConfigMap/c): kind"),
+            "{}",
+            text[0]
+        );
+        assert!(
+            text[1]
+                .contains("b.yaml: document 1 (GatewayPolicy/bad): spec.ingress[0].source.nets[0]"),
             "{}",
             text[1]
         );
@@ -226,6 +244,8 @@ mod tests {
         std::fs::write(d.join("x.yml"), GOOD).unwrap();
         assert_ne!(fp, Fingerprint::of(&d));
         std::fs::remove_dir_all(&d).unwrap();
-        assert!(load_dir(&d).unwrap_err()[0].message.contains("cannot read the policy directory"));
+        assert!(load_dir(&d).unwrap_err()[0]
+            .message
+            .contains("cannot read the policy directory"));
     }
 }

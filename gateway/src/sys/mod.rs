@@ -11,7 +11,11 @@ use std::os::fd::RawFd;
 
 /// Waits until one of `fds` is readable or `timeout_ms` passes. Returns whether one is readable.
 pub fn wait_readable(fds: &[RawFd], timeout_ms: i32) -> io::Result<bool> {
-    let mut pfds = [libc::pollfd { fd: -1, events: 0, revents: 0 }; 4];
+    let mut pfds = [libc::pollfd {
+        fd: -1,
+        events: 0,
+        revents: 0,
+    }; 4];
     let n = fds.len().min(pfds.len());
     for (p, fd) in pfds.iter_mut().zip(fds) {
         p.fd = *fd;

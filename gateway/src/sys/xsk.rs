@@ -26,9 +26,7 @@ use crate::config::{XdpMode, ZeroCopy, MAX_BURST};
 pub enum SocketError {
     #[error("invalid ring or frame size for the UMEM: {0}")]
     Sizes(String),
-    #[error(
-        "cannot create the UMEM ({bytes} bytes): {hint}"
-    )]
+    #[error("cannot create the UMEM ({bytes} bytes): {hint}")]
     Umem {
         bytes: usize,
         hint: &'static str,
@@ -52,7 +50,10 @@ fn errno_of(e: &(dyn std::error::Error + 'static)) -> io::Error {
     e.source()
         .and_then(|s| s.downcast_ref::<io::Error>())
         .and_then(|e| e.raw_os_error())
-        .map_or_else(|| io::Error::other(e.to_string()), io::Error::from_raw_os_error)
+        .map_or_else(
+            || io::Error::other(e.to_string()),
+            io::Error::from_raw_os_error,
+        )
 }
 
 fn socket_hint(err: &io::Error, mode: XdpMode) -> String {
@@ -159,7 +160,12 @@ pub struct QueuePair {
 impl QueuePair {
     /// Creates the UMEM and binds `ext:queue` and `int:queue` to it. libxdp loads its redirect
     /// program on each interface (or reuses the one already loaded for other queues).
-    pub fn open(ext: &str, int: &str, queue: u32, o: &SocketOptions) -> Result<QueuePair, SocketError> {
+    pub fn open(
+        ext: &str,
+        int: &str,
+        queue: u32,
+        o: &SocketOptions,
+    ) -> Result<QueuePair, SocketError> {
         let ring = QueueSize::new(o.ring_size).map_err(|e| SocketError::Sizes(e.to_string()))?;
         let frame = FrameSize::new(o.frame_size).map_err(|e| SocketError::Sizes(e.to_string()))?;
         let umem_cfg = UmemConfig::builder()
@@ -168,7 +174,8 @@ impl QueuePair {
             .comp_queue_size(ring)
             .build()
             .map_err(|e| SocketError::Sizes(e.to_string()))?;
-        let count = NonZeroU32::new(o.frames).ok_or_else(|| SocketError::Sizes("frames must be > 0".into()))?;
+        let count = NonZeroU32::new(o.frames)
+            .ok_or_else(|| SocketError::Sizes("frames must be > 0".into()))?;
         let bytes = o.frames as usize * o.frame_size as usize;
         let (umem, descs) = Umem::new(umem_cfg, count, false).map_err(|e| {
             let errno = errno_of(&e);
@@ -262,7 +269,13 @@ pub struct Parts<'a> {
 }
 
 impl Port {
-    fn bind(umem: &Umem, iface: &str, queue: u32, o: &SocketOptions, copy: bool) -> Result<Port, SocketError> {
+    fn bind(
+        umem: &Umem,
+        iface: &str,
+        queue: u32,
+        o: &SocketOptions,
+        copy: bool,
+    ) -> Result<Port, SocketError> {
         let mode = match (copy, o.xdp_mode) {
             (true, XdpMode::Native) => "native XDP, copy mode",
             (true, XdpMode::Skb) => "skb XDP, copy mode",
@@ -281,7 +294,11 @@ impl Port {
             .parse()
             .map_err(|_| fail(io::Error::from_raw_os_error(libc::ENODEV)))?;
         let mut bind = BindFlags::XDP_USE_NEED_WAKEUP;
-        bind |= if copy { BindFlags::XDP_COPY } else { BindFlags::XDP_ZEROCOPY };
+        bind |= if copy {
+            BindFlags::XDP_COPY
+        } else {
+            BindFlags::XDP_ZEROCOPY
+        };
         let cfg = SocketConfig::builder()
             .rx_queue_size(ring)
             .tx_queue_size(ring)
@@ -296,7 +313,8 @@ impl Port {
             .build();
         // SAFETY: `umem` outlives the returned queues (xsk-rs keeps a clone of it inside each
         // socket), and every frame given to these rings comes from this UMEM's own pool.
-        let (tx, rx, rings) = unsafe { Socket::new(cfg, umem, &name, queue) }.map_err(|e| fail(errno_of(&e)))?;
+        let (tx, rx, rings) =
+            unsafe { Socket::new(cfg, umem, &name, queue) }.map_err(|e| fail(errno_of(&e)))?;
         let (fill, comp) = rings.ok_or_else(|| SocketError::NoRings {
             iface: iface.to_string(),
             queue,

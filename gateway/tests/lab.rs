@@ -1,0 +1,460 @@
+//! Root integration tests: a real `portcullis run` on AF_XDP sockets between veths in network
+//! namespaces that each test creates (with a unique prefix) and deletes again, even on failure.
+//! The tests in this file take turns, so only one gateway competes for the two cores at a time.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use gateway::lab::{in_netns, GatewayProcess, Lab, LabGuard, CLIENT_MAC, SERVER_MAC, SERVER_V4};
+use gateway::probe::{addr, tcp_connect, udp_stream, wait_udp, Servers, TcpOutcome};
+use gateway::sys::packet::RawSender;
+use serde_json::Value;
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// Skips (with a message) when not root, unless running in CI, where it fails.
+fn require_root() -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "CI must run the lab tests as root"
+    );
+    eprintln!("skipping: the lab tests need root (AF_XDP, namespaces)");
+    false
+}
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// A running lab with a gateway, torn down on drop (gateway first, then the namespaces).
+struct Fixture {
+    gw: GatewayProcess,
+    lab: Lab,
+    _guard: LabGuard,
+    _dir: TempDir,
+}
+
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn unique_prefix(tag: &str) -> String {
+    format!("{tag}{:x}", std::process::id() % 0xfff)
+}
+
+fn start(tag: &str, queues: u32, policy_dir: &Path) -> Fixture {
+    let prefix = unique_prefix(tag);
+    let lab = Lab::new(&prefix, queues).unwrap();
+    // A leftover from a killed run of the same pid is not ours to keep.
+    let _ = lab.down();
+    lab.up().unwrap();
+    let guard = LabGuard(lab.clone());
+    let dir = TempDir(std::env::temp_dir().join(format!("portcullis-test-{prefix}")));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let config = dir.0.join("gateway.yaml");
+    lab.write_config(
+        &repo().join("configs/lab/gateway.yaml"),
+        policy_dir,
+        &config,
+    )
+    .unwrap();
+    let metrics = "127.0.0.1:9477".parse().unwrap();
+    let mut gw = GatewayProcess::spawn(
+        &lab,
+        Path::new(env!("CARGO_BIN_EXE_portcullis")),
+        &config,
+        metrics,
+        &dir.0.join("gateway.log"),
+    )
+    .unwrap();
+    gw.wait_ready(Duration::from_secs(20)).unwrap();
+    Fixture {
+        gw,
+        lab,
+        _guard: guard,
+        _dir: dir,
+    }
+}
+
+fn drops(status: &Value, reason: &str) -> u64 {
+    status["totals"]["drops"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d[0] == reason)
+        .and_then(|d| d[1].as_u64())
+        .unwrap()
+}
+
+fn hits(status: &Value, object: &str) -> u64 {
+    status["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["object"] == object)
+        .map(|r| r["hits"].as_u64().unwrap())
+        .sum()
+}
+
+#[test]
+fn allowed_and_denied_flows_are_counted_by_rule_and_reason() {
+    if !require_root() {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let f = start("ta", 1, &repo().join("configs/lab/policies"));
+    let servers = Servers::start(&f.lab.server_ns(), &[80, 22, 8080], &[53, 514]).unwrap();
+    let ns = f.lab.client_ns();
+    let t = Duration::from_millis(1500);
+
+    assert_eq!(
+        tcp_connect(&ns, addr(SERVER_V4, 80), t).unwrap(),
+        TcpOutcome::Connected
+    );
+    assert_eq!(
+        tcp_connect(&ns, addr("fd99::2", 80), t).unwrap(),
+        TcpOutcome::Connected,
+        "IPv6 (and ND through the failsafe rules)"
+    );
+    let before = f.gw.status().unwrap();
+    assert_eq!(
+        tcp_connect(&ns, addr(SERVER_V4, 22), t).unwrap(),
+        TcpOutcome::TimedOut
+    );
+    assert_eq!(
+        tcp_connect(&ns, addr(SERVER_V4, 8080), t).unwrap(),
+        TcpOutcome::TimedOut
+    );
+    let sent = udp_stream(&ns, addr(SERVER_V4, 53), 50, 500, Duration::from_secs(3)).unwrap();
+    assert_eq!(sent, 50);
+    let log = wait_udp(&servers, 53, 50, Duration::from_secs(3));
+    let sum = log.summary(50);
+    assert_eq!(
+        (sum.received, sum.lost, sum.reordered, sum.duplicated),
+        (50, 0, 0, 0),
+        "every allowed datagram arrives once, in order"
+    );
+    let denied = udp_stream(&ns, addr(SERVER_V4, 514), 30, 500, Duration::from_secs(3)).unwrap();
+    assert_eq!(denied, 30);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        servers.udp_log(514).seqs.is_empty(),
+        "no denied datagram arrives"
+    );
+
+    let after = f.gw.status().unwrap();
+    // SYN retransmissions may add to the TCP counts, so those are lower bounds.
+    assert!(drops(&after, "policy_deny") - drops(&before, "policy_deny") >= 1);
+    assert!(hits(&after, "GatewayPolicy/deny-ssh") >= 1);
+    assert!(
+        drops(&after, "default_deny") - drops(&before, "default_deny") >= 31,
+        "port 8080 SYN(s) + 30 datagrams"
+    );
+    assert_eq!(
+        hits(&after, "GatewayPolicy/allow-dns"),
+        50,
+        "one hit per allowed datagram"
+    );
+    assert!(hits(&after, "GatewayPolicy/allow-web") >= 2);
+    assert!(
+        after["totals"]["l2_forwarded"].as_u64().unwrap() >= 2,
+        "ARP crossed the gateway"
+    );
+    assert_eq!(drops(&after, "tx_ring_full"), 0);
+    assert_eq!(after["policy"]["generation"], 1);
+}
+
+#[test]
+fn a_hundred_table_swaps_lose_and_reorder_nothing() {
+    if !require_root() {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let f = start("tb", 1, &repo().join("configs/lab/policies"));
+    let servers = Servers::start(&f.lab.server_ns(), &[], &[53]).unwrap();
+    let ns = f.lab.client_ns();
+    // Resolve the server's MAC first: while a neighbour entry is incomplete the kernel queues the
+    // first datagrams and flushes them after newer ones, which is reordering the gateway did not do.
+    udp_stream(&ns, addr(SERVER_V4, 9), 1, 0, Duration::from_secs(1)).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    const COUNT: u64 = 20_000;
+    let sender = std::thread::spawn(move || {
+        udp_stream(
+            &ns,
+            addr(SERVER_V4, 53),
+            COUNT,
+            5_000,
+            Duration::from_secs(10),
+        )
+        .unwrap()
+    });
+    // 100 forced reloads (SIGHUP) spread over the stream.
+    std::thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    let mut generation = 1;
+    for i in 0..100u64 {
+        f.gw.signal(nix::sys::signal::Signal::SIGHUP).unwrap();
+        // Wait for this swap before the next signal, so signals do not coalesce.
+        while generation < 2 + i && started.elapsed() < Duration::from_secs(30) {
+            std::thread::sleep(Duration::from_millis(5));
+            generation = f.gw.status().unwrap()["policy"]["generation"]
+                .as_u64()
+                .unwrap();
+        }
+    }
+    let swaps_done = started.elapsed();
+    let sent = sender.join().unwrap();
+    let log = wait_udp(&servers, 53, sent, Duration::from_secs(5));
+    let sum = log.summary(sent);
+    eprintln!("swaps: 100 in {swaps_done:?}; datagrams: sent {sent}, {sum:?}");
+    assert_eq!(generation, 101, "every SIGHUP produced a swap");
+    assert_eq!(sent, COUNT);
+    assert_eq!((sum.lost, sum.reordered, sum.duplicated), (0, 0, 0));
+    let status = f.gw.status().unwrap();
+    assert_eq!(
+        hits(&status, "GatewayPolicy/allow-dns"),
+        COUNT,
+        "rule counters survive the swaps"
+    );
+}
+
+/// A minimal Ethernet + IPv4 frame from the client to the server, built by hand.
+fn v4_frame(ihl_words: u8, total_len: u16, proto: u8, payload: &[u8]) -> Vec<u8> {
+    let mac = |m: &str| {
+        m.split(':')
+            .map(|x| u8::from_str_radix(x, 16).unwrap())
+            .collect::<Vec<u8>>()
+    };
+    let mut f = mac(SERVER_MAC);
+    f.extend(mac(CLIENT_MAC));
+    f.extend_from_slice(&[0x08, 0x00, 0x40 | ihl_words, 0]);
+    f.extend_from_slice(&total_len.to_be_bytes());
+    f.extend_from_slice(&[0, 1, 0, 0, 64, proto, 0, 0, 10, 99, 0, 1, 10, 99, 0, 2]);
+    for _ in 5..ihl_words {
+        f.extend_from_slice(&[1, 1, 1, 1]);
+    }
+    f.extend_from_slice(payload);
+    f
+}
+
+fn v6_frame(next: u8, payload_len: u16, rest: &[u8]) -> Vec<u8> {
+    let mac = |m: &str| {
+        m.split(':')
+            .map(|x| u8::from_str_radix(x, 16).unwrap())
+            .collect::<Vec<u8>>()
+    };
+    let mut f = mac(SERVER_MAC);
+    f.extend(mac(CLIENT_MAC));
+    f.extend_from_slice(&[0x86, 0xdd, 0x60, 0, 0, 0]);
+    f.extend_from_slice(&payload_len.to_be_bytes());
+    f.extend_from_slice(&[next, 64]);
+    f.extend_from_slice(&[0xfd, 0x99, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+    f.extend_from_slice(&[0xfd, 0x99, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]);
+    f.extend_from_slice(rest);
+    f
+}
+
+#[test]
+fn malformed_frames_are_dropped_with_a_reason_and_forwarding_continues() {
+    if !require_root() {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let f = start("tc", 1, &repo().join("configs/lab/policies"));
+    let servers = Servers::start(&f.lab.server_ns(), &[80], &[]).unwrap();
+    let udp = [0x13, 0x88, 0, 53, 0, 8, 0, 0];
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("truncated", v4_frame(5, 28, 17, &udp)[..20].to_vec()),
+        ("bad_ipv4_header", v4_frame(3, 28, 17, &udp)),
+        ("bad_ip_length", v4_frame(5, 1400, 17, &udp)),
+        ("bad_ip_version", {
+            let mut x = v4_frame(5, 28, 17, &udp);
+            x[14] = 0x95;
+            x
+        }),
+        (
+            "bad_transport",
+            v4_frame(
+                5,
+                40,
+                6,
+                &[
+                    0, 1, 0, 80, 0, 0, 0, 0, 0, 0, 0, 0, 0x20, 2, 0, 0, 0, 0, 0, 0,
+                ],
+            ),
+        ),
+        ("tiny_fragment", {
+            let mut x = v4_frame(5, 22, 6, &[0, 80]);
+            x[20] = 0x20; // MF set, offset 0
+            x
+        }),
+        // Destination options, then a hop-by-hop header that must come first: a bogus chain.
+        (
+            "bad_ip_extension",
+            v6_frame(60, 16, &[0, 0, 1, 4, 0, 0, 0, 0, 17, 0, 1, 4, 0, 0, 0, 0]),
+        ),
+        // A hop-by-hop header claiming more bytes than the packet has.
+        ("truncated", v6_frame(0, 8, &[17, 9, 1, 4, 0, 0, 0, 0])),
+    ];
+    let before = f.gw.status().unwrap();
+    const REPEAT: u64 = 5;
+    in_netns(&f.lab.client_ns(), || {
+        let tx = RawSender::open(&f.lab.client_if()).unwrap();
+        for _ in 0..REPEAT {
+            for (_, frame) in &cases {
+                tx.send(frame).unwrap();
+            }
+        }
+    })
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let after = f.gw.status().unwrap();
+    for reason in [
+        "truncated",
+        "bad_ipv4_header",
+        "bad_ip_length",
+        "bad_ip_version",
+        "bad_transport",
+        "tiny_fragment",
+        "bad_ip_extension",
+    ] {
+        let expected = REPEAT * cases.iter().filter(|(r, _)| *r == reason).count() as u64;
+        assert_eq!(
+            drops(&after, reason) - drops(&before, reason),
+            expected,
+            "reason {reason}"
+        );
+    }
+    assert_eq!(
+        after["totals"]["tx_ingress"], before["totals"]["tx_ingress"],
+        "no malformed frame was forwarded"
+    );
+    assert_eq!(
+        tcp_connect(
+            &f.lab.client_ns(),
+            addr(SERVER_V4, 80),
+            Duration::from_millis(1500)
+        )
+        .unwrap(),
+        TcpOutcome::Connected,
+        "the gateway keeps forwarding"
+    );
+    drop(servers);
+}
+
+#[test]
+fn two_queues_forward_and_sigterm_detaches_every_xdp_program() {
+    if !require_root() {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut f = start("td", 2, &repo().join("configs/lab/policies"));
+    for iface in [f.lab.ext(), f.lab.int()] {
+        assert!(
+            f.lab.xdp_program(&iface).is_some(),
+            "XDP attached on {iface} while running"
+        );
+    }
+    // Many flows, so the client's transmit hashing spreads them over both queues.
+    let servers = Servers::start(&f.lab.server_ns(), &[80], &[]).unwrap();
+    for _ in 0..16 {
+        assert_eq!(
+            tcp_connect(
+                &f.lab.client_ns(),
+                addr(SERVER_V4, 80),
+                Duration::from_millis(1500)
+            )
+            .unwrap(),
+            TcpOutcome::Connected
+        );
+    }
+    let status = f.gw.status().unwrap();
+    let per_worker: Vec<u64> = status["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["rx_ingress"].as_u64().unwrap())
+        .collect();
+    eprintln!("ingress frames per worker: {per_worker:?}");
+    assert_eq!(per_worker.len(), 2);
+    assert!(per_worker.iter().sum::<u64>() >= 16 * 2);
+    drop(servers);
+    let exit = f.gw.stop(Duration::from_secs(10)).unwrap();
+    assert!(
+        exit.success(),
+        "clean exit on SIGTERM: {exit}\n{}",
+        f.gw.log()
+    );
+    for iface in [f.lab.ext(), f.lab.int()] {
+        assert_eq!(
+            f.lab.xdp_program(&iface),
+            None,
+            "no XDP program left on {iface}"
+        );
+    }
+}
+
+#[test]
+fn a_broken_policy_edit_keeps_the_last_good_table() {
+    if !require_root() {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let policies =
+        std::env::temp_dir().join(format!("portcullis-test-policies-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&policies);
+    std::fs::create_dir_all(&policies).unwrap();
+    let _cleanup = TempDir(policies.clone());
+    let allow80 =
+        std::fs::read_to_string(repo().join("configs/lab/policies/20-allow-web.yaml")).unwrap();
+    std::fs::write(policies.join("web.yaml"), &allow80).unwrap();
+    let f = start("te", 1, &policies);
+    let _servers = Servers::start(&f.lab.server_ns(), &[80], &[]).unwrap();
+    let ns = f.lab.client_ns();
+    assert_eq!(
+        tcp_connect(&ns, addr(SERVER_V4, 80), Duration::from_millis(1500)).unwrap(),
+        TcpOutcome::Connected
+    );
+
+    std::fs::write(
+        policies.join("web.yaml"),
+        allow80.replace("ports: [80, 443]", "ports: [http]"),
+    )
+    .unwrap();
+    let started = Instant::now();
+    let status = loop {
+        let s = f.gw.status().unwrap();
+        if !s["policy"]["last_error"].as_array().unwrap().is_empty()
+            || started.elapsed() > Duration::from_secs(5)
+        {
+            break s;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let err = status["policy"]["last_error"][0]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        err.contains("web.yaml") && err.contains("spec.ingress[0].destination.ports[0]"),
+        "error names file and field: {err}"
+    );
+    assert_eq!(
+        status["policy"]["generation"], 1,
+        "the last good table stays"
+    );
+    assert_eq!(f.gw.get("/healthz").unwrap().0, 503);
+    assert_eq!(
+        tcp_connect(&ns, addr(SERVER_V4, 80), Duration::from_millis(1500)).unwrap(),
+        TcpOutcome::Connected,
+        "still forwarding on the old table"
+    );
+}
