@@ -1,1 +1,160 @@
-fn main() {}
+//! `portcullis-bench`: benchmarks. Today: `classify`, the classifier on ClassBench data.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+use clap::{Parser, Subcommand};
+use control::classbench::{read_expected, read_filters, read_trace};
+use control::classify::{Classifier, Linear, TupleSpace, NO_MATCH};
+use control::key::FlowKey;
+
+#[derive(Parser)]
+#[command(name = "portcullis-bench", version, about = "Portcullis benchmarks")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Classify a ClassBench trace against a filter set: prints the first-matching rule index for
+    /// each header (0-based, -1 for none), then lookups/s and build time for the tuple-space
+    /// classifier and the linear reference, and the agreement with `--expected`.
+    Classify {
+        #[arg(long)]
+        rules: PathBuf,
+        #[arg(long)]
+        trace: PathBuf,
+        #[arg(long)]
+        expected: Option<PathBuf>,
+        /// Burst size for batch classification.
+        #[arg(long, default_value_t = 64)]
+        burst: usize,
+        /// Minimum measuring time per classifier, in milliseconds.
+        #[arg(long, default_value_t = 1000)]
+        min_ms: u64,
+        /// Do not print the per-header indices.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Forwarding throughput in the namespace lab: UDP floods from the client through a
+    /// busy-polling gateway to the server; rates come from the gateway's own counters.
+    LabForward(forward::Args),
+}
+
+fn index(v: u32) -> i64 {
+    if v == NO_MATCH {
+        -1
+    } else {
+        v as i64
+    }
+}
+
+/// Classifies the whole trace repeatedly for at least `min`; returns (lookups/s, results).
+fn measure(c: &dyn Classifier, trace: &[FlowKey], burst: usize, min: Duration) -> (f64, Vec<u32>) {
+    let mut out = vec![0u32; trace.len()];
+    let started = Instant::now();
+    let mut lookups = 0u64;
+    loop {
+        for (keys, res) in trace.chunks(burst).zip(out.chunks_mut(burst)) {
+            c.classify_batch(keys, res);
+        }
+        lookups += trace.len() as u64;
+        if started.elapsed() >= min {
+            break;
+        }
+    }
+    (lookups as f64 / started.elapsed().as_secs_f64(), out)
+}
+
+mod forward;
+
+fn main() -> Result<()> {
+    match Cli::parse().cmd {
+        Cmd::LabForward(a) => forward::run(a),
+        Cmd::Classify {
+            rules,
+            trace,
+            expected,
+            burst,
+            min_ms,
+            quiet,
+        } => {
+            if burst == 0 {
+                bail!("--burst must be at least 1");
+            }
+            let matches = read_filters(&rules)?;
+            let keys = read_trace(&trace)?;
+            let expected = expected.map(|p| read_expected(&p)).transpose()?;
+            let t = Instant::now();
+            let fast = TupleSpace::build(&matches);
+            let build_fast = t.elapsed();
+            let t = Instant::now();
+            let linear = Linear::build(&matches);
+            let build_linear = t.elapsed();
+            let min = Duration::from_millis(min_ms);
+            let (fast_rate, results) = measure(&fast, &keys, burst, min);
+            let (linear_rate, linear_results) = measure(&linear, &keys, burst, min / 4);
+            if !quiet {
+                let mut s = String::with_capacity(keys.len() * 6);
+                for r in &results {
+                    s.push_str(&index(*r).to_string());
+                    s.push('\n');
+                }
+                print!("{s}");
+            }
+            let stats = fast.stats();
+            println!(
+                "# set: {} rules, {} headers, burst {burst}",
+                matches.len(),
+                keys.len()
+            );
+            println!(
+                "# tuple-space: {:.2} M lookups/s ({:.0} ns/lookup), build {:.2} ms, {} bytes, {} tuples, longest bucket {}",
+                fast_rate / 1e6,
+                1e9 / fast_rate,
+                build_fast.as_secs_f64() * 1e3,
+                fast.memory_bytes(),
+                stats.tuples,
+                stats.max_bucket
+            );
+            println!(
+                "# linear reference: {:.3} M lookups/s ({:.0} ns/lookup), build {:.2} ms; tuple-space is {:.0}x faster",
+                linear_rate / 1e6,
+                1e9 / linear_rate,
+                build_linear.as_secs_f64() * 1e3,
+                fast_rate / linear_rate
+            );
+            let disagree_linear = results
+                .iter()
+                .zip(&linear_results)
+                .filter(|(a, b)| a != b)
+                .count();
+            println!(
+                "# tuple-space vs linear: {} of {} disagree",
+                disagree_linear,
+                keys.len()
+            );
+            if let Some(exp) = expected {
+                if exp.len() != keys.len() {
+                    bail!(
+                        "--expected has {} lines but the trace has {}",
+                        exp.len(),
+                        keys.len()
+                    );
+                }
+                let agree = results
+                    .iter()
+                    .zip(&exp)
+                    .filter(|(r, e)| index(**r) == **e)
+                    .count();
+                println!("# agreement with expected: {agree} of {}", exp.len());
+                if agree != exp.len() || disagree_linear != 0 {
+                    bail!("the classifier disagrees with the expected results");
+                }
+            }
+            Ok(())
+        }
+    }
+}

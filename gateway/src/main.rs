@@ -208,25 +208,38 @@ fn dispatch(cli: Cli) -> Result<()> {
     }
 }
 
-fn build(
-    src: &PolicySource,
-) -> Result<(PathBuf, Table, Vec<String>, Vec<(&'static str, usize)>, f64)> {
+/// A compiled policy directory, for `check` and `explain`.
+struct Built {
+    dir: PathBuf,
+    table: Table,
+    warnings: Vec<String>,
+    counts: Vec<(&'static str, usize)>,
+    compile_ms: f64,
+}
+
+fn build(src: &PolicySource) -> Result<Built> {
     let (dir, ctx) = src.load()?;
     let started = std::time::Instant::now();
     let (snap, rules, warnings) =
         load_and_compile(&dir, &ctx).with_context(|| format!("policies in {}", dir.display()))?;
     let compile_ms = started.elapsed().as_secs_f64() * 1e3;
-    Ok((
+    Ok(Built {
         dir,
-        Table::build(rules, 1, 1),
+        table: Table::build(rules, 1, 1),
         warnings,
-        snap.counts(),
+        counts: snap.counts(),
         compile_ms,
-    ))
+    })
 }
 
 fn check(src: &PolicySource) -> Result<()> {
-    let (dir, table, warnings, counts, compile_ms) = build(src)?;
+    let Built {
+        dir,
+        table,
+        warnings,
+        counts,
+        compile_ms,
+    } = build(src)?;
     println!("policies: {}", dir.display());
     for (kind, n) in counts {
         println!("  {kind}: {n}");
@@ -254,7 +267,7 @@ fn check(src: &PolicySource) -> Result<()> {
 }
 
 fn explain(src: &PolicySource, key: FlowKey, json: bool) -> Result<()> {
-    let (_, table, _, _, _) = build(src)?;
+    let table = build(src)?.table;
     let e = table.explain(&key);
     let reference = table.reference_decision(&key);
     if reference != e.verdict {

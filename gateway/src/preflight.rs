@@ -166,7 +166,7 @@ pub fn check(cfg: &Config) -> Result<Interfaces, PreflightError> {
     }
 
     match nix::sys::statfs::statfs("/sys/fs/bpf") {
-        Ok(s) if s.filesystem_type().0 as i64 == BPF_FS_MAGIC => {}
+        Ok(s) if s.filesystem_type().0 == BPF_FS_MAGIC => {}
         _ => tracing::warn!(
             "bpffs is not mounted at /sys/fs/bpf: libxdp cannot track its program, so portcullis detaches it itself on exit; mount it with `mount -t bpf bpf /sys/fs/bpf`"
         ),

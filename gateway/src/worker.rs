@@ -203,8 +203,8 @@ pub fn run(setup: WorkerSetup) {
         }
         let n = w.step(Direction::Ingress, table) + w.step(Direction::Egress, table);
         for port in [&mut w.pair.ext, &mut w.pair.int] {
-            if port.in_flight() > 0 && port.kick_tx() {
-                w.tally.wakeups += 1;
+            if port.in_flight() > 0 {
+                w.tally.wakeups += port.kick_tx();
             }
             if port.kick_fill() {
                 w.tally.wakeups += 1;

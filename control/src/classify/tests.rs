@@ -85,7 +85,7 @@ fn arb_prefix(v6: bool) -> impl Strategy<Value = Prefix> {
     (0u32..16, 0u8..=8).prop_map(move |(host, short)| {
         let len = if v6 { 120 + short } else { 24 + short };
         let base: u128 = if v6 { 0x2001_0db8 << 96 } else { 0x0a00_0000 };
-        let bits = base | host as u128 * 16;
+        let bits = base | (host as u128 * 16);
         Prefix::new(crate::rule::bits_addr(v6, bits), len.min(Prefix::width(v6))).unwrap()
     })
 }

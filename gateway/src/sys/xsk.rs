@@ -145,6 +145,7 @@ pub struct Port {
     comp: CompQueue,
     /// Frames on the TX ring not yet completed.
     in_flight: usize,
+    ring_size: u32,
 }
 
 /// The two sockets of one worker on a shared UMEM, and its frame pool.
@@ -327,6 +328,7 @@ impl Port {
             fill,
             comp,
             in_flight: 0,
+            ring_size: o.ring_size,
         })
     }
 
@@ -359,16 +361,20 @@ impl Port {
         (sent, dropped)
     }
 
-    /// Kicks the kernel to transmit if it asked for it. Returns whether a syscall was made.
+    /// Kicks the kernel to transmit while it asks for it and the TX ring still holds frames it has
+    /// not taken. In copy mode each `sendto` sends at most 32 frames (the kernel's per-call TX
+    /// budget), so a burst of 64 needs two; the loop is bounded so a stuck device cannot spin it.
+    /// Returns the number of syscalls made.
     #[inline]
-    pub fn kick_tx(&mut self) -> bool {
-        if self.tx.needs_wakeup() {
+    pub fn kick_tx(&mut self) -> u64 {
+        let mut calls = 0;
+        while calls < 8 && self.tx.needs_wakeup() && self.tx.nb_free_exact() < self.ring_size {
             // ENOBUFS/EAGAIN/EBUSY/ENETDOWN are swallowed by xsk-rs (retry next burst); any other
             // error would recur on every burst and the ring would stall, visible in the counters.
             let _ = self.tx.wakeup();
-            return true;
+            calls += 1;
         }
-        false
+        calls
     }
 
     /// Wakes the driver to use the fill ring if it asked for it.
