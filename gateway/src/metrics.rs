@@ -14,6 +14,7 @@ use control::reload::{ReloadStatus, Reloader};
 use serde::Serialize;
 
 use crate::stats::{new_histogram, CounterSnapshot, LatencySummary, SharedLatency, WorkerCounters};
+use crate::sys::xsk::{kernel_stats, KernelStats};
 
 /// What the observability endpoints read. Shared by the control thread and the HTTP thread.
 pub struct Observed {
@@ -26,6 +27,17 @@ pub struct Observed {
     pub counters: Vec<Arc<WorkerCounters>>,
     pub latency: Vec<Arc<SharedLatency>>,
     pub reloader: Arc<Mutex<Reloader>>,
+    /// (worker, interface, AF_XDP socket fd), for the kernel's own drop counters.
+    pub sockets: Vec<(usize, String, i32)>,
+}
+
+/// The kernel's view of one AF_XDP socket.
+#[derive(Debug, Serialize)]
+pub struct KernelSocket {
+    pub worker: usize,
+    pub iface: String,
+    #[serde(flatten)]
+    pub stats: KernelStats,
 }
 
 /// The `/status` document.
@@ -42,6 +54,8 @@ pub struct Status {
     pub totals: CounterSnapshot,
     pub workers: Vec<CounterSnapshot>,
     pub burst_latency: LatencySummary,
+    /// Frames the kernel dropped before the gateway saw them, per socket.
+    pub kernel: Vec<KernelSocket>,
     pub rules: Vec<RuleHits>,
 }
 
@@ -72,6 +86,17 @@ impl Observed {
             totals,
             workers,
             burst_latency: LatencySummary::of(&h),
+            kernel: self
+                .sockets
+                .iter()
+                .filter_map(|(worker, iface, fd)| {
+                    Some(KernelSocket {
+                        worker: *worker,
+                        iface: iface.clone(),
+                        stats: kernel_stats(*fd)?,
+                    })
+                })
+                .collect(),
             rules,
         }
     }
@@ -169,6 +194,23 @@ pub fn prometheus(s: &Status) -> String {
         family(name, "counter", help, &mut o);
         for (i, w) in s.workers.iter().enumerate() {
             let _ = writeln!(o, "{name}{{worker=\"{i}\"}} {}", get(w));
+        }
+    }
+    family(
+        "portcullis_xsk_kernel_drops_total",
+        "counter",
+        "Frames the kernel could not hand to the gateway's AF_XDP sockets (XDP_STATISTICS), per socket and kind.",
+        &mut o,
+    );
+    for k in &s.kernel {
+        for (kind, v) in [
+            ("rx_dropped", k.stats.rx_dropped),
+            ("rx_ring_full", k.stats.rx_ring_full),
+            ("rx_fill_ring_empty", k.stats.rx_fill_ring_empty_descs),
+            ("rx_invalid_desc", k.stats.rx_invalid_descs),
+            ("tx_invalid_desc", k.stats.tx_invalid_descs),
+        ] {
+            let _ = writeln!(o, "portcullis_xsk_kernel_drops_total{{worker=\"{}\",iface=\"{}\",kind=\"{kind}\"}} {v}", k.worker, label(&k.iface));
         }
     }
     family(

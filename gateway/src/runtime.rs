@@ -105,6 +105,16 @@ pub fn run(cfg: Config) -> Result<()> {
         pairs.push(pair);
     }
     let copy_mode = pairs.iter().any(|p| p.copy_mode);
+    let sockets = pairs
+        .iter()
+        .enumerate()
+        .flat_map(|(i, p)| {
+            [
+                (i, p.ext.iface.clone(), p.ext.rx_fd()),
+                (i, p.int.iface.clone(), p.int.rx_fd()),
+            ]
+        })
+        .collect();
 
     let counters: Vec<Arc<WorkerCounters>> = (0..workers).map(|_| Arc::default()).collect();
     let latency: Vec<Arc<SharedLatency>> = (0..workers).map(|_| Arc::default()).collect();
@@ -119,6 +129,7 @@ pub fn run(cfg: Config) -> Result<()> {
         counters: counters.clone(),
         latency: latency.clone(),
         reloader: Arc::clone(&reloader),
+        sockets,
     });
 
     let mut handles = Vec::new();

@@ -427,9 +427,47 @@ impl Port {
     pub fn rx_fd(&self) -> i32 {
         self.rx.fd().as_raw_fd()
     }
+}
 
-    /// Kernel-side statistics of the socket (drops for lack of fill frames, invalid descriptors).
-    pub fn kernel_stats(&self) -> Option<xsk_rs::socket::XdpStatistics> {
-        self.rx.fd().xdp_statistics().ok()
-    }
+/// The kernel's counters for one AF_XDP socket: frames it dropped before the gateway saw them.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct KernelStats {
+    /// Dropped for reasons other than invalid descriptors (e.g. no room).
+    pub rx_dropped: u64,
+    pub rx_invalid_descs: u64,
+    pub tx_invalid_descs: u64,
+    /// Dropped because the RX ring was full (the worker fell behind).
+    pub rx_ring_full: u64,
+    /// Times the fill ring was empty when the kernel needed a frame.
+    pub rx_fill_ring_empty_descs: u64,
+    pub tx_ring_empty_descs: u64,
+}
+
+const SOL_XDP: libc::c_int = 283;
+const XDP_STATISTICS: libc::c_int = 7;
+
+/// Reads `XDP_STATISTICS` of an AF_XDP socket by descriptor. `None` if the socket is gone.
+pub fn kernel_stats(fd: i32) -> Option<KernelStats> {
+    let mut raw = [0u64; 6];
+    let mut len = std::mem::size_of_val(&raw) as libc::socklen_t;
+    // SAFETY: `raw` is a live, writable buffer of `len` bytes, the layout of `struct
+    // xdp_statistics` (six __u64) since Linux 5.9; the kernel writes at most `len` bytes and
+    // reports how many.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            SOL_XDP,
+            XDP_STATISTICS,
+            raw.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    (r == 0).then(|| KernelStats {
+        rx_dropped: raw[0],
+        rx_invalid_descs: raw[1],
+        tx_invalid_descs: raw[2],
+        rx_ring_full: raw[3],
+        rx_fill_ring_empty_descs: raw[4],
+        tx_ring_empty_descs: raw[5],
+    })
 }
