@@ -15,11 +15,14 @@
 pub mod classbench;
 pub mod classify;
 pub mod compile;
+pub mod k8s;
 pub mod key;
+pub mod netpol;
 pub mod policy;
 pub mod publish;
 pub mod reload;
 pub mod rule;
+pub mod selector;
 pub mod snapshot;
 pub mod source;
 pub mod table;

@@ -668,3 +668,132 @@ mod tests {
         assert_eq!(rs.next_layer_start(Layer::Default), 2);
     }
 }
+
+/// A set of addresses as disjoint prefixes (IPv4 and IPv6 mixed), closed under union and
+/// intersection: the algebra for "clients every backend admits".
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct PrefixSet(Vec<Prefix>);
+
+impl PrefixSet {
+    pub fn empty() -> PrefixSet {
+        PrefixSet(Vec::new())
+    }
+
+    /// Both families, whole.
+    pub fn everything() -> PrefixSet {
+        PrefixSet(vec![Prefix::any(false), Prefix::any(true)])
+    }
+
+    /// `cidr` minus every prefix of `except`.
+    pub fn block(cidr: Prefix, except: &[Prefix]) -> PrefixSet {
+        let mut parts = vec![cidr];
+        for hole in except {
+            parts = parts.iter().flat_map(|p| p.subtract(hole)).collect();
+        }
+        PrefixSet::normalized(parts)
+    }
+
+    pub fn of(prefixes: impl IntoIterator<Item = Prefix>) -> PrefixSet {
+        PrefixSet::normalized(prefixes.into_iter().collect())
+    }
+
+    /// Sorts and drops prefixes covered by another.
+    fn normalized(mut v: Vec<Prefix>) -> PrefixSet {
+        v.sort_by_key(|p| (p.v6, p.len, p.bits));
+        let mut out: Vec<Prefix> = Vec::with_capacity(v.len());
+        for p in v {
+            if !out.iter().any(|q| q.contains(&p)) {
+                out.push(p);
+            }
+        }
+        out.sort();
+        PrefixSet(out)
+    }
+
+    pub fn union(&self, o: &PrefixSet) -> PrefixSet {
+        PrefixSet::normalized(self.0.iter().chain(&o.0).copied().collect())
+    }
+
+    pub fn intersect(&self, o: &PrefixSet) -> PrefixSet {
+        let mut v = Vec::new();
+        for a in &self.0 {
+            for b in &o.0 {
+                if a.contains(b) {
+                    v.push(*b);
+                } else if b.contains(a) {
+                    v.push(*a);
+                }
+            }
+        }
+        PrefixSet::normalized(v)
+    }
+
+    pub fn minus(&self, holes: &[Prefix]) -> PrefixSet {
+        let mut parts = self.0.clone();
+        for hole in holes {
+            parts = parts.iter().flat_map(|p| p.subtract(hole)).collect();
+        }
+        PrefixSet::normalized(parts)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn prefixes(&self) -> &[Prefix] {
+        &self.0
+    }
+
+    pub fn contains(&self, v6: bool, bits: u128) -> bool {
+        self.0.iter().any(|p| p.contains_bits(v6, bits))
+    }
+
+    /// The same set as a rule's address match. An empty set has no `AddrSet` (it would read as
+    /// "any"), so callers must not build a rule from it.
+    pub fn to_addr_set(&self) -> Option<AddrSet> {
+        if self.0.is_empty() {
+            return None;
+        }
+        if self.0 == [Prefix::any(false), Prefix::any(true)] {
+            return Some(AddrSet::any());
+        }
+        Some(AddrSet {
+            include: self.0.clone(),
+            except: Vec::new(),
+        })
+    }
+}
+
+impl fmt::Display for PrefixSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let parts: Vec<String> = self.0.iter().map(|p| p.to_string()).collect();
+        write!(f, "{{{}}}", parts.join(", "))
+    }
+}
+
+#[cfg(test)]
+mod prefix_set_tests {
+    use super::*;
+
+    fn p(s: &str) -> Prefix {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn algebra() {
+        let a = PrefixSet::block(p("10.0.0.0/8"), &[p("10.1.0.0/16")]);
+        let b = PrefixSet::of([p("10.1.2.0/24"), p("10.2.0.0/16"), p("192.0.2.0/24")]);
+        let i = a.intersect(&b);
+        assert_eq!(i, PrefixSet::of([p("10.2.0.0/16")]));
+        let u = a.union(&b);
+        assert!(u.contains(false, 0x0a01_0203) && u.contains(false, 0xc000_0201));
+        assert!(!u.contains(false, 0x0a01_0301));
+        assert!(PrefixSet::everything().intersect(&b) == b);
+        assert_eq!(PrefixSet::everything().to_addr_set(), Some(AddrSet::any()));
+        assert_eq!(PrefixSet::empty().to_addr_set(), None);
+        assert!(b
+            .minus(&[p("192.0.2.0/24")])
+            .intersect(&PrefixSet::of([p("192.0.2.7")]))
+            .is_empty());
+    }
+}

@@ -1,0 +1,335 @@
+//! Label selectors: Kubernetes `LabelSelector` (matchLabels + matchExpressions) and Calico's
+//! selector expressions (`role == 'web' && has(tier)`).
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+pub type Labels = BTreeMap<String, String>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum Operator {
+    In,
+    NotIn,
+    Exists,
+    DoesNotExist,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Requirement {
+    pub key: String,
+    pub operator: Operator,
+    #[serde(default)]
+    pub values: Option<Vec<String>>,
+}
+
+/// A Kubernetes label selector. The empty selector matches everything.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LabelSelector {
+    #[serde(default)]
+    pub match_labels: Option<Labels>,
+    #[serde(default)]
+    pub match_expressions: Option<Vec<Requirement>>,
+}
+
+impl LabelSelector {
+    /// `k8s.io/apimachinery/pkg/labels` semantics: NotIn and DoesNotExist match an object that
+    /// lacks the key.
+    pub fn matches(&self, labels: &Labels) -> bool {
+        let by_label = self
+            .match_labels
+            .iter()
+            .flatten()
+            .all(|(k, v)| labels.get(k) == Some(v));
+        by_label
+            && self.match_expressions.iter().flatten().all(|r| {
+                let values = r.values.as_deref().unwrap_or(&[]);
+                match r.operator {
+                    Operator::In => labels.get(&r.key).is_some_and(|v| values.contains(v)),
+                    Operator::NotIn => labels.get(&r.key).is_none_or(|v| !values.contains(v)),
+                    Operator::Exists => labels.contains_key(&r.key),
+                    Operator::DoesNotExist => !labels.contains_key(&r.key),
+                }
+            })
+    }
+
+    /// Checks what the API server would reject.
+    pub fn validate(&self) -> Result<(), String> {
+        for (i, r) in self.match_expressions.iter().flatten().enumerate() {
+            let n = r.values.as_ref().map_or(0, Vec::len);
+            match r.operator {
+                Operator::In | Operator::NotIn if n == 0 => {
+                    return Err(format!(
+                        "matchExpressions[{i}]: {:?} needs values",
+                        r.operator
+                    ))
+                }
+                Operator::Exists | Operator::DoesNotExist if n > 0 => {
+                    return Err(format!(
+                        "matchExpressions[{i}]: {:?} takes no values",
+                        r.operator
+                    ))
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A parsed Calico selector expression.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Expr {
+    All,
+    Has(String),
+    Eq(String, String),
+    Ne(String, String),
+    In(String, Vec<String>),
+    NotIn(String, Vec<String>),
+    Contains(String, String),
+    StartsWith(String, String),
+    EndsWith(String, String),
+    Not(Box<Expr>),
+    And(Box<Expr>, Box<Expr>),
+    Or(Box<Expr>, Box<Expr>),
+}
+
+impl Expr {
+    /// Calico semantics: `!=` and `not in` match when the label is absent.
+    pub fn matches(&self, labels: &Labels) -> bool {
+        match self {
+            Expr::All => true,
+            Expr::Has(k) => labels.contains_key(k),
+            Expr::Eq(k, v) => labels.get(k) == Some(v),
+            Expr::Ne(k, v) => labels.get(k) != Some(v),
+            Expr::In(k, vs) => labels.get(k).is_some_and(|v| vs.contains(v)),
+            Expr::NotIn(k, vs) => labels.get(k).is_none_or(|v| !vs.contains(v)),
+            Expr::Contains(k, s) => labels.get(k).is_some_and(|v| v.contains(s.as_str())),
+            Expr::StartsWith(k, s) => labels.get(k).is_some_and(|v| v.starts_with(s.as_str())),
+            Expr::EndsWith(k, s) => labels.get(k).is_some_and(|v| v.ends_with(s.as_str())),
+            Expr::Not(e) => !e.matches(labels),
+            Expr::And(a, b) => a.matches(labels) && b.matches(labels),
+            Expr::Or(a, b) => a.matches(labels) || b.matches(labels),
+        }
+    }
+
+    /// Parses a Calico selector. The empty string means `all()`.
+    pub fn parse(s: &str) -> Result<Expr, String> {
+        let mut p = Parser {
+            s: s.as_bytes(),
+            i: 0,
+        };
+        p.ws();
+        if p.i == p.s.len() {
+            return Ok(Expr::All);
+        }
+        let e = p.or()?;
+        p.ws();
+        if p.i != p.s.len() {
+            return Err(format!("unexpected `{}` at offset {}", &s[p.i..], p.i));
+        }
+        Ok(e)
+    }
+}
+
+struct Parser<'a> {
+    s: &'a [u8],
+    i: usize,
+}
+
+impl Parser<'_> {
+    fn ws(&mut self) {
+        while self.i < self.s.len() && self.s[self.i].is_ascii_whitespace() {
+            self.i += 1;
+        }
+    }
+
+    fn eat(&mut self, tok: &str) -> bool {
+        self.ws();
+        if self.s[self.i..].starts_with(tok.as_bytes()) {
+            self.i += tok.len();
+            true
+        } else {
+            false
+        }
+    }
+
+    fn err<T>(&self, what: &str) -> Result<T, String> {
+        Err(format!("expected {what} at offset {}", self.i))
+    }
+
+    fn or(&mut self) -> Result<Expr, String> {
+        let mut e = self.and()?;
+        while self.eat("||") {
+            e = Expr::Or(Box::new(e), Box::new(self.and()?));
+        }
+        Ok(e)
+    }
+
+    fn and(&mut self) -> Result<Expr, String> {
+        let mut e = self.unary()?;
+        while self.eat("&&") {
+            e = Expr::And(Box::new(e), Box::new(self.unary()?));
+        }
+        Ok(e)
+    }
+
+    fn unary(&mut self) -> Result<Expr, String> {
+        if self.eat("!") && !self.s[self.i..].starts_with(b"=") {
+            return Ok(Expr::Not(Box::new(self.unary()?)));
+        }
+        if self.eat("(") {
+            let e = self.or()?;
+            if !self.eat(")") {
+                return self.err("`)`");
+            }
+            return Ok(e);
+        }
+        if self.eat("all()") || self.eat("global()") {
+            return Ok(Expr::All);
+        }
+        if self.eat("has(") {
+            let k = self.key()?;
+            if !self.eat(")") {
+                return self.err("`)`");
+            }
+            return Ok(Expr::Has(k));
+        }
+        let k = self.key()?;
+        if self.eat("==") {
+            return Ok(Expr::Eq(k, self.string()?));
+        }
+        if self.eat("!=") {
+            return Ok(Expr::Ne(k, self.string()?));
+        }
+        if self.eat("not") {
+            if !self.eat("in") {
+                return self.err("`in` after `not`");
+            }
+            return Ok(Expr::NotIn(k, self.set()?));
+        }
+        if self.eat("in") {
+            return Ok(Expr::In(k, self.set()?));
+        }
+        if self.eat("contains") {
+            return Ok(Expr::Contains(k, self.string()?));
+        }
+        if self.eat("starts") && self.eat("with") {
+            return Ok(Expr::StartsWith(k, self.string()?));
+        }
+        if self.eat("ends") && self.eat("with") {
+            return Ok(Expr::EndsWith(k, self.string()?));
+        }
+        self.err("an operator (==, !=, in, not in, contains, starts with, ends with)")
+    }
+
+    fn key(&mut self) -> Result<String, String> {
+        self.ws();
+        let start = self.i;
+        while self.i < self.s.len()
+            && (self.s[self.i].is_ascii_alphanumeric() || b"._-/".contains(&self.s[self.i]))
+        {
+            self.i += 1;
+        }
+        if start == self.i {
+            return self.err("a label key");
+        }
+        Ok(String::from_utf8_lossy(&self.s[start..self.i]).into_owned())
+    }
+
+    fn string(&mut self) -> Result<String, String> {
+        self.ws();
+        let Some(&q) = self.s.get(self.i) else {
+            return self.err("a quoted string");
+        };
+        if q != b'\'' && q != b'"' {
+            return self.err("a quoted string");
+        }
+        let start = self.i + 1;
+        let Some(len) = self.s[start..].iter().position(|&c| c == q) else {
+            return self.err("a closing quote");
+        };
+        self.i = start + len + 1;
+        Ok(String::from_utf8_lossy(&self.s[start..start + len]).into_owned())
+    }
+
+    fn set(&mut self) -> Result<Vec<String>, String> {
+        if !self.eat("{") {
+            return self.err("`{`");
+        }
+        let mut out = Vec::new();
+        if self.eat("}") {
+            return Ok(out);
+        }
+        loop {
+            out.push(self.string()?);
+            if self.eat("}") {
+                return Ok(out);
+            }
+            if !self.eat(",") {
+                return self.err("`,` or `}`");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(kv: &[(&str, &str)]) -> Labels {
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn label_selector_semantics() {
+        let l = labels(&[("app", "web"), ("tier", "front")]);
+        let sel: LabelSelector = serde_norway::from_str(
+            "{matchLabels: {app: web}, matchExpressions: [{key: env, operator: NotIn, values: [prod]}, {key: tier, operator: Exists}]}",
+        )
+        .unwrap();
+        assert!(sel.matches(&l), "NotIn matches a missing key");
+        assert!(LabelSelector::default().matches(&l));
+        let bad: LabelSelector =
+            serde_norway::from_str("{matchExpressions: [{key: a, operator: In}]}").unwrap();
+        assert!(bad.validate().is_err());
+    }
+
+    #[test]
+    fn calico_expressions() {
+        let l = labels(&[("role", "web"), ("env", "prod"), ("zone", "eu-west-1a")]);
+        let cases = [
+            ("", true),
+            ("all()", true),
+            ("role == 'web'", true),
+            ("role == \"db\"", false),
+            ("role != 'db' && has(env)", true),
+            ("!has(env) || role in {'a', 'web'}", true),
+            ("env not in {'prod'}", false),
+            ("missing != 'x'", true),
+            (
+                "zone starts with 'eu-' && zone ends with '1a' && zone contains 'west'",
+                true,
+            ),
+            ("!(role == 'web')", false),
+            ("(role == 'db' || env == 'prod') && !has(missing)", true),
+        ];
+        for (s, want) in cases {
+            assert_eq!(Expr::parse(s).unwrap().matches(&l), want, "{s}");
+        }
+        for bad in [
+            "role ==",
+            "role = 'x'",
+            "has(role",
+            "role in {'a' 'b'}",
+            "(a == 'b'",
+            "a == 'b' junk",
+        ] {
+            assert!(Expr::parse(bad).is_err(), "{bad}");
+        }
+    }
+}
