@@ -1091,7 +1091,9 @@ struct CalicoRuleW {
     source: CalicoEntityW,
     #[serde(default)]
     destination: CalicoEntityW,
+    /// Rule annotations; they change no verdict.
     #[serde(default)]
+    #[allow(dead_code)]
     metadata: Option<serde_norway::Value>,
     #[serde(default)]
     http: Option<serde_norway::Value>,
@@ -1114,9 +1116,12 @@ struct CalicoSpecW {
     types: Option<Vec<String>>,
     #[serde(default, rename = "preDNAT")]
     pre_dnat: bool,
+    /// Where Calico enforces the policy on a host; the gateway enforces it at the edge either way.
     #[serde(default)]
+    #[allow(dead_code)]
     apply_on_forward: bool,
     #[serde(default)]
+    #[allow(dead_code)]
     do_not_track: bool,
     #[serde(default)]
     ingress: Vec<CalicoRuleW>,
@@ -1193,6 +1198,12 @@ impl CalicoPolicy {
     pub fn from_yaml(v: serde_norway::Value, global: bool) -> Result<CalicoPolicy, FieldError> {
         let w: CalicoW = from_value(v)?;
         let s = &w.spec;
+        if s.tier.as_deref().is_some_and(|t| t != "default") {
+            return Err(FieldError::new(
+                "spec.tier",
+                "only the default tier is supported (tiers would need their own order)",
+            ));
+        }
         if s.service_account_selector.is_some() {
             return Err(FieldError::new(
                 "spec.serviceAccountSelector",

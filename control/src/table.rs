@@ -259,6 +259,7 @@ mod tests {
                 source: "t".into(),
                 object: GatewayPolicy::from_yaml(serde_norway::from_str(&y).unwrap()).unwrap(),
             }],
+            ..Snapshot::default()
         };
         Table::build(
             compile(&snap, &GatewayContext::default()).unwrap().rules,

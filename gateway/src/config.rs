@@ -237,6 +237,39 @@ impl Default for Logging {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NoEndpoints {
+    /// Drop traffic to a Service frontend without endpoints at the edge (`no_endpoints`).
+    Drop,
+    /// Let later layers (the default) decide.
+    Pass,
+}
+
+/// How the Kubernetes layer is compiled.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub struct Kubernetes {
+    /// Pod IPs are reachable through the gateway (routed pod network): compile rules for them.
+    #[serde(default)]
+    pub pods_routable: bool,
+    #[serde(default = "default_no_endpoints")]
+    pub no_endpoints: NoEndpoints,
+}
+
+fn default_no_endpoints() -> NoEndpoints {
+    NoEndpoints::Drop
+}
+
+impl Default for Kubernetes {
+    fn default() -> Self {
+        Kubernetes {
+            pods_routable: false,
+            no_endpoints: default_no_endpoints(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "snake_case")]
 struct ConfigWire {
@@ -264,6 +297,8 @@ struct ConfigWire {
     l2: L2,
     #[serde(default)]
     failsafe: Failsafe,
+    #[serde(default)]
+    kubernetes: Kubernetes,
     #[serde(default)]
     metrics: Metrics,
     #[serde(default)]
@@ -466,6 +501,8 @@ impl Config {
                 default_ingress: w.default.ingress.verdict(),
                 default_egress: w.default.egress.verdict(),
                 failsafe,
+                pods_routable: w.kubernetes.pods_routable,
+                drop_no_endpoints: w.kubernetes.no_endpoints == NoEndpoints::Drop,
             },
         })
     }

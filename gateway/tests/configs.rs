@@ -32,7 +32,10 @@ fn every_config_file_loads() {
             let cfg = Config::load(f).unwrap_or_else(|e| panic!("{e}"));
             let (_, rules, warnings) = load_and_compile(&cfg.policy_dir, &cfg.context)
                 .unwrap_or_else(|e| panic!("{}: {e}", f.display()));
-            assert!(warnings.is_empty(), "{}: {warnings:?}", f.display());
+            // Scenarios may carry deliberate warnings (tests/scenarios.rs checks them).
+            if !f.starts_with(root.join("scenarios")) {
+                assert!(warnings.is_empty(), "{}: {warnings:?}", f.display());
+            }
             assert!(rules.len() > 2, "{}: compiles to real rules", f.display());
         } else if parent.file_name().is_some_and(|n| n == "policies") {
             policy_dirs.insert(parent.to_path_buf());
@@ -44,8 +47,13 @@ fn every_config_file_loads() {
         }
     }
     for d in policy_dirs {
-        let (snap, _, _) = load_and_compile(&d, &GatewayContext::default())
+        let (snap, rules, _) = load_and_compile(&d, &GatewayContext::default())
             .unwrap_or_else(|e| panic!("{}: {e}", d.display()));
-        assert!(!snap.gateway_policies.is_empty(), "{}", d.display());
+        assert!(
+            snap.counts().iter().any(|(_, n)| *n > 0),
+            "{}: no objects",
+            d.display()
+        );
+        assert!(rules.len() > 2, "{}: compiles to real rules", d.display());
     }
 }

@@ -11,7 +11,10 @@ use std::time::SystemTime;
 
 use serde::Deserialize;
 
-use crate::policy::{FieldError, GatewayPolicy, API_GROUP};
+use crate::k8s::{
+    CalicoPolicy, EndpointSlice, Namespace, NetworkPolicy, Node, SecurityGroup, Service, Workload,
+};
+use crate::policy::{FieldError, GatewayPolicy, API_VERSION};
 use crate::snapshot::{Located, Snapshot};
 
 /// One problem with one document (or file).
@@ -76,23 +79,10 @@ fn yaml_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Loads every object under `dir`. On any error, returns all errors found.
+/// Loads every object under `dir`, all or nothing: on any error, returns every error found. This
+/// is what a running gateway uses, so a typo in a Deny policy can never fail open.
 pub fn load_dir(dir: &Path) -> Result<Snapshot, Vec<SourceError>> {
-    let mut files = Vec::new();
-    if let Err(e) = yaml_files(dir, &mut files) {
-        return Err(vec![SourceError {
-            file: dir.to_path_buf(),
-            document: None,
-            object: None,
-            field: None,
-            message: format!("cannot read the policy directory: {e}"),
-        }]);
-    }
-    let mut snap = Snapshot::default();
-    let mut errors = Vec::new();
-    for file in files {
-        load_file(&file, &mut snap, &mut errors);
-    }
+    let (snap, errors) = load_dir_report(dir);
     if errors.is_empty() {
         Ok(snap)
     } else {
@@ -100,67 +90,128 @@ pub fn load_dir(dir: &Path) -> Result<Snapshot, Vec<SourceError>> {
     }
 }
 
+/// Loads every valid object under `dir` and reports the invalid ones (for `check`, `explain`).
+pub fn load_dir_report(dir: &Path) -> (Snapshot, Vec<SourceError>) {
+    let mut files = Vec::new();
+    let mut snap = Snapshot::default();
+    if let Err(e) = yaml_files(dir, &mut files) {
+        return (
+            snap,
+            vec![SourceError {
+                file: dir.to_path_buf(),
+                document: None,
+                object: None,
+                field: None,
+                message: format!("cannot read the policy directory: {e}"),
+            }],
+        );
+    }
+    let mut errors = Vec::new();
+    for file in files {
+        load_file(&file, &mut snap, &mut errors);
+    }
+    (snap, errors)
+}
+
 fn load_file(file: &Path, snap: &mut Snapshot, errors: &mut Vec<SourceError>) {
-    let err = |document, object, field: Option<String>, message: String| SourceError {
-        file: file.to_path_buf(),
-        document,
-        object,
-        field,
-        message,
-    };
     let text = match std::fs::read_to_string(file) {
         Ok(t) => t,
-        Err(e) => return errors.push(err(None, None, None, format!("cannot read: {e}"))),
+        Err(e) => {
+            return errors.push(SourceError {
+                file: file.to_path_buf(),
+                document: None,
+                object: None,
+                field: None,
+                message: format!("cannot read: {e}"),
+            })
+        }
     };
     for (i, doc) in serde_norway::Deserializer::from_str(&text).enumerate() {
         let value = match serde_norway::Value::deserialize(doc) {
             Ok(serde_norway::Value::Null) => continue,
             Ok(v) => v,
             Err(e) => {
-                errors.push(err(Some(i), None, None, format!("not valid YAML: {e}")));
+                errors.push(SourceError {
+                    file: file.to_path_buf(),
+                    document: Some(i),
+                    object: None,
+                    field: None,
+                    message: format!("not valid YAML: {e}"),
+                });
                 // The YAML stream is broken from here on; later documents cannot be trusted.
                 return;
             }
         };
-        let meta: TypeMeta = match serde_norway::from_value(value.clone()) {
-            Ok(m) => m,
-            Err(e) => {
-                errors.push(err(
-                    Some(i),
-                    None,
-                    None,
-                    format!("not a Kubernetes-style object: {e}"),
-                ));
-                continue;
-            }
-        };
-        let name = meta
-            .metadata
-            .as_ref()
-            .map(|m| m.name.clone())
-            .unwrap_or_default();
-        let object = Some(format!("{}/{}", meta.kind, name));
         let source = format!("{}#{}", file.display(), i);
-        let group = meta.api_version.split('/').next().unwrap_or_default();
-        match (group, meta.kind.as_str()) {
-            (API_GROUP, "GatewayPolicy") => match GatewayPolicy::from_yaml(value) {
-                Ok(p) => snap.gateway_policies.push(Located { source, object: p }),
-                Err(FieldError { field, message }) => {
-                    errors.push(err(Some(i), object, Some(field), message))
-                }
-            },
-            (_, "") => errors.push(err(Some(i), None, Some("kind".into()), "missing".into())),
-            _ => errors.push(err(
-                Some(i),
-                object,
-                Some("kind".into()),
-                format!(
-                    "`{}` `{}` is not a kind this source reads (expected {API_GROUP}/v1alpha1 GatewayPolicy)",
-                    meta.api_version, meta.kind
-                ),
-            )),
+        if let Err(mut e) = add_object(value, &source, snap) {
+            e.file = file.to_path_buf();
+            e.document = Some(i);
+            errors.push(e);
         }
     }
+}
+
+/// Adds one object (or every item of a `List`) to the snapshot. `source` names it in origins.
+pub fn add_object(
+    value: serde_norway::Value,
+    source: &str,
+    snap: &mut Snapshot,
+) -> Result<(), SourceError> {
+    let err = |object: Option<String>, field: Option<String>, message: String| SourceError {
+        file: PathBuf::new(),
+        document: None,
+        object,
+        field,
+        message,
+    };
+    let meta: TypeMeta = serde_norway::from_value(value.clone())
+        .map_err(|e| err(None, None, format!("not a Kubernetes-style object: {e}")))?;
+    let name = meta.metadata.as_ref().map(|m| match &m.namespace {
+        Some(ns) => format!("{ns}/{}", m.name),
+        None => m.name.clone(),
+    });
+    let object = Some(format!("{}/{}", meta.kind, name.unwrap_or_default()));
+    let field = |e: FieldError| err(object.clone(), Some(e.field), e.message);
+    match (meta.api_version.as_str(), meta.kind.as_str()) {
+        (_, "") => return Err(err(None, Some("kind".into()), "missing".into())),
+        ("v1", "List") => {
+            let items = value.get("items").and_then(|v| v.as_sequence()).cloned().unwrap_or_default();
+            for (j, item) in items.into_iter().enumerate() {
+                add_object(item, &format!("{source}.items[{j}]"), snap).map_err(|mut e| {
+                    e.field = Some(format!("items[{j}]{}", e.field.map(|f| format!(".{f}")).unwrap_or_default()));
+                    e
+                })?;
+            }
+        }
+        (v, "GatewayPolicy") if v == API_VERSION => snap.gateway_policies.push(Located::new(source, GatewayPolicy::from_yaml(value).map_err(field)?)),
+        (v, "SecurityGroup") if v == API_VERSION => snap.security_groups.push(Located::new(source, SecurityGroup::from_yaml(value).map_err(field)?)),
+        ("v1", "Namespace") => snap.namespaces.push(Located::new(source, Namespace::from_yaml(value).map_err(field)?)),
+        ("v1", "Pod") => {
+            if let Some(w) = Workload::pod_from_yaml(value).map_err(field)? {
+                snap.workloads.push(Located::new(source, w));
+            }
+        }
+        ("kubevirt.io/v1", "VirtualMachineInstance") => snap.workloads.push(Located::new(source, Workload::vmi_from_yaml(value).map_err(field)?)),
+        ("v1", "Node") => snap.nodes.push(Located::new(source, Node::from_yaml(value).map_err(field)?)),
+        ("v1", "Service") => snap.services.push(Located::new(source, Service::from_yaml(value).map_err(field)?)),
+        ("discovery.k8s.io/v1", "EndpointSlice") => snap.endpoint_slices.push(Located::new(source, EndpointSlice::from_yaml(value).map_err(field)?)),
+        ("networking.k8s.io/v1", "NetworkPolicy") => snap.network_policies.push(Located::new(source, NetworkPolicy::from_yaml(value).map_err(field)?)),
+        ("projectcalico.org/v3" | "crd.projectcalico.org/v1", k @ ("GlobalNetworkPolicy" | "NetworkPolicy")) => {
+            snap.calico_policies.push(Located::new(source, CalicoPolicy::from_yaml(value, k == "GlobalNetworkPolicy").map_err(field)?))
+        }
+        // CRD manifests may sit beside the objects (configs/crds); they change no verdict.
+        ("apiextensions.k8s.io/v1", "CustomResourceDefinition") => {}
+        (v, k) => {
+            return Err(err(
+                object.clone(),
+                Some("kind".into()),
+                format!(
+                    "`{v}` `{k}` is not a kind this source reads (expected Namespace, Pod, Node, Service, EndpointSlice, NetworkPolicy, Calico (Global)NetworkPolicy, VirtualMachineInstance, {API_VERSION} GatewayPolicy or SecurityGroup, or a List of them)"
+                ),
+            ))
+        }
+    }
+    Ok(())
 }
 
 /// Cheap change detection for a policy directory: every YAML file's path, size and mtime.

@@ -6,7 +6,10 @@
 //! 2. the Kubernetes layer (NetworkPolicy, Services; not compiled yet);
 //! 3. the per-direction default.
 
-use std::collections::HashMap;
+mod calico;
+mod kubernetes;
+
+use std::collections::{BTreeSet, HashMap};
 
 use crate::classify::lower;
 use crate::policy::{PolicyRule, RuleAction};
@@ -25,6 +28,10 @@ pub struct GatewayContext {
     pub default_egress: Verdict,
     /// Validated failsafe rules, with their position in the config list.
     pub failsafe: Vec<(usize, PolicyRule)>,
+    /// Pod IPs are reachable through the gateway (routed pod networks): compile rules for them.
+    pub pods_routable: bool,
+    /// Drop traffic to Service frontends that have no endpoint at all (`no_endpoints`).
+    pub drop_no_endpoints: bool,
 }
 
 impl Default for GatewayContext {
@@ -33,6 +40,8 @@ impl Default for GatewayContext {
             default_ingress: Verdict::Deny(DenyReason::Default),
             default_egress: Verdict::Allow,
             failsafe: Vec::new(),
+            pods_routable: false,
+            drop_no_endpoints: true,
         }
     }
 }
@@ -108,11 +117,7 @@ pub fn compile(snap: &Snapshot, ctx: &GatewayContext) -> Result<Compiled, Compil
     }
 
     let mut seen: HashMap<&str, &str> = HashMap::new();
-    let mut policies: Vec<_> = snap.gateway_policies.iter().collect();
-    policies.sort_by(|a, b| {
-        (a.object.priority, &a.object.name).cmp(&(b.object.priority, &b.object.name))
-    });
-    for p in policies {
+    for p in &snap.gateway_policies {
         if let Some(first) = seen.insert(&p.object.name, &p.source) {
             return Err(CompileError::DuplicatePolicy {
                 name: p.object.name.clone(),
@@ -120,6 +125,44 @@ pub fn compile(snap: &Snapshot, ctx: &GatewayContext) -> Result<Compiled, Compil
                 second: p.source.clone(),
             });
         }
+    }
+    // GatewayPolicies and Calico policies share one order: priority / `order` (Calico policies
+    // without an order come last), then kind, then name.
+    enum Item<'a> {
+        Gateway(&'a crate::snapshot::Located<crate::policy::GatewayPolicy>),
+        Calico(&'a crate::snapshot::Located<crate::k8s::CalicoPolicy>),
+    }
+    let mut items: Vec<(f64, u8, String, Item)> = snap
+        .gateway_policies
+        .iter()
+        .map(|p| {
+            (
+                p.object.priority as f64,
+                0,
+                p.object.name.clone(),
+                Item::Gateway(p),
+            )
+        })
+        .chain(snap.calico_policies.iter().map(|p| {
+            (
+                p.object.order.unwrap_or(f64::INFINITY),
+                1,
+                p.object.id(),
+                Item::Calico(p),
+            )
+        }))
+        .collect();
+    items.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
+    let mut notes = BTreeSet::new();
+    let mut calico_covered = Vec::new();
+    for (_, _, _, item) in items {
+        let p = match item {
+            Item::Calico(c) => {
+                calico_covered.extend(calico::compile(snap, c, &mut rules, &mut notes));
+                continue;
+            }
+            Item::Gateway(p) => p,
+        };
         let object = format!("GatewayPolicy/{}", p.object.name);
         for (dir, pos, r) in &p.object.rules {
             warn_empty(&r.matcher, &format!("{object} {dir}[{pos}]"));
@@ -145,6 +188,9 @@ pub fn compile(snap: &Snapshot, ctx: &GatewayContext) -> Result<Compiled, Compil
             ));
         }
     }
+    calico::end_of_tier(calico_covered, &mut rules);
+    kubernetes::compile(snap, ctx, &mut rules, &mut notes);
+    warnings.extend(notes);
 
     for (dir, verdict) in [
         (Direction::Ingress, ctx.default_ingress),
@@ -198,6 +244,7 @@ mod tests {
                 ),
                 policy("watch", 150, true, "[{action: Deny}]"),
             ],
+            ..Snapshot::default()
         };
         let c = compile(&snap, &GatewayContext::default()).unwrap();
         let objects: Vec<&str> = c
@@ -237,6 +284,7 @@ mod tests {
     fn ids_are_stable_and_duplicates_rejected() {
         let snap = Snapshot {
             gateway_policies: vec![policy("a", 1, false, "[{action: Allow}]")],
+            ..Snapshot::default()
         };
         let a = compile(&snap, &GatewayContext::default()).unwrap();
         let b = compile(&snap, &GatewayContext::default()).unwrap();
@@ -244,6 +292,7 @@ mod tests {
         assert_eq!(ids(&a), ids(&b));
         let dup = Snapshot {
             gateway_policies: vec![policy("a", 1, false, "[]"), policy("a", 2, false, "[]")],
+            ..Snapshot::default()
         };
         assert!(matches!(
             compile(&dup, &GatewayContext::default()),
@@ -260,6 +309,7 @@ mod tests {
                 false,
                 "[{action: Allow, source: {nets: [10.0.0.0/8]}, destination: {nets: ['2001:db8::/32']}}]",
             )],
+            ..Snapshot::default()
         };
         let c = compile(&snap, &GatewayContext::default()).unwrap();
         assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
