@@ -15,6 +15,7 @@
 pub mod classbench;
 pub mod classify;
 pub mod compile;
+pub mod explain;
 pub mod k8s;
 pub mod key;
 pub mod netpol;

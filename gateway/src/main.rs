@@ -7,10 +7,12 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 
-use control::compile::GatewayContext;
-use control::key::{proto, FlowKey};
-use control::reload::load_and_compile;
-use control::rule::{Direction, Verdict};
+use control::compile::{compile, GatewayContext};
+use control::explain::Probe;
+use control::key::FlowKey;
+use control::rule::Verdict;
+use control::snapshot::ClusterObjects;
+use control::source::load_dir_report;
 use control::table::Table;
 use gateway::config::Config;
 use gateway::lab::Lab;
@@ -38,17 +40,16 @@ enum Cmd {
         #[command(flatten)]
         src: PolicySource,
     },
-    /// Explain the verdict for one flow: the rule, its origin and the reason.
+    /// Explain the verdict for one flow: the rule, its origin and the reason (and the Kubernetes
+    /// verdicts when either end is a known pod), or for every JSON line of --probes.
     Explain {
         #[command(flatten)]
         src: PolicySource,
-        #[arg(long)]
-        src_ip: Option<IpAddr>,
-        /// Source address (alias of --src-ip).
-        #[arg(long = "src", conflicts_with = "src_ip")]
+        /// Source address.
+        #[arg(long = "src", required_unless_present = "probes")]
         src_addr: Option<IpAddr>,
-        #[arg(long)]
-        dst: IpAddr,
+        #[arg(long, required_unless_present = "probes")]
+        dst: Option<IpAddr>,
         #[arg(long, default_value_t = 40000)]
         sport: u16,
         /// Destination port, or ICMP code with --proto icmp.
@@ -65,6 +66,10 @@ enum Cmd {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+        /// Explain every probe of a JSON-lines file ({"src","dst","proto","sport","dport",
+        /// "icmp_type","direction"}); writes one JSON line per probe. `-` reads standard input.
+        #[arg(long, conflicts_with_all = ["src_addr", "dst"])]
+        probes: Option<PathBuf>,
     },
     /// Print counters of a running instance.
     Stats {
@@ -155,7 +160,6 @@ fn dispatch(cli: Cli) -> Result<()> {
         Cmd::Check { src } => check(&src),
         Cmd::Explain {
             src,
-            src_ip,
             src_addr,
             dst,
             sport,
@@ -164,27 +168,25 @@ fn dispatch(cli: Cli) -> Result<()> {
             icmp_type,
             direction,
             json,
+            probes,
         } => {
-            let src_ip = src_ip.or(src_addr).context("give --src IP")?;
-            let protocol =
-                proto::parse(&p).with_context(|| format!("--proto `{p}` is not a protocol"))?;
-            if src_ip.is_ipv4() != dst.is_ipv4() {
-                bail!("--src and --dst must be the same address family");
+            let built = build(&src)?;
+            if let Some(file) = probes {
+                return explain_probes(&built, &file);
             }
-            let dir = match direction {
-                Dir::Ingress => Direction::Ingress,
-                Dir::Egress => Direction::Egress,
+            let probe = Probe {
+                src: src_addr.context("give --src IP")?,
+                dst: dst.context("give --dst IP")?,
+                proto: p,
+                sport,
+                dport,
+                icmp_type,
+                direction: match direction {
+                    Dir::Ingress => "ingress".into(),
+                    Dir::Egress => "egress".into(),
+                },
             };
-            let sport = if proto::is_icmp(protocol) {
-                icmp_type.map_or(sport, u16::from)
-            } else {
-                sport
-            };
-            explain(
-                &src,
-                FlowKey::new(dir, src_ip, dst, protocol, sport, dport),
-                json,
-            )
+            explain(&built, &probe.key().map_err(anyhow::Error::msg)?, json)
         }
         Cmd::Stats { addr, json } => stats(addr, json),
         Cmd::Lab { action } => match action {
@@ -208,10 +210,13 @@ fn dispatch(cli: Cli) -> Result<()> {
     }
 }
 
-/// A compiled policy directory, for `check` and `explain`.
+/// A compiled policy directory, for `check` and `explain`: the valid objects compiled, the
+/// invalid ones reported.
 struct Built {
     dir: PathBuf,
     table: Table,
+    objects: ClusterObjects,
+    errors: Vec<String>,
     warnings: Vec<String>,
     counts: Vec<(&'static str, usize)>,
     compile_ms: f64,
@@ -220,28 +225,36 @@ struct Built {
 fn build(src: &PolicySource) -> Result<Built> {
     let (dir, ctx) = src.load()?;
     let started = std::time::Instant::now();
-    let (snap, rules, warnings) =
-        load_and_compile(&dir, &ctx).with_context(|| format!("policies in {}", dir.display()))?;
+    let (snap, errors) = load_dir_report(&dir);
+    let compiled =
+        compile(&snap, &ctx).with_context(|| format!("policies in {}", dir.display()))?;
     let compile_ms = started.elapsed().as_secs_f64() * 1e3;
+    let errors: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+    for e in &errors {
+        eprintln!("error: {e}");
+    }
+    if errors
+        .iter()
+        .any(|e| e.contains("cannot read the policy directory"))
+    {
+        bail!("{}", errors[0]);
+    }
     Ok(Built {
         dir,
-        table: Table::build(rules, 1, 1),
-        warnings,
+        table: Table::build(compiled.rules, 1, 1),
+        objects: snap.cluster_objects(),
+        errors,
+        warnings: compiled.warnings,
         counts: snap.counts(),
         compile_ms,
     })
 }
 
 fn check(src: &PolicySource) -> Result<()> {
-    let Built {
-        dir,
-        table,
-        warnings,
-        counts,
-        compile_ms,
-    } = build(src)?;
-    println!("policies: {}", dir.display());
-    for (kind, n) in counts {
+    let b = build(src)?;
+    let table = &b.table;
+    println!("policies: {}", b.dir.display());
+    for (kind, n) in &b.counts {
         println!("  {kind}: {n}");
     }
     let stats = table.classifier_stats();
@@ -251,44 +264,38 @@ fn check(src: &PolicySource) -> Result<()> {
         stats.atoms, stats.tuples, stats.buckets, stats.max_bucket
     );
     println!(
-        "load+compile: {compile_ms:.2} ms, classifier build: {:.2} ms, table memory: {} bytes",
+        "load+compile: {:.2} ms, classifier build: {:.2} ms, table memory: {} bytes",
+        b.compile_ms,
         table.build_time().as_secs_f64() * 1e3,
         table.memory_bytes()
     );
-    if warnings.is_empty() {
+    if b.warnings.is_empty() {
         println!("warnings: none");
     } else {
-        println!("warnings ({}):", warnings.len());
-        for w in &warnings {
+        println!("warnings ({}):", b.warnings.len());
+        for w in &b.warnings {
             println!("  - {w}");
         }
+    }
+    if !b.errors.is_empty() {
+        bail!("{} invalid object(s) (listed above) were skipped; a running gateway refuses this directory and keeps its last good table", b.errors.len());
     }
     Ok(())
 }
 
-fn explain(src: &PolicySource, key: FlowKey, json: bool) -> Result<()> {
-    let table = build(src)?.table;
-    let e = table.explain(&key);
-    let reference = table.reference_decision(&key);
-    if reference != e.verdict {
-        bail!("internal error: the classifier says {:?} but the reference scan says {reference:?}; please report this", e.verdict);
-    }
+fn explain(b: &Built, key: &FlowKey, json: bool) -> Result<()> {
+    let r = control::explain::explain(&b.table, &b.objects, key).map_err(anyhow::Error::msg)?;
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(
-                &serde_json::json!({"flow": key.to_string(), "explanation": e})
-            )?
-        );
+        println!("{}", serde_json::to_string_pretty(&r)?);
         return Ok(());
     }
-    let verdict = match e.verdict {
+    let verdict = match r.verdict {
         Verdict::Allow => "ALLOW".to_string(),
-        Verdict::Deny(r) => format!("DENY ({})", r.as_str()),
+        Verdict::Deny(d) => format!("DENY ({})", d.as_str()),
     };
-    println!("flow:    {key}");
+    println!("flow:    {}", r.flow);
     println!("verdict: {verdict}");
-    let Some(last) = e.steps.last() else {
+    let Some(last) = r.steps.last() else {
         bail!("no rule matched (the table fails closed)");
     };
     let o = &last.origin;
@@ -300,11 +307,54 @@ fn explain(src: &PolicySource, key: FlowKey, json: bool) -> Result<()> {
     );
     println!("origin:  {}", o.source);
     println!("reason:  {}", o.why);
-    if e.steps.len() > 1 {
+    if r.steps.len() > 1 {
         println!("also matched on the way:");
-        for s in &e.steps[..e.steps.len() - 1] {
+        for s in &r.steps[..r.steps.len() - 1] {
             println!("  #{} {} ({:?})", s.index, s.origin.object, s.action);
         }
+    }
+    if let Some(k) = &r.kubernetes {
+        println!(
+            "kubernetes: {} -> {}: ingress {}, egress {}, allowed {}",
+            k.from, k.to, k.ingress_allowed, k.egress_allowed, k.allowed
+        );
+    }
+    Ok(())
+}
+
+/// `explain --probes`: one JSON line out per JSON line in; a bad line gets an error line.
+fn explain_probes(b: &Built, file: &std::path::Path) -> Result<()> {
+    use std::io::{BufRead, Write};
+    let input: Box<dyn BufRead> = if file == std::path::Path::new("-") {
+        Box::new(std::io::stdin().lock())
+    } else {
+        Box::new(std::io::BufReader::new(
+            std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?,
+        ))
+    };
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut bad = 0;
+    for (n, line) in input.lines().enumerate() {
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let result = serde_json::from_str::<Probe>(&line)
+            .map_err(|e| e.to_string())
+            .and_then(|p| p.key())
+            .and_then(|k| control::explain::explain(&b.table, &b.objects, &k));
+        let v = match result {
+            Ok(r) => serde_json::json!({"line": n + 1, "report": r}),
+            Err(e) => {
+                bad += 1;
+                serde_json::json!({"line": n + 1, "input": line, "error": e})
+            }
+        };
+        writeln!(out, "{v}")?;
+    }
+    out.flush()?;
+    if bad > 0 {
+        bail!("{bad} probe line(s) could not be explained (see their error lines)");
     }
     Ok(())
 }

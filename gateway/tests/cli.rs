@@ -116,10 +116,94 @@ fn explain_names_rule_origin_and_reason() {
     );
     let (_, out, _) = portcullis(&[&base[..], &["--dport", "22", "--json"]].concat());
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(
-        v["explanation"]["steps"][0]["origin"]["object"],
-        "GatewayPolicy/deny-ssh"
+    assert_eq!(v["steps"][0]["origin"]["object"], "GatewayPolicy/deny-ssh");
+}
+
+#[test]
+fn explain_reports_kubernetes_verdicts_and_batches_probes() {
+    let cfg = "configs/scenarios/kubevirt-sg/gateway.yaml";
+    let (code, out, err) = portcullis(&[
+        "explain",
+        "--config",
+        cfg,
+        "--src",
+        "198.51.100.7",
+        "--dst",
+        "10.244.1.50",
+        "--dport",
+        "22",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("DENY (policy_deny)"), "{out}");
+    assert!(
+        out.contains(
+            "kubernetes: 198.51.100.7 -> vms/vm1: ingress false, egress true, allowed false"
+        ),
+        "{out}"
     );
+
+    let dir = std::env::temp_dir().join(format!("portcullis-probes-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let probes = dir.join("probes.jsonl");
+    std::fs::write(
+        &probes,
+        "{\"src\": \"172.30.1.1\", \"dst\": \"10.0.0.11\", \"dport\": 30022}\n\n{\"src\": \"172.30.1.1\", \"dst\": \"10.244.1.50\", \"proto\": \"udp\", \"dport\": 53}\n{\"src\": \"nope\"}\n",
+    )
+    .unwrap();
+    let (code, out, _) = portcullis(&[
+        "explain",
+        "--config",
+        cfg,
+        "--probes",
+        probes.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        code, 1,
+        "a bad probe line fails the run after the others were answered"
+    );
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3);
+    assert_eq!(lines[0]["report"]["result"], "allow");
+    assert_eq!(lines[0]["line"], 1);
+    assert_eq!(lines[1]["report"]["result"], "policy_deny");
+    assert_eq!(lines[1]["report"]["kubernetes"]["ingress_allowed"], false);
+    assert!(lines[2]["error"]
+        .as_str()
+        .unwrap()
+        .contains("invalid IP address"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn check_reports_invalid_objects_and_still_compiles_the_rest() {
+    let dir = std::env::temp_dir().join(format!("portcullis-check-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("a.yaml"),
+        "apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: x}\nspec: {type: Balanced}\n---\napiVersion: portcullis.io/v1alpha1\nkind: GatewayPolicy\nmetadata: {name: ok}\nspec: {ingress: [{action: Allow, protocol: TCP, destination: {ports: [80]}}]}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: orphan, namespace: x, labels: {kubernetes.io/service-name: gone}}\n",
+    )
+    .unwrap();
+    let (code, out, err) = portcullis(&["check", "--policies", dir.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains(
+            "a.yaml: document 0 (Service/x/s): spec.type: `Balanced` is not a Service type"
+        ),
+        "{err}"
+    );
+    assert!(
+        out.contains("GatewayPolicy: 1") && out.contains("compiled rules: 3"),
+        "{out}"
+    );
+    assert!(
+        out.contains("unknown reference: EndpointSlice x/orphan"),
+        "{out}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]

@@ -45,6 +45,7 @@ pub(super) fn compile(
 ) {
     let objects = snap.cluster_objects();
     let cluster = objects.cluster();
+    unknown_references(snap, warnings);
     let mut services: Vec<&Located<Service>> = snap.services.iter().collect();
     services.sort_by_key(|s| s.object.id());
     for l in services {
@@ -273,6 +274,51 @@ fn service_port<'a>(
                 origin(format!("{} of Service {} (externalTrafficPolicy {etp}): every backend ({}) admits every client", f.what, svc.id(), why_backends.join(", "))),
             )),
         }
+    }
+}
+
+/// Objects that name something the snapshot does not have.
+fn unknown_references(snap: &Snapshot, warnings: &mut BTreeSet<String>) {
+    let known_ns = |ns: &str| {
+        snap.namespaces.is_empty() || snap.namespaces.iter().any(|n| n.object.name == ns)
+    };
+    for s in &snap.endpoint_slices {
+        let sl = &s.object;
+        if !snap
+            .services
+            .iter()
+            .any(|v| v.object.namespace == sl.namespace && v.object.name == sl.service)
+        {
+            warnings.insert(format!("unknown reference: EndpointSlice {}/{} ({}) belongs to Service {}/{}, which does not exist", sl.namespace, sl.name, s.source, sl.namespace, sl.service));
+        }
+    }
+    for (kind, ns, name, source) in snap
+        .services
+        .iter()
+        .map(|s| ("Service", &s.object.namespace, &s.object.name, &s.source))
+        .chain(snap.network_policies.iter().map(|p| {
+            (
+                "NetworkPolicy",
+                &p.object.namespace,
+                &p.object.name,
+                &p.source,
+            )
+        }))
+        .chain(
+            snap.workloads
+                .iter()
+                .map(|w| ("workload", &w.object.namespace, &w.object.name, &w.source)),
+        )
+    {
+        if !known_ns(ns) {
+            warnings.insert(format!("unknown reference: {kind} {ns}/{name} ({source}) is in namespace {ns}, which does not exist; namespaceSelectors cannot see its labels"));
+        }
+    }
+    let node_ports = snap.services.iter().any(|s| {
+        s.object.ports.iter().any(|p| p.node_port.is_some()) && s.object.kind != "ClusterIP"
+    });
+    if node_ports && snap.nodes.iter().all(|n| n.object.addresses.is_empty()) {
+        warnings.insert("unknown reference: Services have NodePorts but no Node (with an InternalIP or ExternalIP address) is known, so no NodePort frontend is compiled".into());
     }
 }
 

@@ -1,0 +1,123 @@
+//! `explain`: why a flow gets its verdict. The table's answer (checked against the linear
+//! reference), every rule that matched on the way, and, when either end is a known pod or VMI,
+//! the Kubernetes NetworkPolicy verdicts as the reference engine defines them.
+
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::key::{proto, FlowKey};
+use crate::netpol::End;
+use crate::rule::{Direction, Verdict};
+use crate::snapshot::ClusterObjects;
+use crate::table::{ExplainStep, Table};
+
+/// The Kubernetes view of a flow (both ends as the netpol truth tables define them).
+#[derive(Debug, Clone, Serialize)]
+pub struct KubernetesVerdict {
+    pub from: String,
+    pub to: String,
+    /// The destination side admits it (true when the destination is not a known workload).
+    pub ingress_allowed: bool,
+    /// The source side may send it (true when the source is not a known workload).
+    pub egress_allowed: bool,
+    pub allowed: bool,
+}
+
+/// Everything `explain` says about one flow.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub flow: String,
+    pub verdict: Verdict,
+    /// `allow`, or the drop reason.
+    pub result: &'static str,
+    pub steps: Vec<ExplainStep>,
+    pub kubernetes: Option<KubernetesVerdict>,
+}
+
+/// One line of `explain --probes`: a flow to explain.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Probe {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    #[serde(default = "default_proto")]
+    pub proto: String,
+    #[serde(default = "default_sport")]
+    pub sport: u16,
+    #[serde(default)]
+    pub dport: u16,
+    /// ICMP type (with proto icmp/icmpv6); the code goes in `dport`.
+    #[serde(default)]
+    pub icmp_type: Option<u8>,
+    #[serde(default = "default_direction")]
+    pub direction: String,
+}
+
+fn default_proto() -> String {
+    "tcp".into()
+}
+fn default_sport() -> u16 {
+    40000
+}
+fn default_direction() -> String {
+    "ingress".into()
+}
+
+impl Probe {
+    pub fn key(&self) -> Result<FlowKey, String> {
+        let p = proto::parse(&self.proto)
+            .ok_or_else(|| format!("`{}` is not a protocol", self.proto))?;
+        if self.src.is_ipv4() != self.dst.is_ipv4() {
+            return Err("src and dst must be the same address family".into());
+        }
+        let dir = match self.direction.as_str() {
+            "ingress" => Direction::Ingress,
+            "egress" => Direction::Egress,
+            o => return Err(format!("direction `{o}` is not ingress or egress")),
+        };
+        let sport = if proto::is_icmp(p) {
+            self.icmp_type.map_or(self.sport, u16::from)
+        } else {
+            self.sport
+        };
+        Ok(FlowKey::new(dir, self.src, self.dst, p, sport, self.dport))
+    }
+}
+
+/// Explains `key` against `table`, with the Kubernetes verdicts from `objects`.
+pub fn explain(table: &Table, objects: &ClusterObjects, key: &FlowKey) -> Result<Report, String> {
+    let e = table.explain(key);
+    let reference = table.reference_decision(key);
+    if reference != e.verdict {
+        return Err(format!("internal error: the classifier says {:?} but the reference scan says {reference:?}; please report this", e.verdict));
+    }
+    let cluster = objects.cluster();
+    let (src, dst) = (key.src_addr(), key.dst_addr());
+    let (from_w, to_w) = (cluster.workload_at(src), cluster.workload_at(dst));
+    let kubernetes = (from_w.is_some() || to_w.is_some()).then(|| {
+        let from = from_w.map_or(End::External(src), End::Workload);
+        let to = to_w.map_or(End::External(dst), End::Workload);
+        let ingress_allowed =
+            to_w.is_none_or(|w| cluster.ingress_allowed(from, w, key.proto, key.dport));
+        let egress_allowed =
+            from_w.is_none_or(|w| cluster.egress_allowed(w, to, key.proto, key.dport));
+        KubernetesVerdict {
+            from: from_w.map_or(src.to_string(), |w| w.id()),
+            to: to_w.map_or(dst.to_string(), |w| w.id()),
+            ingress_allowed,
+            egress_allowed,
+            allowed: ingress_allowed && egress_allowed,
+        }
+    });
+    Ok(Report {
+        flow: key.to_string(),
+        verdict: e.verdict,
+        result: match e.verdict {
+            Verdict::Allow => "allow",
+            Verdict::Deny(r) => r.as_str(),
+        },
+        steps: e.steps,
+        kubernetes,
+    })
+}
