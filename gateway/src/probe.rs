@@ -41,14 +41,25 @@ pub fn udp_stream(
     pps: u64,
     max_time: Duration,
 ) -> Result<u64, LabError> {
+    udp_stream_from(ns, None, addr, count, pps, max_time)
+}
+
+/// [`udp_stream`] from a chosen source address of the namespace.
+pub fn udp_stream_from(
+    ns: &str,
+    src: Option<IpAddr>,
+    addr: SocketAddr,
+    count: u64,
+    pps: u64,
+    max_time: Duration,
+) -> Result<u64, LabError> {
     in_netns(ns, || {
-        let bind: SocketAddr = if addr.is_ipv4() {
-            "0.0.0.0:0".parse()
+        let any = if addr.is_ipv4() {
+            IpAddr::from([0u8; 4])
         } else {
-            "[::]:0".parse()
-        }
-        .unwrap_or_else(|_| unreachable!());
-        let Ok(sock) = UdpSocket::bind(bind) else {
+            IpAddr::from([0u8; 16])
+        };
+        let Ok(sock) = UdpSocket::bind(SocketAddr::new(src.unwrap_or(any), 0)) else {
             return 0;
         };
         let started = Instant::now();

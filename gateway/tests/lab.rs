@@ -6,8 +6,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use gateway::lab::sh;
 use gateway::lab::{in_netns, GatewayProcess, Lab, LabGuard, CLIENT_MAC, SERVER_MAC, SERVER_V4};
-use gateway::probe::{addr, tcp_connect, udp_stream, wait_udp, Servers, TcpOutcome};
+use gateway::probe::{
+    addr, tcp_connect, udp_stream, udp_stream_from, wait_udp, Servers, TcpOutcome,
+};
 use gateway::sys::packet::RawSender;
 use serde_json::Value;
 
@@ -490,4 +493,144 @@ fn a_broken_policy_edit_keeps_the_last_good_table() {
         TcpOutcome::Connected,
         "still forwarding on the old table"
     );
+}
+
+/// The Kubernetes layer on real traffic: a NodePort with externalTrafficPolicy Cluster admits the
+/// client its backend's NetworkPolicy admits and drops another client at the edge (before any
+/// SNAT could hide it), and one with Local drops traffic to a node without a local endpoint.
+/// The server namespace plays both nodes (10.99.0.2 = n1, 10.99.0.4 = n2) and kube-proxy.
+#[test]
+fn kubernetes_frontends_decide_client_ips_before_snat() {
+    if !require_root() {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let policies = std::env::temp_dir().join(format!("portcullis-test-k8s-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&policies);
+    std::fs::create_dir_all(&policies).unwrap();
+    let _cleanup = TempDir(policies.clone());
+    std::fs::write(
+        policies.join("cluster.yaml"),
+        r#"
+apiVersion: v1
+kind: List
+items:
+  - {apiVersion: v1, kind: Node, metadata: {name: n1}, status: {addresses: [{type: InternalIP, address: 10.99.0.2}]}}
+  - {apiVersion: v1, kind: Node, metadata: {name: n2}, status: {addresses: [{type: InternalIP, address: 10.99.0.4}]}}
+  - {apiVersion: v1, kind: Namespace, metadata: {name: shop}}
+  - apiVersion: v1
+    kind: Pod
+    metadata: {name: dns-1, namespace: shop, labels: {app: dns}}
+    spec: {nodeName: n1, containers: [{name: dns, ports: [{name: dns, containerPort: 5353, protocol: UDP}]}]}
+    status: {phase: Running, podIP: 10.244.1.10}
+  - apiVersion: networking.k8s.io/v1
+    kind: NetworkPolicy
+    metadata: {name: dns-from-one-client, namespace: shop}
+    spec:
+      podSelector: {matchLabels: {app: dns}}
+      ingress: [{from: [{ipBlock: {cidr: 10.99.0.1/32}}], ports: [{protocol: UDP, port: dns}]}]
+  - apiVersion: v1
+    kind: Service
+    metadata: {name: dns-cluster, namespace: shop}
+    spec: {type: NodePort, externalTrafficPolicy: Cluster, ports: [{protocol: UDP, port: 53, targetPort: dns, nodePort: 30053}]}
+  - apiVersion: v1
+    kind: Service
+    metadata: {name: dns-local, namespace: shop}
+    spec: {type: NodePort, externalTrafficPolicy: Local, ports: [{protocol: UDP, port: 53, targetPort: dns, nodePort: 30054}]}
+  - apiVersion: discovery.k8s.io/v1
+    kind: EndpointSlice
+    metadata: {name: dns-cluster-1, namespace: shop, labels: {kubernetes.io/service-name: dns-cluster}}
+    ports: [{port: 5353, protocol: UDP}]
+    endpoints: [{addresses: [10.244.1.10], conditions: {ready: true}, nodeName: n1, targetRef: {kind: Pod, name: dns-1, namespace: shop}}]
+  - apiVersion: discovery.k8s.io/v1
+    kind: EndpointSlice
+    metadata: {name: dns-local-1, namespace: shop, labels: {kubernetes.io/service-name: dns-local}}
+    ports: [{port: 5353, protocol: UDP}]
+    endpoints: [{addresses: [10.244.1.10], conditions: {ready: true}, nodeName: n1, targetRef: {kind: Pod, name: dns-1, namespace: shop}}]
+"#,
+    )
+    .unwrap();
+    let f = start("tk", 1, &policies);
+    // A second client address, and the second node's address on the server side.
+    sh(&[
+        "ip",
+        "-n",
+        &f.lab.client_ns(),
+        "addr",
+        "add",
+        "10.99.0.3/24",
+        "dev",
+        &f.lab.client_if(),
+    ])
+    .unwrap();
+    sh(&[
+        "ip",
+        "-n",
+        &f.lab.server_ns(),
+        "addr",
+        "add",
+        "10.99.0.4/24",
+        "dev",
+        &f.lab.server_if(),
+    ])
+    .unwrap();
+    let servers = Servers::start(&f.lab.server_ns(), &[], &[30053, 30054]).unwrap();
+    let ns = f.lab.client_ns();
+    let send = |src: &str, dst: &str, port: u16| {
+        udp_stream_from(
+            &ns,
+            Some(src.parse().unwrap()),
+            addr(dst, port),
+            10,
+            200,
+            Duration::from_secs(2),
+        )
+        .unwrap()
+    };
+    let before = f.gw.status().unwrap();
+
+    assert_eq!(send("10.99.0.1", "10.99.0.2", 30053), 10);
+    assert_eq!(
+        wait_udp(&servers, 30053, 10, Duration::from_secs(3))
+            .seqs
+            .len(),
+        10,
+        "the admitted client reaches the ETP Cluster NodePort"
+    );
+    send("10.99.0.3", "10.99.0.2", 30053);
+    send("10.99.0.3", "10.99.0.4", 30053);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        servers.udp_log(30053).seqs.len(),
+        10,
+        "the other client is dropped at the edge, on every node"
+    );
+
+    assert_eq!(send("10.99.0.1", "10.99.0.2", 30054), 10);
+    assert_eq!(
+        wait_udp(&servers, 30054, 10, Duration::from_secs(3))
+            .seqs
+            .len(),
+        10,
+        "ETP Local: n1 has the endpoint"
+    );
+    send("10.99.0.1", "10.99.0.4", 30054);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        servers.udp_log(30054).seqs.len(),
+        10,
+        "ETP Local: n2 has no local endpoint"
+    );
+
+    let after = f.gw.status().unwrap();
+    assert_eq!(
+        drops(&after, "policy_deny") - drops(&before, "policy_deny"),
+        20
+    );
+    assert_eq!(
+        drops(&after, "no_local_endpoint") - drops(&before, "no_local_endpoint"),
+        10
+    );
+    assert!(hits(&after, "Service/shop/dns-cluster") >= 30);
+    assert!(hits(&after, "Service/shop/dns-local") >= 20);
 }
