@@ -38,6 +38,11 @@ enum Cmd {
         #[arg(long)]
         quiet: bool,
     },
+    /// Our classifier against DPDK's rte_acl (every method this CPU supports) on the same
+    /// ClassBench sets, in one run: lookups/s, ns/lookup, build time, memory, ratio, agreement.
+    CompareClassifiers(compare::Args),
+    /// Classify a trace N times with one classifier (for instruction counts under callgrind).
+    ClassifyPasses(compare::PassesArgs),
     /// Forwarding throughput in the namespace lab: UDP floods from the client through a
     /// busy-polling gateway to the server; rates come from the gateway's own counters.
     LabForward(forward::Args),
@@ -68,11 +73,17 @@ fn measure(c: &dyn Classifier, trace: &[FlowKey], burst: usize, min: Duration) -
     (lookups as f64 / started.elapsed().as_secs_f64(), out)
 }
 
+mod compare;
+#[cfg(has_dpdk)]
+#[allow(unsafe_code)]
+mod dpdk;
 mod forward;
 
 fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::LabForward(a) => forward::run(a),
+        Cmd::CompareClassifiers(a) => compare::run(a),
+        Cmd::ClassifyPasses(a) => compare::passes(a),
         Cmd::Classify {
             rules,
             trace,
