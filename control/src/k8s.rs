@@ -175,9 +175,10 @@ struct PodIpW {
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "camelCase")]
 struct PodStatusW {
-    #[serde(default)]
+    // Kubernetes spells these podIP/podIPs, which camelCase would not produce.
+    #[serde(default, rename = "podIP")]
     pod_ip: Option<String>,
-    #[serde(default)]
+    #[serde(default, rename = "podIPs")]
     pod_ips: Vec<PodIpW>,
     #[serde(default)]
     phase: Option<String>,
@@ -1020,6 +1021,8 @@ pub struct CalicoEntity {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CalicoRule {
     pub action: RuleAction,
+    /// `ipVersion`: 4 or 6 restricts the rule to that family.
+    pub ip_version: Option<u8>,
     pub proto: Option<u8>,
     pub icmp: Option<(u8, Option<u8>)>,
     pub source: CalicoEntity,
@@ -1037,6 +1040,9 @@ pub struct CalicoPolicy {
     pub namespace_selector: Option<Expr>,
     /// The selector picks host endpoints (nodes) and rules see pre-DNAT destinations.
     pub pre_dnat: bool,
+    /// `types` includes Ingress: the selected endpoints get Calico's end-of-tier deny even when
+    /// the policy has no ingress rule (the standard default-deny policy).
+    pub ingress_type: bool,
     pub ingress: Vec<CalicoRule>,
     pub egress: Vec<CalicoRule>,
 }
@@ -1254,6 +1260,7 @@ impl CalicoPolicy {
                 }
                 rules[k].push(CalicoRule {
                     action: r.action,
+                    ip_version: r.ip_version,
                     proto,
                     icmp: r.icmp.as_ref().map(|i| (i.icmp_type, i.code)),
                     source,
@@ -1280,6 +1287,7 @@ impl CalicoPolicy {
             selector: expr(&s.selector, "spec.selector")?.unwrap_or(Expr::All),
             namespace_selector: expr(&s.namespace_selector, "spec.namespaceSelector")?,
             pre_dnat: s.pre_dnat,
+            ingress_type: types.iter().any(|t| t == "Ingress"),
             ingress: if types.iter().any(|t| t == "Ingress") {
                 ingress
             } else {

@@ -20,6 +20,9 @@ pub struct Decision {
     pub rule: u32,
     /// Some rule on the way asked for the flow to be logged.
     pub log: bool,
+    /// The first rule that asked for logging (an audit or Log rule, or the deciding rule), or
+    /// `NO_MATCH`.
+    pub log_rule: u32,
 }
 
 impl Default for Decision {
@@ -28,6 +31,7 @@ impl Default for Decision {
             verdict: Verdict::Deny(DenyReason::Default),
             rule: NO_MATCH,
             log: false,
+            log_rule: NO_MATCH,
         }
     }
 }
@@ -41,10 +45,26 @@ struct Step {
     log: bool,
 }
 
-/// One worker's rule-hit counters, padded so neighbouring rows never share a cache line.
+/// Eight counters on one cache line.
 #[repr(align(64))]
+#[derive(Debug, Default)]
+struct Line([AtomicU64; 8]);
+
+/// One worker's rule-hit counters. Rows are separate allocations of whole cache lines, so two
+/// workers never write the same line.
 #[derive(Debug)]
-struct HitRow(Box<[AtomicU64]>);
+struct HitRow(Box<[Line]>);
+
+impl HitRow {
+    fn new(rules: usize) -> HitRow {
+        HitRow((0..rules.div_ceil(8)).map(|_| Line::default()).collect())
+    }
+
+    #[inline(always)]
+    fn get(&self, i: usize) -> &AtomicU64 {
+        &self.0[i / 8].0[i % 8]
+    }
+}
 
 /// One step of an explanation: a rule that matched and what it did.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -92,12 +112,11 @@ impl Table {
                     Action::Pass => rules.next_layer_start(r.origin.layer),
                     _ => i as u32 + 1,
                 },
-                log: r.log || r.action == Action::Log,
+                // Audit rules log what they would have done (DESIGN §6).
+                log: r.log || matches!(r.action, Action::Log | Action::Audit(_)),
             })
             .collect();
-        let hits = (0..workers + 1)
-            .map(|_| HitRow((0..rules.len()).map(|_| AtomicU64::new(0)).collect()))
-            .collect();
+        let hits = (0..workers + 1).map(|_| HitRow::new(rules.len())).collect();
         Table {
             generation,
             rules,
@@ -146,24 +165,28 @@ impl Table {
     #[inline(always)]
     fn evaluate(&self, key: &FlowKey, mut on_hit: impl FnMut(u32)) -> Decision {
         let mut from = 0;
-        let mut log = false;
+        let mut log_rule = NO_MATCH;
         loop {
             let i = self.classifier.first_match(key, from);
             let Some(step) = self.steps.get(i as usize) else {
                 return Decision {
                     verdict: Verdict::Deny(DenyReason::Default),
                     rule: NO_MATCH,
-                    log,
+                    log: log_rule != NO_MATCH,
+                    log_rule,
                 };
             };
             on_hit(i);
-            log |= step.log;
+            if step.log && log_rule == NO_MATCH {
+                log_rule = i;
+            }
             match step.action {
                 Action::Decide(verdict) => {
                     return Decision {
                         verdict,
                         rule: i,
-                        log,
+                        log: log_rule != NO_MATCH,
+                        log_rule,
                     }
                 }
                 Action::Pass | Action::Log | Action::Audit(_) => from = step.next,
@@ -175,11 +198,11 @@ impl Table {
     /// below the count the table was built for; others count in the spare row.
     #[inline]
     pub fn decide_batch(&self, worker: usize, keys: &[FlowKey], out: &mut [Decision]) {
-        let row = &self.hits[worker.min(self.hits.len() - 1)].0;
+        let row = &self.hits[worker.min(self.hits.len() - 1)];
         for (k, o) in keys.iter().zip(out.iter_mut()) {
             *o = self.evaluate(k, |i| {
                 // Single writer per row: a relaxed load+store is enough and avoids a locked RMW.
-                let c = &row[i as usize];
+                let c = row.get(i as usize);
                 c.store(c.load(Relaxed) + 1, Relaxed);
             });
         }
@@ -236,8 +259,8 @@ impl Table {
     pub fn hit_counts(&self) -> Vec<u64> {
         let mut out = vec![0u64; self.rules.len()];
         for row in self.hits.iter() {
-            for (o, c) in out.iter_mut().zip(row.0.iter()) {
-                *o += c.load(Relaxed);
+            for (i, o) in out.iter_mut().enumerate() {
+                *o += row.get(i).load(Relaxed);
             }
         }
         out

@@ -10,9 +10,7 @@
 use control::key::{proto, FlowKey, NO_VLAN};
 use control::rule::Direction;
 use etherparse::err::packet::SliceError;
-use etherparse::{
-    IpNumber, Ipv6ExtensionSlice, LinkExtSlice, NetSlice, SlicedPacket, TransportSlice,
-};
+use etherparse::{Ipv6ExtensionSlice, LinkExtSlice, NetSlice, SlicedPacket, TransportSlice};
 
 use crate::stats::Reason;
 
@@ -133,7 +131,7 @@ pub fn parse(data: &[u8], direction: Direction) -> Result<Frame, Reason> {
             key.dport = d;
         }
         // A protocol without ports (GRE, ESP, ...): rules that need ports cannot match it.
-        None => key.ports_known = payload.ip_number == IpNumber::IPV6_NO_NEXT_HEADER,
+        None => key.ports_known = false,
     }
     Ok(Frame::Ip(key))
 }

@@ -223,21 +223,35 @@ fn control_loop(
         }
         let table = reloader.lock().map(|mut r| r.publisher().current()).ok();
         while let Some(f) = flows.pop() {
-            let origin = table
-                .as_ref()
-                .filter(|t| t.generation() == f.generation)
-                .and_then(|t| t.rules().get(f.rule as usize))
-                .map(|r| match r.origin.index {
-                    Some(i) => format!("{} rule {i}", r.origin.object),
-                    None => r.origin.object.clone(),
-                })
-                .unwrap_or_else(|| format!("rule #{} of generation {}", f.rule, f.generation));
+            let name = |rule: u32| {
+                table
+                    .as_ref()
+                    .filter(|t| t.generation() == f.generation)
+                    .and_then(|t| t.rules().get(rule as usize))
+                    .map(|r| match r.origin.index {
+                        Some(i) => format!("{} rule {i}", r.origin.object),
+                        None => r.origin.object.clone(),
+                    })
+                    .unwrap_or_else(|| format!("rule #{rule} of generation {}", f.generation))
+            };
+            let origin = name(f.rule);
+            // An audit or Log rule on the way: say which, and what it would have done.
+            let logged_by = (f.log_rule != f.rule && f.log_rule != u32::MAX).then(|| {
+                let what = table
+                    .as_ref()
+                    .filter(|t| t.generation() == f.generation)
+                    .and_then(|t| t.rules().get(f.log_rule as usize))
+                    .map(|r| format!("{:?}", r.action))
+                    .unwrap_or_default();
+                format!("{} ({what})", name(f.log_rule))
+            });
+            let logged_by = logged_by.unwrap_or_default();
             match f.verdict {
                 Verdict::Allow => {
-                    tracing::info!(target: "portcullis::flows", flow = %f.key, verdict = "allow", rule = origin.as_str(), worker = f.worker, "logged flow")
+                    tracing::info!(target: "portcullis::flows", flow = %f.key, verdict = "allow", rule = origin.as_str(), logged_by = logged_by.as_str(), worker = f.worker, "logged flow")
                 }
                 Verdict::Deny(r) => {
-                    tracing::info!(target: "portcullis::flows", flow = %f.key, verdict = "deny", reason = r.as_str(), rule = origin.as_str(), worker = f.worker, "denied flow")
+                    tracing::info!(target: "portcullis::flows", flow = %f.key, verdict = "deny", reason = r.as_str(), rule = origin.as_str(), logged_by = logged_by.as_str(), worker = f.worker, "denied flow")
                 }
             }
         }

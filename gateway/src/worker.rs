@@ -29,6 +29,8 @@ pub struct FlowRecord {
     pub key: FlowKey,
     pub verdict: Verdict,
     pub rule: u32,
+    /// The first rule that asked for logging (an audit or Log rule), or `u32::MAX`.
+    pub log_rule: u32,
     pub generation: u64,
     pub worker: u16,
 }
@@ -125,6 +127,7 @@ impl Worker {
                             key: s.keys[k as usize],
                             verdict: d.verdict,
                             rule: d.rule,
+                            log_rule: d.log_rule,
                             generation: table.generation(),
                             worker: self.index as u16,
                         });

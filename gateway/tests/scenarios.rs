@@ -284,8 +284,8 @@ fn kubevirt_vmi_behind_a_security_group() {
                 ALLOW,
                 "SecurityGroup/vms/vm-ssh",
             ),
-            ("198.51.100.7", "10.244.1.50", 6, 22, POLICY, "vms/vm1"),
-            ("172.30.1.1", "10.244.1.50", 6, 80, POLICY, "vms/vm1"),
+            ("198.51.100.7", "10.244.1.50", 6, 22, POLICY, "vm1"),
+            ("172.30.1.1", "10.244.1.50", 6, 80, POLICY, "vm1"),
             (
                 "172.30.1.1",
                 "10.0.0.11",

@@ -7,8 +7,9 @@
 //! rule's `source` nets and selector. `notNets` and `notPorts` are subtracted, named ports are
 //! resolved against the selected workloads.
 //!
-//! End of tier: a workload selected by a (non-preDNAT) policy whose rules all miss is denied, as in
-//! Calico. preDNAT policies have no such default: unmatched traffic continues.
+//! End of tier: a workload selected by a (non-preDNAT) policy with Ingress in its types whose
+//! rules all miss is denied, as in Calico; the deny covers the workloads' own addresses. preDNAT
+//! policies have no such default: unmatched traffic continues.
 
 use std::collections::BTreeSet;
 
@@ -214,10 +215,15 @@ pub(super) fn compile(
             let what = format!("{object} {direction}[{i}]");
             let src_set = entity_set(snap, &r.source, p.namespace.as_deref());
             let dst_set = entity_set(snap, &r.destination, p.namespace.as_deref());
-            let (src, dst) = match direction {
+            let (mut src, mut dst) = match direction {
                 Direction::Ingress => (src_set, applies.clone().and(dst_set)),
                 Direction::Egress => (applies.clone().and(src_set), dst_set),
             };
+            if let Some(v) = r.ip_version {
+                let family = Set::Some(PrefixSet::of([Prefix::any(v == 6)]));
+                src = src.and(family.clone());
+                dst = dst.and(family);
+            }
             let (Some(src), Some(dst)) = (src.to_addr(), dst.to_addr()) else {
                 warnings.insert(format!("{what}: matches no address (its selectors pick no endpoint, or its nets and the policy's endpoints do not overlap)"));
                 continue;
@@ -289,7 +295,9 @@ pub(super) fn compile(
             }
         }
     }
-    (!p.pre_dnat && !p.ingress.is_empty()).then_some(applies)
+    // The implicit deny covers the selected workloads' own addresses only, so a `selector: all()`
+    // default-deny cannot blackhole Service frontends (node and LoadBalancer addresses).
+    (!p.pre_dnat && p.ingress_type).then(|| addresses(&ws))
 }
 
 /// The end-of-tier deny for every endpoint some non-preDNAT Calico policy selected.

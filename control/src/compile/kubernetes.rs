@@ -123,12 +123,23 @@ fn service_port<'a>(
             .collect();
         nodes.sort_by(|a, b| a.name.cmp(&b.name));
         for n in nodes {
+            // ETP Local: kube-proxy on node N serves N's ready endpoints, or, when N has none,
+            // N's serving-but-terminating ones (the fallback is per node, not cluster-wide).
             let backends = if svc.etp_local {
-                usable
+                let on_node = |e: &Endpoint| e.node.as_deref() == Some(n.name.as_str());
+                let ready: Vec<_> = all
                     .iter()
                     .copied()
-                    .filter(|(e, _)| e.node.as_deref() == Some(n.name.as_str()))
-                    .collect()
+                    .filter(|(e, _)| on_node(e) && e.ready)
+                    .collect();
+                if ready.is_empty() {
+                    all.iter()
+                        .copied()
+                        .filter(|(e, _)| on_node(e) && e.serving && e.terminating)
+                        .collect()
+                } else {
+                    ready
+                }
             } else {
                 usable.clone()
             };

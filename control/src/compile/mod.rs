@@ -209,6 +209,11 @@ pub fn compile(snap: &Snapshot, ctx: &GatewayContext) -> Result<Compiled, Compil
             },
         ));
     }
+    // A rule with the same origin and match as an earlier one (a port listed twice, a VMI and its
+    // virt-launcher pod sharing an address, a LoadBalancer IP also listed in externalIPs) can never
+    // decide anything the first did not: keep the first.
+    let mut seen_ids = std::collections::HashSet::new();
+    rules.retain(|r| seen_ids.insert(r.id));
     Ok(Compiled {
         rules: RuleSet::new(rules)?,
         warnings,

@@ -160,12 +160,36 @@ pub struct QueuePair {
 
 impl QueuePair {
     /// Creates the UMEM and binds `ext:queue` and `int:queue` to it. libxdp loads its redirect
-    /// program on each interface (or reuses the one already loaded for other queues).
+    /// program on each interface (or reuses the one already loaded for other queues). With
+    /// `zero_copy: auto`, a refusal on either socket reopens the whole pair in copy mode: sockets
+    /// sharing a UMEM share its mode.
     pub fn open(
         ext: &str,
         int: &str,
         queue: u32,
         o: &SocketOptions,
+    ) -> Result<QueuePair, SocketError> {
+        match o.zero_copy {
+            ZeroCopy::Off => Self::open_mode(ext, int, queue, o, true),
+            ZeroCopy::On => Self::open_mode(ext, int, queue, o, false),
+            ZeroCopy::Auto => match Self::open_mode(ext, int, queue, o, false) {
+                Err(SocketError::Socket { source, iface, .. })
+                    if source.raw_os_error() == Some(libc::EOPNOTSUPP) =>
+                {
+                    tracing::warn!(iface = iface.as_str(), queue, "the driver refused zero-copy AF_XDP; the queue pair falls back to copy mode (expected on veth)");
+                    Self::open_mode(ext, int, queue, o, true)
+                }
+                other => other,
+            },
+        }
+    }
+
+    fn open_mode(
+        ext: &str,
+        int: &str,
+        queue: u32,
+        o: &SocketOptions,
+        copy_mode: bool,
     ) -> Result<QueuePair, SocketError> {
         let ring = QueueSize::new(o.ring_size).map_err(|e| SocketError::Sizes(e.to_string()))?;
         let frame = FrameSize::new(o.frame_size).map_err(|e| SocketError::Sizes(e.to_string()))?;
@@ -190,20 +214,7 @@ impl QueuePair {
             }
         })?;
 
-        let mut copy_mode = o.zero_copy == ZeroCopy::Off;
-        let ext_port = loop {
-            match Port::bind(&umem, ext, queue, o, copy_mode) {
-                Err(SocketError::Socket { source, .. })
-                    if o.zero_copy == ZeroCopy::Auto
-                        && !copy_mode
-                        && source.raw_os_error() == Some(libc::EOPNOTSUPP) =>
-                {
-                    tracing::warn!(iface = ext, queue, "the driver refused zero-copy AF_XDP; falling back to copy mode (expected on veth)");
-                    copy_mode = true;
-                }
-                other => break other?,
-            }
-        };
+        let ext_port = Port::bind(&umem, ext, queue, o, copy_mode)?;
         let int_port = Port::bind(&umem, int, queue, o, copy_mode)?;
         Ok(QueuePair {
             umem,
@@ -313,7 +324,9 @@ impl Port {
             .bind_flags(bind)
             .build();
         // SAFETY: `umem` outlives the returned queues (xsk-rs keeps a clone of it inside each
-        // socket), and every frame given to these rings comes from this UMEM's own pool.
+        // socket); every frame given to these rings comes from this UMEM's own pool; and each
+        // (interface, queue) is bound once per UMEM (the config rejects ext == int), so libxdp's
+        // program load is never asked to register the same queue twice.
         let (tx, rx, rings) =
             unsafe { Socket::new(cfg, umem, &name, queue) }.map_err(|e| fail(errno_of(&e)))?;
         let (fill, comp) = rings.ok_or_else(|| SocketError::NoRings {
@@ -351,9 +364,11 @@ impl Port {
         if burst.len == 0 {
             return (0, 0);
         }
+        // libxdp's reserve is all-or-nothing, so ask for no more than the ring has room for.
+        let room = (self.tx.nb_free(burst.len as u32) as usize).min(burst.len);
         // SAFETY: every frame in `burst` belongs to this UMEM and is owned by `burst` only; the
         // accepted ones now belong to the TX ring until they come back through `comp`.
-        let sent = unsafe { self.tx.produce(&burst.descs[..burst.len]) };
+        let sent = unsafe { self.tx.produce(&burst.descs[..room]) };
         pool.free.extend_from_slice(&burst.descs[sent..burst.len]);
         let dropped = burst.len - sent;
         self.in_flight += sent;
