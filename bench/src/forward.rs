@@ -5,7 +5,7 @@
 //! the measuring window, so it is what went through, not what was offered.
 
 use std::net::UdpSocket;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -151,22 +151,10 @@ pub fn run(a: Args) -> Result<()> {
         status["burst_latency"]["p50_ns"],
         status["burst_latency"]["p99_ns"],
     );
-    let nonzero: Vec<String> = drops
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|d| d[1].as_u64().unwrap_or(0) > 0)
-        .map(|d| format!("{}={}", d[0].as_str().unwrap_or("?"), d[1]))
-        .collect();
     println!(
         "drops: {}; offered by senders (whole run): {}",
-        if nonzero.is_empty() {
-            "none".into()
-        } else {
-            nonzero.join(", ")
-        },
+        gateway::metrics::drop_summary(&drops),
         offered.load(Relaxed)
     );
-    let _ = Path::new(&dir);
     Ok(())
 }

@@ -8,28 +8,13 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use crate::key::proto;
+pub use crate::policy::from_value;
 use crate::policy::{parse_port, FieldError, ObjectMeta, PortSpec, RuleAction};
 use crate::rule::{PortRange, Prefix};
 use crate::selector::{Expr, LabelSelector, Labels};
-
-/// Deserializes with the failing field's path in the error.
-pub fn from_value<T: DeserializeOwned>(v: serde_norway::Value) -> Result<T, FieldError> {
-    serde_path_to_error::deserialize(v).map_err(|e| {
-        let path = e.path().to_string();
-        FieldError::new(
-            if path == "." {
-                "(document)".into()
-            } else {
-                path
-            },
-            e.into_inner().to_string(),
-        )
-    })
-}
 
 fn proto_of(p: Option<&str>, field: &str) -> Result<u8, FieldError> {
     match p.unwrap_or("TCP") {

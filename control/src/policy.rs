@@ -315,20 +315,25 @@ pub struct GatewayPolicy {
     pub rules: Vec<(Direction, usize, PolicyRule)>,
 }
 
+/// Deserializes with the failing field's path in the error.
+pub fn from_value<T: serde::de::DeserializeOwned>(v: serde_norway::Value) -> Result<T, FieldError> {
+    serde_path_to_error::deserialize(v).map_err(|e| {
+        let path = e.path().to_string();
+        FieldError::new(
+            if path == "." {
+                "(document)".into()
+            } else {
+                path
+            },
+            e.into_inner().to_string(),
+        )
+    })
+}
+
 impl GatewayPolicy {
     /// Parses and validates one YAML document already known to be a GatewayPolicy.
     pub fn from_yaml(value: serde_norway::Value) -> Result<GatewayPolicy, FieldError> {
-        let wire: GatewayPolicyWire = serde_path_to_error::deserialize(value).map_err(|e| {
-            let path = e.path().to_string();
-            FieldError::new(
-                if path == "." {
-                    "(document)".into()
-                } else {
-                    path
-                },
-                e.into_inner().to_string(),
-            )
-        })?;
+        let wire: GatewayPolicyWire = from_value(value)?;
         if wire.metadata.name.is_empty() {
             return Err(FieldError::new(
                 "metadata.name",

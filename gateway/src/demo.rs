@@ -200,20 +200,9 @@ pub fn run(exe: &Path, template: &Path, prefix: &str, queues: u32) -> Result<()>
         "\n== datapath: ext->int {} rx / {} forwarded, int->ext {} rx / {} forwarded, {} non-IP frames (ARP) forwarded",
         t["rx_ingress"], t["tx_ingress"], t["rx_egress"], t["tx_egress"], t["l2_forwarded"]
     );
-    let drops: Vec<String> = t["drops"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|d| d[1].as_u64().unwrap_or(0) > 0)
-        .map(|d| format!("{}={}", d[0].as_str().unwrap_or("?"), d[1]))
-        .collect();
     println!(
         "== drops by reason: {}",
-        if drops.is_empty() {
-            "none".into()
-        } else {
-            drops.join(", ")
-        }
+        crate::metrics::drop_summary(&t["drops"])
     );
     drop(servers);
 

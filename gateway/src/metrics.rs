@@ -407,3 +407,20 @@ pub fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> std::io::Res
         .to_string();
     Ok((code, body))
 }
+
+/// The non-zero drop counters of a `/status` document's `drops` array, as `reason=n, ...`, or
+/// `none`.
+pub fn drop_summary(drops: &serde_json::Value) -> String {
+    let nonzero: Vec<String> = drops
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|d| d[1].as_u64().unwrap_or(0) > 0)
+        .map(|d| format!("{}={}", d[0].as_str().unwrap_or("?"), d[1]))
+        .collect();
+    if nonzero.is_empty() {
+        "none".into()
+    } else {
+        nonzero.join(", ")
+    }
+}
