@@ -43,6 +43,12 @@ enum Cmd {
     CompareClassifiers(compare::Args),
     /// Classify a trace N times with one classifier (for instruction counts under callgrind).
     ClassifyPasses(compare::PassesArgs),
+    /// AF_XDP traffic generator: Ethernet/IPv4/UDP flows with sequence numbers and timestamps.
+    Gen(traffic::GenArgs),
+    /// AF_XDP sink: per-flow loss and reordering, latency percentiles, as JSON.
+    Sink(traffic::SinkArgs),
+    /// Drive the kernel's pktgen (where /proc/net/pktgen exists).
+    Pktgen(traffic::PktgenArgs),
     /// Forwarding throughput in the namespace lab: UDP floods from the client through a
     /// busy-polling gateway to the server; rates come from the gateway's own counters.
     LabForward(forward::Args),
@@ -78,10 +84,14 @@ mod compare;
 #[allow(unsafe_code)]
 mod dpdk;
 mod forward;
+mod traffic;
 
 fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::LabForward(a) => forward::run(a),
+        Cmd::Gen(a) => traffic::gen(a),
+        Cmd::Sink(a) => traffic::sink(a),
+        Cmd::Pktgen(a) => traffic::pktgen(a),
         Cmd::CompareClassifiers(a) => compare::run(a),
         Cmd::ClassifyPasses(a) => compare::passes(a),
         Cmd::Classify {

@@ -486,3 +486,121 @@ pub fn kernel_stats(fd: i32) -> Option<KernelStats> {
         tx_ring_empty_descs: raw[5],
     })
 }
+
+/// One AF_XDP socket with its own UMEM: the benchmark's traffic generator (TX) or sink (RX).
+/// The same ownership rule holds: a descriptor is in the pool, a ring, or a `Burst`, never two.
+pub struct Endpoint {
+    umem: Umem,
+    port: Port,
+    pool: Pool,
+    pub copy_mode: bool,
+}
+
+impl Endpoint {
+    pub fn open(iface: &str, queue: u32, o: &SocketOptions) -> Result<Endpoint, SocketError> {
+        let ring = QueueSize::new(o.ring_size).map_err(|e| SocketError::Sizes(e.to_string()))?;
+        let frame = FrameSize::new(o.frame_size).map_err(|e| SocketError::Sizes(e.to_string()))?;
+        let cfg = UmemConfig::builder()
+            .frame_size(frame)
+            .fill_queue_size(ring)
+            .comp_queue_size(ring)
+            .build()
+            .map_err(|e| SocketError::Sizes(e.to_string()))?;
+        let count = NonZeroU32::new(o.frames)
+            .ok_or_else(|| SocketError::Sizes("frames must be > 0".into()))?;
+        let (umem, descs) = Umem::new(cfg, count, false).map_err(|e| SocketError::Umem {
+            bytes: o.frames as usize * o.frame_size as usize,
+            hint: "run as root with `ulimit -l unlimited`",
+            source: Box::new(e),
+        })?;
+        let (port, copy_mode) =
+            match Port::bind(&umem, iface, queue, o, o.zero_copy == ZeroCopy::Off) {
+                Err(SocketError::Socket { source, .. })
+                    if o.zero_copy == ZeroCopy::Auto
+                        && source.raw_os_error() == Some(libc::EOPNOTSUPP) =>
+                {
+                    (Port::bind(&umem, iface, queue, o, true)?, true)
+                }
+                other => (other?, o.zero_copy == ZeroCopy::Off),
+            };
+        Ok(Endpoint {
+            umem,
+            port,
+            pool: Pool { free: descs },
+            copy_mode,
+        })
+    }
+
+    /// Writes every free frame once: `fill(i, buf)` writes frame `i`'s bytes into `buf` (the
+    /// frame's whole data area) and returns the frame length.
+    pub fn write_frames(&mut self, mut fill: impl FnMut(usize, &mut [u8]) -> usize) {
+        for (i, desc) in self.pool.free.iter_mut().enumerate() {
+            // SAFETY: the pool owns these frames (none is on a ring), so nothing else reads or
+            // writes them while this exclusive borrow lives.
+            let mut data = unsafe { self.umem.data_mut(desc) };
+            let len = {
+                let mut c = data.cursor();
+                let cap = c.buf_len();
+                c.set_pos(cap);
+                cap
+            };
+            let n = fill(i, &mut data.contents_mut()[..len]);
+            data.cursor().set_pos(n);
+        }
+    }
+
+    /// Queues up to `n` frames from the pool for transmission, after `patch(buf)` rewrites
+    /// what changes per packet (the frame keeps the length it was written with, `len`). Returns
+    /// how many were queued.
+    pub fn send(&mut self, n: usize, len: usize, mut patch: impl FnMut(&mut [u8])) -> usize {
+        let mut burst = Burst::default();
+        let take = n.min(MAX_BURST).min(self.pool.free.len());
+        for _ in 0..take {
+            let Some(mut desc) = self.pool.free.pop() else {
+                break;
+            };
+            {
+                // SAFETY: the frame was just taken off the pool; nothing else accesses it.
+                let mut data = unsafe { self.umem.data_mut(&mut desc) };
+                // A completed frame comes back with length 0; its bytes are still there.
+                data.cursor().set_pos(len);
+                patch(data.contents_mut());
+            }
+            burst.descs[burst.len] = desc;
+            burst.len += 1;
+        }
+        let (sent, _) = self.port.send(&mut burst, &mut self.pool);
+        sent
+    }
+
+    /// Reaps completions and kicks TX. Returns frames in flight.
+    pub fn service_tx(&mut self) -> usize {
+        self.port.reap(&mut self.pool);
+        if self.port.in_flight() > 0 {
+            self.port.kick_tx();
+        }
+        self.port.in_flight()
+    }
+
+    /// Receives up to one burst, calls `f` on each frame's bytes, and recycles the frames.
+    pub fn receive(&mut self, mut f: impl FnMut(&[u8])) -> usize {
+        self.port.refill(&mut self.pool, usize::MAX);
+        self.port.kick_fill();
+        let mut burst = Burst::default();
+        let n = self.port.recv(&mut burst, MAX_BURST);
+        let frames = Frames { umem: &self.umem };
+        for i in 0..n {
+            f(frames.data(&burst, i));
+        }
+        burst.split_into(
+            &[false; MAX_BURST][..n],
+            &mut Burst::default(),
+            &mut self.pool,
+        );
+        n
+    }
+
+    pub fn rx_fd(&self) -> i32 {
+        self.port.rx_fd()
+    }
+}

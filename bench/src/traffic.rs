@@ -1,0 +1,380 @@
+//! `gen` and `sink`: an AF_XDP traffic generator and sink for throughput and smoke runs.
+//!
+//! The generator writes every UMEM frame once (Ethernet/IPv4/UDP, a flow per frame) and recycles
+//! them, patching only a sequence number and a CLOCK_MONOTONIC timestamp into the payload. The
+//! sink reads those back: per-flow loss and reordering, latency percentiles (both ends on one
+//! machine share the clock).
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use gateway::config::{XdpMode, ZeroCopy};
+use gateway::sys::xdp;
+use gateway::sys::xsk::{Endpoint, SocketOptions};
+use serde::Serialize;
+
+/// Payload marker: "PCB1".
+const MAGIC: [u8; 4] = *b"PCB1";
+/// Ethernet (14) + IPv4 (20) + UDP (8).
+const PAYLOAD: usize = 42;
+
+fn now_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| {
+        t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+    })
+}
+
+fn parse_mac(s: &str) -> Result<[u8; 6]> {
+    let v: Vec<u8> = s
+        .split(':')
+        .map(|x| u8::from_str_radix(x, 16))
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("`{s}` is not a MAC address"))?;
+    v.try_into()
+        .map_err(|_| anyhow::anyhow!("`{s}` is not a MAC address"))
+}
+
+fn options(mode: &str) -> Result<SocketOptions> {
+    Ok(SocketOptions {
+        ring_size: 2048,
+        frame_size: 2048,
+        frames: 8192,
+        xdp_mode: match mode {
+            "native" => XdpMode::Native,
+            "skb" => XdpMode::Skb,
+            o => bail!("--xdp-mode `{o}`: expected native or skb"),
+        },
+        zero_copy: ZeroCopy::Auto,
+    })
+}
+
+/// Detaches the XDP program libxdp attached for our socket when dropped.
+struct Detach(u32, XdpMode);
+
+impl Drop for Detach {
+    fn drop(&mut self) {
+        let _ = xdp::detach(self.0, self.1);
+    }
+}
+
+/// Opens the endpoint, retrying for up to 2 s while the queue is busy: the kernel releases a
+/// closed socket's queue binding slightly after the previous process exits.
+fn open_endpoint(iface: &str, queue: u32, o: &SocketOptions) -> Result<Endpoint> {
+    let started = Instant::now();
+    loop {
+        match Endpoint::open(iface, queue, o) {
+            Err(gateway::sys::xsk::SocketError::Socket { ref source, .. })
+                if source.raw_os_error() == Some(libc::EBUSY)
+                    && started.elapsed() < Duration::from_secs(2) =>
+            {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            other => return Ok(other?),
+        }
+    }
+}
+
+fn ifindex(iface: &str) -> Result<u32> {
+    nix::net::if_::if_nametoindex(iface)
+        .with_context(|| format!("interface `{iface}` does not exist in this network namespace"))
+}
+
+#[derive(clap::Args)]
+pub struct GenArgs {
+    #[arg(long)]
+    iface: String,
+    #[arg(long, default_value_t = 0)]
+    queue: u32,
+    #[arg(long)]
+    src_mac: String,
+    #[arg(long)]
+    dst_mac: String,
+    #[arg(long)]
+    src_ip: Ipv4Addr,
+    #[arg(long)]
+    dst_ip: Ipv4Addr,
+    #[arg(long)]
+    dport: u16,
+    /// Flows differ by source port, from this one up.
+    #[arg(long, default_value_t = 20000)]
+    sport: u16,
+    #[arg(long, default_value_t = 16)]
+    flows: u16,
+    /// Frame size without FCS, 64-1500.
+    #[arg(long, default_value_t = 64)]
+    size: usize,
+    /// Target packets per second; 0 is as fast as possible.
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
+    /// Stop after this many packets.
+    #[arg(long, default_value_t = u64::MAX)]
+    count: u64,
+    /// Stop after this long.
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    #[arg(long, default_value = "native")]
+    xdp_mode: String,
+}
+
+#[derive(Serialize)]
+struct GenReport {
+    sent: u64,
+    seconds: f64,
+    mpps: f64,
+    copy_mode: bool,
+}
+
+fn checksum(b: &[u8]) -> u16 {
+    let mut s: u32 = b
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while s > 0xffff {
+        s = (s & 0xffff) + (s >> 16);
+    }
+    !(s as u16)
+}
+
+fn template(a: &GenArgs, src: [u8; 6], dst: [u8; 6], flow: u16, buf: &mut [u8]) -> usize {
+    // The marker, sequence number and timestamp end at byte 62.
+    let len = a.size.clamp(64, 1500);
+    let f = &mut buf[..len];
+    f.fill(0);
+    f[0..6].copy_from_slice(&dst);
+    f[6..12].copy_from_slice(&src);
+    f[12..14].copy_from_slice(&[0x08, 0x00]);
+    let ip_len = (len - 14) as u16;
+    f[14] = 0x45;
+    f[16..18].copy_from_slice(&ip_len.to_be_bytes());
+    f[20] = 0x40; // DF
+    f[22] = 64;
+    f[23] = 17;
+    f[26..30].copy_from_slice(&a.src_ip.octets());
+    f[30..34].copy_from_slice(&a.dst_ip.octets());
+    let c = checksum(&f[14..34]);
+    f[24..26].copy_from_slice(&c.to_be_bytes());
+    f[34..36].copy_from_slice(&a.sport.wrapping_add(flow).to_be_bytes());
+    f[36..38].copy_from_slice(&a.dport.to_be_bytes());
+    f[38..40].copy_from_slice(&(ip_len - 20).to_be_bytes());
+    f[PAYLOAD..PAYLOAD + 4].copy_from_slice(&MAGIC);
+    len
+}
+
+pub fn gen(a: GenArgs) -> Result<()> {
+    let (src, dst) = (parse_mac(&a.src_mac)?, parse_mac(&a.dst_mac)?);
+    if a.flows == 0 {
+        bail!("--flows must be at least 1");
+    }
+    let o = options(&a.xdp_mode)?;
+    let _detach = Detach(ifindex(&a.iface)?, o.xdp_mode);
+    let mut ep = open_endpoint(&a.iface, a.queue, &o)?;
+    let mut len = 0;
+    ep.write_frames(|i, buf| {
+        len = template(&a, src, dst, (i % a.flows as usize) as u16, buf);
+        len
+    });
+    let started = Instant::now();
+    let limit = Duration::from_secs_f64(a.seconds);
+    let mut seq = 0u64;
+    let mut sent = 0u64;
+    while sent < a.count && started.elapsed() < limit {
+        let mut want = (a.count - sent).min(64) as usize;
+        if a.rate > 0 {
+            let due = (started.elapsed().as_secs_f64() * a.rate as f64) as u64;
+            want = want.min(due.saturating_sub(sent) as usize);
+            if want == 0 {
+                ep.service_tx();
+                std::hint::spin_loop();
+                continue;
+            }
+        }
+        sent += ep.send(want, len, |buf| {
+            // Flows round-robin by sequence number (frames are reused in stack order, so a
+            // flow per frame would leave most flows idle). The UDP checksum is 0 (unused).
+            let flow = (seq % a.flows as u64) as u16;
+            buf[34..36].copy_from_slice(&a.sport.wrapping_add(flow).to_be_bytes());
+            buf[PAYLOAD + 4..PAYLOAD + 12].copy_from_slice(&seq.to_be_bytes());
+            buf[PAYLOAD + 12..PAYLOAD + 20].copy_from_slice(&now_ns().to_be_bytes());
+            seq += 1;
+        }) as u64;
+        ep.service_tx();
+    }
+    let drain = Instant::now();
+    while ep.service_tx() > 0 && drain.elapsed() < Duration::from_secs(1) {}
+    let secs = started.elapsed().as_secs_f64();
+    let r = GenReport {
+        sent,
+        seconds: secs,
+        mpps: sent as f64 / secs / 1e6,
+        copy_mode: ep.copy_mode,
+    };
+    println!("{}", serde_json::to_string(&r)?);
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct SinkArgs {
+    #[arg(long)]
+    iface: String,
+    #[arg(long, default_value_t = 0)]
+    queue: u32,
+    /// Stop after this long.
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    #[arg(long, default_value = "native")]
+    xdp_mode: String,
+}
+
+#[derive(Default)]
+struct Flow {
+    received: u64,
+    max_seq: Option<u64>,
+    reordered: u64,
+}
+
+#[derive(Serialize)]
+struct SinkReport {
+    received: u64,
+    /// Frames that were not the generator's (ARP, other traffic).
+    other: u64,
+    flows: usize,
+    reordered: u64,
+    /// Received per destination port.
+    per_dport: std::collections::BTreeMap<u16, u64>,
+    latency: gateway::stats::LatencySummary,
+    seconds: f64,
+}
+
+pub fn sink(a: SinkArgs) -> Result<()> {
+    let o = options(&a.xdp_mode)?;
+    let _detach = Detach(ifindex(&a.iface)?, o.xdp_mode);
+    let mut ep = open_endpoint(&a.iface, a.queue, &o)?;
+    eprintln!("sink ready on {} queue {}", a.iface, a.queue);
+    let mut flows: HashMap<(u16, u16), Flow> = HashMap::new();
+    let mut hist = gateway::stats::new_histogram();
+    let (mut received, mut other) = (0u64, 0u64);
+    let started = Instant::now();
+    let limit = Duration::from_secs_f64(a.seconds);
+    while started.elapsed() < limit {
+        let n = ep.receive(|f| {
+            if f.len() < PAYLOAD + 20
+                || f[12..14] != [0x08, 0x00]
+                || f[23] != 17
+                || f[PAYLOAD..PAYLOAD + 4] != MAGIC
+            {
+                other += 1;
+                return;
+            }
+            received += 1;
+            let sport = u16::from_be_bytes([f[34], f[35]]);
+            let dport = u16::from_be_bytes([f[36], f[37]]);
+            let seq =
+                u64::from_be_bytes(f[PAYLOAD + 4..PAYLOAD + 12].try_into().unwrap_or_default());
+            let ts =
+                u64::from_be_bytes(f[PAYLOAD + 12..PAYLOAD + 20].try_into().unwrap_or_default());
+            hist.saturating_record(now_ns().saturating_sub(ts));
+            let fl = flows.entry((dport, sport)).or_default();
+            fl.received += 1;
+            if fl.max_seq.is_some_and(|m| seq < m) {
+                fl.reordered += 1;
+            }
+            fl.max_seq = Some(fl.max_seq.map_or(seq, |m| m.max(seq)));
+        });
+        if n == 0 {
+            let _ = gateway::sys::wait_readable(&[ep.rx_fd()], 10);
+        }
+    }
+    let mut per_dport = std::collections::BTreeMap::new();
+    for ((dport, _), f) in &flows {
+        *per_dport.entry(*dport).or_insert(0) += f.received;
+    }
+    let r = SinkReport {
+        received,
+        other,
+        flows: flows.len(),
+        reordered: flows.values().map(|f| f.reordered).sum(),
+        per_dport,
+        latency: gateway::stats::LatencySummary::of(&hist),
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    println!("{}", serde_json::to_string(&r)?);
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct PktgenArgs {
+    #[arg(long)]
+    iface: String,
+    #[arg(long)]
+    dst_ip: Ipv4Addr,
+    #[arg(long)]
+    dst_mac: String,
+    #[arg(long, default_value_t = 9)]
+    dport: u16,
+    #[arg(long, default_value_t = 64)]
+    size: usize,
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// pktgen threads (one per queue).
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+}
+
+/// Drives the kernel's pktgen through /proc/net/pktgen (UDP to `dst`, random source ports).
+pub fn pktgen(a: PktgenArgs) -> Result<()> {
+    let root = std::path::Path::new("/proc/net/pktgen");
+    if !root.is_dir() {
+        bail!("kernel pktgen is not available here (/proc/net/pktgen is missing: `modprobe pktgen`, or the kernel lacks CONFIG_NET_PKTGEN); use `portcullis-bench gen`, the AF_XDP generator, instead");
+    }
+    parse_mac(&a.dst_mac)?;
+    ifindex(&a.iface)?;
+    let write = |file: &str, cmd: &str| -> Result<()> {
+        std::fs::write(root.join(file), format!("{cmd}\n"))
+            .with_context(|| format!("pktgen: `{cmd}` to {file}"))
+    };
+    for t in 0..a.threads {
+        let thread = format!("kpktgend_{t}");
+        let dev = format!("{}@{t}", a.iface);
+        write(&thread, "rem_device_all")?;
+        write(&thread, &format!("add_device {dev}"))?;
+        for cmd in [
+            "count 0".to_string(),
+            format!("pkt_size {}", a.size.clamp(64, 1500)),
+            "delay 0".into(),
+            format!("dst {}", a.dst_ip),
+            format!("dst_mac {}", a.dst_mac),
+            format!("udp_dst_min {}", a.dport),
+            format!("udp_dst_max {}", a.dport),
+            "udp_src_min 1024".into(),
+            "udp_src_max 65000".into(),
+            "flag UDPSRC_RND".into(),
+            format!("queue_map_min {t}"),
+            format!("queue_map_max {t}"),
+        ] {
+            write(&dev, &cmd)?;
+        }
+    }
+    // "start" blocks until stopped; stop it from another thread after the run time.
+    let stopper = std::thread::spawn({
+        let secs = a.seconds;
+        move || {
+            std::thread::sleep(Duration::from_secs(secs));
+            let _ = std::fs::write("/proc/net/pktgen/pgctrl", "stop\n");
+        }
+    });
+    write("pgctrl", "start")?;
+    let _ = stopper.join();
+    for t in 0..a.threads {
+        let text =
+            std::fs::read_to_string(root.join(format!("{}@{t}", a.iface))).unwrap_or_default();
+        for line in text
+            .lines()
+            .filter(|l| l.contains("pps") || l.contains("Result"))
+        {
+            println!("[{t}] {}", line.trim());
+        }
+    }
+    Ok(())
+}
