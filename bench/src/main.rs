@@ -47,6 +47,11 @@ enum Cmd {
     Gen(traffic::GenArgs),
     /// AF_XDP sink: per-flow loss and reordering, latency percentiles, as JSON.
     Sink(traffic::SinkArgs),
+    /// A plain AF_XDP forwarder without rules: the ceiling for `compare`.
+    ForwardPlain(traffic::PlainArgs),
+    /// Build the lab and run the same traffic through Portcullis, the plain forwarder, kernel
+    /// forwarding, nftables (linear and set), iptables-legacy and xdp-filter; print a table.
+    Compare(harness::Args),
     /// Drive the kernel's pktgen (where /proc/net/pktgen exists).
     Pktgen(traffic::PktgenArgs),
     /// Forwarding throughput in the namespace lab: UDP floods from the client through a
@@ -84,6 +89,7 @@ mod compare;
 #[allow(unsafe_code)]
 mod dpdk;
 mod forward;
+mod harness;
 mod traffic;
 
 fn main() -> Result<()> {
@@ -92,6 +98,8 @@ fn main() -> Result<()> {
         Cmd::Gen(a) => traffic::gen(a),
         Cmd::Sink(a) => traffic::sink(a),
         Cmd::Pktgen(a) => traffic::pktgen(a),
+        Cmd::ForwardPlain(a) => traffic::plain(a),
+        Cmd::Compare(a) => harness::run(a),
         Cmd::CompareClassifiers(a) => compare::run(a),
         Cmd::ClassifyPasses(a) => compare::passes(a),
         Cmd::Classify {

@@ -378,3 +378,59 @@ pub fn pktgen(a: PktgenArgs) -> Result<()> {
     }
     Ok(())
 }
+
+#[derive(clap::Args)]
+pub struct PlainArgs {
+    #[arg(long)]
+    ext: String,
+    #[arg(long)]
+    int: String,
+    /// Core to pin the forwarder to.
+    #[arg(long, default_value_t = 1)]
+    core: usize,
+    #[arg(long, default_value = "native")]
+    xdp_mode: String,
+}
+
+/// The ceiling: an AF_XDP forwarder on one queue pair with a shared UMEM and no rules at all (no
+/// parsing, no classification), busy-polling until SIGINT/SIGTERM.
+pub fn plain(a: PlainArgs) -> Result<()> {
+    use gateway::config::MAX_BURST;
+    use gateway::sys::xsk::{Burst, QueuePair};
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, std::sync::Arc::clone(&stop))?;
+    }
+    core_affinity::set_for_current(core_affinity::CoreId { id: a.core });
+    let o = options(&a.xdp_mode)?;
+    let _detach = (
+        Detach(ifindex(&a.ext)?, o.xdp_mode),
+        Detach(ifindex(&a.int)?, o.xdp_mode),
+    );
+    let mut pair = QueuePair::open(&a.ext, &a.int, 0, &o)?;
+    eprintln!("plain forwarder ready ({} <-> {})", a.ext, a.int);
+    let keep = [true; MAX_BURST];
+    let (mut rx, mut fwd) = (Burst::default(), Burst::default());
+    let mut forwarded = 0u64;
+    pair.refill();
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        pair.reap();
+        pair.refill();
+        for ingress in [true, false] {
+            let p = pair.parts(ingress);
+            let n = p.from.recv(&mut rx, 64);
+            if n > 0 {
+                rx.split_into(&keep[..n], &mut fwd, p.pool);
+                forwarded += p.to.send(&mut fwd, p.pool).0 as u64;
+            }
+        }
+        for port in [&mut pair.ext, &mut pair.int] {
+            if port.in_flight() > 0 {
+                port.kick_tx();
+            }
+            port.kick_fill();
+        }
+    }
+    println!("{{\"forwarded\":{forwarded}}}");
+    Ok(())
+}

@@ -28,8 +28,8 @@ pub const CLIENT_V6: &str = "fd99::1";
 pub const SERVER_V6: &str = "fd99::2";
 pub const CLIENT_MAC: &str = "02:99:00:00:00:01";
 pub const SERVER_MAC: &str = "02:99:00:00:00:02";
-const EXT_MAC: &str = "02:99:00:00:01:01";
-const INT_MAC: &str = "02:99:00:00:01:02";
+pub const EXT_MAC: &str = "02:99:00:00:01:01";
+pub const INT_MAC: &str = "02:99:00:00:01:02";
 
 #[derive(Debug, thiserror::Error)]
 pub enum LabError {
