@@ -350,6 +350,7 @@ fn sample(peer: &Peer, a: &Args, bench: &Path) -> Result<Sample> {
             &lab.server_if(),
             "--seconds",
             &secs,
+            "--json",
         ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -516,8 +517,11 @@ pub fn run(a: Args) -> Result<()> {
         for (i, p) in peers.iter().enumerate() {
             done += 1;
             let s = sample(p, &a, &bench).with_context(|| p.name())?;
+            let bar: String = (0..20)
+                .map(|k| if k * total < done * 20 { '#' } else { '.' })
+                .collect();
             eprintln!(
-                "[{done:>3}/{total}] {:>6.1}s  {:<45} {:.3} Mpps ({} of {} arrived)",
+                "[{bar}] {done:>3}/{total} {:>6.1}s  {:<45} {:.3} Mpps ({} of {} arrived)",
                 started.elapsed().as_secs_f64(),
                 p.name(),
                 s.mpps,

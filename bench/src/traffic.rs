@@ -116,6 +116,10 @@ pub struct GenArgs {
     seconds: f64,
     #[arg(long, default_value = "native")]
     xdp_mode: String,
+    /// Take the flows' addresses and ports from a ClassBench trace (one per packet, round-robin),
+    /// instead of --src-ip/--dst-ip/--sport/--dport and --flows. Sent as UDP.
+    #[arg(long)]
+    trace: Option<std::path::PathBuf>,
 }
 
 #[derive(Serialize)]
@@ -175,10 +179,15 @@ pub fn gen(a: GenArgs) -> Result<()> {
         len = template(&a, src, dst, (i % a.flows as usize) as u16, buf);
         len
     });
+    let trace: Vec<control::key::FlowKey> = match &a.trace {
+        Some(t) => control::classbench::read_trace(t)?,
+        None => Vec::new(),
+    };
     let started = Instant::now();
     let limit = Duration::from_secs_f64(a.seconds);
     let mut seq = 0u64;
     let mut sent = 0u64;
+    let (mut last_report, mut last_sent) = (Instant::now(), 0u64);
     while sent < a.count && started.elapsed() < limit {
         let mut want = (a.count - sent).min(64) as usize;
         if a.rate > 0 {
@@ -191,15 +200,33 @@ pub fn gen(a: GenArgs) -> Result<()> {
             }
         }
         sent += ep.send(want, len, |buf| {
-            // Flows round-robin by sequence number (frames are reused in stack order, so a
-            // flow per frame would leave most flows idle). The UDP checksum is 0 (unused).
-            let flow = (seq % a.flows as u64) as u16;
-            buf[34..36].copy_from_slice(&a.sport.wrapping_add(flow).to_be_bytes());
+            if trace.is_empty() {
+                // Flows round-robin by sequence number (frames are reused in stack order, so a
+                // flow per frame would leave most flows idle). The UDP checksum is 0 (unused).
+                let flow = (seq % a.flows as u64) as u16;
+                buf[34..36].copy_from_slice(&a.sport.wrapping_add(flow).to_be_bytes());
+            } else {
+                let k = &trace[(seq % trace.len() as u64) as usize];
+                buf[26..30].copy_from_slice(&(k.src as u32).to_be_bytes());
+                buf[30..34].copy_from_slice(&(k.dst as u32).to_be_bytes());
+                buf[24..26].fill(0);
+                let c = checksum(&buf[14..34]);
+                buf[24..26].copy_from_slice(&c.to_be_bytes());
+                buf[34..36].copy_from_slice(&k.sport.to_be_bytes());
+                buf[36..38].copy_from_slice(&k.dport.to_be_bytes());
+            }
             buf[PAYLOAD + 4..PAYLOAD + 12].copy_from_slice(&seq.to_be_bytes());
             buf[PAYLOAD + 12..PAYLOAD + 20].copy_from_slice(&now_ns().to_be_bytes());
             seq += 1;
         }) as u64;
         ep.service_tx();
+        if last_report.elapsed() >= Duration::from_secs(1) {
+            eprintln!(
+                "gen: {:.3} Mpps",
+                (sent - last_sent) as f64 / last_report.elapsed().as_secs_f64() / 1e6
+            );
+            (last_report, last_sent) = (Instant::now(), sent);
+        }
     }
     let drain = Instant::now();
     while ep.service_tx() > 0 && drain.elapsed() < Duration::from_secs(1) {}
@@ -225,12 +252,27 @@ pub struct SinkArgs {
     seconds: f64,
     #[arg(long, default_value = "native")]
     xdp_mode: String,
+    /// Print JSON (default: a human summary).
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Default)]
 struct Flow {
     received: u64,
+    min_seq: Option<u64>,
     max_seq: Option<u64>,
+    reordered: u64,
+}
+
+/// One flow's counts. The generator numbers packets globally and deals them round-robin over
+/// `flows` flows, so a flow's sequence numbers step by the flow count; `lost` is the gaps.
+#[derive(Serialize)]
+struct FlowReport {
+    sport: u16,
+    dport: u16,
+    received: u64,
+    lost: u64,
     reordered: u64,
 }
 
@@ -243,8 +285,11 @@ struct SinkReport {
     reordered: u64,
     /// Received per destination port.
     per_dport: std::collections::BTreeMap<u16, u64>,
+    lost: u64,
+    mpps: f64,
     latency: gateway::stats::LatencySummary,
     seconds: f64,
+    per_flow: Vec<FlowReport>,
 }
 
 pub fn sink(a: SinkArgs) -> Result<()> {
@@ -281,24 +326,62 @@ pub fn sink(a: SinkArgs) -> Result<()> {
                 fl.reordered += 1;
             }
             fl.max_seq = Some(fl.max_seq.map_or(seq, |m| m.max(seq)));
+            fl.min_seq = Some(fl.min_seq.map_or(seq, |m| m.min(seq)));
         });
         if n == 0 {
             let _ = gateway::sys::wait_readable(&[ep.rx_fd()], 10);
         }
     }
     let mut per_dport = std::collections::BTreeMap::new();
-    for ((dport, _), f) in &flows {
-        *per_dport.entry(*dport).or_insert(0) += f.received;
+    let mut flows_per_dport: HashMap<u16, u64> = HashMap::new();
+    for (dport, _) in flows.keys() {
+        *flows_per_dport.entry(*dport).or_insert(0) += 1;
     }
+    let mut per_flow: Vec<FlowReport> = flows
+        .iter()
+        .map(|((dport, sport), f)| {
+            let stride = flows_per_dport[dport].max(1);
+            let span = f.max_seq.unwrap_or(0) - f.min_seq.unwrap_or(0);
+            let expected = span / stride + 1;
+            FlowReport {
+                sport: *sport,
+                dport: *dport,
+                received: f.received,
+                lost: expected.saturating_sub(f.received),
+                reordered: f.reordered,
+            }
+        })
+        .collect();
+    per_flow.sort_by_key(|f| (f.dport, f.sport));
+    for f in &per_flow {
+        *per_dport.entry(f.dport).or_insert(0) += f.received;
+    }
+    let seconds = started.elapsed().as_secs_f64();
     let r = SinkReport {
         received,
         other,
         flows: flows.len(),
         reordered: flows.values().map(|f| f.reordered).sum(),
         per_dport,
+        lost: per_flow.iter().map(|f| f.lost).sum(),
+        mpps: received as f64 / seconds / 1e6,
         latency: gateway::stats::LatencySummary::of(&hist),
-        seconds: started.elapsed().as_secs_f64(),
+        seconds,
+        per_flow,
     };
+    if !a.json {
+        println!(
+            "sink: {} received in {} flows ({:.3} Mpps average over {:.1} s), {} lost, {} reordered, {} other frames; latency p50 {} ns, p99 {} ns, max {} ns",
+            r.received, r.flows, r.mpps, r.seconds, r.lost, r.reordered, r.other, r.latency.p50_ns, r.latency.p99_ns, r.latency.max_ns
+        );
+        for f in &r.per_flow {
+            println!(
+                "  flow udp :{} -> :{}  received {}  lost {}  reordered {}",
+                f.sport, f.dport, f.received, f.lost, f.reordered
+            );
+        }
+        return Ok(());
+    }
     println!("{}", serde_json::to_string(&r)?);
     Ok(())
 }

@@ -71,6 +71,7 @@ fn gen_through_the_gateway_to_the_sink() {
             &server_if,
             "--seconds",
             "6",
+            "--json",
         ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -162,6 +163,8 @@ fn gen_through_the_gateway_to_the_sink() {
     );
     assert_eq!(report["flows"], 8);
     assert_eq!(report["reordered"], 0);
+    assert_eq!(report["lost"], 0, "no gaps in any flow");
+    assert_eq!(report["per_flow"].as_array().unwrap().len(), 8);
     let gw_status = gw.status().unwrap();
     let default_deny = gw_status["totals"]["drops"]
         .as_array()
