@@ -85,8 +85,14 @@ fn ifindex(iface: &str) -> Result<u32> {
 pub struct GenArgs {
     #[arg(long)]
     iface: String,
+    /// First queue; with --queues N, one socket and one thread per queue from here.
     #[arg(long, default_value_t = 0)]
     queue: u32,
+    #[arg(long, default_value_t = 1)]
+    queues: u32,
+    /// Core for each queue's thread (default: unpinned).
+    #[arg(long, value_delimiter = ',')]
+    cores: Vec<usize>,
     #[arg(long)]
     src_mac: String,
     #[arg(long)]
@@ -166,32 +172,97 @@ fn template(a: &GenArgs, src: [u8; 6], dst: [u8; 6], flow: u16, buf: &mut [u8]) 
     len
 }
 
+/// Offset of the generator's per-flow sequence stride (the flows per queue), after the timestamp.
+const STRIDE: usize = PAYLOAD + 20;
+
 pub fn gen(a: GenArgs) -> Result<()> {
     let (src, dst) = (parse_mac(&a.src_mac)?, parse_mac(&a.dst_mac)?);
-    if a.flows == 0 {
-        bail!("--flows must be at least 1");
+    if a.flows == 0 || a.queues == 0 {
+        bail!("--flows and --queues must be at least 1");
     }
-    let o = options(&a.xdp_mode)?;
-    let _detach = Detach(ifindex(&a.iface)?, o.xdp_mode);
-    let mut ep = open_endpoint(&a.iface, a.queue, &o)?;
-    let mut len = 0;
-    ep.write_frames(|i, buf| {
-        len = template(&a, src, dst, (i % a.flows as usize) as u16, buf);
-        len
-    });
+    if !a.cores.is_empty() && a.cores.len() != a.queues as usize {
+        bail!("--cores needs one core per queue");
+    }
     let trace: Vec<control::key::FlowKey> = match &a.trace {
         Some(t) => control::classbench::read_trace(t)?,
         None => Vec::new(),
     };
+    let o = options(&a.xdp_mode)?;
+    let _detach = Detach(ifindex(&a.iface)?, o.xdp_mode);
+    let started = Instant::now();
+    let results: Vec<Result<(u64, bool)>> = std::thread::scope(|sc| {
+        let handles: Vec<_> = (0..a.queues)
+            .map(|idx| {
+                let (a, o, trace) = (&a, &o, &trace);
+                sc.spawn(move || gen_queue(a, o, idx, src, dst, trace))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a generator thread panicked")))
+            })
+            .collect()
+    });
+    let mut sent = 0;
+    let mut copy_mode = false;
+    for r in results {
+        let (s, c) = r?;
+        sent += s;
+        copy_mode |= c;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let r = GenReport {
+        sent,
+        seconds: secs,
+        mpps: sent as f64 / secs / 1e6,
+        copy_mode,
+    };
+    println!("{}", serde_json::to_string(&r)?);
+    Ok(())
+}
+
+/// One queue's generator: its own socket and UMEM, flows `sport + idx * flows ..`, sequence
+/// numbers starting at `idx << 48`, its share of the count and rate.
+fn gen_queue(
+    a: &GenArgs,
+    o: &SocketOptions,
+    idx: u32,
+    src: [u8; 6],
+    dst: [u8; 6],
+    trace: &[control::key::FlowKey],
+) -> Result<(u64, bool)> {
+    if let Some(core) = a.cores.get(idx as usize) {
+        core_affinity::set_for_current(core_affinity::CoreId { id: *core });
+    }
+    let queue = a.queue + idx;
+    let mut ep = open_endpoint(&a.iface, queue, o)?;
+    let flow_base = a.sport.wrapping_add((idx as u16).wrapping_mul(a.flows));
+    let mut len = 0;
+    ep.write_frames(|i, buf| {
+        len = template(a, src, dst, (i % a.flows as usize) as u16, buf);
+        // Trace mode has no per-flow stride (0: the sink does not count gaps).
+        let stride = if trace.is_empty() { a.flows } else { 0 };
+        buf[STRIDE..STRIDE + 2].copy_from_slice(&stride.to_be_bytes());
+        len
+    });
+    let count = a.count / a.queues as u64
+        + if idx == 0 {
+            a.count % a.queues as u64
+        } else {
+            0
+        };
+    let rate = a.rate / a.queues as u64;
     let started = Instant::now();
     let limit = Duration::from_secs_f64(a.seconds);
-    let mut seq = 0u64;
+    let mut local = 0u64;
     let mut sent = 0u64;
     let (mut last_report, mut last_sent) = (Instant::now(), 0u64);
-    while sent < a.count && started.elapsed() < limit {
-        let mut want = (a.count - sent).min(64) as usize;
-        if a.rate > 0 {
-            let due = (started.elapsed().as_secs_f64() * a.rate as f64) as u64;
+    while sent < count && started.elapsed() < limit {
+        let mut want = (count - sent).min(64) as usize;
+        if rate > 0 {
+            let due = (started.elapsed().as_secs_f64() * rate as f64) as u64;
             want = want.min(due.saturating_sub(sent) as usize);
             if want == 0 {
                 ep.service_tx();
@@ -203,10 +274,10 @@ pub fn gen(a: GenArgs) -> Result<()> {
             if trace.is_empty() {
                 // Flows round-robin by sequence number (frames are reused in stack order, so a
                 // flow per frame would leave most flows idle). The UDP checksum is 0 (unused).
-                let flow = (seq % a.flows as u64) as u16;
-                buf[34..36].copy_from_slice(&a.sport.wrapping_add(flow).to_be_bytes());
+                let flow = (local % a.flows as u64) as u16;
+                buf[34..36].copy_from_slice(&flow_base.wrapping_add(flow).to_be_bytes());
             } else {
-                let k = &trace[(seq % trace.len() as u64) as usize];
+                let k = &trace[(local % trace.len() as u64) as usize];
                 buf[26..30].copy_from_slice(&(k.src as u32).to_be_bytes());
                 buf[30..34].copy_from_slice(&(k.dst as u32).to_be_bytes());
                 buf[24..26].fill(0);
@@ -215,14 +286,15 @@ pub fn gen(a: GenArgs) -> Result<()> {
                 buf[34..36].copy_from_slice(&k.sport.to_be_bytes());
                 buf[36..38].copy_from_slice(&k.dport.to_be_bytes());
             }
+            let seq = ((idx as u64) << 48) | local;
             buf[PAYLOAD + 4..PAYLOAD + 12].copy_from_slice(&seq.to_be_bytes());
             buf[PAYLOAD + 12..PAYLOAD + 20].copy_from_slice(&now_ns().to_be_bytes());
-            seq += 1;
+            local += 1;
         }) as u64;
         ep.service_tx();
         if last_report.elapsed() >= Duration::from_secs(1) {
             eprintln!(
-                "gen: {:.3} Mpps",
+                "gen q{queue}: {:.3} Mpps",
                 (sent - last_sent) as f64 / last_report.elapsed().as_secs_f64() / 1e6
             );
             (last_report, last_sent) = (Instant::now(), sent);
@@ -230,23 +302,21 @@ pub fn gen(a: GenArgs) -> Result<()> {
     }
     let drain = Instant::now();
     while ep.service_tx() > 0 && drain.elapsed() < Duration::from_secs(1) {}
-    let secs = started.elapsed().as_secs_f64();
-    let r = GenReport {
-        sent,
-        seconds: secs,
-        mpps: sent as f64 / secs / 1e6,
-        copy_mode: ep.copy_mode,
-    };
-    println!("{}", serde_json::to_string(&r)?);
-    Ok(())
+    Ok((sent, ep.copy_mode))
 }
 
 #[derive(clap::Args)]
 pub struct SinkArgs {
     #[arg(long)]
     iface: String,
+    /// First queue; with --queues N, one socket and one thread per queue from here.
     #[arg(long, default_value_t = 0)]
     queue: u32,
+    #[arg(long, default_value_t = 1)]
+    queues: u32,
+    /// Core for each queue's thread (default: unpinned).
+    #[arg(long, value_delimiter = ',')]
+    cores: Vec<usize>,
     /// Stop after this long.
     #[arg(long, default_value_t = 5.0)]
     seconds: f64,
@@ -263,6 +333,15 @@ struct Flow {
     min_seq: Option<u64>,
     max_seq: Option<u64>,
     reordered: u64,
+    stride: u16,
+}
+
+/// What one queue's sink saw.
+struct QueueStats {
+    flows: HashMap<(u16, u16), Flow>,
+    hist: hdrhistogram::Histogram<u64>,
+    received: u64,
+    other: u64,
 }
 
 /// One flow's counts. The generator numbers packets globally and deals them round-robin over
@@ -293,61 +372,67 @@ struct SinkReport {
 }
 
 pub fn sink(a: SinkArgs) -> Result<()> {
+    if a.queues == 0 || (!a.cores.is_empty() && a.cores.len() != a.queues as usize) {
+        bail!("--queues must be at least 1, and --cores needs one core per queue");
+    }
     let o = options(&a.xdp_mode)?;
     let _detach = Detach(ifindex(&a.iface)?, o.xdp_mode);
-    let mut ep = open_endpoint(&a.iface, a.queue, &o)?;
-    eprintln!("sink ready on {} queue {}", a.iface, a.queue);
+    let ready = std::sync::Barrier::new(a.queues as usize + 1);
+    let started = Instant::now();
+    let results: Vec<Result<QueueStats>> = std::thread::scope(|sc| {
+        let handles: Vec<_> = (0..a.queues)
+            .map(|idx| {
+                let (a, o, ready) = (&a, &o, &ready);
+                sc.spawn(move || sink_queue(a, o, idx, ready))
+            })
+            .collect();
+        ready.wait();
+        eprintln!(
+            "sink ready on {} queue(s) {}..{}",
+            a.iface,
+            a.queue,
+            a.queue + a.queues - 1
+        );
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a sink thread panicked")))
+            })
+            .collect()
+    });
     let mut flows: HashMap<(u16, u16), Flow> = HashMap::new();
     let mut hist = gateway::stats::new_histogram();
     let (mut received, mut other) = (0u64, 0u64);
-    let started = Instant::now();
-    let limit = Duration::from_secs_f64(a.seconds);
-    while started.elapsed() < limit {
-        let n = ep.receive(|f| {
-            if f.len() < PAYLOAD + 20
-                || f[12..14] != [0x08, 0x00]
-                || f[23] != 17
-                || f[PAYLOAD..PAYLOAD + 4] != MAGIC
-            {
-                other += 1;
-                return;
-            }
-            received += 1;
-            let sport = u16::from_be_bytes([f[34], f[35]]);
-            let dport = u16::from_be_bytes([f[36], f[37]]);
-            let seq =
-                u64::from_be_bytes(f[PAYLOAD + 4..PAYLOAD + 12].try_into().unwrap_or_default());
-            let ts =
-                u64::from_be_bytes(f[PAYLOAD + 12..PAYLOAD + 20].try_into().unwrap_or_default());
-            hist.saturating_record(now_ns().saturating_sub(ts));
-            let fl = flows.entry((dport, sport)).or_default();
-            fl.received += 1;
-            if fl.max_seq.is_some_and(|m| seq < m) {
-                fl.reordered += 1;
-            }
-            fl.max_seq = Some(fl.max_seq.map_or(seq, |m| m.max(seq)));
-            fl.min_seq = Some(fl.min_seq.map_or(seq, |m| m.min(seq)));
-        });
-        if n == 0 {
-            let _ = gateway::sys::wait_readable(&[ep.rx_fd()], 10);
+    for r in results {
+        let q = r?;
+        received += q.received;
+        other += q.other;
+        let _ = hist.add(&q.hist);
+        for (k, f) in q.flows {
+            let m = flows.entry(k).or_default();
+            m.received += f.received;
+            m.reordered += f.reordered;
+            m.stride = m.stride.max(f.stride);
+            m.min_seq = m.min_seq.min(f.min_seq).or(f.min_seq).or(m.min_seq);
+            m.max_seq = m.max_seq.max(f.max_seq);
         }
     }
     let mut per_dport = std::collections::BTreeMap::new();
-    let mut flows_per_dport: HashMap<u16, u64> = HashMap::new();
-    for (dport, _) in flows.keys() {
-        *flows_per_dport.entry(*dport).or_insert(0) += 1;
-    }
     let mut per_flow: Vec<FlowReport> = flows
         .iter()
         .map(|((dport, sport), f)| {
-            let stride = flows_per_dport[dport].max(1);
-            let span = f.max_seq.unwrap_or(0) - f.min_seq.unwrap_or(0);
-            let expected = span / stride + 1;
+            let lost = if f.stride == 0 {
+                0 // trace mode: no per-flow numbering
+            } else {
+                let span = f.max_seq.unwrap_or(0) - f.min_seq.unwrap_or(0);
+                (span / f.stride as u64 + 1).saturating_sub(f.received)
+            };
             FlowReport {
                 sport: *sport,
                 dport: *dport,
                 received: f.received,
-                lost: expected.saturating_sub(f.received),
+                lost,
                 reordered: f.reordered,
             }
         })
@@ -384,6 +469,61 @@ pub fn sink(a: SinkArgs) -> Result<()> {
     }
     println!("{}", serde_json::to_string(&r)?);
     Ok(())
+}
+
+/// One queue's receive loop.
+fn sink_queue(
+    a: &SinkArgs,
+    o: &SocketOptions,
+    idx: u32,
+    ready: &std::sync::Barrier,
+) -> Result<QueueStats> {
+    if let Some(core) = a.cores.get(idx as usize) {
+        core_affinity::set_for_current(core_affinity::CoreId { id: *core });
+    }
+    let opened = open_endpoint(&a.iface, a.queue + idx, o);
+    ready.wait();
+    let mut ep = opened?;
+    let mut st = QueueStats {
+        flows: HashMap::new(),
+        hist: gateway::stats::new_histogram(),
+        received: 0,
+        other: 0,
+    };
+    let started = Instant::now();
+    let limit = Duration::from_secs_f64(a.seconds);
+    while started.elapsed() < limit {
+        let n = ep.receive(|f| {
+            if f.len() < STRIDE + 2
+                || f[12..14] != [0x08, 0x00]
+                || f[23] != 17
+                || f[PAYLOAD..PAYLOAD + 4] != MAGIC
+            {
+                st.other += 1;
+                return;
+            }
+            st.received += 1;
+            let sport = u16::from_be_bytes([f[34], f[35]]);
+            let dport = u16::from_be_bytes([f[36], f[37]]);
+            let seq =
+                u64::from_be_bytes(f[PAYLOAD + 4..PAYLOAD + 12].try_into().unwrap_or_default());
+            let ts =
+                u64::from_be_bytes(f[PAYLOAD + 12..PAYLOAD + 20].try_into().unwrap_or_default());
+            st.hist.saturating_record(now_ns().saturating_sub(ts));
+            let fl = st.flows.entry((dport, sport)).or_default();
+            fl.received += 1;
+            fl.stride = u16::from_be_bytes([f[STRIDE], f[STRIDE + 1]]);
+            if fl.max_seq.is_some_and(|m| seq < m) {
+                fl.reordered += 1;
+            }
+            fl.max_seq = Some(fl.max_seq.map_or(seq, |m| m.max(seq)));
+            fl.min_seq = Some(fl.min_seq.map_or(seq, |m| m.min(seq)));
+        });
+        if n == 0 {
+            let _ = gateway::sys::wait_readable(&[ep.rx_fd()], 10);
+        }
+    }
+    Ok(st)
 }
 
 #[derive(clap::Args)]
