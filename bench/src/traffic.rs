@@ -81,8 +81,9 @@ fn ifindex(iface: &str) -> Result<u32> {
         .with_context(|| format!("interface `{iface}` does not exist in this network namespace"))
 }
 
+/// The interface and queues a generator or sink runs on: one socket and one thread per queue.
 #[derive(clap::Args)]
-pub struct GenArgs {
+pub struct Queues {
     #[arg(long)]
     iface: String,
     /// First queue; with --queues N, one socket and one thread per queue from here.
@@ -93,6 +94,12 @@ pub struct GenArgs {
     /// Core for each queue's thread (default: unpinned).
     #[arg(long, value_delimiter = ',')]
     cores: Vec<usize>,
+}
+
+#[derive(clap::Args)]
+pub struct GenArgs {
+    #[command(flatten)]
+    q: Queues,
     #[arg(long)]
     src_mac: String,
     #[arg(long)]
@@ -177,10 +184,10 @@ const STRIDE: usize = PAYLOAD + 20;
 
 pub fn gen(a: GenArgs) -> Result<()> {
     let (src, dst) = (parse_mac(&a.src_mac)?, parse_mac(&a.dst_mac)?);
-    if a.flows == 0 || a.queues == 0 {
+    if a.flows == 0 || a.q.queues == 0 {
         bail!("--flows and --queues must be at least 1");
     }
-    if !a.cores.is_empty() && a.cores.len() != a.queues as usize {
+    if !a.q.cores.is_empty() && a.q.cores.len() != a.q.queues as usize {
         bail!("--cores needs one core per queue");
     }
     let trace: Vec<control::key::FlowKey> = match &a.trace {
@@ -188,10 +195,10 @@ pub fn gen(a: GenArgs) -> Result<()> {
         None => Vec::new(),
     };
     let o = options(&a.xdp_mode)?;
-    let _detach = Detach(ifindex(&a.iface)?, o.xdp_mode);
+    let _detach = Detach(ifindex(&a.q.iface)?, o.xdp_mode);
     let started = Instant::now();
     let results: Vec<Result<(u64, bool)>> = std::thread::scope(|sc| {
-        let handles: Vec<_> = (0..a.queues)
+        let handles: Vec<_> = (0..a.q.queues)
             .map(|idx| {
                 let (a, o, trace) = (&a, &o, &trace);
                 sc.spawn(move || gen_queue(a, o, idx, src, dst, trace))
@@ -233,11 +240,11 @@ fn gen_queue(
     dst: [u8; 6],
     trace: &[control::key::FlowKey],
 ) -> Result<(u64, bool)> {
-    if let Some(core) = a.cores.get(idx as usize) {
+    if let Some(core) = a.q.cores.get(idx as usize) {
         core_affinity::set_for_current(core_affinity::CoreId { id: *core });
     }
-    let queue = a.queue + idx;
-    let mut ep = open_endpoint(&a.iface, queue, o)?;
+    let queue = a.q.queue + idx;
+    let mut ep = open_endpoint(&a.q.iface, queue, o)?;
     let flow_base = a.sport.wrapping_add((idx as u16).wrapping_mul(a.flows));
     let mut len = 0;
     ep.write_frames(|i, buf| {
@@ -247,13 +254,13 @@ fn gen_queue(
         buf[STRIDE..STRIDE + 2].copy_from_slice(&stride.to_be_bytes());
         len
     });
-    let count = a.count / a.queues as u64
+    let count = a.count / a.q.queues as u64
         + if idx == 0 {
-            a.count % a.queues as u64
+            a.count % a.q.queues as u64
         } else {
             0
         };
-    let rate = a.rate / a.queues as u64;
+    let rate = a.rate / a.q.queues as u64;
     let started = Instant::now();
     let limit = Duration::from_secs_f64(a.seconds);
     let mut local = 0u64;
@@ -307,16 +314,8 @@ fn gen_queue(
 
 #[derive(clap::Args)]
 pub struct SinkArgs {
-    #[arg(long)]
-    iface: String,
-    /// First queue; with --queues N, one socket and one thread per queue from here.
-    #[arg(long, default_value_t = 0)]
-    queue: u32,
-    #[arg(long, default_value_t = 1)]
-    queues: u32,
-    /// Core for each queue's thread (default: unpinned).
-    #[arg(long, value_delimiter = ',')]
-    cores: Vec<usize>,
+    #[command(flatten)]
+    q: Queues,
     /// Stop after this long.
     #[arg(long, default_value_t = 5.0)]
     seconds: f64,
@@ -372,15 +371,15 @@ struct SinkReport {
 }
 
 pub fn sink(a: SinkArgs) -> Result<()> {
-    if a.queues == 0 || (!a.cores.is_empty() && a.cores.len() != a.queues as usize) {
+    if a.q.queues == 0 || (!a.q.cores.is_empty() && a.q.cores.len() != a.q.queues as usize) {
         bail!("--queues must be at least 1, and --cores needs one core per queue");
     }
     let o = options(&a.xdp_mode)?;
-    let _detach = Detach(ifindex(&a.iface)?, o.xdp_mode);
-    let ready = std::sync::Barrier::new(a.queues as usize + 1);
+    let _detach = Detach(ifindex(&a.q.iface)?, o.xdp_mode);
+    let ready = std::sync::Barrier::new(a.q.queues as usize + 1);
     let started = Instant::now();
     let results: Vec<Result<QueueStats>> = std::thread::scope(|sc| {
-        let handles: Vec<_> = (0..a.queues)
+        let handles: Vec<_> = (0..a.q.queues)
             .map(|idx| {
                 let (a, o, ready) = (&a, &o, &ready);
                 sc.spawn(move || sink_queue(a, o, idx, ready))
@@ -389,9 +388,9 @@ pub fn sink(a: SinkArgs) -> Result<()> {
         ready.wait();
         eprintln!(
             "sink ready on {} queue(s) {}..{}",
-            a.iface,
-            a.queue,
-            a.queue + a.queues - 1
+            a.q.iface,
+            a.q.queue,
+            a.q.queue + a.q.queues - 1
         );
         handles
             .into_iter()
@@ -478,10 +477,10 @@ fn sink_queue(
     idx: u32,
     ready: &std::sync::Barrier,
 ) -> Result<QueueStats> {
-    if let Some(core) = a.cores.get(idx as usize) {
+    if let Some(core) = a.q.cores.get(idx as usize) {
         core_affinity::set_for_current(core_affinity::CoreId { id: *core });
     }
-    let opened = open_endpoint(&a.iface, a.queue + idx, o);
+    let opened = open_endpoint(&a.q.iface, a.q.queue + idx, o);
     ready.wait();
     let mut ep = opened?;
     let mut st = QueueStats {

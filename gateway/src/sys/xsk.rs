@@ -79,6 +79,31 @@ pub struct SocketOptions {
     pub zero_copy: ZeroCopy,
 }
 
+/// Creates a UMEM of `o.frames` frames with fill/completion rings of `o.ring_size`.
+fn new_umem(o: &SocketOptions) -> Result<(Umem, Vec<FrameDesc>), SocketError> {
+    let ring = QueueSize::new(o.ring_size).map_err(|e| SocketError::Sizes(e.to_string()))?;
+    let frame = FrameSize::new(o.frame_size).map_err(|e| SocketError::Sizes(e.to_string()))?;
+    let cfg = UmemConfig::builder()
+        .frame_size(frame)
+        .fill_queue_size(ring)
+        .comp_queue_size(ring)
+        .build()
+        .map_err(|e| SocketError::Sizes(e.to_string()))?;
+    let count =
+        NonZeroU32::new(o.frames).ok_or_else(|| SocketError::Sizes("frames must be > 0".into()))?;
+    Umem::new(cfg, count, false).map_err(|e| {
+        let errno = errno_of(&e);
+        SocketError::Umem {
+            bytes: o.frames as usize * o.frame_size as usize,
+            hint: match errno.raw_os_error() {
+                Some(libc::EPERM) | Some(libc::ENOMEM) => "the memlock limit is too low or privileges are missing: run as root with `ulimit -l unlimited` (systemd: LimitMEMLOCK=infinity)",
+                _ => "see the underlying error",
+            },
+            source: Box::new(e),
+        }
+    })
+}
+
 /// Free frames owned by one worker.
 pub struct Pool {
     free: Vec<FrameDesc>,
@@ -191,28 +216,7 @@ impl QueuePair {
         o: &SocketOptions,
         copy_mode: bool,
     ) -> Result<QueuePair, SocketError> {
-        let ring = QueueSize::new(o.ring_size).map_err(|e| SocketError::Sizes(e.to_string()))?;
-        let frame = FrameSize::new(o.frame_size).map_err(|e| SocketError::Sizes(e.to_string()))?;
-        let umem_cfg = UmemConfig::builder()
-            .frame_size(frame)
-            .fill_queue_size(ring)
-            .comp_queue_size(ring)
-            .build()
-            .map_err(|e| SocketError::Sizes(e.to_string()))?;
-        let count = NonZeroU32::new(o.frames)
-            .ok_or_else(|| SocketError::Sizes("frames must be > 0".into()))?;
-        let bytes = o.frames as usize * o.frame_size as usize;
-        let (umem, descs) = Umem::new(umem_cfg, count, false).map_err(|e| {
-            let errno = errno_of(&e);
-            SocketError::Umem {
-                bytes,
-                hint: match errno.raw_os_error() {
-                    Some(libc::EPERM) | Some(libc::ENOMEM) => "the memlock limit is too low or privileges are missing: run as root with `ulimit -l unlimited` (systemd: LimitMEMLOCK=infinity)",
-                    _ => "see the underlying error",
-                },
-                source: Box::new(e),
-            }
-        })?;
+        let (umem, descs) = new_umem(o)?;
 
         let ext_port = Port::bind(&umem, ext, queue, o, copy_mode)?;
         let int_port = Port::bind(&umem, int, queue, o, copy_mode)?;
@@ -498,21 +502,7 @@ pub struct Endpoint {
 
 impl Endpoint {
     pub fn open(iface: &str, queue: u32, o: &SocketOptions) -> Result<Endpoint, SocketError> {
-        let ring = QueueSize::new(o.ring_size).map_err(|e| SocketError::Sizes(e.to_string()))?;
-        let frame = FrameSize::new(o.frame_size).map_err(|e| SocketError::Sizes(e.to_string()))?;
-        let cfg = UmemConfig::builder()
-            .frame_size(frame)
-            .fill_queue_size(ring)
-            .comp_queue_size(ring)
-            .build()
-            .map_err(|e| SocketError::Sizes(e.to_string()))?;
-        let count = NonZeroU32::new(o.frames)
-            .ok_or_else(|| SocketError::Sizes("frames must be > 0".into()))?;
-        let (umem, descs) = Umem::new(cfg, count, false).map_err(|e| SocketError::Umem {
-            bytes: o.frames as usize * o.frame_size as usize,
-            hint: "run as root with `ulimit -l unlimited`",
-            source: Box::new(e),
-        })?;
+        let (umem, descs) = new_umem(o)?;
         let (port, copy_mode) =
             match Port::bind(&umem, iface, queue, o, o.zero_copy == ZeroCopy::Off) {
                 Err(SocketError::Socket { source, .. })
