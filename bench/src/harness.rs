@@ -202,16 +202,7 @@ fn setup(
     };
     match peer {
         Peer::Plain => {
-            let mut child = Command::new("ip")
-                .args([
-                    "netns",
-                    "exec",
-                    &g,
-                    "sh",
-                    "-c",
-                    "mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf; exec \"$0\" \"$@\"",
-                ])
-                .arg(bench)
+            let mut child = gateway::lab::netns_command(&g, bench)
                 .args([
                     "forward-plain",
                     "--ext",

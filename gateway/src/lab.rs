@@ -208,27 +208,14 @@ impl Lab {
             (&sns, self.server_if(), SERVER_MAC, SERVER_V4, SERVER_V6),
         ] {
             sh(&["ip", "-n", ns, "link", "set", &iface, "address", mac])?;
-            sh(&[
-                "ip",
-                "-n",
-                ns,
-                "addr",
-                "add",
-                &format!("{v4}/24"),
-                "dev",
-                &iface,
-            ])?;
-            sh(&[
-                "ip",
-                "-n",
-                ns,
-                "addr",
-                "add",
-                &format!("{v6}/64"),
-                "dev",
-                &iface,
-                "nodad",
-            ])?;
+            for (addr, extra) in [
+                (format!("{v4}/24"), None),
+                (format!("{v6}/64"), Some("nodad")),
+            ] {
+                let mut args = vec!["ip", "-n", ns, "addr", "add", &addr, "dev", &iface];
+                args.extend(extra);
+                sh(&args)?;
+            }
             sh(&[
                 "ip", "netns", "exec", ns, "ethtool", "-K", &iface, "tx", "off", "tso", "off",
                 "gso", "off",
@@ -352,6 +339,23 @@ impl Drop for LabGuard {
     }
 }
 
+/// A command that runs `program` inside network namespace `ns`, after mounting bpffs in the
+/// namespace's private mount namespace (so libxdp can track the programs it attaches). Add the
+/// program's arguments to the returned command.
+pub fn netns_command(ns: &str, program: &Path) -> Command {
+    let mut cmd = Command::new("ip");
+    cmd.args([
+        "netns",
+        "exec",
+        ns,
+        "sh",
+        "-c",
+        "mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf; exec \"$0\" \"$@\"",
+    ])
+    .arg(program);
+    cmd
+}
+
 /// A `portcullis run` child process inside a lab's gateway namespace.
 pub struct GatewayProcess {
     child: std::process::Child,
@@ -379,25 +383,10 @@ impl GatewayProcess {
             cmd: "dup log".into(),
             source,
         })?;
-        let script =
-            "mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf; exec \"$0\" \"$@\"";
         let gw = lab.gw_ns();
-        let exe_s = exe.display().to_string();
-        let cfg_s = config.display().to_string();
-        let args = [
-            "netns",
-            "exec",
-            gw.as_str(),
-            "sh",
-            "-c",
-            script,
-            exe_s.as_str(),
-            "run",
-            "--config",
-            cfg_s.as_str(),
-        ];
-        let child = Command::new("ip")
-            .args(args)
+        let mut cmd = netns_command(&gw, exe);
+        cmd.args([Path::new("run"), Path::new("--config"), config]);
+        let child = cmd
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
@@ -407,7 +396,7 @@ impl GatewayProcess {
             .stderr(err)
             .spawn()
             .map_err(|source| LabError::Spawn {
-                cmd: format!("ip {}", args.join(" ")),
+                cmd: format!("{cmd:?}"),
                 source,
             })?;
         Ok(GatewayProcess {
