@@ -2,7 +2,8 @@
 //!
 //! A policy travels through these modules in order:
 //!
-//! 1. [`source`] reads objects (YAML files today) into a [`snapshot::Snapshot`];
+//! 1. [`source`] reads objects (YAML files, or the Kubernetes API through kube-rs watchers) into a
+//!    [`snapshot::Snapshot`];
 //! 2. [`compile`] turns a snapshot plus the gateway's own context into an ordered
 //!    [`rule::RuleSet`], every rule carrying its [`rule::Origin`];
 //! 3. [`classify`] builds a packet classifier from the rule set;
@@ -12,6 +13,8 @@
 //!
 //! Nothing here touches sockets or packets; all of it is testable without root.
 
+#[cfg(feature = "apiserver")]
+pub mod apiserver;
 pub mod classbench;
 pub mod classify;
 pub mod compile;

@@ -1,8 +1,11 @@
-//! The reload loop's state: load the policy directory, compile, publish; on any error keep the
-//! last good table and say why.
+//! The reload loop's state: the policy directory's last good snapshot, the Kubernetes API's last
+//! synced snapshot (when watching), their merged compile, and the publisher. On any error the last
+//! good table stays and the status says why.
 
 use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use hdrhistogram::Histogram;
 
 use crate::compile::{compile, CompileError, GatewayContext};
 use crate::publish::{Publisher, RuleHits};
@@ -39,10 +42,22 @@ pub fn load_and_compile(
     Ok((snap, compiled.rules, compiled.warnings))
 }
 
+/// Time from a policy event (a watch event received) to the swap of the table that contains it.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct SwapLatency {
+    pub count: u64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
 /// What the last reload did, for `/status`.
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct ReloadStatus {
     pub policy_dir: String,
+    /// `files`, plus `kubernetes` once the API's first complete snapshot is in the table.
+    pub sources: Vec<String>,
+    pub event_to_swap: SwapLatency,
     pub generation: u64,
     pub rules: usize,
     pub objects: Vec<(String, usize)>,
@@ -58,14 +73,23 @@ pub struct ReloadStatus {
     pub warnings: Vec<String>,
 }
 
-/// Owns the publisher and the policy directory's state.
+/// Owns the publisher and every source's last good snapshot.
 pub struct Reloader {
     dir: PathBuf,
     ctx: GatewayContext,
     publisher: Publisher,
     fingerprint: Fingerprint,
+    files: Snapshot,
+    kube: Option<Snapshot>,
     status: ReloadStatus,
+    /// Event-to-swap latency in microseconds.
+    swap_latency: Histogram<u64>,
 }
+
+/// Buckets (seconds) of the Prometheus event-to-swap histogram.
+pub const SWAP_BUCKETS_S: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
 
 fn unix_now() -> u64 {
     SystemTime::now()
@@ -86,13 +110,83 @@ impl Reloader {
             ctx,
             publisher,
             fingerprint,
+            files: Snapshot::default(),
+            kube: None,
             status: ReloadStatus {
                 policy_dir: dir.display().to_string(),
+                sources: vec!["files".into()],
                 ..ReloadStatus::default()
             },
+            // 1 µs to 1 hour, 3 significant digits: valid constants.
+            swap_latency: Histogram::new_with_bounds(1, 3_600_000_000, 3)
+                .unwrap_or_else(|_| unreachable!()),
         };
         r.record_ok(&snap, warnings, compile_ms);
+        r.files = snap;
         Ok(r)
+    }
+
+    /// Files plus the Kubernetes snapshot, as one.
+    fn merged(&self) -> Snapshot {
+        let mut snap = self.files.clone();
+        if let Some(k) = &self.kube {
+            snap.extend_from(k);
+        }
+        snap
+    }
+
+    /// Compiles the merged sources and publishes; on error nothing changes but the status.
+    fn recompile(&mut self, started: Instant) -> Result<u64, LoadError> {
+        let snap = self.merged();
+        match compile(&snap, &self.ctx) {
+            Ok(compiled) => {
+                let compile_ms = started.elapsed().as_secs_f64() * 1e3;
+                self.publisher.publish(compiled.rules);
+                self.record_ok(&snap, compiled.warnings, compile_ms);
+                Ok(self.status.generation)
+            }
+            Err(e) => {
+                let e = LoadError::Compile(e);
+                self.status.reloads_failed += 1;
+                self.status.last_error = e.lines();
+                Err(e)
+            }
+        }
+    }
+
+    /// Replaces the Kubernetes API's snapshot and publishes the merged table. `events` are the
+    /// instants the watch events in this snapshot arrived; their latency to this swap is recorded.
+    pub fn set_kubernetes(&mut self, snap: Snapshot, events: &[Instant]) -> Result<u64, LoadError> {
+        let started = Instant::now();
+        let previous = self.kube.replace(snap);
+        match self.recompile(started) {
+            Ok(generation) => {
+                let now = Instant::now();
+                for t in events {
+                    let us = now.saturating_duration_since(*t).as_micros() as u64;
+                    let _ = self.swap_latency.record(us.clamp(1, 3_600_000_000));
+                }
+                if !self.status.sources.iter().any(|s| s == "kubernetes") {
+                    self.status.sources.push("kubernetes".into());
+                }
+                self.status.event_to_swap = SwapLatency {
+                    count: self.swap_latency.len(),
+                    p50_ms: self.swap_latency.value_at_quantile(0.5) as f64 / 1e3,
+                    p99_ms: self.swap_latency.value_at_quantile(0.99) as f64 / 1e3,
+                    max_ms: self.swap_latency.max() as f64 / 1e3,
+                };
+                Ok(generation)
+            }
+            Err(e) => {
+                self.kube = previous;
+                Err(e)
+            }
+        }
+    }
+
+    /// The event-to-swap histogram (microseconds), for `/metrics`.
+    pub fn swap_latency(&self) -> &Histogram<u64> {
+        &self.swap_latency
     }
 
     fn record_ok(&mut self, snap: &Snapshot, warnings: Vec<String>, compile_ms: f64) {
@@ -123,14 +217,17 @@ impl Reloader {
         }
         self.fingerprint = fp;
         let started = Instant::now();
-        match load_and_compile(&self.dir, &self.ctx) {
-            Ok((snap, rules, warnings)) => {
-                let compile_ms = started.elapsed().as_secs_f64() * 1e3;
-                self.publisher.publish(rules);
-                self.record_ok(&snap, warnings, compile_ms);
-                Some(Ok(self.status.generation))
+        match load_dir(&self.dir) {
+            Ok(snap) => {
+                let previous = std::mem::replace(&mut self.files, snap);
+                let result = self.recompile(started);
+                if result.is_err() {
+                    self.files = previous;
+                }
+                Some(result)
             }
-            Err(e) => {
+            Err(errs) => {
+                let e = LoadError::Source(errs);
                 self.status.reloads_failed += 1;
                 self.status.last_error = e.lines();
                 Some(Err(e))

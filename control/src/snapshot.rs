@@ -61,6 +61,24 @@ impl ClusterObjects {
 }
 
 impl Snapshot {
+    /// Appends every object of `other` (merging sources: files plus the Kubernetes API).
+    pub fn extend_from(&mut self, other: &Snapshot) {
+        self.gateway_policies
+            .extend_from_slice(&other.gateway_policies);
+        self.calico_policies
+            .extend_from_slice(&other.calico_policies);
+        self.namespaces.extend_from_slice(&other.namespaces);
+        self.workloads.extend_from_slice(&other.workloads);
+        self.nodes.extend_from_slice(&other.nodes);
+        self.services.extend_from_slice(&other.services);
+        self.endpoint_slices
+            .extend_from_slice(&other.endpoint_slices);
+        self.network_policies
+            .extend_from_slice(&other.network_policies);
+        self.security_groups
+            .extend_from_slice(&other.security_groups);
+    }
+
     /// Object counts per kind, for `check` and status.
     pub fn counts(&self) -> Vec<(&'static str, usize)> {
         let pods = self

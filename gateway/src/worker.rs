@@ -230,7 +230,7 @@ pub fn run(setup: WorkerSetup) {
             }
         }
         iterations = iterations.wrapping_add(1);
-        if iterations % 1024 == 0 || empty == 0 {
+        if iterations.is_multiple_of(1024) || empty == 0 {
             let now = Instant::now();
             if now.duration_since(last_merge) >= Duration::from_secs(1) {
                 latency.try_merge(&mut hist);

@@ -1,6 +1,8 @@
-//! Where policy objects come from. Today: a directory of YAML files (the embedded default);
-//! `add_object` is the entry point any other source (the Kubernetes API) feeds objects through.
+//! Where policy objects come from: a directory of YAML files (the embedded default) and the
+//! Kubernetes API. Both feed objects through [`add_object`], so they cannot disagree on what an
+//! object means.
 
 pub mod files;
+pub mod kubernetes;
 
 pub use files::{add_object, load_dir, load_dir_report, Fingerprint, SourceError};

@@ -1,0 +1,844 @@
+//! The Kubernetes source: kube-rs watchers for every kind the policy engine reads, feeding one
+//! snapshot that is debounced, compiled off the datapath and handed to a publish callback.
+//!
+//! - Objects are read as `DynamicObject` and parsed by the same [`add_object`] the file source
+//!   uses, so the API and YAML files can never disagree on what an object means.
+//! - Each kind has its own watcher (list, then watch from the list's resourceVersion; a `410
+//!   Gone` makes it relist). A relist replaces that kind's objects atomically at `InitDone`, so
+//!   deletions missed while disconnected are applied too.
+//! - Nothing is published until every kind finished its first list: never a half-synced table.
+//! - A kind whose API is not served (a CRD that is not installed: Calico, KubeVirt, our own) is
+//!   `absent`, which is normal; it is retried in the background and picked up when installed.
+//! - A malformed object is skipped, counted per kind and reported; the others still apply.
+//! - Objects are parsed once per event, and an event that changes nothing the compiler reads (a
+//!   Pod's status churn, a resync) does not trigger a recompile.
+//! - Losing the API keeps the last published table; `/version` is probed to tell the operator
+//!   when the API is reachable again.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures::StreamExt;
+use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::runtime::utils::Backoff;
+use kube::runtime::watcher::{self, Event};
+use kube::runtime::WatchStreamExt;
+use serde::Serialize;
+
+use crate::snapshot::Snapshot;
+use crate::source::add_object;
+
+/// One kind the source watches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KindSpec {
+    pub group: &'static str,
+    pub version: &'static str,
+    pub kind: &'static str,
+    pub plural: &'static str,
+    /// Served only when a CRD is installed; a 404 means "absent", not an error.
+    pub optional: bool,
+}
+
+impl KindSpec {
+    pub fn api_version(&self) -> String {
+        if self.group.is_empty() {
+            self.version.to_string()
+        } else {
+            format!("{}/{}", self.group, self.version)
+        }
+    }
+
+    /// The collection path, as the API server serves it (cluster-wide).
+    pub fn path(&self) -> String {
+        if self.group.is_empty() {
+            format!("/api/{}/{}", self.version, self.plural)
+        } else {
+            format!("/apis/{}/{}/{}", self.group, self.version, self.plural)
+        }
+    }
+
+    fn resource(&self) -> ApiResource {
+        ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk(self.group, self.version, self.kind),
+            self.plural,
+        )
+    }
+
+    /// How the status and errors name this kind (`NetworkPolicy` is both Kubernetes' and Calico's).
+    pub fn label(&self) -> String {
+        if self.group.is_empty() {
+            self.kind.to_string()
+        } else {
+            format!("{}.{}", self.kind, self.group)
+        }
+    }
+}
+
+const fn kind(
+    group: &'static str,
+    version: &'static str,
+    kind: &'static str,
+    plural: &'static str,
+    optional: bool,
+) -> KindSpec {
+    KindSpec {
+        group,
+        version,
+        kind,
+        plural,
+        optional,
+    }
+}
+
+/// Every kind the policy engine reads. The RBAC in `configs/deploy/10-rbac.yaml` grants exactly
+/// `get`, `list` and `watch` on these.
+pub const KINDS: &[KindSpec] = &[
+    kind("", "v1", "Namespace", "namespaces", false),
+    kind("", "v1", "Pod", "pods", false),
+    kind("", "v1", "Node", "nodes", false),
+    kind("", "v1", "Service", "services", false),
+    kind(
+        "discovery.k8s.io",
+        "v1",
+        "EndpointSlice",
+        "endpointslices",
+        false,
+    ),
+    kind(
+        "networking.k8s.io",
+        "v1",
+        "NetworkPolicy",
+        "networkpolicies",
+        false,
+    ),
+    kind(
+        "crd.projectcalico.org",
+        "v1",
+        "GlobalNetworkPolicy",
+        "globalnetworkpolicies",
+        true,
+    ),
+    kind(
+        "crd.projectcalico.org",
+        "v1",
+        "NetworkPolicy",
+        "networkpolicies",
+        true,
+    ),
+    kind(
+        "portcullis.io",
+        "v1alpha1",
+        "GatewayPolicy",
+        "gatewaypolicies",
+        true,
+    ),
+    kind(
+        "portcullis.io",
+        "v1alpha1",
+        "SecurityGroup",
+        "securitygroups",
+        true,
+    ),
+    kind(
+        "kubevirt.io",
+        "v1",
+        "VirtualMachineInstance",
+        "virtualmachineinstances",
+        true,
+    ),
+];
+
+/// How to reach the API server.
+#[derive(Debug, Clone)]
+pub enum Connection {
+    /// A kubeconfig file (and optionally a context in it); with no path, the usual inference:
+    /// in-cluster service account, else `$KUBECONFIG`, else `~/.kube/config`.
+    Kubeconfig {
+        path: Option<PathBuf>,
+        context: Option<String>,
+    },
+    /// A ready client configuration (tests, embedding).
+    Config(Box<kube::Config>),
+}
+
+/// Timing knobs.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Quiet time after the last event before recompiling.
+    pub debounce: Duration,
+    /// The longest a continuous stream of events may delay a recompile.
+    pub max_delay: Duration,
+    /// The cap of the exponential reconnect backoff (it starts at 100 ms).
+    pub retry_max: Duration,
+    /// How often `/version` is probed to tell whether the API is reachable.
+    pub probe_interval: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            debounce: Duration::from_millis(50),
+            max_delay: Duration::from_millis(500),
+            retry_max: Duration::from_secs(5),
+            probe_interval: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Why the source could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot read the kubeconfig {path}: {message}")]
+    Kubeconfig { path: String, message: String },
+    #[error("no Kubernetes configuration found (not in a cluster, no $KUBECONFIG, no ~/.kube/config): {0}; set kubernetes.api.kubeconfig")]
+    Infer(String),
+    #[error("cannot build a Kubernetes client: {0}")]
+    Client(String),
+    #[error("cannot start the control runtime: {0}")]
+    Runtime(String),
+}
+
+/// A kind's sync state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KindState {
+    /// The first list has not completed.
+    Pending,
+    /// Listed; watching.
+    Synced,
+    /// Not served by this API server (a CRD that is not installed). Counts as synced and empty.
+    Absent,
+}
+
+/// What `/status` shows per kind.
+#[derive(Debug, Clone, Serialize)]
+pub struct KindStatus {
+    pub kind: String,
+    pub path: String,
+    pub state: KindState,
+    pub objects: usize,
+    /// Objects skipped because they do not parse.
+    pub invalid: usize,
+    pub events: u64,
+    /// Completed lists (1 after the first sync; more after `410 Gone` or reconnects).
+    pub lists: u64,
+    pub errors: u64,
+    pub last_error: Option<String>,
+}
+
+/// The source's state, shared with the observability endpoint.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    pub server: String,
+    /// Every kind finished its first list (absent ones count).
+    pub synced: bool,
+    /// The last `/version` probe or watch answered.
+    pub api_reachable: bool,
+    /// Unix seconds since the API has been unreachable.
+    pub unreachable_since_unix: Option<u64>,
+    pub last_error: Option<String>,
+    pub kinds: Vec<KindStatus>,
+    /// One line per malformed object currently skipped (the first 100).
+    pub invalid_objects: Vec<String>,
+    pub publishes: u64,
+    pub publish_errors: u64,
+    pub last_publish_error: Option<String>,
+    /// Events that changed what the compiler reads / events that did not.
+    pub relevant_events: u64,
+    pub ignored_events: u64,
+}
+
+impl Status {
+    fn new(server: String) -> Status {
+        Status {
+            server,
+            synced: false,
+            api_reachable: false,
+            unreachable_since_unix: None,
+            last_error: None,
+            kinds: KINDS
+                .iter()
+                .map(|k| KindStatus {
+                    kind: k.label(),
+                    path: k.path(),
+                    state: KindState::Pending,
+                    objects: 0,
+                    invalid: 0,
+                    events: 0,
+                    lists: 0,
+                    errors: 0,
+                    last_error: None,
+                })
+                .collect(),
+            invalid_objects: Vec::new(),
+            publishes: 0,
+            publish_errors: 0,
+            last_publish_error: None,
+            relevant_events: 0,
+            ignored_events: 0,
+        }
+    }
+
+    /// Kinds still waiting for their first list, for start-up logs.
+    pub fn pending(&self) -> Vec<String> {
+        self.kinds
+            .iter()
+            .filter(|k| k.state == KindState::Pending)
+            .map(|k| match &k.last_error {
+                Some(e) => format!("{} ({e})", k.kind),
+                None => k.kind.clone(),
+            })
+            .collect()
+    }
+}
+
+/// Called with every complete snapshot to publish and the instants of the events it contains.
+/// Returns the new table generation, or why it was rejected (the old table stays).
+pub type PublishFn = Box<dyn FnMut(Snapshot, &[Instant]) -> Result<u64, String> + Send>;
+
+/// A running Kubernetes source. Dropping it stops the watchers and joins the thread.
+pub struct KubeSource {
+    status: Arc<Mutex<Status>>,
+    stop: tokio::sync::watch::Sender<bool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+async fn resolve(conn: Connection) -> Result<kube::Config, StartError> {
+    match conn {
+        Connection::Config(c) => Ok(*c),
+        Connection::Kubeconfig {
+            path: Some(path),
+            context,
+        } => {
+            let shown = path.display().to_string();
+            let kc = Kubeconfig::read_from(&path).map_err(|e| StartError::Kubeconfig {
+                path: shown.clone(),
+                message: e.to_string(),
+            })?;
+            let opts = KubeConfigOptions {
+                context,
+                ..KubeConfigOptions::default()
+            };
+            kube::Config::from_custom_kubeconfig(kc, &opts)
+                .await
+                .map_err(|e| StartError::Kubeconfig {
+                    path: shown,
+                    message: e.to_string(),
+                })
+        }
+        Connection::Kubeconfig {
+            path: None,
+            context: Some(context),
+        } => {
+            let opts = KubeConfigOptions {
+                context: Some(context),
+                ..KubeConfigOptions::default()
+            };
+            kube::Config::from_kubeconfig(&opts)
+                .await
+                .map_err(|e| StartError::Infer(e.to_string()))
+        }
+        Connection::Kubeconfig {
+            path: None,
+            context: None,
+        } => kube::Config::infer()
+            .await
+            .map_err(|e| StartError::Infer(e.to_string())),
+    }
+}
+
+impl KubeSource {
+    /// Resolves the connection (errors here are configuration errors), then starts the control
+    /// thread. Returns at once: use [`KubeSource::wait_synced`] to wait for the first table.
+    pub fn start(
+        conn: Connection,
+        opts: Options,
+        publish: PublishFn,
+    ) -> Result<KubeSource, StartError> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| StartError::Runtime(e.to_string()))?;
+        let config = rt.block_on(resolve(conn))?;
+        let server = config.cluster_url.to_string();
+        let client = {
+            let _guard = rt.enter();
+            kube::Client::try_from(config).map_err(|e| StartError::Client(e.to_string()))?
+        };
+        let status = Arc::new(Mutex::new(Status::new(server)));
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let shared = Arc::clone(&status);
+        let thread = std::thread::Builder::new()
+            .name("pc-kubernetes".into())
+            .spawn(move || {
+                rt.block_on(run(client, opts, publish, shared, stopped));
+            })
+            .map_err(|e| StartError::Runtime(e.to_string()))?;
+        Ok(KubeSource {
+            status,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn status(&self) -> Status {
+        lock(&self.status).clone()
+    }
+
+    /// The shared status, for the observability endpoint.
+    pub fn status_handle(&self) -> Arc<Mutex<Status>> {
+        Arc::clone(&self.status)
+    }
+
+    /// Waits until the first complete snapshot was published, `give_up` returns true, or
+    /// `timeout` passes. Calls `progress` every `every` with the current status.
+    pub fn wait_synced(
+        &self,
+        timeout: Option<Duration>,
+        every: Duration,
+        give_up: &dyn Fn() -> bool,
+        progress: &dyn Fn(&Status),
+    ) -> bool {
+        let started = Instant::now();
+        let mut last_progress = Instant::now();
+        loop {
+            let s = self.status();
+            if s.synced && s.publishes + s.publish_errors > 0 {
+                return s.publishes > 0;
+            }
+            if give_up() || timeout.is_some_and(|t| started.elapsed() >= t) {
+                return false;
+            }
+            if last_progress.elapsed() >= every {
+                progress(&s);
+                last_progress = Instant::now();
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for KubeSource {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Exponential reconnect backoff, 100 ms doubling up to a cap. The watcher resets it after
+/// every successful event.
+struct Retry {
+    next: Duration,
+    max: Duration,
+}
+
+impl Iterator for Retry {
+    type Item = Duration;
+    fn next(&mut self) -> Option<Duration> {
+        let d = self.next;
+        self.next = (self.next * 2).min(self.max);
+        Some(d)
+    }
+}
+
+impl Backoff for Retry {
+    fn reset(&mut self) {
+        self.next = Duration::from_millis(100);
+    }
+}
+
+/// One object, parsed once when its event arrived.
+#[derive(Debug, Clone, PartialEq)]
+struct Parsed {
+    /// The object's own snapshot fragment, or why it does not parse.
+    result: Result<Snapshot, String>,
+}
+
+fn parse(spec: &KindSpec, obj: DynamicObject) -> (String, Parsed) {
+    let ns = obj.metadata.namespace.clone();
+    let name = obj.metadata.name.clone().unwrap_or_default();
+    let key = match &ns {
+        Some(ns) => format!("{ns}/{name}"),
+        None => name.clone(),
+    };
+    let source = format!("api:{}/{key}", spec.kind);
+    let result = (|| {
+        let mut json = serde_json::to_value(&obj).map_err(|e| e.to_string())?;
+        // List items carry no apiVersion/kind; the watch tells us what they are.
+        if let Some(map) = json.as_object_mut() {
+            map.insert("apiVersion".into(), spec.api_version().into());
+            map.insert("kind".into(), spec.kind.into());
+        }
+        let value = serde_norway::to_value(&json).map_err(|e| e.to_string())?;
+        let mut frag = Snapshot::default();
+        add_object(value, &source, &mut frag).map_err(|e| {
+            let mut s = format!("{} {key}", spec.label());
+            if let Some(f) = &e.field {
+                s.push_str(&format!(": {f}"));
+            }
+            s.push_str(&format!(": {}", e.message));
+            s
+        })?;
+        Ok(frag)
+    })();
+    (key, Parsed { result })
+}
+
+/// Per-kind objects, and the relist being buffered.
+struct KindStore {
+    objects: BTreeMap<String, Parsed>,
+    relist: Option<BTreeMap<String, Parsed>>,
+}
+
+fn build_snapshot(stores: &[KindStore]) -> Snapshot {
+    let mut snap = Snapshot::default();
+    for s in stores {
+        for p in s.objects.values() {
+            if let Ok(frag) = &p.result {
+                snap.extend_from(frag);
+            }
+        }
+    }
+    snap
+}
+
+fn refresh_counts(status: &mut Status, stores: &[KindStore]) {
+    let mut invalid = Vec::new();
+    for (k, s) in status.kinds.iter_mut().zip(stores) {
+        k.objects = s.objects.len();
+        k.invalid = 0;
+        for p in s.objects.values() {
+            if let Err(e) = &p.result {
+                k.invalid += 1;
+                if invalid.len() < 100 {
+                    invalid.push(e.clone());
+                }
+            }
+        }
+    }
+    status.invalid_objects = invalid;
+}
+
+fn error_code(e: &watcher::Error) -> Option<u16> {
+    let inner = match e {
+        watcher::Error::InitialListFailed(e)
+        | watcher::Error::WatchStartFailed(e)
+        | watcher::Error::WatchFailed(e) => e,
+        watcher::Error::WatchError(s) => return Some(s.code),
+        watcher::Error::NoResourceVersion => return None,
+    };
+    match inner {
+        kube::Error::Api(s) => Some(s.code),
+        _ => None,
+    }
+}
+
+type Update = (usize, Result<Event<DynamicObject>, watcher::Error>);
+
+async fn run(
+    client: kube::Client,
+    opts: Options,
+    mut publish: PublishFn,
+    status: Arc<Mutex<Status>>,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+) {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Update>(1024);
+    let mut tasks = Vec::new();
+    for (i, spec) in KINDS.iter().enumerate() {
+        let api: Api<DynamicObject> = Api::all_with(client.clone(), &spec.resource());
+        let tx = tx.clone();
+        let retry = Retry {
+            next: Duration::from_millis(100),
+            max: opts.retry_max,
+        };
+        tasks.push(tokio::spawn(async move {
+            let mut stream = watcher::watcher(api, watcher::Config::default())
+                .backoff(retry)
+                .boxed();
+            while let Some(ev) = stream.next().await {
+                if tx.send((i, ev)).await.is_err() {
+                    break;
+                }
+            }
+        }));
+    }
+    drop(tx);
+    {
+        let client = client.clone();
+        let status = Arc::clone(&status);
+        let every = opts.probe_interval;
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let ok = tokio::time::timeout(
+                    every.max(Duration::from_secs(1)),
+                    client.apiserver_version(),
+                )
+                .await;
+                {
+                    let mut s = lock(&status);
+                    match ok {
+                        Ok(Ok(_)) => {
+                            if !s.api_reachable {
+                                tracing::info!(
+                                    server = s.server.as_str(),
+                                    "Kubernetes API reachable"
+                                );
+                            }
+                            s.api_reachable = true;
+                            s.unreachable_since_unix = None;
+                        }
+                        Ok(Err(e)) => mark_unreachable(&mut s, &e.to_string()),
+                        Err(_) => mark_unreachable(&mut s, "GET /version timed out"),
+                    }
+                }
+                tokio::time::sleep(every).await;
+            }
+        }));
+    }
+
+    let mut stores: Vec<KindStore> = KINDS
+        .iter()
+        .map(|_| KindStore {
+            objects: BTreeMap::new(),
+            relist: None,
+        })
+        .collect();
+    let mut synced = false;
+    // Events not yet in a published table, and the debounce window.
+    let mut pending: Vec<Instant> = Vec::new();
+    let mut last_event = Instant::now();
+    let mut dirty = false;
+
+    loop {
+        let deadline = if dirty && synced {
+            let first = pending.first().copied().unwrap_or(last_event);
+            Some((last_event + opts.debounce).min(first + opts.max_delay))
+        } else {
+            None
+        };
+        tokio::select! {
+            _ = stopped.changed() => break,
+            update = rx.recv() => {
+                let Some((i, ev)) = update else { break };
+                let now = Instant::now();
+                let changed = apply(&mut stores, &status, i, ev);
+                if changed {
+                    dirty = true;
+                    last_event = now;
+                    if synced && pending.len() < 1_000_000 {
+                        pending.push(now);
+                    }
+                }
+                let mut s = lock(&status);
+                if !synced && s.kinds.iter().all(|k| k.state != KindState::Pending) {
+                    synced = true;
+                    s.synced = true;
+                    dirty = true;
+                    tracing::info!(server = s.server.as_str(), objects = s.kinds.iter().map(|k| k.objects).sum::<usize>(), "Kubernetes objects synced");
+                }
+                if changed {
+                    refresh_counts(&mut s, &stores);
+                }
+            }
+            _ = sleep_until(deadline) => {
+                let snap = build_snapshot(&stores);
+                let result = publish(snap, &pending);
+                let mut s = lock(&status);
+                match result {
+                    Ok(generation) => {
+                        s.publishes += 1;
+                        s.last_publish_error = None;
+                        tracing::debug!(generation, events = pending.len(), "Kubernetes snapshot published");
+                    }
+                    Err(e) => {
+                        s.publish_errors += 1;
+                        tracing::error!(error = e.as_str(), "Kubernetes snapshot rejected; keeping the last good table");
+                        s.last_publish_error = Some(e);
+                    }
+                }
+                pending.clear();
+                dirty = false;
+            }
+        }
+    }
+    for t in tasks {
+        t.abort();
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(tokio::time::Instant::from_std(d)).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn mark_unreachable(s: &mut Status, why: &str) {
+    if s.api_reachable || s.unreachable_since_unix.is_none() {
+        tracing::warn!(
+            server = s.server.as_str(),
+            error = why,
+            "Kubernetes API unreachable; keeping the last good table"
+        );
+        s.unreachable_since_unix = Some(unix_now());
+    }
+    s.api_reachable = false;
+    s.last_error = Some(why.to_string());
+}
+
+/// Applies one watcher update. Returns whether anything the compiler reads changed.
+fn apply(
+    stores: &mut [KindStore],
+    status: &Mutex<Status>,
+    i: usize,
+    ev: Result<Event<DynamicObject>, watcher::Error>,
+) -> bool {
+    let spec = &KINDS[i];
+    let store = &mut stores[i];
+    let ev = match ev {
+        Ok(ev) => ev,
+        Err(e) => {
+            let code = error_code(&e);
+            let mut s = lock(status);
+            let k = &mut s.kinds[i];
+            k.errors += 1;
+            let absent = spec.optional
+                && code == Some(404)
+                && matches!(e, watcher::Error::InitialListFailed(_));
+            if absent {
+                k.last_error = None;
+                if k.state != KindState::Absent {
+                    tracing::info!(
+                        kind = spec.label(),
+                        "not served by this API server (CRD not installed); treated as empty"
+                    );
+                }
+                k.state = KindState::Absent;
+                let had = !store.objects.is_empty();
+                store.objects.clear();
+                store.relist = None;
+                return had;
+            }
+            let msg = match code {
+                Some(403) => format!(
+                    "forbidden: the ClusterRole needs get, list and watch on {} ({e})",
+                    spec.path()
+                ),
+                _ => e.to_string(),
+            };
+            tracing::warn!(
+                kind = spec.label(),
+                error = msg.as_str(),
+                "watch failed; retrying"
+            );
+            k.last_error = Some(msg.clone());
+            if code.is_none() || code.is_some_and(|c| c >= 500) {
+                mark_unreachable(&mut s, &msg);
+            }
+            return false;
+        }
+    };
+    let mut s = lock(status);
+    s.kinds[i].events += 1;
+    let changed = match ev {
+        Event::Init => {
+            store.relist = Some(BTreeMap::new());
+            false
+        }
+        Event::InitApply(obj) => {
+            let (key, parsed) = parse(spec, obj);
+            store
+                .relist
+                .get_or_insert_with(BTreeMap::new)
+                .insert(key, parsed);
+            false
+        }
+        Event::InitDone => {
+            let fresh = store.relist.take().unwrap_or_default();
+            let k = &mut s.kinds[i];
+            k.lists += 1;
+            k.last_error = None;
+            if k.lists > 1 {
+                tracing::info!(kind = spec.label(), objects = fresh.len(), "relisted");
+            }
+            let became_synced = k.state != KindState::Synced;
+            k.state = KindState::Synced;
+            let changed = fresh != store.objects;
+            store.objects = fresh;
+            changed || became_synced
+        }
+        Event::Apply(obj) => {
+            let (key, parsed) = parse(spec, obj);
+            if let Err(e) = &parsed.result {
+                tracing::warn!(error = e.as_str(), "skipping a malformed object");
+            }
+            store.objects.insert(key, parsed.clone()) != Some(parsed)
+        }
+        Event::Delete(obj) => {
+            let (key, _) = parse(spec, obj);
+            store.objects.remove(&key).is_some()
+        }
+    };
+    if changed {
+        s.relevant_events += 1;
+    } else {
+        s.ignored_events += 1;
+    }
+    changed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_are_unique_and_paths_are_api_paths() {
+        let mut paths: Vec<String> = KINDS.iter().map(KindSpec::path).collect();
+        paths.sort();
+        paths.dedup();
+        assert_eq!(paths.len(), KINDS.len());
+        assert_eq!(KINDS[1].path(), "/api/v1/pods");
+        assert_eq!(
+            KINDS[5].path(),
+            "/apis/networking.k8s.io/v1/networkpolicies"
+        );
+        assert!(KINDS
+            .iter()
+            .filter(|k| !k.optional)
+            .all(|k| matches!(k.group, "" | "discovery.k8s.io" | "networking.k8s.io")));
+    }
+
+    #[test]
+    fn parse_names_the_field_of_a_malformed_object() {
+        let obj: DynamicObject = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "bad", "resourceVersion": "7"},
+            "spec": {"ingress": [{"action": "Allow", "destination": {"ports": ["eighty"]}}]}
+        }))
+        .unwrap();
+        let spec = KINDS.iter().find(|k| k.kind == "GatewayPolicy").unwrap();
+        let (key, parsed) = parse(spec, obj);
+        assert_eq!(key, "bad");
+        let err = parsed.result.unwrap_err();
+        assert!(
+            err.starts_with(
+                "GatewayPolicy.portcullis.io bad: spec.ingress[0].destination.ports[0]"
+            ),
+            "{err}"
+        );
+    }
+}
