@@ -246,7 +246,7 @@ pub enum NoEndpoints {
     Pass,
 }
 
-/// How the Kubernetes layer is compiled.
+/// How the Kubernetes layer is compiled, and whether objects also come from the API.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "snake_case")]
 pub struct Kubernetes {
@@ -255,6 +255,53 @@ pub struct Kubernetes {
     pub pods_routable: bool,
     #[serde(default = "default_no_endpoints")]
     pub no_endpoints: NoEndpoints,
+    /// Watch the Kubernetes API (absent: the policy directory is the only source).
+    #[serde(default)]
+    pub api: Option<KubernetesApi>,
+}
+
+/// What `run` does before the API's first complete snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Startup {
+    /// Open no socket until every kind was listed: never forward on a partial view.
+    Wait,
+    /// Forward on the policy directory's table at once; swap in the merged table when synced.
+    Files,
+}
+
+/// The Kubernetes API source.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub struct KubernetesApi {
+    /// A kubeconfig file (relative to this config's directory). Absent: in-cluster service
+    /// account, else `$KUBECONFIG`, else `~/.kube/config`.
+    #[serde(default)]
+    pub kubeconfig: Option<PathBuf>,
+    /// A context of the kubeconfig (absent: its current context).
+    #[serde(default)]
+    pub context: Option<String>,
+    #[serde(default = "default_startup")]
+    pub startup: Startup,
+    /// Give up starting after this many seconds without a first sync (0: wait for ever).
+    #[serde(default)]
+    pub startup_timeout_s: u64,
+    /// Quiet time after the last event before recompiling.
+    #[serde(default = "default_debounce")]
+    pub debounce_ms: u64,
+    /// The longest a stream of events may delay a recompile.
+    #[serde(default = "default_max_delay")]
+    pub max_delay_ms: u64,
+}
+
+fn default_startup() -> Startup {
+    Startup::Wait
+}
+fn default_debounce() -> u64 {
+    50
+}
+fn default_max_delay() -> u64 {
+    500
 }
 
 fn default_no_endpoints() -> NoEndpoints {
@@ -266,6 +313,7 @@ impl Default for Kubernetes {
         Kubernetes {
             pods_routable: false,
             no_endpoints: default_no_endpoints(),
+            api: None,
         }
     }
 }
@@ -344,6 +392,8 @@ pub struct Config {
     pub metrics: Metrics,
     pub logging: Logging,
     pub context: GatewayContext,
+    /// The Kubernetes API source, when configured (kubeconfig anchored like `policy_dir`).
+    pub kubernetes_api: Option<KubernetesApi>,
 }
 
 impl Config {
@@ -477,11 +527,33 @@ impl Config {
             }
         }
         let base = path.parent().unwrap_or(Path::new("."));
-        let policy_dir = if w.policy_dir.is_absolute() {
-            w.policy_dir
-        } else {
-            base.join(w.policy_dir)
-        };
+        let anchor = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
+        let policy_dir = anchor(w.policy_dir);
+        let mut kubernetes_api = w.kubernetes.api.clone();
+        if let Some(api) = &mut kubernetes_api {
+            if !(1..=60_000).contains(&api.max_delay_ms) {
+                return Err(err(
+                    "kubernetes.api.max_delay_ms",
+                    format!("{} is out of range (expected 1-60000)", api.max_delay_ms),
+                ));
+            }
+            if api.debounce_ms > api.max_delay_ms {
+                return Err(err(
+                    "kubernetes.api.debounce_ms",
+                    format!(
+                        "{} exceeds max_delay_ms ({}): the debounce could never end",
+                        api.debounce_ms, api.max_delay_ms
+                    ),
+                ));
+            }
+            if api.context.as_deref() == Some("") {
+                return Err(err(
+                    "kubernetes.api.context",
+                    "is empty (omit it to use the kubeconfig's current context)".into(),
+                ));
+            }
+            api.kubeconfig = api.kubeconfig.take().map(anchor);
+        }
         Ok(Config {
             path: path.to_path_buf(),
             interfaces: w.interfaces,
@@ -504,6 +576,7 @@ impl Config {
                 pods_routable: w.kubernetes.pods_routable,
                 drop_no_endpoints: w.kubernetes.no_endpoints == NoEndpoints::Drop,
             },
+            kubernetes_api,
         })
     }
 }
@@ -552,6 +625,11 @@ mod tests {
             ("interfaces: {ext: e0, int: e0}\npolicy_dir: p\n", "interfaces.int", "differ"),
             ("interfaces: {ext: a-very-long-interface-name, int: i0}\npolicy_dir: p\n", "interfaces.ext", "1-15"),
             (&format!("{MIN}metrics: {{listen: nowhere}}\n"), "metrics.listen", ""),
+            (&format!("{MIN}kubernetes: {{api: {{startup: later}}}}\n"), "kubernetes.api.startup", "wait"),
+            (&format!("{MIN}kubernetes: {{api: {{debounce_ms: 900}}}}\n"), "kubernetes.api.debounce_ms", "exceeds max_delay_ms"),
+            (&format!("{MIN}kubernetes: {{api: {{max_delay_ms: 0}}}}\n"), "kubernetes.api.max_delay_ms", "1-60000"),
+            (&format!("{MIN}kubernetes: {{api: {{context: ''}}}}\n"), "kubernetes.api.context", "empty"),
+            (&format!("{MIN}kubernetes: {{api: {{kubeconf: x}}}}\n"), "kubernetes.api", "unknown field"),
         ];
         for (text, field, needle) in cases {
             let e = parse(text).unwrap_err();
@@ -564,6 +642,30 @@ mod tests {
             );
             assert!(shown.contains(needle), "{text:?}: {shown}");
         }
+    }
+
+    #[test]
+    fn kubernetes_api_defaults_and_anchoring() {
+        assert!(parse(MIN).unwrap().kubernetes_api.is_none());
+        let c = parse(&format!(
+            "{MIN}kubernetes: {{api: {{kubeconfig: kube/config}}}}\n"
+        ))
+        .unwrap();
+        let api = c.kubernetes_api.unwrap();
+        assert_eq!(
+            api.kubeconfig.unwrap(),
+            Path::new("/etc/portcullis/kube/config")
+        );
+        assert_eq!(api.startup, Startup::Wait);
+        assert_eq!(
+            (api.debounce_ms, api.max_delay_ms, api.startup_timeout_s),
+            (50, 500, 0)
+        );
+        let c = parse(&format!("{MIN}kubernetes: {{api: {{}}}}\n")).unwrap();
+        assert!(
+            c.kubernetes_api.unwrap().kubeconfig.is_none(),
+            "in-cluster/inferred"
+        );
     }
 
     #[test]

@@ -383,9 +383,56 @@ fn stats(addr: SocketAddr, json: bool) -> Result<()> {
         s["copy_mode"]
     );
     println!(
-        "table generation {} with {} rules; last reload error: {}",
-        s["policy"]["generation"], s["policy"]["rules"], s["policy"]["last_error"]
+        "table generation {} with {} rules from {}; last reload error: {}",
+        s["policy"]["generation"],
+        s["policy"]["rules"],
+        s["policy"]["sources"]
+            .as_array()
+            .map(|a| a
+                .iter()
+                .filter_map(|v| v.as_str())
+                .collect::<Vec<_>>()
+                .join(" + "))
+            .unwrap_or_default(),
+        s["policy"]["last_error"]
     );
+    let k = &s["kubernetes"];
+    if !k.is_null() {
+        println!(
+            "kubernetes {}: synced={} reachable={} publishes={} rejected={} events={} relevant / {} ignored; last error: {}",
+            k["server"].as_str().unwrap_or("?"),
+            k["synced"],
+            k["api_reachable"],
+            k["publishes"],
+            k["publish_errors"],
+            k["relevant_events"],
+            k["ignored_events"],
+            k["last_error"]
+        );
+        let e = &s["policy"]["event_to_swap"];
+        println!(
+            "  event to swap: p50 {} ms, p99 {} ms, max {} ms over {} events",
+            e["p50_ms"], e["p99_ms"], e["max_ms"], e["count"]
+        );
+        for kind in k["kinds"].as_array().into_iter().flatten() {
+            println!(
+                "  {:<40} {:<8} {:>6} objects {:>3} invalid {:>3} lists {:>3} errors{}",
+                kind["kind"].as_str().unwrap_or("?"),
+                kind["state"].as_str().unwrap_or("?"),
+                kind["objects"],
+                kind["invalid"],
+                kind["lists"],
+                kind["errors"],
+                kind["last_error"]
+                    .as_str()
+                    .map(|e| format!("  ({e})"))
+                    .unwrap_or_default()
+            );
+        }
+        for bad in k["invalid_objects"].as_array().into_iter().flatten() {
+            println!("  skipped: {}", bad.as_str().unwrap_or("?"));
+        }
+    }
     println!(
         "ingress: {} rx, {} forwarded; egress: {} rx, {} forwarded; non-IP forwarded {}",
         t["rx_ingress"], t["tx_ingress"], t["rx_egress"], t["tx_egress"], t["l2_forwarded"]

@@ -10,7 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use control::publish::RuleHits;
-use control::reload::{ReloadStatus, Reloader};
+use control::reload::{ReloadStatus, Reloader, SWAP_BUCKETS_S};
+use control::source::kubernetes::{self, KindState};
 use serde::Serialize;
 
 use crate::stats::{new_histogram, CounterSnapshot, LatencySummary, SharedLatency, WorkerCounters};
@@ -27,6 +28,8 @@ pub struct Observed {
     pub counters: Vec<Arc<WorkerCounters>>,
     pub latency: Vec<Arc<SharedLatency>>,
     pub reloader: Arc<Mutex<Reloader>>,
+    /// The Kubernetes source's state, when watching the API.
+    pub kubernetes: Option<Arc<Mutex<kubernetes::Status>>>,
     /// (worker, interface, AF_XDP socket fd), for the kernel's own drop counters.
     pub sockets: Vec<(usize, String, i32)>,
 }
@@ -51,6 +54,11 @@ pub struct Status {
     pub queues: u32,
     pub copy_mode: bool,
     pub policy: ReloadStatus,
+    /// The Kubernetes API source, when configured.
+    pub kubernetes: Option<kubernetes::Status>,
+    /// Cumulative (le seconds, count) buckets of the event-to-swap latency, and its sum.
+    pub event_to_swap_buckets: Vec<(f64, u64)>,
+    pub event_to_swap_sum_s: f64,
     pub totals: CounterSnapshot,
     pub workers: Vec<CounterSnapshot>,
     pub burst_latency: LatencySummary,
@@ -70,9 +78,15 @@ impl Observed {
         for l in &self.latency {
             l.merge_into(&mut h);
         }
-        let (policy, rules) = {
+        let (policy, rules, buckets, sum) = {
             let mut r = self.reloader.lock().unwrap_or_else(|p| p.into_inner());
-            (r.status().clone(), r.rule_hits())
+            let h = r.swap_latency();
+            let buckets = SWAP_BUCKETS_S
+                .iter()
+                .map(|le| (*le, h.count_between(0, (le * 1e6) as u64)))
+                .collect();
+            let sum = h.mean() * h.len() as f64 / 1e6;
+            (r.status().clone(), r.rule_hits(), buckets, sum)
         };
         Status {
             version: env!("CARGO_PKG_VERSION"),
@@ -83,6 +97,12 @@ impl Observed {
             queues: self.queues,
             copy_mode: self.copy_mode,
             policy,
+            kubernetes: self
+                .kubernetes
+                .as_ref()
+                .map(|k| k.lock().unwrap_or_else(|p| p.into_inner()).clone()),
+            event_to_swap_buckets: buckets,
+            event_to_swap_sum_s: sum,
             totals,
             workers,
             burst_latency: LatencySummary::of(&h),
@@ -99,6 +119,47 @@ impl Observed {
                 .collect(),
             rules,
         }
+    }
+}
+
+/// Whether the gateway is healthy, and why not: a rejected policy reload, or a Kubernetes source
+/// that is not synced or cannot reach the API (the last good table keeps forwarding either way).
+pub fn health(s: &Status) -> Result<(), String> {
+    let mut why = Vec::new();
+    if !s.policy.last_error.is_empty() {
+        why.push(format!(
+            "policy reload failing; serving the last good table (generation {}): {}",
+            s.policy.generation,
+            s.policy.last_error.join("; ")
+        ));
+    }
+    if let Some(k) = &s.kubernetes {
+        if !k.synced || k.publishes == 0 {
+            why.push(format!(
+                "Kubernetes API {} not synced yet; pending: {}",
+                k.server,
+                k.pending().join(", ")
+            ));
+        }
+        if !k.api_reachable {
+            why.push(format!(
+                "Kubernetes API {} unreachable{}; serving the last good table (generation {}): {}",
+                k.server,
+                k.unreachable_since_unix
+                    .map(|t| format!(" since unix time {t}"))
+                    .unwrap_or_default(),
+                s.policy.generation,
+                k.last_error.as_deref().unwrap_or("no answer")
+            ));
+        }
+        if let Some(e) = &k.last_publish_error {
+            why.push(format!("the Kubernetes snapshot was rejected: {e}"));
+        }
+    }
+    if why.is_empty() {
+        Ok(())
+    } else {
+        Err(why.join("\n"))
     }
 }
 
@@ -311,13 +372,144 @@ pub fn prometheus(s: &Status) -> String {
         );
     }
     let _ = writeln!(o, "portcullis_burst_service_seconds_count {}", l.count);
+
+    family(
+        "portcullis_policy_event_to_swap_seconds",
+        "histogram",
+        "Time from a Kubernetes watch event to the swap of the table that contains it.",
+        &mut o,
+    );
+    for (le, n) in &s.event_to_swap_buckets {
+        let _ = writeln!(
+            o,
+            "portcullis_policy_event_to_swap_seconds_bucket{{le=\"{le}\"}} {n}"
+        );
+    }
+    let count = s.policy.event_to_swap.count;
+    let _ = writeln!(
+        o,
+        "portcullis_policy_event_to_swap_seconds_bucket{{le=\"+Inf\"}} {count}"
+    );
+    let _ = writeln!(
+        o,
+        "portcullis_policy_event_to_swap_seconds_sum {}",
+        s.event_to_swap_sum_s
+    );
+    let _ = writeln!(o, "portcullis_policy_event_to_swap_seconds_count {count}");
+    family(
+        "portcullis_healthy",
+        "gauge",
+        "1 when /healthz answers 200 (policies load, and the Kubernetes API is synced and reachable).",
+        &mut o,
+    );
+    let _ = writeln!(o, "portcullis_healthy {}", u8::from(health(s).is_ok()));
+    if let Some(k) = &s.kubernetes {
+        kubernetes_metrics(k, &mut o);
+    }
     o
+}
+
+fn kubernetes_metrics(k: &kubernetes::Status, o: &mut String) {
+    let family = |name: &str, kind: &str, help: &str, o: &mut String| {
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    };
+    for (name, kind, help, value) in [
+        (
+            "portcullis_kubernetes_synced",
+            "gauge",
+            "1 once every kind was listed.",
+            u64::from(k.synced),
+        ),
+        (
+            "portcullis_kubernetes_api_reachable",
+            "gauge",
+            "1 while the API server answers.",
+            u64::from(k.api_reachable),
+        ),
+        (
+            "portcullis_kubernetes_publishes_total",
+            "counter",
+            "Kubernetes snapshots compiled and swapped in.",
+            k.publishes,
+        ),
+        (
+            "portcullis_kubernetes_publish_errors_total",
+            "counter",
+            "Kubernetes snapshots rejected by the compiler (the last good table stayed).",
+            k.publish_errors,
+        ),
+        (
+            "portcullis_kubernetes_relevant_events_total",
+            "counter",
+            "Watch events that changed what the compiler reads.",
+            k.relevant_events,
+        ),
+        (
+            "portcullis_kubernetes_ignored_events_total",
+            "counter",
+            "Watch events that changed nothing the compiler reads (status churn, resyncs).",
+            k.ignored_events,
+        ),
+    ] {
+        family(name, kind, help, o);
+        let _ = writeln!(o, "{name} {value}");
+    }
+    for (name, kind, help, get) in [
+        (
+            "portcullis_kubernetes_objects",
+            "gauge",
+            "Objects held, per kind (malformed ones included).",
+            (|s: &kubernetes::KindStatus| s.objects as u64) as fn(&kubernetes::KindStatus) -> u64,
+        ),
+        (
+            "portcullis_kubernetes_invalid_objects",
+            "gauge",
+            "Objects skipped because they do not parse, per kind.",
+            |s| s.invalid as u64,
+        ),
+        (
+            "portcullis_kubernetes_events_total",
+            "counter",
+            "Watch events received, per kind.",
+            |s| s.events,
+        ),
+        (
+            "portcullis_kubernetes_lists_total",
+            "counter",
+            "Complete lists, per kind (more than 1: relists after 410 Gone or reconnects).",
+            |s| s.lists,
+        ),
+        (
+            "portcullis_kubernetes_watch_errors_total",
+            "counter",
+            "List and watch errors, per kind.",
+            |s| s.errors,
+        ),
+        (
+            "portcullis_kubernetes_kind_synced",
+            "gauge",
+            "1 when the kind is listed (or absent: its CRD is not installed).",
+            |s| u64::from(s.state != KindState::Pending),
+        ),
+    ] {
+        family(name, kind, help, o);
+        for s in &k.kinds {
+            let _ = writeln!(o, "{name}{{kind=\"{}\"}} {}", label(&s.kind), get(s));
+        }
+    }
 }
 
 fn respond(mut stream: TcpStream, obs: &Observed) -> std::io::Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    // Read the whole request head: a client may send it in several segments.
     let mut buf = [0u8; 4096];
-    let n = stream.read(&mut buf)?;
+    let mut n = 0;
+    while n < buf.len() && !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+        match stream.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
     let req = String::from_utf8_lossy(&buf[..n]);
     let path = req.split_whitespace().nth(1).unwrap_or("/");
     let (code, ctype, body) = match path {
@@ -332,32 +524,22 @@ fn respond(mut stream: TcpStream, obs: &Observed) -> std::io::Result<()> {
             serde_json::to_string_pretty(&obs.status())
                 .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")),
         ),
-        "/healthz" => {
-            let healthy = obs
-                .reloader
-                .lock()
-                .map(|r| r.status().last_error.is_empty())
-                .unwrap_or(false);
-            if healthy {
-                ("200 OK", "text/plain", "ok\n".to_string())
-            } else {
-                (
-                    "503 Service Unavailable",
-                    "text/plain",
-                    "policy reload failing; serving the last good table\n".to_string(),
-                )
-            }
-        }
+        "/healthz" => match health(&obs.status()) {
+            Ok(()) => ("200 OK", "text/plain", "ok\n".to_string()),
+            Err(why) => ("503 Service Unavailable", "text/plain", format!("{why}\n")),
+        },
         _ => (
             "404 Not Found",
             "text/plain",
             "try /metrics, /status or /healthz\n".to_string(),
         ),
     };
-    write!(
-        stream,
-        "HTTP/1.0 {code}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
+    stream.write_all(
+        format!(
+            "HTTP/1.0 {code}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
     )
 }
 
@@ -393,7 +575,8 @@ pub fn serve(listener: TcpListener, obs: Arc<Observed>, stop: Arc<AtomicBool>) {
 pub fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> std::io::Result<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, timeout)?;
     s.set_read_timeout(Some(timeout))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    // One write: a server that reads the head in one go must see all of it.
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())?;
     let mut out = String::new();
     s.read_to_string(&mut out)?;
     let code = out

@@ -8,9 +8,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use control::reload::Reloader;
 use control::rule::Verdict;
+use control::source::kubernetes::{self, Connection, KubeSource};
 use crossbeam_queue::ArrayQueue;
 
-use crate::config::Config;
+use crate::config::{Config, KubernetesApi, Startup};
 use crate::metrics::{self, Observed};
 use crate::preflight;
 use crate::stats::{SharedLatency, WorkerCounters};
@@ -71,6 +72,16 @@ pub fn run(cfg: Config) -> Result<()> {
     signal_hook::flag::register(signal_hook::consts::SIGHUP, Arc::clone(&hup))
         .context("cannot install the SIGHUP handler")?;
 
+    // Kept alive until `run` returns: dropping it stops the watchers.
+    let kube = match &cfg.kubernetes_api {
+        Some(api) => start_kubernetes(&cfg, api, &reloader, &stop)?,
+        None => None,
+    };
+    if cfg.kubernetes_api.is_some() && kube.is_none() {
+        tracing::info!("stopped while waiting for the Kubernetes API");
+        return Ok(());
+    }
+
     let listener = match cfg.metrics.listen {
         Some(addr) => Some(metrics::bind(addr).with_context(|| {
             format!(
@@ -129,6 +140,7 @@ pub fn run(cfg: Config) -> Result<()> {
         counters: counters.clone(),
         latency: latency.clone(),
         reloader: Arc::clone(&reloader),
+        kubernetes: kube.as_ref().map(KubeSource::status_handle),
         sockets,
     });
 
@@ -184,6 +196,96 @@ pub fn run(cfg: Config) -> Result<()> {
         "final counters"
     );
     Ok(())
+}
+
+/// Starts the Kubernetes source publishing into `reloader`. With `startup: wait`, blocks until
+/// its first complete snapshot is in the table; returns `None` if stopped meanwhile.
+fn start_kubernetes(
+    cfg: &Config,
+    api: &KubernetesApi,
+    reloader: &Arc<Mutex<Reloader>>,
+    stop: &Arc<AtomicBool>,
+) -> Result<Option<KubeSource>> {
+    let r = Arc::clone(reloader);
+    let publish: kubernetes::PublishFn = Box::new(move |snap, events| {
+        let mut r = r.lock().unwrap_or_else(|p| p.into_inner());
+        match r.set_kubernetes(snap, events) {
+            Ok(generation) => {
+                let s = r.status();
+                tracing::info!(
+                    generation,
+                    rules = s.rules,
+                    build_ms = s.build_ms,
+                    events = events.len(),
+                    "table swapped (Kubernetes)"
+                );
+                for w in &s.warnings {
+                    tracing::warn!(warning = w.as_str(), "policy warning");
+                }
+                Ok(generation)
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    });
+    let opts = kubernetes::Options {
+        debounce: Duration::from_millis(api.debounce_ms),
+        max_delay: Duration::from_millis(api.max_delay_ms),
+        ..kubernetes::Options::default()
+    };
+    let conn = Connection::Kubeconfig {
+        path: api.kubeconfig.clone(),
+        context: api.context.clone(),
+    };
+    let source = KubeSource::start(conn, opts, publish).with_context(|| {
+        format!(
+            "cannot start the Kubernetes source (kubernetes.api in {})",
+            cfg.path.display()
+        )
+    })?;
+    let server = source.status().server;
+    if api.startup == Startup::Files {
+        tracing::info!(
+            server = server.as_str(),
+            "forwarding on the policy directory's table until the Kubernetes API is synced"
+        );
+        return Ok(Some(source));
+    }
+    tracing::info!(
+        server = server.as_str(),
+        "waiting for a complete list of every kind before opening any socket (kubernetes.api.startup: wait)"
+    );
+    let timeout = (api.startup_timeout_s > 0).then(|| Duration::from_secs(api.startup_timeout_s));
+    let synced = source.wait_synced(
+        timeout,
+        Duration::from_secs(5),
+        &|| stop.load(Relaxed),
+        &|s| {
+            tracing::warn!(
+                server = s.server.as_str(),
+                pending = s.pending().join(", ").as_str(),
+                last_error = s.last_error.as_deref().unwrap_or(""),
+                rejected = s.last_publish_error.as_deref().unwrap_or(""),
+                "still waiting for the Kubernetes API"
+            )
+        },
+    );
+    if synced {
+        return Ok(Some(source));
+    }
+    if stop.load(Relaxed) {
+        return Ok(None);
+    }
+    let s = source.status();
+    anyhow::bail!(
+        "no complete snapshot from the Kubernetes API at {} within {}s (kubernetes.api.startup_timeout_s); still pending: {}; last error: {}{}",
+        s.server,
+        api.startup_timeout_s,
+        s.pending().join(", "),
+        s.last_error.as_deref().unwrap_or("none"),
+        s.last_publish_error
+            .map(|e| format!("; the snapshot was rejected: {e}"))
+            .unwrap_or_default()
+    )
 }
 
 /// The control thread's loop (on the main thread): reload on change or SIGHUP, and write the

@@ -54,6 +54,16 @@ fn unique_prefix(tag: &str) -> String {
 }
 
 fn start(tag: &str, queues: u32, policy_dir: &Path) -> Fixture {
+    start_with(tag, queues, policy_dir, |_| String::new())
+}
+
+/// Like [`start`]; `setup` runs once the lab is up and returns YAML appended to the config.
+fn start_with(
+    tag: &str,
+    queues: u32,
+    policy_dir: &Path,
+    setup: impl FnOnce(&Lab) -> String,
+) -> Fixture {
     let prefix = unique_prefix(tag);
     let lab = Lab::new(&prefix, queues).unwrap();
     // A leftover from a killed run of the same pid is not ours to keep.
@@ -69,6 +79,11 @@ fn start(tag: &str, queues: u32, policy_dir: &Path) -> Fixture {
         &config,
     )
     .unwrap();
+    let extra = setup(&lab);
+    if !extra.is_empty() {
+        let text = std::fs::read_to_string(&config).unwrap();
+        std::fs::write(&config, format!("{text}{extra}")).unwrap();
+    }
     let metrics = "127.0.0.1:9477".parse().unwrap();
     let mut gw = GatewayProcess::spawn(
         &lab,
@@ -633,4 +648,156 @@ items:
     );
     assert!(hits(&after, "Service/shop/dns-cluster") >= 30);
     assert!(hits(&after, "Service/shop/dns-local") >= 20);
+}
+
+/// The real gateway watching a (test) Kubernetes API server in its own namespace: it waits for
+/// the first complete list before opening sockets, a policy change over the API flips what real
+/// traffic does, and losing the API keeps the last table while `/healthz` says so.
+#[test]
+fn the_gateway_follows_the_kubernetes_api_and_survives_losing_it() {
+    if !require_root() {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let policies =
+        std::env::temp_dir().join(format!("portcullis-test-kapi-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&policies);
+    std::fs::create_dir_all(&policies).unwrap();
+    let _cleanup = TempDir(policies.clone());
+    let api: std::sync::OnceLock<control::apiserver::ApiServer> = std::sync::OnceLock::new();
+    let policy = |action: &str| {
+        serde_json::json!({"apiVersion": "portcullis.io/v1alpha1", "kind": "GatewayPolicy",
+            "metadata": {"name": "dns-clients"},
+            "spec": {"ingress": [{"action": action, "protocol": "UDP",
+                     "source": {"nets": ["10.99.0.1/32"]}, "destination": {"ports": [30053]}}]}})
+    };
+    let f = start_with("tka", 1, &policies, |lab| {
+        // The API server listens on the gateway namespace's loopback.
+        let server = in_netns(&lab.gw_ns(), control::apiserver::ApiServer::start).unwrap();
+        server.apply(policy("Allow"));
+        let kubeconfig = policies.join("kubeconfig");
+        std::fs::write(&kubeconfig, server.kubeconfig_yaml()).unwrap();
+        let _ = api.set(server);
+        format!(
+            "kubernetes:\n  api:\n    kubeconfig: {}\n    startup: wait\n    debounce_ms: 20\n",
+            kubeconfig.display()
+        )
+    });
+    let api = api.get().unwrap();
+    let servers = Servers::start(&f.lab.server_ns(), &[], &[30053]).unwrap();
+    let ns = f.lab.client_ns();
+    let send = || {
+        udp_stream(
+            &ns,
+            addr("10.99.0.2", 30053),
+            10,
+            200,
+            Duration::from_secs(2),
+        )
+        .unwrap()
+    };
+
+    let s = f.gw.status().unwrap();
+    assert_eq!(
+        s["policy"]["sources"],
+        serde_json::json!(["files", "kubernetes"])
+    );
+    assert_eq!(s["kubernetes"]["synced"], true);
+    assert_eq!(send(), 10);
+    assert_eq!(
+        wait_udp(&servers, 30053, 10, Duration::from_secs(3))
+            .seqs
+            .len(),
+        10,
+        "allowed by the GatewayPolicy served by the API"
+    );
+
+    let generation = s["policy"]["generation"].as_u64().unwrap();
+    api.apply(policy("Deny"));
+    let started = Instant::now();
+    while f.gw.status().unwrap()["policy"]["generation"]
+        .as_u64()
+        .unwrap()
+        == generation
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no swap after the API change"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let before = f.gw.status().unwrap();
+    send();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        servers.udp_log(30053).seqs.len(),
+        10,
+        "denied after the update"
+    );
+    let after =
+        f.gw.status()
+            .unwrap_or_else(|e| panic!("{e}: {}", f.gw.log()));
+    assert_eq!(
+        drops(&after, "policy_deny") - drops(&before, "policy_deny"),
+        10
+    );
+    assert_eq!(
+        hits(&after, "GatewayPolicy/dns-clients") - hits(&before, "GatewayPolicy/dns-clients"),
+        10
+    );
+
+    let (_, metrics) = f.gw.get("/metrics").unwrap();
+    let count = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("portcullis_policy_event_to_swap_seconds_count "))
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap();
+    assert!(count >= 1, "{metrics}");
+    assert!(
+        metrics.contains("portcullis_kubernetes_synced 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("portcullis_kubernetes_objects{kind=\"GatewayPolicy.portcullis.io\"} 1"),
+        "{metrics}"
+    );
+
+    // The API goes away: the table stays, health says why.
+    api.go_down();
+    let started = Instant::now();
+    loop {
+        let (code, body) = f.gw.get("/healthz").unwrap();
+        if code == 503 {
+            assert!(body.contains("unreachable"), "{body}");
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "healthz stayed {code}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let before = f.gw.status().unwrap();
+    send();
+    std::thread::sleep(Duration::from_millis(300));
+    let after = f.gw.status().unwrap();
+    assert_eq!(
+        drops(&after, "policy_deny") - drops(&before, "policy_deny"),
+        10,
+        "the last table still decides"
+    );
+    assert_eq!(
+        after["policy"]["generation"],
+        before["policy"]["generation"]
+    );
+
+    in_netns(&f.lab.gw_ns(), || api.come_back()).unwrap();
+    let started = Instant::now();
+    while f.gw.get("/healthz").unwrap().0 != 200 {
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "healthz never recovered"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

@@ -399,8 +399,8 @@ impl KubeSource {
         Arc::clone(&self.status)
     }
 
-    /// Waits until the first complete snapshot was published, `give_up` returns true, or
-    /// `timeout` passes. Calls `progress` every `every` with the current status.
+    /// Waits until the first complete snapshot was published (a rejected one keeps waiting for a
+    /// fix), `give_up` returns true, or `timeout` passes. Calls `progress` every `every`.
     pub fn wait_synced(
         &self,
         timeout: Option<Duration>,
@@ -412,8 +412,8 @@ impl KubeSource {
         let mut last_progress = Instant::now();
         loop {
             let s = self.status();
-            if s.synced && s.publishes + s.publish_errors > 0 {
-                return s.publishes > 0;
+            if s.publishes > 0 {
+                return true;
             }
             if give_up() || timeout.is_some_and(|t| started.elapsed() >= t) {
                 return false;
