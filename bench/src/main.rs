@@ -57,6 +57,8 @@ enum Cmd {
     /// Forwarding throughput in the namespace lab: UDP floods from the client through a
     /// busy-polling gateway to the server; rates come from the gateway's own counters.
     LabForward(forward::Args),
+    /// Policy change to datapath latency through the Kubernetes source, at given rule counts.
+    KubeLatency(kube_latency::Args),
 }
 
 fn index(v: u32) -> i64 {
@@ -90,11 +92,13 @@ mod compare;
 mod dpdk;
 mod forward;
 mod harness;
+mod kube_latency;
 mod traffic;
 
 fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::LabForward(a) => forward::run(a),
+        Cmd::KubeLatency(a) => kube_latency::run(a),
         Cmd::Gen(a) => traffic::gen(a),
         Cmd::Sink(a) => traffic::sink(a),
         Cmd::Pktgen(a) => traffic::pktgen(a),

@@ -46,6 +46,7 @@ fn options() -> Options {
         max_delay: Duration::from_millis(200),
         retry_max: Duration::from_millis(400),
         probe_interval: Duration::from_millis(200),
+        absent_recheck: Duration::from_millis(300),
     }
 }
 

@@ -23,9 +23,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use futures::StreamExt;
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
 use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::runtime::utils::Backoff;
 use kube::runtime::watcher::{self, Event};
-use kube::runtime::WatchStreamExt;
 use serde::Serialize;
 
 use crate::snapshot::Snapshot;
@@ -175,6 +173,8 @@ pub struct Options {
     pub retry_max: Duration,
     /// How often `/version` is probed to tell whether the API is reachable.
     pub probe_interval: Duration,
+    /// How often a kind that is not served (CRD not installed) is looked for again.
+    pub absent_recheck: Duration,
 }
 
 impl Default for Options {
@@ -184,6 +184,7 @@ impl Default for Options {
             max_delay: Duration::from_millis(500),
             retry_max: Duration::from_secs(5),
             probe_interval: Duration::from_secs(2),
+            absent_recheck: Duration::from_secs(30),
         }
     }
 }
@@ -440,8 +441,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Exponential reconnect backoff, 100 ms doubling up to a cap. The watcher resets it after
-/// every successful event.
+/// Exponential reconnect backoff, 100 ms doubling up to a cap, reset by real progress (a
+/// completed list or a watch event).
 struct Retry {
     next: Duration,
     max: Duration,
@@ -456,7 +457,7 @@ impl Iterator for Retry {
     }
 }
 
-impl Backoff for Retry {
+impl Retry {
     fn reset(&mut self) {
         self.next = Duration::from_millis(100);
     }
@@ -534,6 +535,10 @@ fn refresh_counts(status: &mut Status, stores: &[KindStore]) {
     status.invalid_objects = invalid;
 }
 
+fn spec_optional(i: usize) -> bool {
+    KINDS[i].optional
+}
+
 fn error_code(e: &watcher::Error) -> Option<u16> {
     let inner = match e {
         watcher::Error::InitialListFailed(e)
@@ -566,13 +571,31 @@ async fn run(
             next: Duration::from_millis(100),
             max: opts.retry_max,
         };
+        let absent_recheck = opts.absent_recheck;
         tasks.push(tokio::spawn(async move {
-            let mut stream = watcher::watcher(api, watcher::Config::default())
-                .backoff(retry)
-                .boxed();
+            // The backoff is ours, not `WatchStreamExt::backoff`: that one resets on every Ok
+            // item, and a failing relist yields an Ok(Init) before each error, so it would retry
+            // at the minimum delay for ever. Only real progress resets this one.
+            let mut retry = retry;
+            let mut stream = watcher::watcher(api, watcher::Config::default()).boxed();
             while let Some(ev) = stream.next().await {
+                let progress =
+                    matches!(ev, Ok(Event::InitDone | Event::Apply(_) | Event::Delete(_)));
+                let pause = match &ev {
+                    Err(e) if spec_optional(i) && error_code(e) == Some(404) => {
+                        Some(absent_recheck)
+                    }
+                    Err(_) => retry.next(),
+                    Ok(_) => None,
+                };
+                if progress {
+                    retry.reset();
+                }
                 if tx.send((i, ev)).await.is_err() {
                     break;
+                }
+                if let Some(p) = pause {
+                    tokio::time::sleep(p).await;
                 }
             }
         }));
