@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use control::publish::RuleHits;
@@ -24,14 +24,16 @@ pub struct Observed {
     pub ext: String,
     pub int: String,
     pub queues: u32,
-    pub copy_mode: bool,
+    /// Set once the sockets are open (the endpoint serves before that, while waiting for the
+    /// Kubernetes API).
+    pub copy_mode: AtomicBool,
     pub counters: Vec<Arc<WorkerCounters>>,
     pub latency: Vec<Arc<SharedLatency>>,
     pub reloader: Arc<Mutex<Reloader>>,
     /// The Kubernetes source's state, when watching the API.
-    pub kubernetes: Option<Arc<Mutex<kubernetes::Status>>>,
+    pub kubernetes: OnceLock<Arc<Mutex<kubernetes::Status>>>,
     /// (worker, interface, AF_XDP socket fd), for the kernel's own drop counters.
-    pub sockets: Vec<(usize, String, i32)>,
+    pub sockets: Mutex<Vec<(usize, String, i32)>>,
 }
 
 /// The kernel's view of one AF_XDP socket.
@@ -95,11 +97,11 @@ impl Observed {
             ext: self.ext.clone(),
             int: self.int.clone(),
             queues: self.queues,
-            copy_mode: self.copy_mode,
+            copy_mode: self.copy_mode.load(Relaxed),
             policy,
             kubernetes: self
                 .kubernetes
-                .as_ref()
+                .get()
                 .map(|k| k.lock().unwrap_or_else(|p| p.into_inner()).clone()),
             event_to_swap_buckets: buckets,
             event_to_swap_sum_s: sum,
@@ -108,6 +110,8 @@ impl Observed {
             burst_latency: LatencySummary::of(&h),
             kernel: self
                 .sockets
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
                 .iter()
                 .filter_map(|(worker, iface, fd)| {
                     Some(KernelSocket {

@@ -2,7 +2,7 @@
 //! observability endpoint, and a clean shutdown that detaches every XDP program it attached.
 
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -72,16 +72,6 @@ pub fn run(cfg: Config) -> Result<()> {
     signal_hook::flag::register(signal_hook::consts::SIGHUP, Arc::clone(&hup))
         .context("cannot install the SIGHUP handler")?;
 
-    // Kept alive until `run` returns: dropping it stops the watchers.
-    let kube = match &cfg.kubernetes_api {
-        Some(api) => start_kubernetes(&cfg, api, &reloader, &stop)?,
-        None => None,
-    };
-    if cfg.kubernetes_api.is_some() && kube.is_none() {
-        tracing::info!("stopped while waiting for the Kubernetes API");
-        return Ok(());
-    }
-
     let listener = match cfg.metrics.listen {
         Some(addr) => Some(metrics::bind(addr).with_context(|| {
             format!(
@@ -89,6 +79,53 @@ pub fn run(cfg: Config) -> Result<()> {
                 cfg.path.display()
             )
         })?),
+        None => None,
+    };
+
+    let counters: Vec<Arc<WorkerCounters>> = (0..workers).map(|_| Arc::default()).collect();
+    let latency: Vec<Arc<SharedLatency>> = (0..workers).map(|_| Arc::default()).collect();
+    let flows = Arc::new(ArrayQueue::<FlowRecord>::new(4096));
+    let obs = Arc::new(Observed {
+        started: Instant::now(),
+        config: cfg.path.display().to_string(),
+        ext: cfg.interfaces.ext.clone(),
+        int: cfg.interfaces.int.clone(),
+        queues: cfg.queues,
+        copy_mode: AtomicBool::new(false),
+        counters: counters.clone(),
+        latency: latency.clone(),
+        reloader: Arc::clone(&reloader),
+        kubernetes: OnceLock::new(),
+        sockets: Mutex::new(Vec::new()),
+    });
+    // Every way out of `run` stops the threads started from here on.
+    let _stop_threads = StopOnDrop(Arc::clone(&stop));
+    let mut handles = Vec::new();
+    // Served from the start, so `/healthz` and `portcullis stats` answer while waiting for the
+    // Kubernetes API.
+    if let Some(l) = listener {
+        let (obs, stop) = (Arc::clone(&obs), Arc::clone(&stop));
+        handles.push(
+            std::thread::Builder::new()
+                .name("pc-metrics".into())
+                .spawn(move || metrics::serve(l, obs, stop))?,
+        );
+    }
+
+    // Kept alive until `run` returns: dropping it stops the watchers.
+    let _kube = match &cfg.kubernetes_api {
+        Some(api) => {
+            let source = start_kubernetes(&cfg, api, &reloader)?;
+            let _ = obs.kubernetes.set(source.status_handle());
+            if !wait_kubernetes(api, &source, &stop)? {
+                tracing::info!("stopped while waiting for the Kubernetes API");
+                for h in handles {
+                    let _ = h.join();
+                }
+                return Ok(());
+            }
+            Some(source)
+        }
         None => None,
     };
 
@@ -116,7 +153,8 @@ pub fn run(cfg: Config) -> Result<()> {
         pairs.push(pair);
     }
     let copy_mode = pairs.iter().any(|p| p.copy_mode);
-    let sockets = pairs
+    obs.copy_mode.store(copy_mode, Relaxed);
+    *obs.sockets.lock().unwrap_or_else(|p| p.into_inner()) = pairs
         .iter()
         .enumerate()
         .flat_map(|(i, p)| {
@@ -127,24 +165,6 @@ pub fn run(cfg: Config) -> Result<()> {
         })
         .collect();
 
-    let counters: Vec<Arc<WorkerCounters>> = (0..workers).map(|_| Arc::default()).collect();
-    let latency: Vec<Arc<SharedLatency>> = (0..workers).map(|_| Arc::default()).collect();
-    let flows = Arc::new(ArrayQueue::<FlowRecord>::new(4096));
-    let obs = Arc::new(Observed {
-        started: Instant::now(),
-        config: cfg.path.display().to_string(),
-        ext: cfg.interfaces.ext.clone(),
-        int: cfg.interfaces.int.clone(),
-        queues: cfg.queues,
-        copy_mode,
-        counters: counters.clone(),
-        latency: latency.clone(),
-        reloader: Arc::clone(&reloader),
-        kubernetes: kube.as_ref().map(KubeSource::status_handle),
-        sockets,
-    });
-
-    let mut handles = Vec::new();
     for (i, pair) in pairs.into_iter().enumerate() {
         let setup = WorkerSetup {
             index: i,
@@ -171,14 +191,6 @@ pub fn run(cfg: Config) -> Result<()> {
                 .context("cannot spawn a worker thread")?,
         );
     }
-    if let Some(l) = listener {
-        let (obs, stop) = (Arc::clone(&obs), Arc::clone(&stop));
-        handles.push(
-            std::thread::Builder::new()
-                .name("pc-metrics".into())
-                .spawn(move || metrics::serve(l, obs, stop))?,
-        );
-    }
     tracing::info!(ext = cfg.interfaces.ext.as_str(), int = cfg.interfaces.int.as_str(), queues = cfg.queues, copy_mode, listen = ?cfg.metrics.listen, "portcullis running");
 
     control_loop(&reloader, &flows, &stop, &hup);
@@ -198,14 +210,21 @@ pub fn run(cfg: Config) -> Result<()> {
     Ok(())
 }
 
-/// Starts the Kubernetes source publishing into `reloader`. With `startup: wait`, blocks until
-/// its first complete snapshot is in the table; returns `None` if stopped meanwhile.
+/// Sets the stop flag when dropped, so no thread outlives an early error return.
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Relaxed);
+    }
+}
+
+/// Starts the Kubernetes source publishing into `reloader`.
 fn start_kubernetes(
     cfg: &Config,
     api: &KubernetesApi,
     reloader: &Arc<Mutex<Reloader>>,
-    stop: &Arc<AtomicBool>,
-) -> Result<Option<KubeSource>> {
+) -> Result<KubeSource> {
     let r = Arc::clone(reloader);
     let publish: kubernetes::PublishFn = Box::new(move |snap, events| {
         let mut r = r.lock().unwrap_or_else(|p| p.into_inner());
@@ -236,19 +255,24 @@ fn start_kubernetes(
         path: api.kubeconfig.clone(),
         context: api.context.clone(),
     };
-    let source = KubeSource::start(conn, opts, publish).with_context(|| {
+    KubeSource::start(conn, opts, publish).with_context(|| {
         format!(
             "cannot start the Kubernetes source (kubernetes.api in {})",
             cfg.path.display()
         )
-    })?;
+    })
+}
+
+/// With `startup: wait`, blocks until the source's first complete snapshot is in the table.
+/// Returns false if stopped meanwhile, an error after `startup_timeout_s`.
+fn wait_kubernetes(api: &KubernetesApi, source: &KubeSource, stop: &AtomicBool) -> Result<bool> {
     let server = source.status().server;
     if api.startup == Startup::Files {
         tracing::info!(
             server = server.as_str(),
             "forwarding on the policy directory's table until the Kubernetes API is synced"
         );
-        return Ok(Some(source));
+        return Ok(true);
     }
     tracing::info!(
         server = server.as_str(),
@@ -269,11 +293,8 @@ fn start_kubernetes(
             )
         },
     );
-    if synced {
-        return Ok(Some(source));
-    }
-    if stop.load(Relaxed) {
-        return Ok(None);
+    if synced || stop.load(Relaxed) {
+        return Ok(synced);
     }
     let s = source.status();
     anyhow::bail!(

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use control::snapshot::Snapshot;
 use control::source::add_object;
+use control::source::kubernetes::KINDS;
 use gateway::config::Config;
 use serde_json::Value;
 
@@ -47,7 +48,8 @@ fn deploy_manifests_fit_together() {
                 "ClusterRole",
                 "ClusterRoleBinding",
                 "ConfigMap",
-                "DaemonSet"
+                "DaemonSet",
+                "CustomResourceDefinition"
             ]
             .contains(&kind),
             "{}: unexpected kind {kind}",
@@ -83,25 +85,42 @@ fn deploy_manifests_fit_together() {
             }
         }
     }
-    for (group, resource) in [
-        ("", "namespaces"),
-        ("", "pods"),
-        ("", "nodes"),
-        ("", "services"),
-        ("discovery.k8s.io", "endpointslices"),
-        ("networking.k8s.io", "networkpolicies"),
-        ("projectcalico.org", "globalnetworkpolicies"),
-        ("projectcalico.org", "networkpolicies"),
-        ("portcullis.io", "gatewaypolicies"),
-        ("portcullis.io", "securitygroups"),
-        ("kubevirt.io", "virtualmachineinstances"),
-    ] {
+    // Exactly what the Kubernetes source watches (crd.projectcalico.org is Calico's storage
+    // API; projectcalico.org is its aggregated API, granted for clusters that read through it).
+    for k in KINDS {
         assert!(
             granted
-                .get(group)
-                .is_some_and(|r| r.iter().any(|x| x == resource)),
-            "RBAC lacks {group}/{resource}"
+                .get(k.group)
+                .is_some_and(|r| r.iter().any(|x| x == k.plural)),
+            "RBAC lacks {}/{}",
+            k.group,
+            k.plural
         );
+    }
+    for (group, resources) in &granted {
+        for r in resources {
+            assert!(
+                KINDS
+                    .iter()
+                    .any(|k| k.plural == r && (k.group == group || group == "projectcalico.org")),
+                "RBAC grants {group}/{r}, which nothing watches"
+            );
+        }
+    }
+    // Our CRDs are in the manifests, with the names the source watches.
+    for k in KINDS.iter().filter(|k| k.group == "portcullis.io") {
+        let crd = by_kind("CustomResourceDefinition")
+            .into_iter()
+            .find(|c| c["spec"]["names"]["kind"] == k.kind)
+            .unwrap_or_else(|| panic!("no CRD for {}", k.kind));
+        assert_eq!(crd["spec"]["group"], k.group);
+        assert_eq!(crd["spec"]["names"]["plural"], k.plural);
+        assert_eq!(crd["metadata"]["name"], format!("{}.{}", k.plural, k.group));
+        assert!(crd["spec"]["versions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["name"] == k.version && v["served"] == true));
     }
     let sa = by_kind("ServiceAccount")[0];
     let binding = by_kind("ClusterRoleBinding")[0];
@@ -154,6 +173,21 @@ fn deploy_manifests_fit_together() {
     )
     .unwrap();
     assert_eq!(cfg.policy_dir, Path::new("/etc/portcullis/policies"));
+    let api = cfg
+        .kubernetes_api
+        .as_ref()
+        .expect("the DaemonSet watches the API");
+    assert!(api.kubeconfig.is_none(), "in-cluster service account");
+
+    // Readiness follows /healthz (synced, API reachable); liveness only asks that the process
+    // answers, so losing the API never restarts a gateway that still forwards.
+    let c = &pod["containers"][0];
+    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(c["readinessProbe"]["httpGet"]["host"], "127.0.0.1");
+    assert!(
+        c["livenessProbe"]["httpGet"].is_null()
+            || c["livenessProbe"]["httpGet"]["path"] != "/healthz"
+    );
     let policies = maps
         .iter()
         .find(|m| m["metadata"]["name"] == "portcullis-policies")

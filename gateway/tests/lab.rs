@@ -801,3 +801,119 @@ fn the_gateway_follows_the_kubernetes_api_and_survives_losing_it() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Start-up without the API: `startup: wait` opens no socket (no XDP program attached) and says
+/// why on `/healthz` until the API answers; `startup: files` forwards on the policy directory at
+/// once and swaps in the merged table when the API is synced.
+#[test]
+fn startup_waits_for_the_api_or_starts_on_the_files() {
+    if !require_root() {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let prefix = unique_prefix("tkw");
+    let lab = Lab::new(&prefix, 1).unwrap();
+    let _ = lab.down();
+    lab.up().unwrap();
+    let _guard = LabGuard(lab.clone());
+    let dir = TempDir(std::env::temp_dir().join(format!("portcullis-test-{prefix}")));
+    let policies = dir.0.join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    // The file source allows the client to the UDP port; the API adds nothing but must be synced.
+    std::fs::write(
+        policies.join("allow.yaml"),
+        "apiVersion: portcullis.io/v1alpha1\nkind: GatewayPolicy\nmetadata: {name: from-files}\nspec: {ingress: [{action: Allow, protocol: UDP, destination: {ports: [30053]}}]}\n",
+    )
+    .unwrap();
+    let api = in_netns(&lab.gw_ns(), control::apiserver::ApiServer::start).unwrap();
+    api.go_down();
+    let kubeconfig = dir.0.join("kubeconfig");
+    std::fs::write(&kubeconfig, api.kubeconfig_yaml()).unwrap();
+    let servers = Servers::start(&lab.server_ns(), &[], &[30053]).unwrap();
+    let metrics = "127.0.0.1:9477".parse().unwrap();
+
+    for startup in ["wait", "files"] {
+        let config = dir.0.join(format!("gateway-{startup}.yaml"));
+        lab.write_config(&repo().join("configs/lab/gateway.yaml"), &policies, &config)
+            .unwrap();
+        let text = std::fs::read_to_string(&config).unwrap();
+        std::fs::write(
+            &config,
+            format!(
+                "{text}kubernetes:\n  api: {{kubeconfig: {}, startup: {startup}}}\n",
+                kubeconfig.display()
+            ),
+        )
+        .unwrap();
+        let mut gw = GatewayProcess::spawn(
+            &lab,
+            Path::new(env!("CARGO_BIN_EXE_portcullis")),
+            &config,
+            metrics,
+            &dir.0.join(format!("gateway-{startup}.log")),
+        )
+        .unwrap();
+        // Unhealthy, and says why, while the API is away.
+        let started = Instant::now();
+        let body = loop {
+            if let Ok((503, body)) = gw.get("/healthz") {
+                break body;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "{startup}: {}",
+                gw.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(body.contains("not synced"), "{startup}: {body}");
+        if startup == "wait" {
+            std::thread::sleep(Duration::from_millis(500));
+            assert!(
+                lab.xdp_program(&lab.ext()).is_none(),
+                "wait: an XDP program was attached before the API synced"
+            );
+        } else {
+            let started = Instant::now();
+            while lab.xdp_program(&lab.ext()).is_none() {
+                assert!(
+                    started.elapsed() < Duration::from_secs(10),
+                    "files: never attached: {}",
+                    gw.log()
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let before = servers.udp_log(30053).seqs.len();
+            udp_stream(
+                &lab.client_ns(),
+                addr("10.99.0.2", 30053),
+                10,
+                200,
+                Duration::from_secs(2),
+            )
+            .unwrap();
+            assert_eq!(
+                wait_udp(
+                    &servers,
+                    30053,
+                    (before + 10) as u64,
+                    Duration::from_secs(3)
+                )
+                .seqs
+                .len(),
+                before + 10,
+                "files: forwarding on the file policies while the API is away"
+            );
+        }
+        in_netns(&lab.gw_ns(), || api.come_back()).unwrap();
+        gw.wait_ready(Duration::from_secs(20)).unwrap();
+        let s = gw.status().unwrap();
+        assert_eq!(
+            s["policy"]["sources"],
+            serde_json::json!(["files", "kubernetes"])
+        );
+        assert!(lab.xdp_program(&lab.ext()).is_some());
+        assert_eq!(gw.stop(Duration::from_secs(10)).unwrap().code(), Some(0));
+        api.go_down();
+    }
+}

@@ -7,7 +7,7 @@ export KUBECONFIG=/etc/rancher/k3s/k3s.yaml
 step "wait for the API"
 for _ in $(seq 60); do kubectl get nodes >/dev/null 2>&1 && break; sleep 2; done
 step "apply Portcullis CRDs and deploy manifests"
-kubectl apply -f /portcullis/configs/crds/
+kubectl apply -f /portcullis/configs/deploy/00-crd-gatewaypolicy.yaml -f /portcullis/configs/deploy/01-crd-securitygroup.yaml
 [[ -d /portcullis/configs/deploy ]] && kubectl apply -f /portcullis/configs/deploy/ || echo "  configs/deploy/ not present yet (live Kubernetes source)"
 step "apply demo Services"
 kubectl apply -f /portcullis/vagrant/files/demo-services.yaml

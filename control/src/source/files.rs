@@ -199,7 +199,7 @@ pub fn add_object(
         ("projectcalico.org/v3" | "crd.projectcalico.org/v1", k @ ("GlobalNetworkPolicy" | "NetworkPolicy")) => {
             snap.calico_policies.push(Located::new(source, CalicoPolicy::from_yaml(value, k == "GlobalNetworkPolicy").map_err(field)?))
         }
-        // CRD manifests may sit beside the objects (configs/crds); they change no verdict.
+        // CRD manifests may sit beside the objects (configs/deploy); they change no verdict.
         ("apiextensions.k8s.io/v1", "CustomResourceDefinition") => {}
         (v, k) => {
             return Err(err(
