@@ -166,6 +166,8 @@ impl ApiServer {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
+                // As the real API server (Go sets TCP_NODELAY): watch events leave at once.
+                let _ = stream.set_nodelay(true);
                 let shared = Arc::clone(&shared);
                 let mut epoch = shared.epoch.subscribe();
                 tokio::spawn(async move {

@@ -48,6 +48,7 @@ pub struct Publisher {
     retired: Vec<Arc<Table>>,
     carried: HashMap<RuleId, u64>,
     workers: usize,
+    last_swap: std::time::Instant,
 }
 
 impl Publisher {
@@ -58,6 +59,7 @@ impl Publisher {
             retired: Vec::new(),
             carried: HashMap::new(),
             workers,
+            last_swap: std::time::Instant::now(),
         }
     }
 
@@ -76,9 +78,15 @@ impl Publisher {
         let generation = self.shared.load().generation() + 1;
         let table = Arc::new(Table::build(rules, generation, self.workers));
         let old = self.shared.swap(Arc::clone(&table));
+        self.last_swap = std::time::Instant::now();
         self.retired.push(old);
         self.fold();
         table
+    }
+
+    /// When the current table was swapped in (for event-to-swap latency).
+    pub fn last_swap(&self) -> std::time::Instant {
+        self.last_swap
     }
 
     /// Number of retired tables some worker still holds.

@@ -84,8 +84,6 @@ pub struct Reloader {
     status: ReloadStatus,
     /// Event-to-swap latency in microseconds.
     swap_latency: Histogram<u64>,
-    /// When the last table was swapped in.
-    last_swap: Instant,
 }
 
 /// Buckets (seconds) of the Prometheus event-to-swap histogram.
@@ -122,7 +120,6 @@ impl Reloader {
             // 1 µs to 1 hour, 3 significant digits: valid constants.
             swap_latency: Histogram::new_with_bounds(1, 3_600_000_000, 3)
                 .unwrap_or_else(|_| unreachable!()),
-            last_swap: Instant::now(),
         };
         r.record_ok(&snap, warnings, compile_ms);
         r.files = snap;
@@ -145,7 +142,6 @@ impl Reloader {
             Ok(compiled) => {
                 let compile_ms = started.elapsed().as_secs_f64() * 1e3;
                 self.publisher.publish(compiled.rules);
-                self.last_swap = Instant::now();
                 self.record_ok(&snap, compiled.warnings, compile_ms);
                 Ok(self.status.generation)
             }
@@ -165,7 +161,7 @@ impl Reloader {
         let previous = self.kube.replace(snap);
         match self.recompile(started) {
             Ok(generation) => {
-                let now = self.last_swap;
+                let now = self.publisher.last_swap();
                 for t in events {
                     let us = now.saturating_duration_since(*t).as_micros() as u64;
                     let _ = self.swap_latency.record(us.clamp(1, 3_600_000_000));
