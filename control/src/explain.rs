@@ -121,3 +121,45 @@ pub fn explain(table: &Table, objects: &ClusterObjects, key: &FlowKey) -> Result
         kubernetes,
     })
 }
+
+impl Report {
+    /// The human-readable explanation `portcullis explain` prints.
+    pub fn render(&self) -> String {
+        use std::fmt::Write as _;
+        let mut o = String::new();
+        let verdict = match self.verdict {
+            Verdict::Allow => "ALLOW".to_string(),
+            Verdict::Deny(d) => format!("DENY ({})", d.as_str()),
+        };
+        let _ = writeln!(o, "flow:    {}", self.flow);
+        let _ = writeln!(o, "verdict: {verdict}");
+        let Some(last) = self.steps.last() else {
+            let _ = writeln!(o, "no rule matched (the table fails closed)");
+            return o;
+        };
+        let origin = &last.origin;
+        let pos = origin.index.map_or(String::new(), |i| format!(" rule {i}"));
+        let _ = writeln!(o, "layer:   {:?}", last.layer);
+        let _ = writeln!(
+            o,
+            "rule:    #{} {}{} (id {})",
+            last.index, origin.object, pos, last.rule
+        );
+        let _ = writeln!(o, "origin:  {}", origin.source);
+        let _ = writeln!(o, "reason:  {}", origin.why);
+        if self.steps.len() > 1 {
+            let _ = writeln!(o, "also matched on the way:");
+            for s in &self.steps[..self.steps.len() - 1] {
+                let _ = writeln!(o, "  #{} {} ({:?})", s.index, s.origin.object, s.action);
+            }
+        }
+        if let Some(k) = &self.kubernetes {
+            let _ = writeln!(
+                o,
+                "kubernetes: {} -> {}: ingress {}, egress {}, allowed {}",
+                k.from, k.to, k.ingress_allowed, k.egress_allowed, k.allowed
+            );
+        }
+        o
+    }
+}

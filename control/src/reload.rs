@@ -10,7 +10,7 @@ use hdrhistogram::Histogram;
 use crate::compile::{compile, CompileError, GatewayContext};
 use crate::publish::{Publisher, RuleHits};
 use crate::rule::RuleSet;
-use crate::snapshot::Snapshot;
+use crate::snapshot::{ClusterObjects, Snapshot};
 use crate::source::{load_dir, Fingerprint, SourceError};
 
 /// Why a policy load failed.
@@ -84,6 +84,8 @@ pub struct Reloader {
     status: ReloadStatus,
     /// Event-to-swap latency in microseconds.
     swap_latency: Histogram<u64>,
+    /// The objects behind the current table, for `explain`'s Kubernetes verdicts.
+    objects: ClusterObjects,
 }
 
 /// Buckets (seconds) of the Prometheus event-to-swap histogram.
@@ -120,8 +122,10 @@ impl Reloader {
             // 1 µs to 1 hour, 3 significant digits: valid constants.
             swap_latency: Histogram::new_with_bounds(1, 3_600_000_000, 3)
                 .unwrap_or_else(|_| unreachable!()),
+            objects: ClusterObjects::default(),
         };
         r.record_ok(&snap, warnings, compile_ms);
+        r.objects = snap.cluster_objects();
         r.files = snap;
         Ok(r)
     }
@@ -143,6 +147,7 @@ impl Reloader {
                 let compile_ms = started.elapsed().as_secs_f64() * 1e3;
                 self.publisher.publish(compiled.rules);
                 self.record_ok(&snap, compiled.warnings, compile_ms);
+                self.objects = snap.cluster_objects();
                 Ok(self.status.generation)
             }
             Err(e) => {
@@ -182,6 +187,11 @@ impl Reloader {
                 Err(e)
             }
         }
+    }
+
+    /// Explains a flow against the live table (what the workers use right now).
+    pub fn explain(&self, key: &crate::key::FlowKey) -> Result<crate::explain::Report, String> {
+        crate::explain::explain(&self.publisher.current(), &self.objects, key)
     }
 
     /// The event-to-swap histogram (microseconds), for `/metrics`.

@@ -10,7 +10,6 @@ use clap::{Parser, Subcommand, ValueEnum};
 use control::compile::{compile, GatewayContext};
 use control::explain::Probe;
 use control::key::FlowKey;
-use control::rule::Verdict;
 use control::snapshot::ClusterObjects;
 use control::source::load_dir_report;
 use control::table::Table;
@@ -94,17 +93,24 @@ struct PolicySource {
     /// A policy directory, with the default context (ingress deny, egress allow, no failsafe).
     #[arg(long)]
     policies: Option<PathBuf>,
+    /// `explain` only: ask the running instance at this metrics address about its live table
+    /// (files and Kubernetes API merged, exactly what the workers use).
+    #[arg(long, conflicts_with_all = ["config", "policies"])]
+    addr: Option<SocketAddr>,
 }
 
 impl PolicySource {
     fn load(&self) -> Result<(PathBuf, GatewayContext)> {
+        if let Some(addr) = self.addr {
+            bail!("--addr {addr} works with `explain` only; `check` reads --config or --policies");
+        }
         match (&self.config, &self.policies) {
             (Some(c), _) => {
                 let cfg = Config::load(c)?;
                 Ok((cfg.policy_dir, cfg.context))
             }
             (None, Some(p)) => Ok((p.clone(), GatewayContext::default())),
-            (None, None) => bail!("give --config FILE or --policies DIR"),
+            (None, None) => bail!("give --config FILE or --policies DIR (or --addr for explain)"),
         }
     }
 }
@@ -170,9 +176,13 @@ fn dispatch(cli: Cli) -> Result<()> {
             json,
             probes,
         } => {
-            let built = build(&src)?;
-            if let Some(file) = probes {
-                return explain_probes(&built, &file);
+            if src.addr.is_some() && probes.is_some() {
+                bail!("--probes reads policies (--config or --policies); with --addr, explain one flow at a time");
+            }
+            if src.addr.is_none() {
+                if let Some(file) = &probes {
+                    return explain_probes(&build(&src)?, file);
+                }
             }
             let probe = Probe {
                 src: src_addr.context("give --src IP")?,
@@ -186,7 +196,11 @@ fn dispatch(cli: Cli) -> Result<()> {
                     Dir::Egress => "egress".into(),
                 },
             };
-            explain(&built, &probe.key().map_err(anyhow::Error::msg)?, json)
+            let key = probe.key().map_err(anyhow::Error::msg)?;
+            match src.addr {
+                Some(addr) => explain_live(addr, &probe, json),
+                None => explain(&build(&src)?, &key, json),
+            }
         }
         Cmd::Stats { addr, json } => stats(addr, json),
         Cmd::Lab { action } => match action {
@@ -287,38 +301,38 @@ fn explain(b: &Built, key: &FlowKey, json: bool) -> Result<()> {
     let r = control::explain::explain(&b.table, &b.objects, key).map_err(anyhow::Error::msg)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&r)?);
-        return Ok(());
+    } else {
+        print!("{}", r.render());
     }
-    let verdict = match r.verdict {
-        Verdict::Allow => "ALLOW".to_string(),
-        Verdict::Deny(d) => format!("DENY ({})", d.as_str()),
-    };
-    println!("flow:    {}", r.flow);
-    println!("verdict: {verdict}");
-    let Some(last) = r.steps.last() else {
+    if r.steps.is_empty() {
         bail!("no rule matched (the table fails closed)");
-    };
-    let o = &last.origin;
-    let pos = o.index.map_or(String::new(), |i| format!(" rule {i}"));
-    println!("layer:   {:?}", last.layer);
-    println!(
-        "rule:    #{} {}{} (id {})",
-        last.index, o.object, pos, last.rule
+    }
+    Ok(())
+}
+
+/// `explain --addr`: asks a running instance about its live table (whatever its sources).
+fn explain_live(addr: SocketAddr, probe: &Probe, json: bool) -> Result<()> {
+    let mut path = format!(
+        "/explain?src={}&dst={}&proto={}&sport={}&dport={}&direction={}&format={}",
+        probe.src,
+        probe.dst,
+        probe.proto,
+        probe.sport,
+        probe.dport,
+        probe.direction,
+        if json { "json" } else { "text" }
     );
-    println!("origin:  {}", o.source);
-    println!("reason:  {}", o.why);
-    if r.steps.len() > 1 {
-        println!("also matched on the way:");
-        for s in &r.steps[..r.steps.len() - 1] {
-            println!("  #{} {} ({:?})", s.index, s.origin.object, s.action);
-        }
+    if let Some(t) = probe.icmp_type {
+        path.push_str(&format!("&icmp_type={t}"));
     }
-    if let Some(k) = &r.kubernetes {
-        println!(
-            "kubernetes: {} -> {}: ingress {}, egress {}, allowed {}",
-            k.from, k.to, k.ingress_allowed, k.egress_allowed, k.allowed
-        );
+    let (code, body) = gateway::metrics::http_get(addr, &path, Duration::from_secs(3))
+        .with_context(|| {
+            format!("cannot reach a running portcullis at {addr} (is metrics.listen set to it?)")
+        })?;
+    if code != 200 {
+        bail!("{addr} answered {code}: {}", body.trim());
     }
+    print!("{body}");
     Ok(())
 }
 

@@ -503,6 +503,52 @@ fn kubernetes_metrics(k: &kubernetes::Status, o: &mut String) {
     }
 }
 
+/// `/explain?src=&dst=&proto=&sport=&dport=&icmp_type=&direction=&format=text|json`: the live
+/// table's verdict for one flow.
+fn explain(obs: &Observed, path: &str) -> (&'static str, &'static str, String) {
+    let bad = |m: String| ("400 Bad Request", "text/plain", format!("{m}\n"));
+    let query = path.split_once('?').map_or("", |(_, q)| q);
+    let mut fields = serde_json::Map::new();
+    let mut json = false;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        match k {
+            "format" => json = v == "json",
+            "sport" | "dport" | "icmp_type" => match v.parse::<u16>() {
+                Ok(n) => {
+                    fields.insert(k.into(), n.into());
+                }
+                Err(_) => return bad(format!("{k}={v} is not a number")),
+            },
+            _ => {
+                fields.insert(k.into(), v.into());
+            }
+        }
+    }
+    let probe: control::explain::Probe = match serde_json::from_value(fields.into()) {
+        Ok(p) => p,
+        Err(e) => return bad(format!("bad flow: {e} (give src, dst, and optionally proto, sport, dport, icmp_type, direction)")),
+    };
+    let key = match probe.key() {
+        Ok(k) => k,
+        Err(e) => return bad(e),
+    };
+    let report = obs
+        .reloader
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .explain(&key);
+    match report {
+        Ok(r) if json => (
+            "200 OK",
+            "application/json",
+            serde_json::to_string_pretty(&r).unwrap_or_default() + "\n",
+        ),
+        Ok(r) => ("200 OK", "text/plain", r.render()),
+        Err(e) => ("500 Internal Server Error", "text/plain", format!("{e}\n")),
+    }
+}
+
 fn respond(mut stream: TcpStream, obs: &Observed) -> std::io::Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(2)))?;
     // Read the whole request head: a client may send it in several segments.
@@ -528,6 +574,7 @@ fn respond(mut stream: TcpStream, obs: &Observed) -> std::io::Result<()> {
             serde_json::to_string_pretty(&obs.status())
                 .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")),
         ),
+        p if p.starts_with("/explain") => explain(obs, p),
         "/healthz" => match health(&obs.status()) {
             Ok(()) => ("200 OK", "text/plain", "ok\n".to_string()),
             Err(why) => ("503 Service Unavailable", "text/plain", format!("{why}\n")),
@@ -535,7 +582,8 @@ fn respond(mut stream: TcpStream, obs: &Observed) -> std::io::Result<()> {
         _ => (
             "404 Not Found",
             "text/plain",
-            "try /metrics, /status or /healthz\n".to_string(),
+            "try /metrics, /status, /healthz or /explain?src=IP&dst=IP&proto=tcp&dport=N\n"
+                .to_string(),
         ),
     };
     stream.write_all(

@@ -31,6 +31,14 @@ pub enum PreflightError {
     Privileges { missing: String },
     #[error("the memlock limit is {have} bytes but the UMEMs need {need}; run with `ulimit -l unlimited` (systemd: LimitMEMLOCK=infinity), or lower `frames`")]
     Memlock { have: u64, need: u64 },
+    #[error(
+        "cannot read the kubeconfig {path} (kubernetes.api.kubeconfig in {config}): {message}"
+    )]
+    Kubeconfig {
+        path: String,
+        config: String,
+        message: String,
+    },
     #[error("interface `{iface}` already runs XDP program id {id}; portcullis will not replace another program. If it was left by a crashed run, remove it with `ip link set dev {iface} xdp off`")]
     XdpBusy { iface: String, id: u32 },
 }
@@ -77,6 +85,19 @@ pub struct Interfaces {
 
 /// Runs every check. Warnings (bpffs missing, queue count unverifiable) are logged, not fatal.
 pub fn check(cfg: &Config) -> Result<Interfaces, PreflightError> {
+    if let Some(path) = cfg
+        .kubernetes_api
+        .as_ref()
+        .and_then(|a| a.kubeconfig.as_ref())
+    {
+        if let Err(e) = std::fs::File::open(path) {
+            return Err(PreflightError::Kubeconfig {
+                path: path.display().to_string(),
+                config: cfg.path.display().to_string(),
+                message: e.to_string(),
+            });
+        }
+    }
     let caps = effective_caps();
     let has = |c: u32| caps & (1u64 << c) != 0;
     let mut missing = Vec::new();

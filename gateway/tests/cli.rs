@@ -247,5 +247,40 @@ fn startup_errors_say_what_to_fix() {
     let (code, _, err) = portcullis(&["check", "--policies", "/nonexistent/dir"]);
     assert_eq!(code, 1);
     assert!(err.contains("cannot read the policy directory"), "{err}");
+
+    let no_kubeconfig = dir.join("kube.yaml");
+    std::fs::write(
+        &no_kubeconfig,
+        format!(
+            "interfaces: {{ext: pcnone0, int: pcnone1}}\npolicy_dir: {}\nkubernetes: {{api: {{kubeconfig: nowhere/config}}}}\n",
+            policies.display()
+        ),
+    )
+    .unwrap();
+    let (code, _, err) = portcullis(&["run", "--config", no_kubeconfig.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("cannot read the kubeconfig") && err.contains("nowhere/config"),
+        "{err}"
+    );
+
+    // Live explain needs a running instance, and says so.
+    let (code, _, err) = portcullis(&[
+        "explain",
+        "--addr",
+        "127.0.0.1:9",
+        "--src",
+        "10.0.0.1",
+        "--dst",
+        "10.0.0.2",
+    ]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("cannot reach a running portcullis at 127.0.0.1:9"),
+        "{err}"
+    );
+    let (code, _, err) = portcullis(&["check", "--addr", "127.0.0.1:9"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("works with `explain` only"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -746,6 +746,22 @@ fn the_gateway_follows_the_kubernetes_api_and_survives_losing_it() {
         10
     );
 
+    // Explain asks the running gateway about its live (API-fed) table.
+    let (code, why) =
+        f.gw.get("/explain?src=10.99.0.1&dst=10.99.0.2&proto=udp&dport=30053")
+            .unwrap();
+    assert_eq!(code, 200, "{why}");
+    assert!(
+        why.contains("DENY (policy_deny)") && why.contains("GatewayPolicy/dns-clients rule 0"),
+        "{why}"
+    );
+    assert!(
+        why.contains("origin:  api:GatewayPolicy/dns-clients"),
+        "{why}"
+    );
+    let (code, why) = f.gw.get("/explain?src=10.99.0.1&dst=nowhere").unwrap();
+    assert_eq!(code, 400, "{why}");
+
     let (_, metrics) = f.gw.get("/metrics").unwrap();
     let count = metrics
         .lines()

@@ -850,7 +850,7 @@ mod tests {
     fn parse_names_the_field_of_a_malformed_object() {
         let obj: DynamicObject = serde_json::from_value(serde_json::json!({
             "metadata": {"name": "bad", "resourceVersion": "7"},
-            "spec": {"ingress": [{"action": "Allow", "destination": {"ports": ["eighty"]}}]}
+            "spec": {"ingress": [{"action": "Allow", "protocol": "TCP", "destination": {"ports": ["eighty"]}}]}
         }))
         .unwrap();
         let spec = KINDS.iter().find(|k| k.kind == "GatewayPolicy").unwrap();
