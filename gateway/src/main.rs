@@ -2,6 +2,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -10,10 +11,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 use control::compile::{compile, GatewayContext};
 use control::explain::Probe;
 use control::key::FlowKey;
-use control::snapshot::ClusterObjects;
+use control::snapshot::{ClusterObjects, Snapshot};
+use control::source::kubernetes::{self, Connection, KubeSource};
 use control::source::load_dir_report;
 use control::table::Table;
-use gateway::config::Config;
+use gateway::config::{Config, KubernetesApi};
 use gateway::lab::Lab;
 
 #[derive(Parser)]
@@ -93,6 +95,9 @@ struct PolicySource {
     /// A policy directory, with the default context (ingress deny, egress allow, no failsafe).
     #[arg(long)]
     policies: Option<PathBuf>,
+    /// With a config that watches the Kubernetes API: read the policy directory only.
+    #[arg(long)]
+    files_only: bool,
     /// `explain` only: ask the running instance at this metrics address about its live table
     /// (files and Kubernetes API merged, exactly what the workers use).
     #[arg(long, conflicts_with_all = ["config", "policies"])]
@@ -100,16 +105,17 @@ struct PolicySource {
 }
 
 impl PolicySource {
-    fn load(&self) -> Result<(PathBuf, GatewayContext)> {
+    fn load(&self) -> Result<(PathBuf, GatewayContext, Option<KubernetesApi>)> {
         if let Some(addr) = self.addr {
             bail!("--addr {addr} works with `explain` only; `check` reads --config or --policies");
         }
         match (&self.config, &self.policies) {
             (Some(c), _) => {
                 let cfg = Config::load(c)?;
-                Ok((cfg.policy_dir, cfg.context))
+                let api = cfg.kubernetes_api.filter(|_| !self.files_only);
+                Ok((cfg.policy_dir, cfg.context, api))
             }
-            (None, Some(p)) => Ok((p.clone(), GatewayContext::default())),
+            (None, Some(p)) => Ok((p.clone(), GatewayContext::default(), None)),
             (None, None) => bail!("give --config FILE or --policies DIR (or --addr for explain)"),
         }
     }
@@ -227,7 +233,8 @@ fn dispatch(cli: Cli) -> Result<()> {
 /// A compiled policy directory, for `check` and `explain`: the valid objects compiled, the
 /// invalid ones reported.
 struct Built {
-    dir: PathBuf,
+    /// What was read: the policy directory, and the API server when configured.
+    sources: String,
     table: Table,
     objects: ClusterObjects,
     errors: Vec<String>,
@@ -236,14 +243,69 @@ struct Built {
     compile_ms: f64,
 }
 
+/// One complete list of every kind from the API (what `run` would start on), and the objects
+/// it skipped as malformed.
+fn api_snapshot(api: &KubernetesApi) -> Result<(String, Snapshot, Vec<String>)> {
+    let got = Arc::new(Mutex::new(None));
+    let slot = Arc::clone(&got);
+    let source = KubeSource::start(
+        Connection::Kubeconfig {
+            path: api.kubeconfig.clone(),
+            context: api.context.clone(),
+        },
+        kubernetes::Options {
+            debounce: Duration::ZERO,
+            ..kubernetes::Options::default()
+        },
+        Box::new(move |snap, _| {
+            *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(snap);
+            Ok(0)
+        }),
+    )?;
+    let limit = Duration::from_secs(match api.startup_timeout_s {
+        0 => 30,
+        t => t,
+    });
+    let synced = source.wait_synced(Some(limit), Duration::from_secs(5), &|| false, &|s| {
+        eprintln!(
+            "waiting for the Kubernetes API at {}: pending {}",
+            s.server,
+            s.pending().join(", ")
+        )
+    });
+    let status = source.status();
+    drop(source);
+    if !synced {
+        bail!(
+            "no complete list from the Kubernetes API at {} within {}s; pending: {}; last error: {} (--files-only skips the API)",
+            status.server,
+            limit.as_secs(),
+            status.pending().join(", "),
+            status.last_error.as_deref().unwrap_or("none")
+        );
+    }
+    let snap = got
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+        .unwrap_or_default();
+    Ok((status.server, snap, status.invalid_objects))
+}
+
 fn build(src: &PolicySource) -> Result<Built> {
-    let (dir, ctx) = src.load()?;
+    let (dir, ctx, api) = src.load()?;
     let started = std::time::Instant::now();
-    let (snap, errors) = load_dir_report(&dir);
-    let compiled =
-        compile(&snap, &ctx).with_context(|| format!("policies in {}", dir.display()))?;
+    let (mut snap, errors) = load_dir_report(&dir);
+    let mut errors: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+    let mut sources = format!("files {}", dir.display());
+    if let Some(api) = &api {
+        let (server, from_api, invalid) = api_snapshot(api)?;
+        snap.extend_from(&from_api);
+        errors.extend(invalid.into_iter().map(|e| format!("{server}: {e}")));
+        sources.push_str(&format!(" + Kubernetes API {server}"));
+    }
+    let compiled = compile(&snap, &ctx).with_context(|| format!("policies from {sources}"))?;
     let compile_ms = started.elapsed().as_secs_f64() * 1e3;
-    let errors: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
     for e in &errors {
         eprintln!("error: {e}");
     }
@@ -254,7 +316,7 @@ fn build(src: &PolicySource) -> Result<Built> {
         bail!("{}", errors[0]);
     }
     Ok(Built {
-        dir,
+        sources,
         table: Table::build(compiled.rules, 1, 1),
         objects: snap.cluster_objects(),
         errors,
@@ -267,7 +329,7 @@ fn build(src: &PolicySource) -> Result<Built> {
 fn check(src: &PolicySource) -> Result<()> {
     let b = build(src)?;
     let table = &b.table;
-    println!("policies: {}", b.dir.display());
+    println!("policies: {}", b.sources);
     for (kind, n) in &b.counts {
         println!("  {kind}: {n}");
     }
@@ -292,7 +354,7 @@ fn check(src: &PolicySource) -> Result<()> {
         }
     }
     if !b.errors.is_empty() {
-        bail!("{} invalid object(s) (listed above) were skipped; a running gateway refuses this directory and keeps its last good table", b.errors.len());
+        bail!("{} invalid object(s) (listed above) were skipped; a running gateway refuses a policy directory holding any of them (keeping its last good table), and skips them when the API serves them", b.errors.len());
     }
     Ok(())
 }

@@ -284,3 +284,72 @@ fn startup_errors_say_what_to_fix() {
     assert!(err.contains("works with `explain` only"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `check` and `explain` with a config that watches the API read one complete list from it (here
+/// the test API server) and compile it with the policy directory, as `run` would.
+#[test]
+fn check_and_explain_read_the_kubernetes_api_when_configured() {
+    let api = control::apiserver::ApiServer::start();
+    let scenario =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../configs/scenarios/nodeport-etp");
+    for f in ["cluster.yaml", "netpol.yaml", "services.yaml"] {
+        api.apply_yaml(&std::fs::read_to_string(scenario.join("policies").join(f)).unwrap());
+    }
+    api.apply(serde_json::json!({"apiVersion": "portcullis.io/v1alpha1", "kind": "GatewayPolicy",
+        "metadata": {"name": "typo"},
+        "spec": {"ingress": [{"action": "Deny", "protocol": "TCP", "destination": {"ports": ["eighty"]}}]}}));
+    let dir = std::env::temp_dir().join(format!("portcullis-cli-kube-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("policies")).unwrap();
+    std::fs::write(dir.join("kubeconfig"), api.kubeconfig_yaml()).unwrap();
+    let config = dir.join("gateway.yaml");
+    std::fs::write(
+        &config,
+        "interfaces: {ext: e0, int: i0}\npolicy_dir: policies\nkubernetes: {api: {kubeconfig: kubeconfig, startup_timeout_s: 3}}\n",
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+
+    let (code, out, err) = portcullis(&["check", "--config", config]);
+    assert_eq!(code, 1, "the malformed object makes check fail: {out}{err}");
+    assert!(
+        out.contains(&format!("+ Kubernetes API {}", api.url())),
+        "{out}"
+    );
+    assert!(
+        out.contains("Service: 2") && out.contains("Node: 2"),
+        "{out}"
+    );
+    assert!(
+        err.contains("GatewayPolicy.portcullis.io typo: spec.ingress[0].destination.ports[0]"),
+        "{err}"
+    );
+
+    let (code, out, err) = portcullis(&[
+        "explain",
+        "--config",
+        config,
+        "--src",
+        "198.51.100.7",
+        "--dst",
+        "10.0.0.12",
+        "--dport",
+        "30090",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("DENY (no_local_endpoint)"), "{out}");
+    assert!(out.contains("origin:  api:Service/shop/api-local"), "{out}");
+
+    let (code, out, _) = portcullis(&["check", "--config", config, "--files-only"]);
+    assert_eq!(code, 0);
+    assert!(!out.contains("Kubernetes API"), "{out}");
+
+    api.go_down();
+    let (code, _, err) = portcullis(&["check", "--config", config]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("no complete list from the Kubernetes API"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
