@@ -161,18 +161,19 @@ impl Reloader {
 
     /// Replaces the Kubernetes API's snapshot and publishes the merged table. `events` are the
     /// instants the watch events in this snapshot arrived; their latency to this swap is recorded.
+    ///
+    /// Each source's latest snapshot is kept even when the merged compile fails (a GatewayPolicy
+    /// defined in both, say): the table stays the last good one, and the next change on either
+    /// side recompiles from both sides' latest state, so fixing the conflict anywhere heals it.
     pub fn set_kubernetes(&mut self, snap: Snapshot, events: &[Instant]) -> Result<u64, LoadError> {
         let started = Instant::now();
-        let previous = self.kube.replace(snap);
+        self.kube = Some(snap);
         match self.recompile(started) {
             Ok(generation) => {
                 let now = self.publisher.last_swap();
                 for t in events {
                     let us = now.saturating_duration_since(*t).as_micros() as u64;
                     let _ = self.swap_latency.record(us.clamp(1, 3_600_000_000));
-                }
-                if !self.status.sources.iter().any(|s| s == "kubernetes") {
-                    self.status.sources.push("kubernetes".into());
                 }
                 self.status.event_to_swap = SwapLatency {
                     count: self.swap_latency.len(),
@@ -182,10 +183,7 @@ impl Reloader {
                 };
                 Ok(generation)
             }
-            Err(e) => {
-                self.kube = previous;
-                Err(e)
-            }
+            Err(e) => Err(e),
         }
     }
 
@@ -201,7 +199,12 @@ impl Reloader {
 
     fn record_ok(&mut self, snap: &Snapshot, warnings: Vec<String>, compile_ms: f64) {
         let t = self.publisher.current();
+        let mut sources = vec!["files".to_string()];
+        if self.kube.is_some() {
+            sources.push("kubernetes".into());
+        }
         let s = &mut self.status;
+        s.sources = sources;
         s.generation = t.generation();
         s.rules = t.rules().len();
         s.objects = snap
@@ -229,12 +232,9 @@ impl Reloader {
         let started = Instant::now();
         match load_dir(&self.dir) {
             Ok(snap) => {
-                let previous = std::mem::replace(&mut self.files, snap);
-                let result = self.recompile(started);
-                if result.is_err() {
-                    self.files = previous;
-                }
-                Some(result)
+                // Kept even if the merged compile fails: see `set_kubernetes`.
+                self.files = snap;
+                Some(self.recompile(started))
             }
             Err(errs) => {
                 let e = LoadError::Source(errs);
@@ -288,6 +288,42 @@ mod tests {
         std::fs::write(d.join("p.yaml"), good.replace("[80]", "[81]")).unwrap();
         assert_eq!(r.poll(false).unwrap().unwrap(), 3);
         assert!(r.status().last_error.is_empty());
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_conflict_between_files_and_the_api_heals_from_either_side() {
+        let d =
+            std::env::temp_dir().join(format!("portcullis-reload-merge-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        let policy = |name: &str, port: u16| {
+            format!("apiVersion: portcullis.io/v1alpha1\nkind: GatewayPolicy\nmetadata: {{name: {name}}}\nspec: {{ingress: [{{action: Allow, protocol: TCP, destination: {{ports: [{port}]}}}}]}}\n")
+        };
+        std::fs::write(d.join("p.yaml"), policy("web", 80)).unwrap();
+        let mut r = Reloader::new(&d, GatewayContext::default(), 1).unwrap();
+        let mut api = Snapshot::default();
+        let v: serde_norway::Value = serde_norway::from_str(&policy("web", 443)).unwrap();
+        crate::source::add_object(v, "api:GatewayPolicy/web", &mut api).unwrap();
+        let err = r.set_kubernetes(api, &[Instant::now()]).unwrap_err();
+        assert!(err.to_string().contains("defined twice"), "{err}");
+        assert_eq!(
+            r.publisher().current().generation(),
+            1,
+            "the last good table stays"
+        );
+        assert_eq!(r.status().sources, vec!["files"]);
+
+        // Renaming the file's policy heals it, and the API's policy is in the new table.
+        std::fs::write(d.join("p.yaml"), policy("web-files", 80)).unwrap();
+        assert_eq!(r.poll(false).unwrap().unwrap(), 2);
+        let t = r.publisher().current();
+        let objects: Vec<&str> = t.rules().iter().map(|x| x.origin.object.as_str()).collect();
+        assert!(
+            objects.contains(&"GatewayPolicy/web") && objects.contains(&"GatewayPolicy/web-files"),
+            "{objects:?}"
+        );
+        assert_eq!(r.status().sources, vec!["files", "kubernetes"]);
         std::fs::remove_dir_all(&d).unwrap();
     }
 }
