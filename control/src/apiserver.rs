@@ -32,6 +32,7 @@ use hyper::{Request, Response, StatusCode};
 use serde_json::{json, Value};
 use tokio::sync::{broadcast, watch};
 
+use crate::explain::percent_decode;
 use crate::source::kubernetes::{KindSpec, KINDS};
 
 type Body = BoxBody<Bytes, Infallible>;
@@ -230,8 +231,11 @@ impl ApiServer {
         let mut st = lock(&self.shared.state);
         st.served[i] = served;
         if !served {
+            // Removing a CRD deletes its objects first, each deletion a new resourceVersion.
             let gone: Vec<Value> = std::mem::take(&mut st.objects[i]).into_values().collect();
-            for object in gone {
+            for mut object in gone {
+                st.rv += 1;
+                object["metadata"]["resourceVersion"] = st.rv.to_string().into();
                 Self::record(&self.shared, &mut st, i, "DELETED", object);
             }
         }
@@ -319,7 +323,8 @@ impl ApiServer {
     pub fn compact(&self) {
         let mut st = lock(&self.shared.state);
         st.history.clear();
-        st.floor = st.rv + 1;
+        // A watch from the current version missed nothing; one from before it did.
+        st.floor = st.rv;
         st.pages.clear();
     }
 
@@ -327,6 +332,8 @@ impl ApiServer {
     pub fn go_down(&self) {
         if let Some(t) = lock(&self.accept).take() {
             t.abort();
+            // Wait until the accept loop is gone, so no connection slips in after the cut.
+            let _ = self.rt.block_on(t);
         }
         self.shared.epoch.send_modify(|e| *e += 1);
     }
@@ -387,25 +394,6 @@ fn query(req: &Request<hyper::body::Incoming>) -> HashMap<String, String> {
             (percent_decode(k), percent_decode(v))
         })
         .collect()
-}
-
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let hex = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() {
-            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
-                out.push(h * 16 + l);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(if b[i] == b'+' { b' ' } else { b[i] });
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Which kind a collection path names, and the namespace it is limited to.
@@ -693,6 +681,11 @@ fn watch_response(
                 },
             };
             if tx.send(line).await.is_err() {
+                return;
+            }
+            if !lock(&shared.state).served[kind] {
+                // Its CRD was removed (the deletions were delivered): the real server ends
+                // such watches.
                 return;
             }
         }

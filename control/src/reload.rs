@@ -82,10 +82,14 @@ pub struct Reloader {
     files: Snapshot,
     kube: Option<Snapshot>,
     status: ReloadStatus,
-    /// Event-to-swap latency in microseconds.
+    /// Event-to-swap latency in microseconds, and the exact sum of what it recorded.
     swap_latency: Histogram<u64>,
+    swap_sum_us: u128,
     /// The objects behind the current table, for `explain`'s Kubernetes verdicts.
     objects: ClusterObjects,
+    /// Why the policy directory does not load, until it does again. A table published for the
+    /// API's sake in the meantime must not hide it.
+    files_errors: Vec<String>,
 }
 
 /// Buckets (seconds) of the Prometheus event-to-swap histogram.
@@ -123,6 +127,8 @@ impl Reloader {
             swap_latency: Histogram::new_with_bounds(1, 3_600_000_000, 3)
                 .unwrap_or_else(|_| unreachable!()),
             objects: ClusterObjects::default(),
+            files_errors: Vec::new(),
+            swap_sum_us: 0,
         };
         r.record_ok(&snap, warnings, compile_ms);
         r.objects = snap.cluster_objects();
@@ -174,6 +180,7 @@ impl Reloader {
                 for t in events {
                     let us = now.saturating_duration_since(*t).as_micros() as u64;
                     let _ = self.swap_latency.record(us.clamp(1, 3_600_000_000));
+                    self.swap_sum_us += u128::from(us);
                 }
                 self.status.event_to_swap = SwapLatency {
                     count: self.swap_latency.len(),
@@ -197,8 +204,14 @@ impl Reloader {
         &self.swap_latency
     }
 
+    /// The exact sum of every recorded event-to-swap latency, in seconds.
+    pub fn swap_latency_sum_s(&self) -> f64 {
+        self.swap_sum_us as f64 / 1e6
+    }
+
     fn record_ok(&mut self, snap: &Snapshot, warnings: Vec<String>, compile_ms: f64) {
         let t = self.publisher.current();
+        let files_errors = self.files_errors.clone();
         let mut sources = vec!["files".to_string()];
         if self.kube.is_some() {
             sources.push("kubernetes".into());
@@ -217,7 +230,7 @@ impl Reloader {
         s.memory_bytes = t.memory_bytes();
         s.reloads_ok += 1;
         s.last_publish_unix = unix_now();
-        s.last_error.clear();
+        s.last_error = files_errors;
         s.warnings = warnings;
     }
 
@@ -234,12 +247,14 @@ impl Reloader {
             Ok(snap) => {
                 // Kept even if the merged compile fails: see `set_kubernetes`.
                 self.files = snap;
+                self.files_errors.clear();
                 Some(self.recompile(started))
             }
             Err(errs) => {
                 let e = LoadError::Source(errs);
                 self.status.reloads_failed += 1;
                 self.status.last_error = e.lines();
+                self.files_errors = e.lines();
                 Some(Err(e))
             }
         }

@@ -87,7 +87,7 @@ impl Observed {
                 .iter()
                 .map(|le| (*le, h.count_between(0, (le * 1e6) as u64)))
                 .collect();
-            let sum = h.mean() * h.len() as f64 / 1e6;
+            let sum = r.swap_latency_sum_s();
             (r.status().clone(), r.rule_hits(), buckets, sum)
         };
         Status {
@@ -128,8 +128,10 @@ impl Observed {
 
 /// Whether the gateway is healthy, and why not: a rejected policy reload, or a Kubernetes source
 /// that is not synced or cannot reach the API (the last good table keeps forwarding either way).
-pub fn health(s: &Status) -> Result<(), String> {
+/// Healthy may still come with notes: malformed API objects that are being skipped.
+pub fn health(s: &Status) -> Result<Vec<String>, String> {
     let mut why = Vec::new();
+    let mut notes = Vec::new();
     if !s.policy.last_error.is_empty() {
         why.push(format!(
             "policy reload failing; serving the last good table (generation {}): {}",
@@ -159,10 +161,18 @@ pub fn health(s: &Status) -> Result<(), String> {
         if let Some(e) = &k.last_publish_error {
             why.push(format!("the Kubernetes snapshot was rejected: {e}"));
         }
+        let invalid: usize = k.kinds.iter().map(|x| x.invalid).sum();
+        if invalid > 0 {
+            notes.push(format!(
+                "{invalid} malformed Kubernetes object(s) skipped (see /status): {}",
+                k.invalid_objects.first().map_or("", String::as_str)
+            ));
+        }
     }
     if why.is_empty() {
-        Ok(())
+        Ok(notes)
     } else {
+        why.extend(notes);
         Err(why.join("\n"))
     }
 }
@@ -375,6 +385,11 @@ pub fn prometheus(s: &Status) -> String {
             v as f64 / 1e9
         );
     }
+    let _ = writeln!(
+        o,
+        "portcullis_burst_service_seconds_sum {}",
+        l.sum_ns as f64 / 1e9
+    );
     let _ = writeln!(o, "portcullis_burst_service_seconds_count {}", l.count);
 
     family(
@@ -512,6 +527,8 @@ fn explain(obs: &Observed, path: &str) -> (&'static str, &'static str, String) {
     let mut json = false;
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let v = control::explain::percent_decode(v);
+        let (k, v) = (k, v.as_str());
         match k {
             "format" => json = v == "json",
             "sport" | "dport" | "icmp_type" => match v.parse::<u16>() {
@@ -576,7 +593,15 @@ fn respond(mut stream: TcpStream, obs: &Observed) -> std::io::Result<()> {
         ),
         p if p.starts_with("/explain") => explain(obs, p),
         "/healthz" => match health(&obs.status()) {
-            Ok(()) => ("200 OK", "text/plain", "ok\n".to_string()),
+            Ok(notes) => (
+                "200 OK",
+                "text/plain",
+                std::iter::once("ok".to_string())
+                    .chain(notes)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+                    + "\n",
+            ),
             Err(why) => ("503 Service Unavailable", "text/plain", format!("{why}\n")),
         },
         _ => (

@@ -266,11 +266,14 @@ pub struct LatencySummary {
     pub p99_ns: u64,
     pub p999_ns: u64,
     pub max_ns: u64,
+    /// Sum of all recorded times (from the histogram's mean: within its 3-digit precision).
+    pub sum_ns: u64,
 }
 
 impl LatencySummary {
     pub fn of(h: &Histogram<u64>) -> LatencySummary {
         LatencySummary {
+            sum_ns: (h.mean() * h.len() as f64) as u64,
             count: h.len(),
             p50_ns: h.value_at_quantile(0.5),
             p99_ns: h.value_at_quantile(0.99),

@@ -445,6 +445,22 @@ fn a_malformed_object_is_skipped_counted_and_reported() {
         .apply(gateway_policy("typo", "Deny", "198.51.100.0/24", 30080));
     live.expect(PARTNER, N1, 30080, POLICY, "GatewayPolicy/typo");
     assert!(live.source().status().invalid_objects.is_empty());
+
+    // A malformed edit of a policy in force does not drop it: the previous version stays until
+    // the edit is fixed (a typo must never open what a Deny closed).
+    let mut broken = gateway_policy("typo", "Deny", "198.51.100.0/24", 30080);
+    broken["spec"]["ingress"][0]["source"]["nets"] = json!(["198.51.100.0/33"]);
+    live.api.apply(broken);
+    live.wait("the edit to be reported", |l| {
+        l.source().status().invalid_objects.len() == 1
+    });
+    let status = live.source().status();
+    assert!(
+        status.invalid_objects[0].ends_with("(the previous version stays in force)"),
+        "{status:#?}"
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    live.expect(PARTNER, N1, 30080, POLICY, "GatewayPolicy/typo");
 }
 
 #[test]
@@ -463,6 +479,18 @@ fn calico_policies_appear_when_the_crd_is_installed() {
         .find(|k| k.kind.starts_with("GlobalNetworkPolicy"))
         .unwrap();
     assert_eq!(gnp.state, KindState::Synced);
+
+    // Removing the CRD removes its policies, and the kind turns absent again.
+    live.api
+        .set_served("GlobalNetworkPolicy.crd.projectcalico.org", false);
+    live.expect(PARTNER, N1, 30080, ALLOW, "Service/shop/web-cluster");
+    live.wait("the kind to turn absent", |l| {
+        l.source()
+            .status()
+            .kinds
+            .iter()
+            .any(|k| k.kind.starts_with("GlobalNetworkPolicy") && k.state == KindState::Absent)
+    });
 }
 
 #[test]

@@ -756,7 +756,7 @@ fn the_gateway_follows_the_kubernetes_api_and_survives_losing_it() {
         "{why}"
     );
     assert!(
-        why.contains("origin:  api:GatewayPolicy/dns-clients"),
+        why.contains("origin:  api:GatewayPolicy.portcullis.io/dns-clients"),
         "{why}"
     );
     let (code, why) = f.gw.get("/explain?src=10.99.0.1&dst=nowhere").unwrap();

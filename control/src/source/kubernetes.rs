@@ -466,8 +466,26 @@ impl Retry {
 /// One object, parsed once when its event arrived.
 #[derive(Debug, Clone, PartialEq)]
 struct Parsed {
-    /// The object's own snapshot fragment, or why it does not parse.
-    result: Result<Snapshot, String>,
+    /// The snapshot fragment of the newest version that parsed. When an update does not parse,
+    /// the previous version stays in force: a typo in an edit must not drop a Deny.
+    good: Option<Snapshot>,
+    /// Why the newest version does not parse.
+    error: Option<String>,
+}
+
+impl Parsed {
+    /// `self`, an update of `old`: keeps `old`'s last good version if `self` does not parse.
+    fn over(mut self, old: Option<&Parsed>) -> Parsed {
+        if self.good.is_none() {
+            if let Some(previous) = old.and_then(|o| o.good.clone()) {
+                self.good = Some(previous);
+                if let Some(e) = &mut self.error {
+                    e.push_str(" (the previous version stays in force)");
+                }
+            }
+        }
+        self
+    }
 }
 
 fn parse(spec: &KindSpec, obj: DynamicObject) -> (String, Parsed) {
@@ -477,7 +495,7 @@ fn parse(spec: &KindSpec, obj: DynamicObject) -> (String, Parsed) {
         Some(ns) => format!("{ns}/{name}"),
         None => name.clone(),
     };
-    let source = format!("api:{}/{key}", spec.kind);
+    let source = format!("api:{}/{key}", spec.label());
     let result = (|| {
         let mut json = serde_json::to_value(&obj).map_err(|e| e.to_string())?;
         // List items carry no apiVersion/kind; the watch tells us what they are.
@@ -497,7 +515,17 @@ fn parse(spec: &KindSpec, obj: DynamicObject) -> (String, Parsed) {
         })?;
         Ok(frag)
     })();
-    (key, Parsed { result })
+    let parsed = match result {
+        Ok(frag) => Parsed {
+            good: Some(frag),
+            error: None,
+        },
+        Err(e) => Parsed {
+            good: None,
+            error: Some(e),
+        },
+    };
+    (key, parsed)
 }
 
 /// Per-kind objects, and the relist being buffered.
@@ -509,10 +537,8 @@ struct KindStore {
 fn build_snapshot(stores: &[KindStore]) -> Snapshot {
     let mut snap = Snapshot::default();
     for s in stores {
-        for p in s.objects.values() {
-            if let Ok(frag) = &p.result {
-                snap.extend_from(frag);
-            }
+        for frag in s.objects.values().filter_map(|p| p.good.as_ref()) {
+            snap.extend_from(frag);
         }
     }
     snap
@@ -524,7 +550,7 @@ fn refresh_counts(status: &mut Status, stores: &[KindStore]) {
         k.objects = s.objects.len();
         k.invalid = 0;
         for p in s.objects.values() {
-            if let Err(e) = &p.result {
+            if let Some(e) = &p.error {
                 k.invalid += 1;
                 if invalid.len() < 100 {
                     invalid.push(e.clone());
@@ -533,6 +559,19 @@ fn refresh_counts(status: &mut Status, stores: &[KindStore]) {
         }
     }
     status.invalid_objects = invalid;
+}
+
+/// The API server could not be reached or the connection broke (as opposed to an answer).
+fn transport_error(e: &watcher::Error) -> bool {
+    match e {
+        watcher::Error::InitialListFailed(e)
+        | watcher::Error::WatchStartFailed(e)
+        | watcher::Error::WatchFailed(e) => matches!(
+            e,
+            kube::Error::HyperError(_) | kube::Error::Service(_) | kube::Error::ReadEvents(_)
+        ),
+        _ => false,
+    }
 }
 
 fn spec_optional(i: usize) -> bool {
@@ -577,26 +616,37 @@ async fn run(
             // item, and a failing relist yields an Ok(Init) before each error, so it would retry
             // at the minimum delay for ever. Only real progress resets this one.
             let mut retry = retry;
-            let mut stream = watcher::watcher(api, watcher::Config::default()).boxed();
-            while let Some(ev) = stream.next().await {
-                let progress =
-                    matches!(ev, Ok(Event::InitDone | Event::Apply(_) | Event::Delete(_)));
-                let pause = match &ev {
-                    Err(e) if spec_optional(i) && error_code(e) == Some(404) => {
-                        Some(absent_recheck)
+            // A new watcher starts with a list; an optional kind whose API vanished after it was
+            // synced (its CRD removed) gets one, so it turns `absent` instead of staying stale.
+            'relist: loop {
+                let config = watcher::Config::default();
+                let mut stream = watcher::watcher(api.clone(), config).boxed();
+                while let Some(ev) = stream.next().await {
+                    let progress =
+                        matches!(ev, Ok(Event::InitDone | Event::Apply(_) | Event::Delete(_)));
+                    let not_served =
+                        matches!(&ev, Err(e) if spec_optional(i) && error_code(e) == Some(404));
+                    let vanished =
+                        not_served && matches!(&ev, Err(watcher::Error::WatchStartFailed(_)));
+                    let pause = match &ev {
+                        Err(_) if not_served => Some(absent_recheck),
+                        Err(_) => retry.next(),
+                        Ok(_) => None,
+                    };
+                    if progress {
+                        retry.reset();
                     }
-                    Err(_) => retry.next(),
-                    Ok(_) => None,
-                };
-                if progress {
-                    retry.reset();
+                    if tx.send((i, ev)).await.is_err() {
+                        return;
+                    }
+                    if vanished {
+                        continue 'relist;
+                    }
+                    if let Some(p) = pause {
+                        tokio::time::sleep(p).await;
+                    }
                 }
-                if tx.send((i, ev)).await.is_err() {
-                    break;
-                }
-                if let Some(p) = pause {
-                    tokio::time::sleep(p).await;
-                }
+                return;
             }
         }));
     }
@@ -668,14 +718,15 @@ async fn run(
                     }
                 }
                 let mut s = lock(&status);
+                if changed {
+                    refresh_counts(&mut s, &stores);
+                }
                 if !synced && s.kinds.iter().all(|k| k.state != KindState::Pending) {
                     synced = true;
                     s.synced = true;
                     dirty = true;
-                    tracing::info!(server = s.server.as_str(), objects = s.kinds.iter().map(|k| k.objects).sum::<usize>(), "Kubernetes objects synced");
-                }
-                if changed {
                     refresh_counts(&mut s, &stores);
+                    tracing::info!(server = s.server.as_str(), objects = s.kinds.iter().map(|k| k.objects).sum::<usize>(), "Kubernetes objects synced");
                 }
             }
             _ = sleep_until(deadline) => {
@@ -770,18 +821,19 @@ fn apply(
                 "watch failed; retrying"
             );
             k.last_error = Some(msg.clone());
-            if code.is_none() || code.is_some_and(|c| c >= 500) {
+            if transport_error(&e) || code.is_some_and(|c| c >= 500) {
                 mark_unreachable(&mut s, &msg);
             }
             return false;
         }
     };
     let mut s = lock(status);
-    s.kinds[i].events += 1;
+    s.api_reachable = true;
+    s.unreachable_since_unix = None;
     let changed = match ev {
         Event::Init => {
             store.relist = Some(BTreeMap::new());
-            false
+            return false;
         }
         Event::InitApply(obj) => {
             let (key, parsed) = parse(spec, obj);
@@ -789,12 +841,22 @@ fn apply(
                 .relist
                 .get_or_insert_with(BTreeMap::new)
                 .insert(key, parsed);
-            false
+            return false;
         }
         Event::InitDone => {
-            let fresh = store.relist.take().unwrap_or_default();
+            let fresh: BTreeMap<String, Parsed> = store
+                .relist
+                .take()
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(key, p)| {
+                    let p = p.over(store.objects.get(&key));
+                    (key, p)
+                })
+                .collect();
             let k = &mut s.kinds[i];
             k.lists += 1;
+            k.events += 1;
             k.last_error = None;
             if k.lists > 1 {
                 tracing::info!(kind = spec.label(), objects = fresh.len(), "relisted");
@@ -806,13 +868,16 @@ fn apply(
             changed || became_synced
         }
         Event::Apply(obj) => {
+            s.kinds[i].events += 1;
             let (key, parsed) = parse(spec, obj);
-            if let Err(e) = &parsed.result {
-                tracing::warn!(error = e.as_str(), "skipping a malformed object");
+            let parsed = parsed.over(store.objects.get(&key));
+            if let Some(e) = &parsed.error {
+                tracing::warn!(error = e.as_str(), "malformed object skipped");
             }
             store.objects.insert(key, parsed.clone()) != Some(parsed)
         }
         Event::Delete(obj) => {
+            s.kinds[i].events += 1;
             let (key, _) = parse(spec, obj);
             store.objects.remove(&key).is_some()
         }
@@ -856,7 +921,7 @@ mod tests {
         let spec = KINDS.iter().find(|k| k.kind == "GatewayPolicy").unwrap();
         let (key, parsed) = parse(spec, obj);
         assert_eq!(key, "bad");
-        let err = parsed.result.unwrap_err();
+        let err = parsed.error.unwrap();
         assert!(
             err.starts_with(
                 "GatewayPolicy.portcullis.io bad: spec.ingress[0].destination.ports[0]"
