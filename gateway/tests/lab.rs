@@ -350,9 +350,7 @@ fn malformed_frames_are_dropped_with_a_reason_and_forwarding_continues() {
         }
     })
     .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
-    let after = f.gw.status().unwrap();
-    for reason in [
+    let reasons = [
         "truncated",
         "bad_ipv4_header",
         "bad_ip_length",
@@ -360,7 +358,19 @@ fn malformed_frames_are_dropped_with_a_reason_and_forwarding_continues() {
         "bad_transport",
         "tiny_fragment",
         "bad_ip_extension",
-    ] {
+    ];
+    // Wait (bounded) until every frame was counted, then a little longer for any extra count.
+    let total = |s: &Value| reasons.iter().map(|r| drops(s, r)).sum::<u64>();
+    let want = REPEAT * cases.len() as u64;
+    let started = Instant::now();
+    while total(&f.gw.status().unwrap()) - total(&before) < want
+        && started.elapsed() < Duration::from_secs(5)
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let after = f.gw.status().unwrap();
+    for reason in reasons {
         let expected = REPEAT * cases.iter().filter(|(r, _)| *r == reason).count() as u64;
         assert_eq!(
             drops(&after, reason) - drops(&before, reason),
