@@ -362,6 +362,12 @@ pub fn prometheus(s: &Status) -> String {
             "Seconds since start.",
             s.uptime_s as f64,
         ),
+        (
+            "portcullis_table_last_swap_timestamp_seconds",
+            "gauge",
+            "Unix time of the last table swap (alert when policies change but this does not).",
+            p.last_publish_unix as f64,
+        ),
     ] {
         family(name, kind, help, &mut o);
         let _ = writeln!(o, "{name} {value}");
