@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use control::apiserver::ApiServer;
 use control::reload::Reloader;
 use control::rule::{DenyReason, Direction, Verdict};
-use control::source::kubernetes::{Connection, KindState, KubeSource, Options};
+use control::source::kubernetes::{Connection, KindState, KindStatus, KubeSource, Options};
 use etherparse::PacketBuilder;
 use gateway::config::Config;
 use gateway::parse::{parse, Frame};
@@ -168,6 +168,27 @@ impl Live {
         }
     }
 
+    /// A GatewayPolicy `partner-b` admitting STRANGER's network to the web NodePort, in force.
+    fn admit_stranger(&self) {
+        self.api.apply(gateway_policy(
+            "partner-b",
+            "Allow",
+            "203.0.113.0/24",
+            30080,
+        ));
+        self.expect(STRANGER, N1, 30080, ALLOW, "GatewayPolicy/partner-b");
+    }
+
+    /// The source's status of the kind whose label starts with `prefix`.
+    fn kind(&self, prefix: &str) -> KindStatus {
+        let status = self.source().status();
+        status
+            .kinds
+            .into_iter()
+            .find(|k| k.kind.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no kind {prefix}"))
+    }
+
     fn wait(&self, what: &str, cond: impl Fn(&Live) -> bool) {
         let started = Instant::now();
         while !cond(self) {
@@ -263,13 +284,7 @@ fn policies_are_created_updated_and_deleted() {
     live.expect(STRANGER, N1, 30080, POLICY, "Service/shop/web-cluster");
     let before = live.generation();
 
-    live.api.apply(gateway_policy(
-        "partner-b",
-        "Allow",
-        "203.0.113.0/24",
-        30080,
-    ));
-    live.expect(STRANGER, N1, 30080, ALLOW, "GatewayPolicy/partner-b");
+    live.admit_stranger();
     assert!(live.generation() > before);
 
     live.api
@@ -358,13 +373,7 @@ fn a_service_switches_between_cluster_and_local() {
 #[test]
 fn losing_the_api_keeps_the_table_and_410_gone_relists() {
     let live = Live::start("outage");
-    live.api.apply(gateway_policy(
-        "partner-b",
-        "Allow",
-        "203.0.113.0/24",
-        30080,
-    ));
-    live.expect(STRANGER, N1, 30080, ALLOW, "GatewayPolicy/partner-b");
+    live.admit_stranger();
     let generation = live.generation();
     let lists = live.api.requests().lists.load(Relaxed);
 
@@ -398,12 +407,7 @@ fn losing_the_api_keeps_the_table_and_410_gone_relists() {
         "no watch was told 410 Gone"
     );
     assert!(live.api.requests().lists.load(Relaxed) > lists, "no relist");
-    let status = live.source().status();
-    let gp = status
-        .kinds
-        .iter()
-        .find(|k| k.kind.starts_with("GatewayPolicy"))
-        .unwrap();
+    let gp = live.kind("GatewayPolicy");
     assert!(gp.lists >= 2, "{gp:?}");
     assert!(
         live.api.requests().bookmarks.load(Relaxed) > 0,
@@ -428,11 +432,7 @@ fn a_malformed_object_is_skipped_counted_and_reported() {
     // ...the malformed one is skipped (its Deny is not in the table), counted and reported.
     live.expect(PARTNER, N1, 30080, ALLOW, "Service/shop/web-cluster");
     let status = live.source().status();
-    let gp = status
-        .kinds
-        .iter()
-        .find(|k| k.kind.starts_with("GatewayPolicy"))
-        .unwrap();
+    let gp = live.kind("GatewayPolicy");
     assert_eq!((gp.objects, gp.invalid), (2, 1), "{gp:?}");
     assert_eq!(status.invalid_objects.len(), 1);
     assert!(
@@ -472,24 +472,14 @@ fn calico_policies_appear_when_the_crd_is_installed() {
         "apiVersion: crd.projectcalico.org/v1\nkind: GlobalNetworkPolicy\nmetadata: {name: block-partner}\nspec:\n  order: 10\n  preDNAT: true\n  applyOnForward: true\n  selector: role == 'edge'\n  ingress: [{action: Deny, protocol: TCP, source: {nets: [198.51.100.0/24]}}]\n",
     ));
     live.expect(PARTNER, N1, 30080, POLICY, "block-partner");
-    let status = live.source().status();
-    let gnp = status
-        .kinds
-        .iter()
-        .find(|k| k.kind.starts_with("GlobalNetworkPolicy"))
-        .unwrap();
-    assert_eq!(gnp.state, KindState::Synced);
+    assert_eq!(live.kind("GlobalNetworkPolicy").state, KindState::Synced);
 
     // Removing the CRD removes its policies, and the kind turns absent again.
     live.api
         .set_served("GlobalNetworkPolicy.crd.projectcalico.org", false);
     live.expect(PARTNER, N1, 30080, ALLOW, "Service/shop/web-cluster");
     live.wait("the kind to turn absent", |l| {
-        l.source()
-            .status()
-            .kinds
-            .iter()
-            .any(|k| k.kind.starts_with("GlobalNetworkPolicy") && k.state == KindState::Absent)
+        l.kind("GlobalNetworkPolicy").state == KindState::Absent
     });
 }
 
