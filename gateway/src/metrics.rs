@@ -183,47 +183,35 @@ fn label(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// A metric family's HELP and TYPE lines.
+fn family(name: &str, kind: &str, help: &str, o: &mut String) {
+    let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
 /// Renders the Prometheus text exposition.
 pub fn prometheus(s: &Status) -> String {
     let mut o = String::new();
-    let family = |name: &str, kind: &str, help: &str, o: &mut String| {
-        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
-    };
-    family(
-        "portcullis_rx_packets_total",
-        "counter",
-        "Frames received, per worker and direction (ingress = received on ext).",
-        &mut o,
-    );
-    for (i, w) in s.workers.iter().enumerate() {
-        let _ = writeln!(
-            o,
-            "portcullis_rx_packets_total{{worker=\"{i}\",direction=\"ingress\"}} {}",
-            w.rx_ingress
-        );
-        let _ = writeln!(
-            o,
-            "portcullis_rx_packets_total{{worker=\"{i}\",direction=\"egress\"}} {}",
-            w.rx_egress
-        );
-    }
-    family(
-        "portcullis_tx_packets_total",
-        "counter",
-        "Frames forwarded, per worker and direction.",
-        &mut o,
-    );
-    for (i, w) in s.workers.iter().enumerate() {
-        let _ = writeln!(
-            o,
-            "portcullis_tx_packets_total{{worker=\"{i}\",direction=\"ingress\"}} {}",
-            w.tx_ingress
-        );
-        let _ = writeln!(
-            o,
-            "portcullis_tx_packets_total{{worker=\"{i}\",direction=\"egress\"}} {}",
-            w.tx_egress
-        );
+    for (name, help, get) in [
+        (
+            "portcullis_rx_packets_total",
+            "Frames received, per worker and direction (ingress = received on ext).",
+            (|w: &CounterSnapshot| [w.rx_ingress, w.rx_egress]) as fn(&CounterSnapshot) -> [u64; 2],
+        ),
+        (
+            "portcullis_tx_packets_total",
+            "Frames forwarded, per worker and direction.",
+            |w| [w.tx_ingress, w.tx_egress],
+        ),
+    ] {
+        family(name, "counter", help, &mut o);
+        for (i, w) in s.workers.iter().enumerate() {
+            let [ingress, egress] = get(w);
+            let _ = writeln!(
+                o,
+                "{name}{{worker=\"{i}\",direction=\"ingress\"}} {ingress}"
+            );
+            let _ = writeln!(o, "{name}{{worker=\"{i}\",direction=\"egress\"}} {egress}");
+        }
     }
     family(
         "portcullis_drops_total",
@@ -435,9 +423,6 @@ pub fn prometheus(s: &Status) -> String {
 }
 
 fn kubernetes_metrics(k: &kubernetes::Status, o: &mut String) {
-    let family = |name: &str, kind: &str, help: &str, o: &mut String| {
-        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
-    };
     for (name, kind, help, value) in [
         (
             "portcullis_kubernetes_synced",

@@ -176,7 +176,14 @@ impl Servers {
             let socks = in_netns(&ns, || -> std::io::Result<Vec<UdpSocket>> {
                 let s = UdpSocket::bind(("::", port))?;
                 s.set_read_timeout(Some(Duration::from_millis(20)))?;
-                // Room for a burst while the reader thread is descheduled.
+                // Room for a burst while the reader thread is descheduled (the default 208 KiB
+                // holds a few hundred datagrams; CI's two cores are busy). Root may exceed
+                // rmem_max; otherwise take what the limit allows.
+                use nix::sys::socket::{setsockopt, sockopt};
+                let want: usize = 8 << 20;
+                if setsockopt(&s, sockopt::RcvBufForce, &want).is_err() {
+                    let _ = setsockopt(&s, sockopt::RcvBuf, &want);
+                }
                 Ok(vec![s])
             })?
             .map_err(|source| LabError::Io {

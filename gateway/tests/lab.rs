@@ -252,8 +252,14 @@ fn a_hundred_table_swaps_lose_and_reorder_nothing() {
     eprintln!("swaps: 100 in {swaps_done:?}; datagrams: sent {sent}, {sum:?}");
     assert_eq!(generation, 101, "every SIGHUP produced a swap");
     assert_eq!(sent, COUNT);
-    assert_eq!((sum.lost, sum.reordered, sum.duplicated), (0, 0, 0));
     let status = f.gw.status().unwrap();
+    assert_eq!(
+        (sum.lost, sum.reordered, sum.duplicated),
+        (0, 0, 0),
+        "gateway totals {} kernel {}",
+        status["totals"],
+        status["kernel"]
+    );
     assert_eq!(
         hits(&status, "GatewayPolicy/allow-dns"),
         COUNT,
