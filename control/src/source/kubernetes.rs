@@ -563,14 +563,19 @@ fn refresh_counts(status: &mut Status, stores: &[KindStore]) {
 
 /// The API server could not be reached or the connection broke (as opposed to an answer).
 fn transport_error(e: &watcher::Error) -> bool {
+    matches!(
+        client_error(e),
+        Some(kube::Error::HyperError(_) | kube::Error::Service(_) | kube::Error::ReadEvents(_))
+    )
+}
+
+/// The client error behind a list or watch failure, if there is one.
+fn client_error(e: &watcher::Error) -> Option<&kube::Error> {
     match e {
         watcher::Error::InitialListFailed(e)
         | watcher::Error::WatchStartFailed(e)
-        | watcher::Error::WatchFailed(e) => matches!(
-            e,
-            kube::Error::HyperError(_) | kube::Error::Service(_) | kube::Error::ReadEvents(_)
-        ),
-        _ => false,
+        | watcher::Error::WatchFailed(e) => Some(e),
+        watcher::Error::WatchError(_) | watcher::Error::NoResourceVersion => None,
     }
 }
 
@@ -579,15 +584,9 @@ fn spec_optional(i: usize) -> bool {
 }
 
 fn error_code(e: &watcher::Error) -> Option<u16> {
-    let inner = match e {
-        watcher::Error::InitialListFailed(e)
-        | watcher::Error::WatchStartFailed(e)
-        | watcher::Error::WatchFailed(e) => e,
-        watcher::Error::WatchError(s) => return Some(s.code),
-        watcher::Error::NoResourceVersion => return None,
-    };
-    match inner {
-        kube::Error::Api(s) => Some(s.code),
+    match (e, client_error(e)) {
+        (watcher::Error::WatchError(s), _) => Some(s.code),
+        (_, Some(kube::Error::Api(s))) => Some(s.code),
         _ => None,
     }
 }
