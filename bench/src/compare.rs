@@ -7,11 +7,11 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use control::classbench::{read_expected, read_filters, read_trace};
-use control::classify::{Classifier, TupleSpace, NO_MATCH};
+use policy::classbench::{read_expected, read_filters, read_trace};
+use policy::classify::{Classifier, TupleSpace, NO_MATCH};
 
 #[derive(clap::Args)]
-pub struct Args {
+pub(crate) struct Args {
     /// ClassBench set names (files <set>.filters/.trace/.expected in --data).
     #[arg(
         long,
@@ -39,7 +39,7 @@ trait Peer {
 
 struct Ours<'a> {
     c: &'a TupleSpace,
-    keys: &'a [control::key::FlowKey],
+    keys: &'a [policy::key::FlowKey],
 }
 
 impl Peer for Ours<'_> {
@@ -84,7 +84,7 @@ struct Row {
     agree: usize,
 }
 
-pub fn run(a: Args) -> Result<()> {
+pub(crate) fn run(a: Args) -> Result<()> {
     if a.repeats == 0 || a.bursts.contains(&0) {
         bail!("--repeats and every --bursts value must be at least 1");
     }
@@ -205,7 +205,7 @@ pub fn run(a: Args) -> Result<()> {
 /// instructions divided by the extra lookups is the instruction count per lookup, free of build
 /// and start-up costs (`scripts/callgrind-classifiers` does exactly that).
 #[derive(clap::Args)]
-pub struct PassesArgs {
+pub(crate) struct PassesArgs {
     #[arg(long)]
     set: String,
     #[arg(long, default_value = "../shared/data/classbench")]
@@ -219,7 +219,7 @@ pub struct PassesArgs {
     passes: usize,
 }
 
-pub fn passes(a: PassesArgs) -> Result<()> {
+pub(crate) fn passes(a: PassesArgs) -> Result<()> {
     if a.burst == 0 {
         bail!("--burst must be at least 1");
     }

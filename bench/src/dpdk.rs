@@ -5,13 +5,13 @@ use std::ffi::{c_char, c_int, c_void, CString};
 use std::ptr::NonNull;
 use std::sync::OnceLock;
 
-use control::key::FlowKey;
-use control::rule::{Match, Prefix};
+use policy::key::FlowKey;
+use policy::rule::{Match, Prefix};
 
 /// A 5-tuple as rte_acl reads it: packed, network byte order.
 #[repr(C, packed)]
 #[derive(Debug, Clone, Copy, Default)]
-pub struct Tuple5 {
+pub(crate) struct Tuple5 {
     proto: u8,
     src: u32,
     dst: u32,
@@ -20,7 +20,7 @@ pub struct Tuple5 {
 }
 
 impl Tuple5 {
-    pub fn from_key(k: &FlowKey) -> Tuple5 {
+    pub(crate) fn from_key(k: &FlowKey) -> Tuple5 {
         Tuple5 {
             proto: k.proto,
             src: (k.src as u32).to_be(),
@@ -63,7 +63,7 @@ extern "C" {
 
 /// rte_acl's classify methods (`enum rte_acl_classify_alg`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Method {
+pub(crate) enum Method {
     Default = 0,
     Scalar = 1,
     Sse = 2,
@@ -73,7 +73,7 @@ pub enum Method {
 }
 
 impl Method {
-    pub const ALL: [Method; 6] = [
+    pub(crate) const ALL: [Method; 6] = [
         Method::Default,
         Method::Scalar,
         Method::Sse,
@@ -82,7 +82,7 @@ impl Method {
         Method::Avx512x32,
     ];
 
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Method::Default => "default",
             Method::Scalar => "scalar",
@@ -101,7 +101,7 @@ fn err_string(buf: &[u8]) -> String {
 
 /// Starts DPDK's EAL once for the process, for a VM: no hugepages, no PCI, one lcore, in memory,
 /// SIMD up to 512 bits so the AVX-512 methods can be chosen.
-pub fn eal_init() -> Result<(), String> {
+pub(crate) fn eal_init() -> Result<(), String> {
     static INIT: OnceLock<Result<(), String>> = OnceLock::new();
     INIT.get_or_init(|| {
         let args = [
@@ -146,13 +146,13 @@ pub fn eal_init() -> Result<(), String> {
 }
 
 /// A built rte_acl context.
-pub struct Acl {
+pub(crate) struct Acl {
     ctx: NonNull<c_void>,
     /// Heap bytes the context took (rte_malloc statistics around the build).
     pub memory: usize,
 }
 
-fn prefix_of(m: &control::rule::AddrSet) -> Result<(u32, u32), String> {
+fn prefix_of(m: &policy::rule::AddrSet) -> Result<(u32, u32), String> {
     match m.include.as_slice() {
         [] => Ok((0, 0)),
         [Prefix {
@@ -166,7 +166,7 @@ fn prefix_of(m: &control::rule::AddrSet) -> Result<(u32, u32), String> {
 
 impl Acl {
     /// Builds a context from IPv4 5-tuple matches; index order is priority order.
-    pub fn build(name: &str, matches: &[Match]) -> Result<Acl, String> {
+    pub(crate) fn build(name: &str, matches: &[Match]) -> Result<Acl, String> {
         eal_init()?;
         let mut rules = Vec::with_capacity(matches.len());
         for m in matches {
@@ -206,7 +206,7 @@ impl Acl {
     }
 
     /// Chooses the classify method; an error when this CPU or DPDK build lacks it.
-    pub fn set_method(&mut self, m: Method) -> Result<(), String> {
+    pub(crate) fn set_method(&mut self, m: Method) -> Result<(), String> {
         // SAFETY: `self.ctx` is a live context from `pc_acl_build`, used by this thread only.
         let r = unsafe { pc_acl_set_alg(self.ctx.as_ptr(), m as c_int) };
         if r == 0 {
@@ -223,7 +223,7 @@ impl Acl {
     /// Classifies a burst through rte_acl's batch API; `out[i]` is the first matching rule's index,
     /// or `u32::MAX` for none.
     #[inline]
-    pub fn classify(&self, keys: &[Tuple5], out: &mut [u32]) {
+    pub(crate) fn classify(&self, keys: &[Tuple5], out: &mut [u32]) {
         let n = keys.len().min(out.len());
         // SAFETY: `keys` and `out` are live for `n` elements; the context is live and not shared
         // across threads; rte_acl writes exactly `n` results.

@@ -11,10 +11,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use gateway::lab::{in_netns, GatewayProcess, Lab, LabGuard, SERVER_V4};
+use gateway::stats::CounterSnapshot;
+use lab::{in_netns, GatewayProcess, Lab, LabGuard, SERVER_V4};
 
 #[derive(clap::Args)]
-pub struct Args {
+pub(crate) struct Args {
     #[arg(long, default_value_t = 1)]
     queues: u32,
     /// Cores of the gateway workers (one per queue).
@@ -38,17 +39,12 @@ pub struct Args {
     port: u16,
 }
 
-fn totals(gw: &GatewayProcess) -> Result<(u64, u64, serde_json::Value)> {
+fn totals(gw: &GatewayProcess) -> Result<(u64, u64, CounterSnapshot)> {
     let s = gw.status().map_err(anyhow::Error::msg)?;
-    let t = &s["totals"];
-    Ok((
-        t["rx_ingress"].as_u64().unwrap_or(0),
-        t["tx_ingress"].as_u64().unwrap_or(0),
-        t["drops"].clone(),
-    ))
+    Ok((s.totals.rx_ingress, s.totals.tx_ingress, s.totals))
 }
 
-pub fn run(a: Args) -> Result<()> {
+pub(crate) fn run(a: Args) -> Result<()> {
     anyhow::ensure!(
         a.worker_cores.len() == a.queues as usize,
         "--worker-cores needs one core per queue"
@@ -132,12 +128,7 @@ pub fn run(a: Args) -> Result<()> {
     let status = gw.status().map_err(anyhow::Error::msg)?;
     gw.stop(Duration::from_secs(10))
         .map_err(anyhow::Error::msg)?;
-    let per_worker: Vec<u64> = status["workers"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|w| w["tx_ingress"].as_u64().unwrap_or(0))
-        .collect();
+    let per_worker: Vec<u64> = status.workers.iter().map(|w| w.tx_ingress).collect();
     println!(
         "queues {} | workers on cores {:?} (busy poll) | senders on cores {:?} x {} flows | {:.3} Mpps received, {:.3} Mpps forwarded ext->int over {:.1}s | per-worker forwarded {:?} | burst p50 {} ns p99 {} ns",
         a.queues,
@@ -148,12 +139,12 @@ pub fn run(a: Args) -> Result<()> {
         (tx1 - tx0) as f64 / secs / 1e6,
         secs,
         per_worker,
-        status["burst_latency"]["p50_ns"],
-        status["burst_latency"]["p99_ns"],
+        status.burst_latency.p50_ns,
+        status.burst_latency.p99_ns,
     );
     println!(
         "drops: {}; offered by senders (whole run): {}",
-        gateway::metrics::drop_summary(&drops),
+        drops.drop_summary(),
         offered.load(Relaxed)
     );
     Ok(())

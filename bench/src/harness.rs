@@ -18,11 +18,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use gateway::lab::{sh, GatewayProcess, Lab, LabGuard, CLIENT_MAC, EXT_MAC, INT_MAC, SERVER_MAC};
+use lab::{sh, GatewayProcess, Lab, LabGuard, CLIENT_MAC, EXT_MAC, INT_MAC, SERVER_MAC};
 use serde::Serialize;
 
 #[derive(clap::Args)]
-pub struct Args {
+pub(crate) struct Args {
     /// Rules for Portcullis and the rule-taking peers (Portcullis also runs with 0).
     #[arg(long, default_value_t = 1000)]
     rules: usize,
@@ -202,7 +202,7 @@ fn setup(
     };
     match peer {
         Peer::Plain => {
-            let mut child = gateway::lab::netns_command(&g, bench)
+            let mut child = lab::netns_command(&g, bench)
                 .args([
                     "forward-plain",
                     "--ext",
@@ -462,7 +462,7 @@ fn svg(results: &[PeerResult]) -> String {
     s
 }
 
-pub fn run(a: Args) -> Result<()> {
+pub(crate) fn run(a: Args) -> Result<()> {
     if a.repeats == 0 || a.seconds <= 0.0 {
         bail!("--repeats and --seconds must be positive");
     }

@@ -1,6 +1,6 @@
 //! `kube-latency`: how long a policy change in the Kubernetes API takes to reach the datapath.
 //!
-//! A test API server (`control::apiserver`) serves N compiled rules' worth of GatewayPolicies
+//! A test API server (`testkit::apiserver`) serves N compiled rules' worth of GatewayPolicies
 //! (10 rules each). The real Kubernetes source watches it and publishes into a real reloader.
 //! Then, one at a time, a policy's first rule is flipped between Deny and Allow through the API,
 //! and a worker-side `TableReader` (what the datapath uses) is polled until a probe flow's verdict
@@ -15,17 +15,17 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use control::apiserver::ApiServer;
-use control::compile::GatewayContext;
-use control::key::{proto, FlowKey};
 use control::reload::Reloader;
-use control::rule::{Direction, Verdict};
 use control::source::kubernetes::{Connection, KubeSource, Options};
 use hdrhistogram::Histogram;
+use policy::compile::GatewayContext;
+use policy::key::{proto, FlowKey};
+use policy::rule::{Direction, Verdict};
 use serde_json::{json, Value};
+use testkit::apiserver::ApiServer;
 
 #[derive(clap::Args)]
-pub struct Args {
+pub(crate) struct Args {
     /// Compiled rule counts to measure (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
     pub rules: Vec<usize>,
@@ -69,7 +69,7 @@ fn probe(i: usize) -> FlowKey {
 
 /// One rule count's figures.
 #[derive(Debug, serde::Serialize)]
-pub struct Row {
+pub(crate) struct Row {
     pub rules: usize,
     pub objects: usize,
     pub events: usize,
@@ -146,7 +146,7 @@ fn measure(rules: usize, events: usize, debounce: Duration) -> Result<Row> {
         let want = if state[i] {
             Verdict::Allow
         } else {
-            Verdict::Deny(control::rule::DenyReason::Policy)
+            Verdict::Deny(policy::rule::DenyReason::Policy)
         };
         let key = probe(i);
         let t0 = Instant::now();
@@ -187,7 +187,7 @@ fn measure(rules: usize, events: usize, debounce: Duration) -> Result<Row> {
     Ok(row)
 }
 
-pub fn run(a: Args) -> Result<()> {
+pub(crate) fn run(a: Args) -> Result<()> {
     let debounce = Duration::from_millis(a.debounce_ms);
     if !a.json {
         println!(

@@ -5,9 +5,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
-use control::classbench::{read_expected, read_filters, read_trace};
-use control::classify::{Classifier, Linear, TupleSpace, NO_MATCH};
-use control::key::FlowKey;
+use policy::classbench::{read_expected, read_filters, read_trace};
+use policy::classify::{Classifier, Linear, TupleSpace, NO_MATCH};
+use policy::key::FlowKey;
 
 #[derive(Parser)]
 #[command(name = "portcullis-bench", version, about = "Portcullis benchmarks")]
@@ -94,6 +94,8 @@ mod forward;
 mod harness;
 mod kube_latency;
 mod traffic;
+#[allow(unsafe_code)]
+mod xsk;
 
 fn main() -> Result<()> {
     match Cli::parse().cmd {

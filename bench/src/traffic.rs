@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use gateway::config::{XdpMode, ZeroCopy};
 use gateway::sys::xdp;
-use gateway::sys::xsk::{Endpoint, SocketOptions};
+use gateway::sys::xsk::SocketOptions;
+
+use crate::xsk::Endpoint;
 use serde::Serialize;
 
 /// Payload marker: "PCB1".
@@ -83,7 +85,7 @@ fn ifindex(iface: &str) -> Result<u32> {
 
 /// The interface and queues a generator or sink runs on: one socket and one thread per queue.
 #[derive(clap::Args)]
-pub struct Queues {
+pub(crate) struct Queues {
     #[arg(long)]
     iface: String,
     /// First queue; with --queues N, one socket and one thread per queue from here.
@@ -97,7 +99,7 @@ pub struct Queues {
 }
 
 #[derive(clap::Args)]
-pub struct GenArgs {
+pub(crate) struct GenArgs {
     #[command(flatten)]
     q: Queues,
     #[arg(long)]
@@ -182,7 +184,7 @@ fn template(a: &GenArgs, src: [u8; 6], dst: [u8; 6], flow: u16, buf: &mut [u8]) 
 /// Offset of the generator's per-flow sequence stride (the flows per queue), after the timestamp.
 const STRIDE: usize = PAYLOAD + 20;
 
-pub fn gen(a: GenArgs) -> Result<()> {
+pub(crate) fn gen(a: GenArgs) -> Result<()> {
     let (src, dst) = (parse_mac(&a.src_mac)?, parse_mac(&a.dst_mac)?);
     if a.flows == 0 || a.q.queues == 0 {
         bail!("--flows and --queues must be at least 1");
@@ -190,8 +192,8 @@ pub fn gen(a: GenArgs) -> Result<()> {
     if !a.q.cores.is_empty() && a.q.cores.len() != a.q.queues as usize {
         bail!("--cores needs one core per queue");
     }
-    let trace: Vec<control::key::FlowKey> = match &a.trace {
-        Some(t) => control::classbench::read_trace(t)?,
+    let trace: Vec<policy::key::FlowKey> = match &a.trace {
+        Some(t) => policy::classbench::read_trace(t)?,
         None => Vec::new(),
     };
     let o = options(&a.xdp_mode)?;
@@ -238,7 +240,7 @@ fn gen_queue(
     idx: u32,
     src: [u8; 6],
     dst: [u8; 6],
-    trace: &[control::key::FlowKey],
+    trace: &[policy::key::FlowKey],
 ) -> Result<(u64, bool)> {
     if let Some(core) = a.q.cores.get(idx as usize) {
         core_affinity::set_for_current(core_affinity::CoreId { id: *core });
@@ -313,7 +315,7 @@ fn gen_queue(
 }
 
 #[derive(clap::Args)]
-pub struct SinkArgs {
+pub(crate) struct SinkArgs {
     #[command(flatten)]
     q: Queues,
     /// Stop after this long.
@@ -370,7 +372,7 @@ struct SinkReport {
     per_flow: Vec<FlowReport>,
 }
 
-pub fn sink(a: SinkArgs) -> Result<()> {
+pub(crate) fn sink(a: SinkArgs) -> Result<()> {
     if a.q.queues == 0 || (!a.q.cores.is_empty() && a.q.cores.len() != a.q.queues as usize) {
         bail!("--queues must be at least 1, and --cores needs one core per queue");
     }
@@ -526,7 +528,7 @@ fn sink_queue(
 }
 
 #[derive(clap::Args)]
-pub struct PktgenArgs {
+pub(crate) struct PktgenArgs {
     #[arg(long)]
     iface: String,
     #[arg(long)]
@@ -545,7 +547,7 @@ pub struct PktgenArgs {
 }
 
 /// Drives the kernel's pktgen through /proc/net/pktgen (UDP to `dst`, random source ports).
-pub fn pktgen(a: PktgenArgs) -> Result<()> {
+pub(crate) fn pktgen(a: PktgenArgs) -> Result<()> {
     let root = std::path::Path::new("/proc/net/pktgen");
     if !root.is_dir() {
         bail!("kernel pktgen is not available here (/proc/net/pktgen is missing: `modprobe pktgen`, or the kernel lacks CONFIG_NET_PKTGEN); use `portcullis-bench gen`, the AF_XDP generator, instead");
@@ -602,7 +604,7 @@ pub fn pktgen(a: PktgenArgs) -> Result<()> {
 }
 
 #[derive(clap::Args)]
-pub struct PlainArgs {
+pub(crate) struct PlainArgs {
     #[arg(long)]
     ext: String,
     #[arg(long)]
@@ -616,9 +618,10 @@ pub struct PlainArgs {
 
 /// The ceiling: an AF_XDP forwarder on one queue pair with a shared UMEM and no rules at all (no
 /// parsing, no classification), busy-polling until SIGINT/SIGTERM.
-pub fn plain(a: PlainArgs) -> Result<()> {
+pub(crate) fn plain(a: PlainArgs) -> Result<()> {
     use gateway::config::MAX_BURST;
-    use gateway::sys::xsk::{Burst, QueuePair};
+    use gateway::sys::ring::Side;
+    use gateway::sys::xsk::open_pair;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, std::sync::Arc::clone(&stop))?;
@@ -629,29 +632,22 @@ pub fn plain(a: PlainArgs) -> Result<()> {
         Detach(ifindex(&a.ext)?, o.xdp_mode),
         Detach(ifindex(&a.int)?, o.xdp_mode),
     );
-    let mut pair = QueuePair::open(&a.ext, &a.int, 0, &o)?;
+    let mut pair = open_pair(&a.ext, &a.int, 0, &o)?;
     eprintln!("plain forwarder ready ({} <-> {})", a.ext, a.int);
     let keep = [true; MAX_BURST];
-    let (mut rx, mut fwd) = (Burst::default(), Burst::default());
     let mut forwarded = 0u64;
     pair.refill();
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
         pair.reap();
         pair.refill();
-        for ingress in [true, false] {
-            let p = pair.parts(ingress);
-            let n = p.from.recv(&mut rx, 64);
+        for side in [Side::Ext, Side::Int] {
+            let rx = pair.receive(side, 64);
+            let n = rx.len();
             if n > 0 {
-                rx.split_into(&keep[..n], &mut fwd, p.pool);
-                forwarded += p.to.send(&mut fwd, p.pool).0 as u64;
+                forwarded += rx.forward(&keep[..n]).0 as u64;
             }
         }
-        for port in [&mut pair.ext, &mut pair.int] {
-            if port.in_flight() > 0 {
-                port.kick_tx();
-            }
-            port.kick_fill();
-        }
+        pair.kick();
     }
     println!("{{\"forwarded\":{forwarded}}}");
     Ok(())

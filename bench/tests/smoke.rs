@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use gateway::lab::{GatewayProcess, Lab, LabGuard, CLIENT_MAC, CLIENT_V4, SERVER_MAC, SERVER_V4};
+use lab::{GatewayProcess, Lab, LabGuard, CLIENT_MAC, CLIENT_V4, SERVER_MAC, SERVER_V4};
 
 fn gateway_binary() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
@@ -166,14 +166,9 @@ fn gen_through_the_gateway_to_the_sink() {
     assert_eq!(report["lost"], 0, "no gaps in any flow");
     assert_eq!(report["per_flow"].as_array().unwrap().len(), 8);
     let gw_status = gw.status().unwrap();
-    let default_deny = gw_status["totals"]["drops"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|d| d[0] == "default_deny")
-        .unwrap()[1]
-        .as_u64()
-        .unwrap();
+    let default_deny = gw_status
+        .totals
+        .drop_count(gateway::stats::Reason::DefaultDeny);
     assert!(
         default_deny >= 2000,
         "the gateway counted the denied packets: {default_deny}"

@@ -1,32 +1,15 @@
-//! Portcullis control: everything that decides.
+//! Portcullis control: where policies come from, and how a compiled table reaches the workers.
 //!
-//! A policy travels through these modules in order:
+//! The pure part of the policy path (model, compiler, classifier, table, explain) is the
+//! [`policy`] crate; this crate adds the I/O around it, in order:
 //!
-//! 1. [`source`] reads objects (YAML files, or the Kubernetes API through kube-rs watchers) into a
-//!    [`snapshot::Snapshot`];
-//! 2. [`compile`] turns a snapshot plus the gateway's own context into an ordered
-//!    [`rule::RuleSet`], every rule carrying its [`rule::Origin`];
-//! 3. [`classify`] builds a packet classifier from the rule set;
-//! 4. [`table`] pairs the two into an immutable [`table::Table`], the contract with the gateway;
-//! 5. [`publish`] swaps tables in atomically; workers load once per burst and never block;
-//! 6. [`reload`] ties it together for a running gateway: reload on change, keep the last good table.
-//!
-//! Nothing here touches sockets or packets; all of it is testable without root.
+//! 1. [`source`] reads objects, from a directory of YAML files (the embedded default) or from
+//!    the Kubernetes API through kube-rs watchers, into a [`policy::snapshot::Snapshot`];
+//! 2. `policy::compile` and `policy::table::Table::build` turn it into an immutable table;
+//! 3. [`publish`] swaps tables in atomically; workers load once per burst and never block;
+//! 4. [`reload`] ties it together for a running gateway: reload on change, merge the files and
+//!    the API, keep the last good table.
 
-#[cfg(feature = "apiserver")]
-pub mod apiserver;
-pub mod classbench;
-pub mod classify;
-pub mod compile;
-pub mod explain;
-pub mod k8s;
-pub mod key;
-pub mod netpol;
-pub mod policy;
 pub mod publish;
 pub mod reload;
-pub mod rule;
-pub mod selector;
-pub mod snapshot;
 pub mod source;
-pub mod table;

@@ -15,8 +15,8 @@ use std::sync::Arc;
 
 use arc_swap::{ArcSwap, Cache};
 
-use crate::rule::{Layer, RuleId, RuleSet};
-use crate::table::Table;
+use policy::rule::{Layer, RuleId, RuleSet};
+use policy::table::Table;
 
 /// The worker side: a cached handle on the current table.
 pub struct TableReader {
@@ -32,7 +32,7 @@ impl TableReader {
 }
 
 /// A rule's cumulative hit count, across swaps.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct RuleHits {
     pub id: RuleId,
     pub index: usize,
@@ -147,11 +147,11 @@ impl Publisher {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::compile::{compile, GatewayContext};
-    use crate::key::FlowKey;
-    use crate::rule::Direction;
-    use crate::snapshot::Snapshot;
-    use crate::table::Decision;
+    use policy::compile::{compile, GatewayContext};
+    use policy::key::FlowKey;
+    use policy::rule::Direction;
+    use policy::snapshot::Snapshot;
+    use policy::table::Decision;
 
     #[test]
     fn counters_survive_swaps_and_old_tables_are_released() {

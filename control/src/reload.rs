@@ -7,11 +7,11 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use hdrhistogram::Histogram;
 
-use crate::compile::{compile, CompileError, GatewayContext};
 use crate::publish::{Publisher, RuleHits};
-use crate::rule::RuleSet;
-use crate::snapshot::{ClusterObjects, Snapshot};
 use crate::source::{load_dir, Fingerprint, SourceError};
+use policy::compile::{compile, CompileError, GatewayContext};
+use policy::rule::RuleSet;
+use policy::snapshot::{ClusterObjects, Snapshot};
 
 /// Why a policy load failed.
 #[derive(Debug, thiserror::Error)]
@@ -195,8 +195,8 @@ impl Reloader {
     }
 
     /// Explains a flow against the live table (what the workers use right now).
-    pub fn explain(&self, key: &crate::key::FlowKey) -> Result<crate::explain::Report, String> {
-        crate::explain::explain(&self.publisher.current(), &self.objects, key)
+    pub fn explain(&self, key: &policy::key::FlowKey) -> Result<policy::explain::Report, String> {
+        policy::explain::explain(&self.publisher.current(), &self.objects, key)
     }
 
     /// The event-to-swap histogram (microseconds), for `/metrics`.

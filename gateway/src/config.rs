@@ -7,9 +7,12 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use control::compile::GatewayContext;
-use control::policy::RuleSpec;
-use control::rule::{DenyReason, Direction, Verdict};
+pub use crate::sys::ring::MAX_BURST;
+pub use crate::sys::xsk::{XdpMode, ZeroCopy};
+
+use policy::compile::GatewayContext;
+use policy::gateway_policy::RuleSpec;
+use policy::rule::{DenyReason, Direction, Verdict};
 
 /// A config problem: which file, which field, what was expected.
 #[derive(Debug, thiserror::Error)]
@@ -67,26 +70,6 @@ impl Default for Poll {
             timeout_ms: default_poll_timeout(),
         }
     }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum XdpMode {
-    /// Driver (native) XDP.
-    Native,
-    /// Generic (skb) XDP: works everywhere, slower.
-    Skb,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ZeroCopy {
-    /// Try zero-copy, fall back to copy mode with a warning.
-    Auto,
-    /// Zero-copy or fail.
-    On,
-    /// Copy mode.
-    Off,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -368,9 +351,6 @@ fn default_frame_size() -> u32 {
 fn default_frames() -> u32 {
     8192
 }
-
-/// The largest burst the worker's stack arrays hold.
-pub const MAX_BURST: usize = 256;
 
 /// A validated config.
 #[derive(Debug, Clone)]

@@ -1,27 +1,27 @@
-//! Portcullis gateway: the datapath and the `portcullis` binary.
+//! Portcullis gateway: the datapath.
 //!
 //! The path of a frame, module by module:
 //!
-//! 1. [`sys::xsk`] — AF_XDP sockets on `ext:q` and `int:q` sharing one UMEM per worker; frame
-//!    ownership lives in the types (the only `unsafe` code is under [`sys`]);
+//! 1. [`sys::xsk`] — AF_XDP sockets on `ext:q` and `int:q` sharing one UMEM per worker, behind
+//!    the [`sys::ring::Rings`] trait; frame ownership lives in the types (the only `unsafe` code
+//!    of the product is under [`sys`]);
 //! 2. [`worker`] — one pinned thread per queue: receive a burst, parse, classify, forward;
-//! 3. [`parse`] — Ethernet/VLAN/IPv4/IPv6/TCP/UDP/SCTP/ICMP into a [`control::key::FlowKey`],
+//! 3. [`parse`] — Ethernet/VLAN/IPv4/IPv6/TCP/UDP/SCTP/ICMP into a [`policy::key::FlowKey`],
 //!    or a drop [`stats::Reason`];
-//! 4. the compiled [`control::table::Table`] decides the whole burst;
-//! 5. [`stats`] — per-worker counters and latency, read by [`metrics`].
+//! 4. the compiled [`policy::table::Table`], published by [`control::publish`], decides the
+//!    whole burst;
+//! 5. [`stats`] — per-worker counters and latency, served by [`metrics`].
 //!
-//! Around it: [`config`] (strict YAML), [`preflight`] (start-up checks with instructions),
-//! [`runtime`] (`portcullis run`), and the namespace [`lab`], [`probe`] traffic and [`demo`].
+//! Around it: [`config`] (strict YAML), [`preflight`] (start-up checks with instructions) and
+//! [`runtime`] (`portcullis run`: sockets, workers, the control loop). The `portcullis` binary
+//! (crate `portcullis`, in `cli/`) wires this to the subcommands and the lab.
 
 #![deny(unsafe_code)]
 
 pub mod config;
-pub mod demo;
-pub mod lab;
 pub mod metrics;
 pub mod parse;
 pub mod preflight;
-pub mod probe;
 pub mod runtime;
 pub mod stats;
 #[allow(unsafe_code)]

@@ -7,10 +7,10 @@
 //! A first fragment too short to hold its ports is the RFC 1858 tiny-fragment attack and is
 //! dropped.
 
-use control::key::{proto, FlowKey, NO_VLAN};
-use control::rule::Direction;
 use etherparse::err::packet::SliceError;
 use etherparse::{Ipv6ExtensionSlice, LinkExtSlice, NetSlice, SlicedPacket, TransportSlice};
+use policy::key::{proto, FlowKey, NO_VLAN};
+use policy::rule::Direction;
 
 use crate::stats::Reason;
 

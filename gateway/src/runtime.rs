@@ -7,16 +7,16 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use control::reload::Reloader;
-use control::rule::Verdict;
 use control::source::kubernetes::{self, Connection, KubeSource};
 use crossbeam_queue::ArrayQueue;
+use policy::rule::Verdict;
 
 use crate::config::{Config, KubernetesApi, Startup};
 use crate::metrics::{self, Observed};
 use crate::preflight;
 use crate::stats::{SharedLatency, WorkerCounters};
 use crate::sys::xdp;
-use crate::sys::xsk::{QueuePair, SocketOptions};
+use crate::sys::xsk::{open_pair, SocketOptions};
 use crate::worker::{self, FlowRecord, WorkerSetup};
 
 /// Detaches the XDP programs from both interfaces when dropped, whatever path leaves `run`.
@@ -143,8 +143,8 @@ pub fn run(cfg: Config) -> Result<()> {
     };
     let mut pairs = Vec::with_capacity(workers);
     for q in 0..cfg.queues {
-        let pair = QueuePair::open(&cfg.interfaces.ext, &cfg.interfaces.int, q, &opts)
-            .with_context(|| {
+        let pair =
+            open_pair(&cfg.interfaces.ext, &cfg.interfaces.int, q, &opts).with_context(|| {
                 format!(
                     "opening queue {q} of {} and {}",
                     cfg.interfaces.ext, cfg.interfaces.int
@@ -159,8 +159,8 @@ pub fn run(cfg: Config) -> Result<()> {
         .enumerate()
         .flat_map(|(i, p)| {
             [
-                (i, p.ext.iface.clone(), p.ext.rx_fd()),
-                (i, p.int.iface.clone(), p.int.rx_fd()),
+                (i, cfg.interfaces.ext.clone(), p.fds()[0].unwrap_or(-1)),
+                (i, cfg.interfaces.int.clone(), p.fds()[1].unwrap_or(-1)),
             ]
         })
         .collect();
@@ -168,7 +168,6 @@ pub fn run(cfg: Config) -> Result<()> {
     for (i, pair) in pairs.into_iter().enumerate() {
         let setup = WorkerSetup {
             index: i,
-            core: cfg.cores[i],
             pair,
             reader: reloader
                 .lock()
@@ -182,12 +181,12 @@ pub fn run(cfg: Config) -> Result<()> {
             burst: cfg.burst,
             poll: cfg.poll.clone(),
             l2: cfg.l2.clone(),
-            stop: Arc::clone(&stop),
         };
+        let (core, stop) = (cfg.cores[i], Arc::clone(&stop));
         handles.push(
             std::thread::Builder::new()
                 .name(format!("pc-worker-{i}"))
-                .spawn(move || worker::run(setup))
+                .spawn(move || worker::run(setup, core, &stop))
                 .context("cannot spawn a worker thread")?,
         );
     }

@@ -9,8 +9,8 @@
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
 
-use control::rule::DenyReason;
 use hdrhistogram::Histogram;
+use policy::rule::DenyReason;
 use serde::{Deserialize, Serialize};
 
 /// Why a frame was dropped. Every drop is counted under exactly one reason.
@@ -214,6 +214,21 @@ impl CounterSnapshot {
         self.fill_starved += o.fill_starved;
         self.idle_sleeps += o.idle_sleeps;
         self.bursts += o.bursts;
+    }
+
+    /// The non-zero drop counters as `reason=n, ...`, or `none`.
+    pub fn drop_summary(&self) -> String {
+        let nonzero: Vec<String> = self
+            .drops
+            .iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(r, n)| format!("{r}={n}"))
+            .collect();
+        if nonzero.is_empty() {
+            "none".into()
+        } else {
+            nonzero.join(", ")
+        }
     }
 
     pub fn drop_count(&self, reason: Reason) -> u64 {

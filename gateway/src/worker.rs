@@ -1,27 +1,36 @@
 //! One worker per queue index: a run-to-completion loop over the two sockets of its
 //! [`QueuePair`], pinned to its own core.
 //!
-//! Per iteration (a *burst*): load the table once; reap completions and refill the fill rings;
+//! Per iteration (a *turn*): load the table once; reap completions and refill the fill rings;
 //! receive up to `burst` frames on ext, parse, classify the whole burst, forward the allowed ones
 //! to int's TX ring and recycle the rest; the same from int to ext; kick TX only while frames are in
 //! flight; record the burst's service time. Nothing in the loop allocates, locks or logs; flows to
 //! log go through a bounded lock-free queue to the control thread.
+//!
+//! The clock is read once per non-empty turn under load (the end of one burst is the start of the
+//! next), twice after an idle spell, and once every 1024 empty turns otherwise: `Instant::now()`
+//! costs tens of nanoseconds in a VM, which an empty spin must not pay.
+//!
+//! The worker is generic over its [`Rings`]: the real AF_XDP ones in `portcullis run`, the
+//! in-memory [`crate::sys::fake::FakeRings`] in tests, which drive it turn by turn.
 
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use control::key::FlowKey;
 use control::publish::TableReader;
-use control::rule::{Direction, Verdict};
-use control::table::{Decision, Table};
 use crossbeam_queue::ArrayQueue;
+use policy::key::FlowKey;
+use policy::rule::{Direction, Verdict};
+use policy::table::{Decision, Table};
+
+use hdrhistogram::Histogram;
 
 use crate::config::{L2Action, Poll, PollMode, L2, MAX_BURST};
 use crate::parse::{parse, Frame};
 use crate::stats::{new_histogram, Reason, SharedLatency, Tally, WorkerCounters};
+use crate::sys::ring::{QueuePair, Rings, Side};
 use crate::sys::wait_readable;
-use crate::sys::xsk::{Burst, QueuePair};
 
 /// A flow the control thread should log (rate-limited at the source).
 #[derive(Debug, Clone, Copy)]
@@ -36,10 +45,9 @@ pub struct FlowRecord {
 }
 
 /// Everything a worker needs, moved into its thread.
-pub struct WorkerSetup {
+pub struct WorkerSetup<R: Rings> {
     pub index: usize,
-    pub core: usize,
-    pub pair: QueuePair,
+    pub pair: QueuePair<R>,
     pub reader: TableReader,
     pub counters: Arc<WorkerCounters>,
     pub latency: Arc<SharedLatency>,
@@ -49,7 +57,6 @@ pub struct WorkerSetup {
     pub burst: usize,
     pub poll: Poll,
     pub l2: L2,
-    pub stop: Arc<AtomicBool>,
 }
 
 // Slot markers for frames that produced no key.
@@ -59,39 +66,47 @@ const SLOT_L2_DROP: u16 = u16::MAX - 2;
 
 /// The worker's caller-owned burst arrays.
 struct Scratch {
-    rx: Burst,
-    fwd: Burst,
     keys: [FlowKey; MAX_BURST],
     decisions: [Decision; MAX_BURST],
     slot: [u16; MAX_BURST],
     keep: [bool; MAX_BURST],
 }
 
-struct Worker {
+/// The per-burst path: everything a burst touches except the table reader.
+struct Datapath<R: Rings> {
     index: usize,
-    pair: QueuePair,
+    pair: QueuePair<R>,
     s: Box<Scratch>,
     tally: Tally,
     burst: usize,
     l2: L2,
     flows: Arc<ArrayQueue<FlowRecord>>,
-    flow_budget: u32,
     flow_tokens: u32,
+    /// When the current burst started: the end of the previous one while bursts follow each
+    /// other, else read when the first frame of this turn arrives.
+    burst_start: Option<Instant>,
 }
 
-impl Worker {
-    /// Moves one burst from `dir`'s receiving port to the other port. Returns frames received.
+impl<R: Rings> Datapath<R> {
+    /// Moves one burst from `dir`'s receiving side to the other. Returns frames received.
     #[inline]
     fn step(&mut self, dir: Direction, table: &Table) -> usize {
-        let p = self.pair.parts(dir == Direction::Ingress);
-        let s = &mut *self.s;
-        let n = p.from.recv(&mut s.rx, self.burst);
+        let side = match dir {
+            Direction::Ingress => Side::Ext,
+            Direction::Egress => Side::Int,
+        };
+        let rx = self.pair.receive(side, self.burst);
+        let n = rx.len();
         if n == 0 {
             return 0;
         }
+        if self.burst_start.is_none() {
+            self.burst_start = Some(Instant::now());
+        }
+        let s = &mut *self.s;
         let mut nkeys = 0usize;
         for i in 0..n {
-            s.slot[i] = match parse(p.frames.data(&s.rx, i), dir) {
+            s.slot[i] = match parse(rx.frame(i), dir) {
                 Ok(Frame::Ip(k)) => {
                     s.keys[nkeys] = k;
                     nkeys += 1;
@@ -142,8 +157,7 @@ impl Worker {
                 }
             };
         }
-        s.rx.split_into(&s.keep[..n], &mut s.fwd, p.pool);
-        let (sent, dropped) = p.to.send(&mut s.fwd, p.pool);
+        let (sent, dropped) = rx.forward(&s.keep[..n]);
         self.tally.rx[dir as usize] += n as u64;
         self.tally.tx[dir as usize] += sent as u64;
         self.tally.drops[Reason::TxRingFull as usize] += dropped as u64;
@@ -151,96 +165,147 @@ impl Worker {
     }
 }
 
-/// Runs a worker until `stop` is set. Pins itself first (a failure to pin is logged, not fatal).
-pub fn run(setup: WorkerSetup) {
-    let WorkerSetup {
-        index,
-        core,
-        pair,
-        mut reader,
-        counters,
-        latency,
-        flows,
-        flow_budget,
-        burst,
-        poll,
-        l2,
-        stop,
-    } = setup;
-    let span = tracing::info_span!("worker", queue = index, core);
+/// One worker: its queue pair, its table reader and its counters. [`run`] drives it on its own
+/// pinned thread; tests drive it one [`Worker::turn`] at a time.
+pub struct Worker<R: Rings> {
+    dp: Datapath<R>,
+    reader: TableReader,
+    counters: Arc<WorkerCounters>,
+    latency: Arc<SharedLatency>,
+    hist: Histogram<u64>,
+    flow_budget: u32,
+    poll: Poll,
+    empty: u32,
+    iterations: u32,
+    last_merge: Instant,
+}
+
+impl<R: Rings> Worker<R> {
+    /// A worker ready to turn; its fill rings are topped up.
+    pub fn new(setup: WorkerSetup<R>) -> Self {
+        let WorkerSetup {
+            index,
+            mut pair,
+            reader,
+            counters,
+            latency,
+            flows,
+            flow_budget,
+            burst,
+            poll,
+            l2,
+        } = setup;
+        pair.refill();
+        Worker {
+            dp: Datapath {
+                index,
+                pair,
+                s: Box::new(Scratch {
+                    keys: [FlowKey::default(); MAX_BURST],
+                    decisions: [Decision::default(); MAX_BURST],
+                    slot: [0; MAX_BURST],
+                    keep: [false; MAX_BURST],
+                }),
+                tally: Tally::default(),
+                burst,
+                l2,
+                flows,
+                flow_tokens: flow_budget,
+                burst_start: None,
+            },
+            reader,
+            counters,
+            latency,
+            hist: new_histogram(),
+            flow_budget,
+            poll,
+            empty: 0,
+            iterations: 0,
+            last_merge: Instant::now(),
+        }
+    }
+
+    /// The worker's queue pair (tests reach the fake wire through it).
+    pub fn pair(&mut self) -> &mut QueuePair<R> {
+        &mut self.dp.pair
+    }
+
+    /// One turn of the loop: one burst each way, TX and fill kicks, counters. Returns the frames
+    /// received. In idle poll mode, a turn after `idle_after` empty ones sleeps in poll(2).
+    pub fn turn(&mut self) -> usize {
+        // One table version for the whole turn; the reader's cache keeps it alive.
+        let table: &Table = self.reader.load();
+        let dp = &mut self.dp;
+        dp.pair.reap();
+        if dp.pair.refill() == 0 && dp.pair.free_frames() == 0 {
+            dp.tally.fill_starved += 1;
+        }
+        let n = dp.step(Direction::Ingress, table) + dp.step(Direction::Egress, table);
+        dp.tally.wakeups += dp.pair.kick();
+        self.iterations = self.iterations.wrapping_add(1);
+        let now = if n > 0 {
+            let now = Instant::now();
+            let started = dp.burst_start.unwrap_or(now);
+            dp.tally.bursts += 1;
+            self.hist
+                .saturating_record(now.duration_since(started).as_nanos() as u64);
+            // Under load the next burst starts where this one ended.
+            dp.burst_start = Some(now);
+            self.empty = 0;
+            self.counters.flush(&mut dp.tally);
+            Some(now)
+        } else {
+            dp.burst_start = None;
+            self.empty = self.empty.saturating_add(1);
+            let idle = dp.pair.in_flight(Side::Ext) == 0 && dp.pair.in_flight(Side::Int) == 0;
+            if self.poll.mode == PollMode::Idle && self.empty >= self.poll.idle_after && idle {
+                let _ = wait_readable(&dp.pair.fds(), self.poll.timeout_ms as i32);
+                dp.tally.idle_sleeps += 1;
+                self.empty = 0;
+                self.counters.flush(&mut dp.tally);
+                Some(Instant::now())
+            } else if self.iterations.is_multiple_of(1024) {
+                Some(Instant::now())
+            } else {
+                None
+            }
+        };
+        if let Some(now) = now {
+            if now.duration_since(self.last_merge) >= Duration::from_secs(1) {
+                self.housekeeping(now);
+            }
+        }
+        n
+    }
+
+    /// About once a second: publish the latency histogram, refill the flow-log budget.
+    fn housekeeping(&mut self, now: Instant) {
+        self.latency.try_merge(&mut self.hist);
+        self.dp.flow_tokens = self.flow_budget;
+        self.last_merge = now;
+        self.counters.flush(&mut self.dp.tally);
+    }
+
+    /// Flushes every counter and the latency histogram (the worker is stopping, or a test reads).
+    pub fn flush(&mut self) {
+        self.counters.flush(&mut self.dp.tally);
+        self.latency.try_merge(&mut self.hist);
+    }
+}
+
+/// Runs a worker on the calling thread until `stop` is set. Pins itself to `core` first (a
+/// failure to pin is logged, not fatal).
+pub fn run<R: Rings>(setup: WorkerSetup<R>, core: usize, stop: &AtomicBool) {
+    let span = tracing::info_span!("worker", queue = setup.index, core);
     let _enter = span.enter();
     if !core_affinity::set_for_current(core_affinity::CoreId { id: core }) {
         tracing::warn!("could not pin the worker to core {core}; it runs unpinned");
     }
-    tracing::info!(copy_mode = pair.copy_mode, burst, mode = ?poll.mode, "worker started");
-    let mut w = Worker {
-        index,
-        pair,
-        s: Box::new(Scratch {
-            rx: Burst::default(),
-            fwd: Burst::default(),
-            keys: [FlowKey::default(); MAX_BURST],
-            decisions: [Decision::default(); MAX_BURST],
-            slot: [0; MAX_BURST],
-            keep: [false; MAX_BURST],
-        }),
-        tally: Tally::default(),
-        burst,
-        l2,
-        flows,
-        flow_budget,
-        flow_tokens: flow_budget,
-    };
-    let mut hist = new_histogram();
-    let mut empty: u32 = 0;
-    let mut last_merge = Instant::now();
-    let mut iterations: u32 = 0;
-    w.pair.refill();
+    tracing::info!(copy_mode = setup.pair.copy_mode, burst = setup.burst, mode = ?setup.poll.mode, "worker started");
+    let mut w = Worker::new(setup);
     while !stop.load(Relaxed) {
-        let started = Instant::now();
-        // One table version for the whole burst; the reader's cache keeps it alive.
-        let table: &Table = reader.load();
-        w.pair.reap();
-        if w.pair.refill() == 0 && w.pair.pool.is_empty() {
-            w.tally.fill_starved += 1;
-        }
-        let n = w.step(Direction::Ingress, table) + w.step(Direction::Egress, table);
-        for port in [&mut w.pair.ext, &mut w.pair.int] {
-            if port.in_flight() > 0 {
-                w.tally.wakeups += port.kick_tx();
-            }
-            if port.kick_fill() {
-                w.tally.wakeups += 1;
-            }
-        }
-        if n > 0 {
-            w.tally.bursts += 1;
-            hist.saturating_record(started.elapsed().as_nanos() as u64);
-            empty = 0;
-            counters.flush(&mut w.tally);
-        } else {
-            empty = empty.saturating_add(1);
-            let idle = w.pair.ext.in_flight() == 0 && w.pair.int.in_flight() == 0;
-            if poll.mode == PollMode::Idle && empty >= poll.idle_after && idle {
-                let fds = [w.pair.ext.rx_fd(), w.pair.int.rx_fd()];
-                let _ = wait_readable(&fds, poll.timeout_ms as i32);
-                w.tally.idle_sleeps += 1;
-                empty = 0;
-                counters.flush(&mut w.tally);
-            }
-        }
-        iterations = iterations.wrapping_add(1);
-        if iterations.is_multiple_of(1024) || empty == 0 {
-            let now = Instant::now();
-            if now.duration_since(last_merge) >= Duration::from_secs(1) {
-                latency.try_merge(&mut hist);
-                w.flow_tokens = w.flow_budget;
-                last_merge = now;
-                counters.flush(&mut w.tally);
-            }
-        }
+        w.turn();
     }
-    counters.flush(&mut w.tally);
-    latency.try_merge(&mut hist);
+    w.flush();
     tracing::info!("worker stopped");
 }

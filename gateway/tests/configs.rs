@@ -3,9 +3,9 @@
 
 use std::path::{Path, PathBuf};
 
-use control::compile::GatewayContext;
 use control::reload::load_and_compile;
 use gateway::config::Config;
+use policy::compile::GatewayContext;
 
 fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
     for e in std::fs::read_dir(dir).unwrap() {

@@ -5,10 +5,10 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use control::snapshot::Snapshot;
-use control::source::add_object;
 use control::source::kubernetes::KINDS;
 use gateway::config::Config;
+use policy::object::add_object;
+use policy::snapshot::Snapshot;
 use serde_json::Value;
 
 fn documents() -> Vec<(PathBuf, Value)> {
@@ -197,6 +197,6 @@ fn deploy_manifests_fit_together() {
         let v: serde_norway::Value = serde_norway::from_str(text.as_str().unwrap()).unwrap();
         add_object(v, name, &mut snap).unwrap_or_else(|e| panic!("{name}: {e}"));
     }
-    let compiled = control::compile::compile(&snap, &cfg.context).unwrap();
+    let compiled = policy::compile::compile(&snap, &cfg.context).unwrap();
     assert!(compiled.rules.len() > 2);
 }

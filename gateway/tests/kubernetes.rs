@@ -1,4 +1,4 @@
-//! The Kubernetes source against the test API server (`control::apiserver`): list, watch,
+//! The Kubernetes source against the test API server (`testkit::apiserver`): list, watch,
 //! bookmarks, `410 Gone` and relist, the API going away and coming back. Every scenario starts
 //! from the objects of `configs/scenarios/nodeport-etp` served by the API, changes them the way a
 //! cluster would, and asserts on the verdict the *live* table gives for real probe frames (built
@@ -10,14 +10,14 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use control::apiserver::ApiServer;
 use control::reload::Reloader;
-use control::rule::{DenyReason, Direction, Verdict};
 use control::source::kubernetes::{Connection, KindState, KindStatus, KubeSource, Options};
 use etherparse::PacketBuilder;
 use gateway::config::Config;
 use gateway::parse::{parse, Frame};
+use policy::rule::{DenyReason, Direction, Verdict};
 use serde_json::json;
+use testkit::apiserver::ApiServer;
 
 const ALLOW: Verdict = Verdict::Allow;
 const POLICY: Verdict = Verdict::Deny(DenyReason::Policy);

@@ -5,14 +5,14 @@
 
 use std::path::PathBuf;
 
-use control::key::FlowKey;
 use control::reload::load_and_compile;
-use control::rule::Direction;
-use control::table::{Decision, Table};
 use etherparse::PacketBuilder;
 use gateway::config::Config;
 use gateway::parse::{parse, Frame};
 use gateway::stats::{Tally, WorkerCounters};
+use policy::key::FlowKey;
+use policy::rule::Direction;
+use policy::table::{Decision, Table};
 
 fn frames() -> Vec<Vec<u8>> {
     let mut out = Vec::new();

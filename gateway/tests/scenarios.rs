@@ -3,11 +3,11 @@
 
 use std::path::PathBuf;
 
-use control::key::FlowKey;
 use control::reload::load_and_compile;
-use control::rule::{DenyReason, Direction, Verdict};
-use control::table::Table;
 use gateway::config::Config;
+use policy::key::FlowKey;
+use policy::rule::{DenyReason, Direction, Verdict};
+use policy::table::Table;
 
 fn scenario(name: &str) -> (Table, Vec<String>) {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))

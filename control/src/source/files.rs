@@ -11,11 +11,8 @@ use std::time::SystemTime;
 
 use serde::Deserialize;
 
-use crate::k8s::{
-    CalicoPolicy, EndpointSlice, Namespace, NetworkPolicy, Node, SecurityGroup, Service, Workload,
-};
-use crate::policy::{FieldError, GatewayPolicy, API_VERSION};
-use crate::snapshot::{Located, Snapshot};
+use policy::object::add_object;
+use policy::snapshot::Snapshot;
 
 /// One problem with one document (or file).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,18 +43,6 @@ impl fmt::Display for SourceError {
 }
 
 impl std::error::Error for SourceError {}
-
-/// Enough of a document to dispatch on.
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct TypeMeta {
-    #[serde(default)]
-    api_version: String,
-    #[serde(default)]
-    kind: String,
-    #[serde(default)]
-    metadata: Option<crate::policy::ObjectMeta>,
-}
 
 fn yaml_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
     let mut entries: Vec<_> = std::fs::read_dir(dir)?.collect::<Result<_, _>>()?;
@@ -143,75 +128,16 @@ fn load_file(file: &Path, snap: &mut Snapshot, errors: &mut Vec<SourceError>) {
             }
         };
         let source = format!("{}#{}", file.display(), i);
-        if let Err(mut e) = add_object(value, &source, snap) {
-            e.file = file.to_path_buf();
-            e.document = Some(i);
-            errors.push(e);
+        if let Err(e) = add_object(value, &source, snap) {
+            errors.push(SourceError {
+                file: file.to_path_buf(),
+                document: Some(i),
+                object: e.object,
+                field: e.field,
+                message: e.message,
+            });
         }
     }
-}
-
-/// Adds one object (or every item of a `List`) to the snapshot. `source` names it in origins.
-pub fn add_object(
-    value: serde_norway::Value,
-    source: &str,
-    snap: &mut Snapshot,
-) -> Result<(), SourceError> {
-    let err = |object: Option<String>, field: Option<String>, message: String| SourceError {
-        file: PathBuf::new(),
-        document: None,
-        object,
-        field,
-        message,
-    };
-    let meta: TypeMeta = serde_norway::from_value(value.clone())
-        .map_err(|e| err(None, None, format!("not a Kubernetes-style object: {e}")))?;
-    let name = meta.metadata.as_ref().map(|m| match &m.namespace {
-        Some(ns) => format!("{ns}/{}", m.name),
-        None => m.name.clone(),
-    });
-    let object = Some(format!("{}/{}", meta.kind, name.unwrap_or_default()));
-    let field = |e: FieldError| err(object.clone(), Some(e.field), e.message);
-    match (meta.api_version.as_str(), meta.kind.as_str()) {
-        (_, "") => return Err(err(None, Some("kind".into()), "missing".into())),
-        ("v1", "List") => {
-            let items = value.get("items").and_then(|v| v.as_sequence()).cloned().unwrap_or_default();
-            for (j, item) in items.into_iter().enumerate() {
-                add_object(item, &format!("{source}.items[{j}]"), snap).map_err(|mut e| {
-                    e.field = Some(format!("items[{j}]{}", e.field.map(|f| format!(".{f}")).unwrap_or_default()));
-                    e
-                })?;
-            }
-        }
-        (v, "GatewayPolicy") if v == API_VERSION => snap.gateway_policies.push(Located::new(source, GatewayPolicy::from_yaml(value).map_err(field)?)),
-        (v, "SecurityGroup") if v == API_VERSION => snap.security_groups.push(Located::new(source, SecurityGroup::from_yaml(value).map_err(field)?)),
-        ("v1", "Namespace") => snap.namespaces.push(Located::new(source, Namespace::from_yaml(value).map_err(field)?)),
-        ("v1", "Pod") => {
-            if let Some(w) = Workload::pod_from_yaml(value).map_err(field)? {
-                snap.workloads.push(Located::new(source, w));
-            }
-        }
-        ("kubevirt.io/v1", "VirtualMachineInstance") => snap.workloads.push(Located::new(source, Workload::vmi_from_yaml(value).map_err(field)?)),
-        ("v1", "Node") => snap.nodes.push(Located::new(source, Node::from_yaml(value).map_err(field)?)),
-        ("v1", "Service") => snap.services.push(Located::new(source, Service::from_yaml(value).map_err(field)?)),
-        ("discovery.k8s.io/v1", "EndpointSlice") => snap.endpoint_slices.push(Located::new(source, EndpointSlice::from_yaml(value).map_err(field)?)),
-        ("networking.k8s.io/v1", "NetworkPolicy") => snap.network_policies.push(Located::new(source, NetworkPolicy::from_yaml(value).map_err(field)?)),
-        ("projectcalico.org/v3" | "crd.projectcalico.org/v1", k @ ("GlobalNetworkPolicy" | "NetworkPolicy")) => {
-            snap.calico_policies.push(Located::new(source, CalicoPolicy::from_yaml(value, k == "GlobalNetworkPolicy").map_err(field)?))
-        }
-        // CRD manifests may sit beside the objects (configs/deploy); they change no verdict.
-        ("apiextensions.k8s.io/v1", "CustomResourceDefinition") => {}
-        (v, k) => {
-            return Err(err(
-                object.clone(),
-                Some("kind".into()),
-                format!(
-                    "`{v}` `{k}` is not a kind this source reads (expected Namespace, Pod, Node, Service, EndpointSlice, NetworkPolicy, Calico (Global)NetworkPolicy, VirtualMachineInstance, {API_VERSION} GatewayPolicy or SecurityGroup, or a List of them)"
-                ),
-            ))
-        }
-    }
-    Ok(())
 }
 
 /// Cheap change detection for a policy directory: every YAML file's path, size and mtime.

@@ -24,10 +24,10 @@ use futures::StreamExt;
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::watcher::{self, Event};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use crate::snapshot::Snapshot;
-use crate::source::add_object;
+use policy::object::add_object;
+use policy::snapshot::Snapshot;
 
 /// One kind the source watches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -203,7 +203,7 @@ pub enum StartError {
 }
 
 /// A kind's sync state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum KindState {
     /// The first list has not completed.
@@ -215,7 +215,7 @@ pub enum KindState {
 }
 
 /// What `/status` shows per kind.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct KindStatus {
     pub kind: String,
     pub path: String,
@@ -231,7 +231,7 @@ pub struct KindStatus {
 }
 
 /// The source's state, shared with the observability endpoint.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Status {
     pub server: String,
     /// Every kind finished its first list (absent ones count).

@@ -5,4 +5,5 @@
 pub mod files;
 pub mod kubernetes;
 
-pub use files::{add_object, load_dir, load_dir_report, Fingerprint, SourceError};
+pub use files::{load_dir, load_dir_report, Fingerprint, SourceError};
+pub use policy::object::add_object;

@@ -1,25 +1,34 @@
-//! Everything that talks to the kernel through `unsafe`: AF_XDP sockets, XDP attach queries,
-//! raw AF_PACKET sends and poll(2). The rest of the crate is safe code (`unsafe_code` is denied
-//! workspace-wide and allowed only here), and every unsafe block says why it holds.
+//! Everything that talks to the kernel through `unsafe`: AF_XDP sockets, XDP attach queries and
+//! poll(2). The rest of the crate is safe code (`unsafe_code` is denied workspace-wide and allowed
+//! only here), and every unsafe block says why it holds. This module imports nothing from the
+//! rest of the crate.
+//!
+//! - [`ring`]: the [`ring::Rings`] trait and the [`ring::QueuePair`] that moves descriptors;
+//! - [`xsk`]: the real rings (AF_XDP through xsk-rs) and the kernel's socket statistics;
+//! - [`fake`]: in-memory rings for tests and benchmarks;
+//! - [`xdp`]: which XDP program an interface runs, and detaching it.
 
-pub mod packet;
+pub mod fake;
+pub mod ring;
 pub mod xdp;
 pub mod xsk;
 
 use std::io;
 use std::os::fd::RawFd;
 
-/// Waits until one of `fds` is readable or `timeout_ms` passes. Returns whether one is readable.
-pub fn wait_readable(fds: &[RawFd], timeout_ms: i32) -> io::Result<bool> {
+/// Waits until one of `fds` is readable or `timeout_ms` passes (with no descriptor, it just
+/// sleeps). Returns whether one is readable.
+pub fn wait_readable(fds: &[Option<RawFd>], timeout_ms: i32) -> io::Result<bool> {
     let mut pfds = [libc::pollfd {
         fd: -1,
         events: 0,
         revents: 0,
     }; 4];
-    let n = fds.len().min(pfds.len());
-    for (p, fd) in pfds.iter_mut().zip(fds) {
-        p.fd = *fd;
-        p.events = libc::POLLIN;
+    let mut n = 0;
+    for fd in fds.iter().flatten().take(pfds.len()) {
+        pfds[n].fd = *fd;
+        pfds[n].events = libc::POLLIN;
+        n += 1;
     }
     // SAFETY: `pfds` is a live array of `n` initialised pollfd structs; poll(2) writes only their
     // `revents` fields.

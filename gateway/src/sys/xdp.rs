@@ -2,7 +2,7 @@
 
 use std::io;
 
-use crate::config::XdpMode;
+use super::xsk::XdpMode;
 
 const XDP_FLAGS_SKB_MODE: u32 = 2;
 const XDP_FLAGS_DRV_MODE: u32 = 4;

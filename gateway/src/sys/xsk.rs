@@ -1,10 +1,9 @@
-//! AF_XDP sockets through xsk-rs, wrapped so that frame ownership lives in the types.
+//! AF_XDP sockets through xsk-rs: the real [`Rings`] of a queue pair.
 //!
 //! xsk-rs hands out `FrameDesc`s, which are `Copy`, and leaves it to callers (through `unsafe fn`)
-//! to never give the kernel a frame twice. Here a frame descriptor never leaves this module: frames
-//! move between a [`Pool`] (free), the fill ring, an RX [`Burst`], a TX [`Burst`], and the
-//! completion ring, and every move removes the descriptor from where it was. That is the invariant
-//! each `// SAFETY:` comment below relies on: *a descriptor is in exactly one place*.
+//! to never give the kernel a frame twice. [`XskRings`] can only be created here, inside a
+//! [`QueuePair`], whose bookkeeping keeps *a descriptor in exactly one place* (see
+//! [`super::ring`]); every `// SAFETY:` comment below relies on that invariant.
 //!
 //! One [`QueuePair`] per worker: the sockets on `ext:q` and `int:q` share one UMEM, each with its
 //! own fill/completion ring pair, so forwarding moves a descriptor from one socket's RX ring to the
@@ -12,14 +11,36 @@
 
 use std::io;
 use std::num::NonZeroU32;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 
 use xsk_rs::config::{
     BindFlags, FrameSize, Interface, LibxdpFlags, QueueSize, SocketConfig, UmemConfig, XdpFlags,
 };
 use xsk_rs::{CompQueue, FillQueue, FrameDesc, RxQueue, Socket, TxQueue, Umem};
 
-use crate::config::{XdpMode, ZeroCopy, MAX_BURST};
+use super::ring::{QueuePair, Rings, Side};
+
+/// Where the XDP program runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpMode {
+    /// Driver (native) XDP.
+    Native,
+    /// Generic (skb) XDP: works everywhere, slower.
+    Skb,
+}
+
+/// Whether the sockets use zero-copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ZeroCopy {
+    /// Try zero-copy, fall back to copy mode with a warning.
+    Auto,
+    /// Zero-copy or fail.
+    On,
+    /// Copy mode.
+    Off,
+}
 
 /// Why a queue's sockets could not be opened. The message says what to do.
 #[derive(Debug, thiserror::Error)]
@@ -104,184 +125,13 @@ fn new_umem(o: &SocketOptions) -> Result<(Umem, Vec<FrameDesc>), SocketError> {
     })
 }
 
-/// Free frames owned by one worker.
-pub struct Pool {
-    free: Vec<FrameDesc>,
-}
-
-impl Pool {
-    pub fn len(&self) -> usize {
-        self.free.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.free.is_empty()
-    }
-}
-
-/// Up to [`MAX_BURST`] owned frames: the frames of one RX burst, or those about to be sent.
-pub struct Burst {
-    descs: [FrameDesc; MAX_BURST],
-    len: usize,
-}
-
-impl Default for Burst {
-    fn default() -> Self {
-        Burst {
-            descs: [FrameDesc::default(); MAX_BURST],
-            len: 0,
-        }
-    }
-}
-
-impl Burst {
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// Moves every frame out: frame `i` goes to the end of `to` when `keep[i]`, else back to
-    /// the pool (the packet is dropped). `self` is empty afterwards, so each frame moved exactly
-    /// once. `to` must have room for the kept frames.
-    #[inline]
-    pub fn split_into(&mut self, keep: &[bool], to: &mut Burst, pool: &mut Pool) {
-        for (i, desc) in self.descs[..self.len].iter().enumerate() {
-            if keep[i] && to.len < MAX_BURST {
-                to.descs[to.len] = *desc;
-                to.len += 1;
-            } else {
-                pool.free.push(*desc);
-            }
-        }
-        self.len = 0;
-    }
-}
-
-/// One AF_XDP socket with its rings.
-pub struct Port {
-    pub iface: String,
-    pub queue: u32,
+/// One AF_XDP socket's four rings.
+struct Port {
     rx: RxQueue,
     tx: TxQueue,
     fill: FillQueue,
     comp: CompQueue,
-    /// Frames on the TX ring not yet completed.
-    in_flight: usize,
     ring_size: u32,
-}
-
-/// The two sockets of one worker on a shared UMEM, and its frame pool.
-pub struct QueuePair {
-    umem: Umem,
-    pub ext: Port,
-    pub int: Port,
-    pub pool: Pool,
-    /// True when the driver refused zero-copy and the sockets run in copy mode.
-    pub copy_mode: bool,
-}
-
-impl QueuePair {
-    /// Creates the UMEM and binds `ext:queue` and `int:queue` to it. libxdp loads its redirect
-    /// program on each interface (or reuses the one already loaded for other queues). With
-    /// `zero_copy: auto`, a refusal on either socket reopens the whole pair in copy mode: sockets
-    /// sharing a UMEM share its mode.
-    pub fn open(
-        ext: &str,
-        int: &str,
-        queue: u32,
-        o: &SocketOptions,
-    ) -> Result<QueuePair, SocketError> {
-        match o.zero_copy {
-            ZeroCopy::Off => Self::open_mode(ext, int, queue, o, true),
-            ZeroCopy::On => Self::open_mode(ext, int, queue, o, false),
-            ZeroCopy::Auto => match Self::open_mode(ext, int, queue, o, false) {
-                Err(SocketError::Socket { source, iface, .. })
-                    if source.raw_os_error() == Some(libc::EOPNOTSUPP) =>
-                {
-                    tracing::warn!(iface = iface.as_str(), queue, "the driver refused zero-copy AF_XDP; the queue pair falls back to copy mode (expected on veth)");
-                    Self::open_mode(ext, int, queue, o, true)
-                }
-                other => other,
-            },
-        }
-    }
-
-    fn open_mode(
-        ext: &str,
-        int: &str,
-        queue: u32,
-        o: &SocketOptions,
-        copy_mode: bool,
-    ) -> Result<QueuePair, SocketError> {
-        let (umem, descs) = new_umem(o)?;
-
-        let ext_port = Port::bind(&umem, ext, queue, o, copy_mode)?;
-        let int_port = Port::bind(&umem, int, queue, o, copy_mode)?;
-        Ok(QueuePair {
-            umem,
-            ext: ext_port,
-            int: int_port,
-            pool: Pool { free: descs },
-            copy_mode,
-        })
-    }
-
-    /// Borrows the pair's pieces for moving frames from `ext` to `int` (`ingress`) or back.
-    #[inline]
-    pub fn parts(&mut self, ingress: bool) -> Parts<'_> {
-        let (from, to) = if ingress {
-            (&mut self.ext, &mut self.int)
-        } else {
-            (&mut self.int, &mut self.ext)
-        };
-        Parts {
-            frames: Frames { umem: &self.umem },
-            from,
-            to,
-            pool: &mut self.pool,
-        }
-    }
-
-    /// Reaps both completion rings into the pool. Returns how many frames came back.
-    #[inline]
-    pub fn reap(&mut self) -> usize {
-        self.ext.reap(&mut self.pool) + self.int.reap(&mut self.pool)
-    }
-
-    /// Tops up both fill rings from the pool, half each at most. Returns frames given.
-    #[inline]
-    pub fn refill(&mut self) -> usize {
-        let half = self.pool.len().div_ceil(2);
-        self.ext.refill(&mut self.pool, half) + self.int.refill(&mut self.pool, usize::MAX)
-    }
-}
-
-/// Read access to the frames of one UMEM.
-pub struct Frames<'a> {
-    umem: &'a Umem,
-}
-
-impl Frames<'_> {
-    /// The bytes of frame `i` of `burst`, which must hold frames received on this UMEM.
-    #[inline]
-    pub fn data<'b>(&'b self, burst: &'b Burst, i: usize) -> &'b [u8] {
-        debug_assert!(i < burst.len);
-        // SAFETY: `burst` holds frames of this UMEM that the kernel handed back through an RX ring
-        // and that are not on any ring now (a descriptor is in exactly one place), so nothing
-        // writes the frame while this shared borrow lives; the gateway never writes frames.
-        unsafe { self.umem.data(&burst.descs[i]) }.contents()
-    }
-}
-
-/// A queue pair split for one direction of forwarding.
-pub struct Parts<'a> {
-    pub frames: Frames<'a>,
-    pub from: &'a mut Port,
-    pub to: &'a mut Port,
-    pub pool: &'a mut Pool,
 }
 
 impl Port {
@@ -338,118 +188,143 @@ impl Port {
             queue,
         })?;
         Ok(Port {
-            iface: iface.to_string(),
-            queue,
             rx,
             tx,
             fill,
             comp,
-            in_flight: 0,
             ring_size: o.ring_size,
         })
     }
+}
 
-    /// Receives up to `max` frames into `burst` (which must be empty).
+/// The real rings of a queue pair: two AF_XDP sockets bound to one UMEM. Only
+/// [`open_pair`] creates them, inside the [`QueuePair`] whose bookkeeping they rely on.
+pub struct XskRings {
+    umem: Umem,
+    ports: [Port; 2],
+}
+
+/// Creates the UMEM and binds `ext:queue` and `int:queue` to it. libxdp loads its redirect
+/// program on each interface (or reuses the one already loaded for other queues). With
+/// `zero_copy: auto`, a refusal on either socket reopens the whole pair in copy mode: sockets
+/// sharing a UMEM share its mode.
+pub fn open_pair(
+    ext: &str,
+    int: &str,
+    queue: u32,
+    o: &SocketOptions,
+) -> Result<QueuePair<XskRings>, SocketError> {
+    match o.zero_copy {
+        ZeroCopy::Off => open_mode(ext, int, queue, o, true),
+        ZeroCopy::On => open_mode(ext, int, queue, o, false),
+        ZeroCopy::Auto => match open_mode(ext, int, queue, o, false) {
+            Err(SocketError::Socket { source, iface, .. })
+                if source.raw_os_error() == Some(libc::EOPNOTSUPP) =>
+            {
+                tracing::warn!(iface = iface.as_str(), queue, "the driver refused zero-copy AF_XDP; the queue pair falls back to copy mode (expected on veth)");
+                open_mode(ext, int, queue, o, true)
+            }
+            other => other,
+        },
+    }
+}
+
+fn open_mode(
+    ext: &str,
+    int: &str,
+    queue: u32,
+    o: &SocketOptions,
+    copy_mode: bool,
+) -> Result<QueuePair<XskRings>, SocketError> {
+    let (umem, descs) = new_umem(o)?;
+    let ext_port = Port::bind(&umem, ext, queue, o, copy_mode)?;
+    let int_port = Port::bind(&umem, int, queue, o, copy_mode)?;
+    let rings = XskRings {
+        umem,
+        ports: [ext_port, int_port],
+    };
+    Ok(QueuePair::new(rings, descs, copy_mode))
+}
+
+impl Rings for XskRings {
+    type Desc = FrameDesc;
+
     #[inline]
-    pub fn recv(&mut self, burst: &mut Burst, max: usize) -> usize {
-        debug_assert!(burst.len == 0);
-        let max = max.min(MAX_BURST);
-        // SAFETY: the descriptors written are frames the kernel returns from this socket's RX ring;
-        // they were given to a fill ring of this UMEM and are now owned by `burst` alone.
-        let n = unsafe { self.rx.consume(&mut burst.descs[..max]) };
-        burst.len = n;
-        n
+    fn frame(&self, desc: &FrameDesc) -> &[u8] {
+        // SAFETY: the queue pair only asks for frames of its RX burst: frames of this UMEM that
+        // the kernel handed back through an RX ring and that are on no ring now (a descriptor is
+        // in exactly one place), so nothing writes the frame while this shared borrow lives; the
+        // gateway never writes frames.
+        unsafe { self.umem.data(desc) }.contents()
     }
 
-    /// Queues `burst` for transmission. Frames the TX ring had no room for go back to the pool;
-    /// returns (sent, dropped). `burst` is empty afterwards.
     #[inline]
-    pub fn send(&mut self, burst: &mut Burst, pool: &mut Pool) -> (usize, usize) {
-        if burst.len == 0 {
-            return (0, 0);
-        }
+    fn rx(&mut self, side: Side, out: &mut [FrameDesc]) -> usize {
+        // SAFETY: the descriptors written are frames the kernel returns from this socket's RX
+        // ring; they were given to a fill ring of this UMEM and are now owned by `out` alone.
+        unsafe { self.ports[side as usize].rx.consume(out) }
+    }
+
+    #[inline]
+    fn tx(&mut self, side: Side, descs: &[FrameDesc]) -> usize {
+        let tx = &mut self.ports[side as usize].tx;
         // libxdp's reserve is all-or-nothing, so ask for no more than the ring has room for.
-        let room = (self.tx.nb_free(burst.len as u32) as usize).min(burst.len);
-        // SAFETY: every frame in `burst` belongs to this UMEM and is owned by `burst` only; the
-        // accepted ones now belong to the TX ring until they come back through `comp`.
-        let sent = unsafe { self.tx.produce(&burst.descs[..room]) };
-        pool.free.extend_from_slice(&burst.descs[sent..burst.len]);
-        let dropped = burst.len - sent;
-        self.in_flight += sent;
-        burst.len = 0;
-        (sent, dropped)
+        let room = (tx.nb_free(descs.len() as u32) as usize).min(descs.len());
+        // SAFETY: every frame in `descs` belongs to this UMEM and is owned by the caller only;
+        // the accepted ones now belong to the TX ring until they come back through `complete`.
+        unsafe { tx.produce(&descs[..room]) }
     }
 
-    /// Kicks the kernel to transmit while it asks for it and the TX ring still holds frames it has
-    /// not taken. In copy mode each `sendto` sends at most 32 frames (the kernel's per-call TX
-    /// budget), so a burst of 64 needs two; the loop is bounded so a stuck device cannot spin it.
-    /// Returns the number of syscalls made.
     #[inline]
-    pub fn kick_tx(&mut self) -> u64 {
+    fn fill(&mut self, side: Side, descs: &[FrameDesc]) -> usize {
+        let fill = &mut self.ports[side as usize].fill;
+        let room = (fill.nb_free(descs.len() as u32) as usize).min(descs.len());
+        // SAFETY: the frames are free (owned by the caller's pool and nobody else) and belong
+        // to this UMEM; the caller removes exactly the accepted prefix from its pool.
+        unsafe { fill.produce(&descs[..room]) }
+    }
+
+    #[inline]
+    fn complete(&mut self, side: Side, out: &mut [FrameDesc]) -> usize {
+        // SAFETY: the completion ring returns frames this UMEM's TX rings sent; from here on
+        // they are owned by `out` (and then the caller's pool) only.
+        unsafe { self.ports[side as usize].comp.consume(out) }
+    }
+
+    /// Kicks the kernel to transmit while it asks for it and the TX ring still holds frames it
+    /// has not taken. In copy mode each `sendto` sends at most 32 frames (the kernel's per-call
+    /// TX budget), so a burst of 64 needs two; the loop is bounded so a stuck device cannot spin
+    /// it.
+    #[inline]
+    fn kick_tx(&mut self, side: Side) -> u64 {
+        let p = &mut self.ports[side as usize];
         let mut calls = 0;
-        while calls < 8 && self.tx.needs_wakeup() && self.tx.nb_free_exact() < self.ring_size {
+        while calls < 8 && p.tx.needs_wakeup() && p.tx.nb_free_exact() < p.ring_size {
             // ENOBUFS/EAGAIN/EBUSY/ENETDOWN are swallowed by xsk-rs (retry next burst); any other
             // error would recur on every burst and the ring would stall, visible in the counters.
-            let _ = self.tx.wakeup();
+            let _ = p.tx.wakeup();
             calls += 1;
         }
         calls
     }
 
-    /// Wakes the driver to use the fill ring if it asked for it.
     #[inline]
-    pub fn kick_fill(&mut self) -> bool {
-        if self.fill.needs_wakeup() {
-            let _ = self.fill.wakeup(self.rx.fd_mut(), 0);
+    fn kick_fill(&mut self, side: Side) -> bool {
+        let p = &mut self.ports[side as usize];
+        if p.fill.needs_wakeup() {
+            let _ = p.fill.wakeup(p.rx.fd_mut(), 0);
             return true;
         }
         false
     }
 
-    fn reap(&mut self, pool: &mut Pool) -> usize {
-        let mut total = 0;
-        let mut tmp = [FrameDesc::default(); MAX_BURST];
-        loop {
-            // SAFETY: the completion ring returns frames this UMEM's TX rings sent; from here on
-            // they are owned by the pool only.
-            let n = unsafe { self.comp.consume(&mut tmp) };
-            pool.free.extend_from_slice(&tmp[..n]);
-            self.in_flight = self.in_flight.saturating_sub(n);
-            total += n;
-            if n < MAX_BURST {
-                return total;
-            }
-        }
-    }
-
-    fn refill(&mut self, pool: &mut Pool, max: usize) -> usize {
-        let want = pool.free.len().min(max) as u32;
-        if want == 0 {
-            return 0;
-        }
-        let room = self.fill.nb_free(want) as usize;
-        let take = room.min(want as usize);
-        let start = pool.free.len() - take;
-        // SAFETY: the frames come off the pool (owned by nobody else) and belong to this UMEM;
-        // only the ones the ring accepted are removed from the pool.
-        let given = unsafe { self.fill.produce(&pool.free[start..]) };
-        pool.free.truncate(pool.free.len() - given);
-        given
-    }
-
-    /// Frames queued for TX whose completion has not been reaped yet.
-    #[inline]
-    pub fn in_flight(&self) -> usize {
-        self.in_flight
-    }
-
-    pub fn rx_fd(&self) -> i32 {
-        self.rx.fd().as_raw_fd()
+    fn fd(&self, side: Side) -> Option<RawFd> {
+        Some(self.ports[side as usize].rx.fd().as_raw_fd())
     }
 }
 
 /// The kernel's counters for one AF_XDP socket: frames it dropped before the gateway saw them.
-#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
 pub struct KernelStats {
     /// Dropped for reasons other than invalid descriptors (e.g. no room).
     pub rx_dropped: u64,
@@ -462,135 +337,65 @@ pub struct KernelStats {
     pub tx_ring_empty_descs: u64,
 }
 
-const SOL_XDP: libc::c_int = 283;
-const XDP_STATISTICS: libc::c_int = 7;
-
-/// Reads `XDP_STATISTICS` of an AF_XDP socket by descriptor. `None` if the socket is gone.
-pub fn kernel_stats(fd: i32) -> Option<KernelStats> {
-    let mut raw = [0u64; 6];
-    let mut len = std::mem::size_of_val(&raw) as libc::socklen_t;
-    // SAFETY: `raw` is a live, writable buffer of `len` bytes, the layout of `struct
-    // xdp_statistics` (six __u64) since Linux 5.9; the kernel writes at most `len` bytes and
-    // reports how many.
+/// Reads `XDP_STATISTICS` of an AF_XDP socket by descriptor (the control thread reads the
+/// workers' sockets this way). `None` if the socket is gone.
+pub fn kernel_stats(fd: RawFd) -> Option<KernelStats> {
+    // SAFETY: `xdp_statistics` is a plain struct of integers; all zeroes is a valid value.
+    let mut raw: libc::xdp_statistics = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::xdp_statistics>() as libc::socklen_t;
+    // SAFETY: `raw` is a live, writable `struct xdp_statistics` of `len` bytes; the kernel writes
+    // at most `len` bytes and reports how many.
     let r = unsafe {
         libc::getsockopt(
             fd,
-            SOL_XDP,
-            XDP_STATISTICS,
-            raw.as_mut_ptr().cast(),
+            libc::SOL_XDP,
+            libc::XDP_STATISTICS,
+            (&mut raw as *mut libc::xdp_statistics).cast(),
             &mut len,
         )
     };
-    (r == 0).then(|| KernelStats {
-        rx_dropped: raw[0],
-        rx_invalid_descs: raw[1],
-        tx_invalid_descs: raw[2],
-        rx_ring_full: raw[3],
-        rx_fill_ring_empty_descs: raw[4],
-        tx_ring_empty_descs: raw[5],
+    (r == 0).then_some(KernelStats {
+        rx_dropped: raw.rx_dropped,
+        rx_invalid_descs: raw.rx_invalid_descs,
+        tx_invalid_descs: raw.tx_invalid_descs,
+        rx_ring_full: raw.rx_ring_full,
+        rx_fill_ring_empty_descs: raw.rx_fill_ring_empty_descs,
+        tx_ring_empty_descs: raw.tx_ring_empty_descs,
     })
 }
 
-/// One AF_XDP socket with its own UMEM: the benchmark's traffic generator (TX) or sink (RX).
-/// The same ownership rule holds: a descriptor is in the pool, a ring, or a `Burst`, never two.
-pub struct Endpoint {
-    umem: Umem,
-    port: Port,
-    pool: Pool,
+/// One AF_XDP socket on its own UMEM, unwrapped: for traffic generators and sinks outside the
+/// gateway (the bench), which write frames and so manage ownership themselves, through
+/// xsk-rs's `unsafe fn`s.
+pub struct Single {
+    pub umem: Umem,
+    pub frames: Vec<FrameDesc>,
+    pub rx: RxQueue,
+    pub tx: TxQueue,
+    pub fill: FillQueue,
+    pub comp: CompQueue,
     pub copy_mode: bool,
 }
 
-impl Endpoint {
-    pub fn open(iface: &str, queue: u32, o: &SocketOptions) -> Result<Endpoint, SocketError> {
-        let (umem, descs) = new_umem(o)?;
-        let (port, copy_mode) =
-            match Port::bind(&umem, iface, queue, o, o.zero_copy == ZeroCopy::Off) {
-                Err(SocketError::Socket { source, .. })
-                    if o.zero_copy == ZeroCopy::Auto
-                        && source.raw_os_error() == Some(libc::EOPNOTSUPP) =>
-                {
-                    (Port::bind(&umem, iface, queue, o, true)?, true)
-                }
-                other => (other?, o.zero_copy == ZeroCopy::Off),
-            };
-        Ok(Endpoint {
-            umem,
-            port,
-            pool: Pool { free: descs },
-            copy_mode,
-        })
-    }
-
-    /// Writes every free frame once: `fill(i, buf)` writes frame `i`'s bytes into `buf` (the
-    /// frame's whole data area) and returns the frame length.
-    pub fn write_frames(&mut self, mut fill: impl FnMut(usize, &mut [u8]) -> usize) {
-        for (i, desc) in self.pool.free.iter_mut().enumerate() {
-            // SAFETY: the pool owns these frames (none is on a ring), so nothing else reads or
-            // writes them while this exclusive borrow lives.
-            let mut data = unsafe { self.umem.data_mut(desc) };
-            let len = {
-                let mut c = data.cursor();
-                let cap = c.buf_len();
-                c.set_pos(cap);
-                cap
-            };
-            let n = fill(i, &mut data.contents_mut()[..len]);
-            data.cursor().set_pos(n);
+/// Opens one socket on `iface:queue` with its own UMEM (`zero_copy: auto` falls back to copy
+/// mode).
+pub fn open_single(iface: &str, queue: u32, o: &SocketOptions) -> Result<Single, SocketError> {
+    let (umem, frames) = new_umem(o)?;
+    let (port, copy_mode) = match Port::bind(&umem, iface, queue, o, o.zero_copy == ZeroCopy::Off) {
+        Err(SocketError::Socket { source, .. })
+            if o.zero_copy == ZeroCopy::Auto && source.raw_os_error() == Some(libc::EOPNOTSUPP) =>
+        {
+            (Port::bind(&umem, iface, queue, o, true)?, true)
         }
-    }
-
-    /// Queues up to `n` frames from the pool for transmission, after `patch(buf)` rewrites
-    /// what changes per packet (the frame keeps the length it was written with, `len`). Returns
-    /// how many were queued.
-    pub fn send(&mut self, n: usize, len: usize, mut patch: impl FnMut(&mut [u8])) -> usize {
-        let mut burst = Burst::default();
-        let take = n.min(MAX_BURST).min(self.pool.free.len());
-        for _ in 0..take {
-            let Some(mut desc) = self.pool.free.pop() else {
-                break;
-            };
-            {
-                // SAFETY: the frame was just taken off the pool; nothing else accesses it.
-                let mut data = unsafe { self.umem.data_mut(&mut desc) };
-                // A completed frame comes back with length 0; its bytes are still there.
-                data.cursor().set_pos(len);
-                patch(data.contents_mut());
-            }
-            burst.descs[burst.len] = desc;
-            burst.len += 1;
-        }
-        let (sent, _) = self.port.send(&mut burst, &mut self.pool);
-        sent
-    }
-
-    /// Reaps completions and kicks TX. Returns frames in flight.
-    pub fn service_tx(&mut self) -> usize {
-        self.port.reap(&mut self.pool);
-        if self.port.in_flight() > 0 {
-            self.port.kick_tx();
-        }
-        self.port.in_flight()
-    }
-
-    /// Receives up to one burst, calls `f` on each frame's bytes, and recycles the frames.
-    pub fn receive(&mut self, mut f: impl FnMut(&[u8])) -> usize {
-        self.port.refill(&mut self.pool, usize::MAX);
-        self.port.kick_fill();
-        let mut burst = Burst::default();
-        let n = self.port.recv(&mut burst, MAX_BURST);
-        let frames = Frames { umem: &self.umem };
-        for i in 0..n {
-            f(frames.data(&burst, i));
-        }
-        burst.split_into(
-            &[false; MAX_BURST][..n],
-            &mut Burst::default(),
-            &mut self.pool,
-        );
-        n
-    }
-
-    pub fn rx_fd(&self) -> i32 {
-        self.port.rx_fd()
-    }
+        other => (other?, o.zero_copy == ZeroCopy::Off),
+    };
+    Ok(Single {
+        umem,
+        frames,
+        rx: port.rx,
+        tx: port.tx,
+        fill: port.fill,
+        comp: port.comp,
+        copy_mode,
+    })
 }

@@ -1,0 +1,522 @@
+//! `portcullis`: run the gateway, check and explain policies, read stats, and drive the lab.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+
+use control::source::kubernetes::{self, Connection, KubeSource};
+use control::source::load_dir_report;
+use gateway::config::{Config, KubernetesApi};
+use gateway::metrics::Status;
+use lab::Lab;
+use policy::compile::{compile, GatewayContext};
+use policy::explain::Probe;
+use policy::key::FlowKey;
+use policy::snapshot::{ClusterObjects, Snapshot};
+use policy::table::Table;
+
+#[derive(Parser)]
+#[command(
+    name = "portcullis",
+    version,
+    about = "AF_XDP packet-filter gateway for Kubernetes edge nodes"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the gateway until SIGINT/SIGTERM (SIGHUP reloads the policies).
+    Run {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Validate and compile policies; print a table summary, warnings, build time and memory.
+    Check {
+        #[command(flatten)]
+        src: PolicySource,
+    },
+    /// Explain the verdict for one flow: the rule, its origin and the reason (and the Kubernetes
+    /// verdicts when either end is a known pod), or for every JSON line of --probes.
+    Explain {
+        #[command(flatten)]
+        src: PolicySource,
+        /// Source address.
+        #[arg(long = "src", required_unless_present = "probes")]
+        src_addr: Option<IpAddr>,
+        #[arg(long, required_unless_present = "probes")]
+        dst: Option<IpAddr>,
+        #[arg(long, default_value_t = 40000)]
+        sport: u16,
+        /// Destination port, or ICMP code with --proto icmp.
+        #[arg(long, default_value_t = 0)]
+        dport: u16,
+        /// tcp, udp, sctp, icmp, icmpv6 or a number.
+        #[arg(long, default_value = "tcp")]
+        proto: String,
+        /// ICMP type (with --proto icmp/icmpv6).
+        #[arg(long)]
+        icmp_type: Option<u8>,
+        #[arg(long, value_enum, default_value_t = Dir::Ingress)]
+        direction: Dir,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Explain every probe of a JSON-lines file ({"src","dst","proto","sport","dport",
+        /// "icmp_type","direction"}); writes one JSON line per probe. `-` reads standard input.
+        #[arg(long, conflicts_with_all = ["src_addr", "dst"])]
+        probes: Option<PathBuf>,
+    },
+    /// Print counters of a running instance.
+    Stats {
+        /// The instance's metrics.listen address.
+        #[arg(long, default_value = "127.0.0.1:9477")]
+        addr: SocketAddr,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The network-namespace lab.
+    Lab {
+        #[command(subcommand)]
+        action: LabCmd,
+    },
+}
+
+#[derive(clap::Args)]
+struct PolicySource {
+    /// A gateway config (its policy_dir, defaults and failsafe rules are used).
+    #[arg(long, conflicts_with = "policies")]
+    config: Option<PathBuf>,
+    /// A policy directory, with the default context (ingress deny, egress allow, no failsafe).
+    #[arg(long)]
+    policies: Option<PathBuf>,
+    /// With a config that watches the Kubernetes API: read the policy directory only.
+    #[arg(long)]
+    files_only: bool,
+    /// `explain` only: ask the running instance at this metrics address about its live table
+    /// (files and Kubernetes API merged, exactly what the workers use).
+    #[arg(long, conflicts_with_all = ["config", "policies"])]
+    addr: Option<SocketAddr>,
+}
+
+impl PolicySource {
+    fn load(&self) -> Result<(PathBuf, GatewayContext, Option<KubernetesApi>)> {
+        if let Some(addr) = self.addr {
+            bail!("--addr {addr} works with `explain` only; `check` reads --config or --policies");
+        }
+        match (&self.config, &self.policies) {
+            (Some(c), _) => {
+                let cfg = Config::load(c)?;
+                let api = cfg.kubernetes_api.filter(|_| !self.files_only);
+                Ok((cfg.policy_dir, cfg.context, api))
+            }
+            (None, Some(p)) => Ok((p.clone(), GatewayContext::default(), None)),
+            (None, None) => bail!("give --config FILE or --policies DIR (or --addr for explain)"),
+        }
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Dir {
+    Ingress,
+    Egress,
+}
+
+#[derive(Subcommand)]
+enum LabCmd {
+    /// Build the topology.
+    Up(LabArgs),
+    /// Delete the topology.
+    Down(LabArgs),
+    /// Show namespaces, addresses and attached XDP programs.
+    Status(LabArgs),
+    /// Build the lab, run the gateway on configs/lab, send allowed and denied traffic, print the
+    /// verdicts and counters, tear down.
+    Demo {
+        #[command(flatten)]
+        lab: LabArgs,
+        #[arg(long, default_value = "configs/lab/gateway.yaml")]
+        config: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+struct LabArgs {
+    #[arg(long, default_value = "pc")]
+    prefix: String,
+    #[arg(long, default_value_t = 1)]
+    queues: u32,
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = dispatch(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn dispatch(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Run { config } => gateway::runtime::run(Config::load(&config)?),
+        Cmd::Check { src } => check(&src),
+        Cmd::Explain {
+            src,
+            src_addr,
+            dst,
+            sport,
+            dport,
+            proto: p,
+            icmp_type,
+            direction,
+            json,
+            probes,
+        } => {
+            if src.addr.is_some() && probes.is_some() {
+                bail!("--probes reads policies (--config or --policies); with --addr, explain one flow at a time");
+            }
+            if src.addr.is_none() {
+                if let Some(file) = &probes {
+                    return explain_probes(&build(&src)?, file);
+                }
+            }
+            let probe = Probe {
+                src: src_addr.context("give --src IP")?,
+                dst: dst.context("give --dst IP")?,
+                proto: p,
+                sport,
+                dport,
+                icmp_type,
+                direction: match direction {
+                    Dir::Ingress => "ingress".into(),
+                    Dir::Egress => "egress".into(),
+                },
+            };
+            let key = probe.key().map_err(anyhow::Error::msg)?;
+            match src.addr {
+                Some(addr) => explain_live(addr, &probe, json),
+                None => explain(&build(&src)?, &key, json),
+            }
+        }
+        Cmd::Stats { addr, json } => stats(addr, json),
+        Cmd::Lab { action } => match action {
+            LabCmd::Up(a) => {
+                let lab = Lab::new(&a.prefix, a.queues)?;
+                lab.up()?;
+                print!("{}", lab.status());
+                Ok(())
+            }
+            LabCmd::Down(a) => Ok(Lab::new(&a.prefix, a.queues)?.down()?),
+            LabCmd::Status(a) => {
+                print!("{}", Lab::new(&a.prefix, a.queues)?.status());
+                Ok(())
+            }
+            LabCmd::Demo { lab, config } => {
+                let exe =
+                    std::env::current_exe().context("cannot find the portcullis executable")?;
+                lab::demo::run(&exe, &config, &lab.prefix, lab.queues)
+            }
+        },
+    }
+}
+
+/// A compiled policy directory, for `check` and `explain`: the valid objects compiled, the
+/// invalid ones reported.
+struct Built {
+    /// What was read: the policy directory, and the API server when configured.
+    sources: String,
+    table: Table,
+    objects: ClusterObjects,
+    errors: Vec<String>,
+    warnings: Vec<String>,
+    counts: Vec<(&'static str, usize)>,
+    compile_ms: f64,
+}
+
+/// One complete list of every kind from the API (what `run` would start on), and the objects
+/// it skipped as malformed.
+fn api_snapshot(api: &KubernetesApi) -> Result<(String, Snapshot, Vec<String>)> {
+    let got = Arc::new(Mutex::new(None));
+    let slot = Arc::clone(&got);
+    let source = KubeSource::start(
+        Connection::Kubeconfig {
+            path: api.kubeconfig.clone(),
+            context: api.context.clone(),
+        },
+        kubernetes::Options {
+            debounce: Duration::ZERO,
+            ..kubernetes::Options::default()
+        },
+        Box::new(move |snap, _| {
+            *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(snap);
+            Ok(0)
+        }),
+    )?;
+    let limit = Duration::from_secs(match api.startup_timeout_s {
+        0 => 30,
+        t => t,
+    });
+    let synced = source.wait_synced(Some(limit), Duration::from_secs(5), &|| false, &|s| {
+        eprintln!(
+            "waiting for the Kubernetes API at {}: pending {}",
+            s.server,
+            s.pending().join(", ")
+        )
+    });
+    let status = source.status();
+    drop(source);
+    if !synced {
+        bail!(
+            "no complete list from the Kubernetes API at {} within {}s; pending: {}; last error: {} (--files-only skips the API)",
+            status.server,
+            limit.as_secs(),
+            status.pending().join(", "),
+            status.last_error.as_deref().unwrap_or("none")
+        );
+    }
+    let snap = got
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+        .unwrap_or_default();
+    Ok((status.server, snap, status.invalid_objects))
+}
+
+fn build(src: &PolicySource) -> Result<Built> {
+    let (dir, ctx, api) = src.load()?;
+    let started = std::time::Instant::now();
+    let (mut snap, errors) = load_dir_report(&dir);
+    let mut errors: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+    let mut sources = format!("files {}", dir.display());
+    if let Some(api) = &api {
+        let (server, from_api, invalid) = api_snapshot(api)?;
+        snap.extend_from(&from_api);
+        errors.extend(invalid.into_iter().map(|e| format!("{server}: {e}")));
+        sources.push_str(&format!(" + Kubernetes API {server}"));
+    }
+    let compiled = compile(&snap, &ctx).with_context(|| format!("policies from {sources}"))?;
+    let compile_ms = started.elapsed().as_secs_f64() * 1e3;
+    for e in &errors {
+        eprintln!("error: {e}");
+    }
+    if errors
+        .iter()
+        .any(|e| e.contains("cannot read the policy directory"))
+    {
+        bail!("{}", errors[0]);
+    }
+    Ok(Built {
+        sources,
+        table: Table::build(compiled.rules, 1, 1),
+        objects: snap.cluster_objects(),
+        errors,
+        warnings: compiled.warnings,
+        counts: snap.counts(),
+        compile_ms,
+    })
+}
+
+fn check(src: &PolicySource) -> Result<()> {
+    let b = build(src)?;
+    let table = &b.table;
+    println!("policies: {}", b.sources);
+    for (kind, n) in &b.counts {
+        println!("  {kind}: {n}");
+    }
+    let stats = table.classifier_stats();
+    println!("compiled rules: {}", table.rules().len());
+    println!(
+        "classifier: {} atoms in {} tuples, {} buckets (longest {})",
+        stats.atoms, stats.tuples, stats.buckets, stats.max_bucket
+    );
+    println!(
+        "load+compile: {:.2} ms, classifier build: {:.2} ms, table memory: {} bytes",
+        b.compile_ms,
+        table.build_time().as_secs_f64() * 1e3,
+        table.memory_bytes()
+    );
+    if b.warnings.is_empty() {
+        println!("warnings: none");
+    } else {
+        println!("warnings ({}):", b.warnings.len());
+        for w in &b.warnings {
+            println!("  - {w}");
+        }
+    }
+    if !b.errors.is_empty() {
+        bail!("{} invalid object(s) (listed above) were skipped; a running gateway refuses a policy directory holding any of them (keeping its last good table), and skips them when the API serves them", b.errors.len());
+    }
+    Ok(())
+}
+
+fn explain(b: &Built, key: &FlowKey, json: bool) -> Result<()> {
+    let r = policy::explain::explain(&b.table, &b.objects, key).map_err(anyhow::Error::msg)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        print!("{}", r.render());
+    }
+    if r.steps.is_empty() {
+        bail!("no rule matched (the table fails closed)");
+    }
+    Ok(())
+}
+
+/// `explain --addr`: asks a running instance about its live table (whatever its sources).
+fn explain_live(addr: SocketAddr, probe: &Probe, json: bool) -> Result<()> {
+    let mut path = format!(
+        "/explain?src={}&dst={}&proto={}&sport={}&dport={}&direction={}&format={}",
+        probe.src,
+        probe.dst,
+        probe.proto,
+        probe.sport,
+        probe.dport,
+        probe.direction,
+        if json { "json" } else { "text" }
+    );
+    if let Some(t) = probe.icmp_type {
+        path.push_str(&format!("&icmp_type={t}"));
+    }
+    let (code, body) = lab::http::get(addr, &path, Duration::from_secs(3)).with_context(|| {
+        format!("cannot reach a running portcullis at {addr} (is metrics.listen set to it?)")
+    })?;
+    if code != 200 {
+        bail!("{addr} answered {code}: {}", body.trim());
+    }
+    print!("{body}");
+    Ok(())
+}
+
+/// `explain --probes`: one JSON line out per JSON line in; a bad line gets an error line.
+fn explain_probes(b: &Built, file: &std::path::Path) -> Result<()> {
+    use std::io::{BufRead, Write};
+    let input: Box<dyn BufRead> = if file == std::path::Path::new("-") {
+        Box::new(std::io::stdin().lock())
+    } else {
+        Box::new(std::io::BufReader::new(
+            std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?,
+        ))
+    };
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut bad = 0;
+    for (n, line) in input.lines().enumerate() {
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let result = serde_json::from_str::<Probe>(&line)
+            .map_err(|e| e.to_string())
+            .and_then(|p| p.key())
+            .and_then(|k| policy::explain::explain(&b.table, &b.objects, &k));
+        let v = match result {
+            Ok(r) => serde_json::json!({"line": n + 1, "report": r}),
+            Err(e) => {
+                bad += 1;
+                serde_json::json!({"line": n + 1, "input": line, "error": e})
+            }
+        };
+        writeln!(out, "{v}")?;
+    }
+    out.flush()?;
+    if bad > 0 {
+        bail!("{bad} probe line(s) could not be explained (see their error lines)");
+    }
+    Ok(())
+}
+
+fn stats(addr: SocketAddr, json: bool) -> Result<()> {
+    let (code, body) =
+        lab::http::get(addr, "/status", Duration::from_secs(3)).with_context(|| {
+            format!("cannot reach a running portcullis at {addr} (is metrics.listen set to it?)")
+        })?;
+    if code != 200 {
+        bail!("{addr}/status answered {code}");
+    }
+    if json {
+        println!("{body}");
+        return Ok(());
+    }
+    let s: Status = serde_json::from_str(&body)
+        .with_context(|| format!("{addr}/status is not a portcullis status document"))?;
+    let t = &s.totals;
+    println!(
+        "portcullis {} up {}s, ext={} int={} queues={} copy_mode={}",
+        s.version, s.uptime_s, s.ext, s.int, s.queues, s.copy_mode
+    );
+    let p = &s.policy;
+    println!(
+        "table generation {} with {} rules from {}; last reload error: {:?}",
+        p.generation,
+        p.rules,
+        p.sources.join(" + "),
+        p.last_error
+    );
+    if let Some(k) = &s.kubernetes {
+        println!(
+            "kubernetes {}: synced={} reachable={} publishes={} rejected={} events={} relevant / {} ignored; last error: {}",
+            k.server,
+            k.synced,
+            k.api_reachable,
+            k.publishes,
+            k.publish_errors,
+            k.relevant_events,
+            k.ignored_events,
+            k.last_error.as_deref().unwrap_or("none")
+        );
+        let e = &p.event_to_swap;
+        println!(
+            "  event to swap: p50 {} ms, p99 {} ms, max {} ms over {} events",
+            e.p50_ms, e.p99_ms, e.max_ms, e.count
+        );
+        for kind in &k.kinds {
+            println!(
+                "  {:<40} {:<8} {:>6} objects {:>3} invalid {:>3} lists {:>3} errors{}",
+                kind.kind,
+                format!("{:?}", kind.state).to_lowercase(),
+                kind.objects,
+                kind.invalid,
+                kind.lists,
+                kind.errors,
+                kind.last_error
+                    .as_deref()
+                    .map(|e| format!("  ({e})"))
+                    .unwrap_or_default()
+            );
+        }
+        for bad in &k.invalid_objects {
+            println!("  skipped: {bad}");
+        }
+    }
+    println!(
+        "ingress: {} rx, {} forwarded; egress: {} rx, {} forwarded; non-IP forwarded {}",
+        t.rx_ingress, t.tx_ingress, t.rx_egress, t.tx_egress, t.l2_forwarded
+    );
+    println!("drops: {}", t.drop_summary());
+    let l = &s.burst_latency;
+    println!(
+        "burst service time: p50 {} ns, p99 {} ns, max {} ns over {} bursts",
+        l.p50_ns, l.p99_ns, l.max_ns, l.count
+    );
+    println!("rule hits:");
+    for r in &s.rules {
+        println!(
+            "  #{:<4} {:>12}  {}{}",
+            r.index,
+            r.hits,
+            r.object,
+            r.rule.map_or(String::new(), |p| format!(" [{p}]"))
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,185 @@
+//! The observability endpoints over HTTP/1.1, served by hyper on a tokio current-thread runtime
+//! on the metrics thread. Every connection is its own task with a deadline for the request head
+//! and for the whole connection, so a client that connects and sends nothing, or reads slowly,
+//! delays no other client (a kubelet probe with a 1 s timeout keeps passing).
+
+use std::convert::Infallible;
+use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+
+use super::{health, prometheus, Observed};
+
+/// How long a client may take to send its request head.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long one connection may live (keep-alive included).
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Binds the endpoint. Fails at start-up (not later) when the address is taken.
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let l = TcpListener::bind(addr)?;
+    l.set_nonblocking(true)?;
+    Ok(l)
+}
+
+/// Serves requests on the calling thread until `stop` is set.
+pub fn serve(listener: TcpListener, obs: Arc<Observed>, stop: Arc<AtomicBool>) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the metrics runtime; the endpoints are off");
+            return;
+        }
+    };
+    rt.block_on(async move {
+        let listener = match tokio::net::TcpListener::from_std(listener) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot serve the metrics listener; the endpoints are off");
+                return;
+            }
+        };
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        while !stop.load(Relaxed) {
+            tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => {
+                        let obs = Arc::clone(&obs);
+                        tokio::spawn(connection(stream, obs));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "metrics accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+                _ = tick.tick() => {}
+            }
+        }
+    });
+}
+
+async fn connection(stream: tokio::net::TcpStream, obs: Arc<Observed>) {
+    let _ = stream.set_nodelay(true);
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let obs = Arc::clone(&obs);
+        async move { Ok::<_, Infallible>(route(&obs, &req)) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEAD_TIMEOUT)
+        .serve_connection(TokioIo::new(stream), service);
+    match tokio::time::timeout(CONNECTION_TIMEOUT, conn).await {
+        Ok(Err(e)) => tracing::debug!(error = %e, "metrics connection ended with an error"),
+        Ok(Ok(())) => {}
+        Err(_) => tracing::debug!("metrics connection closed after {CONNECTION_TIMEOUT:?}"),
+    }
+}
+
+fn reply(code: StatusCode, ctype: &'static str, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = code;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(ctype));
+    r
+}
+
+fn route(obs: &Observed, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let text = "text/plain; charset=utf-8";
+    match req.uri().path() {
+        "/metrics" => reply(
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            prometheus(&obs.status()),
+        ),
+        "/status" => reply(
+            StatusCode::OK,
+            "application/json",
+            serde_json::to_string_pretty(&obs.status())
+                .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")),
+        ),
+        "/explain" => {
+            let (code, ctype, body) = explain(obs, req.uri().query().unwrap_or(""));
+            reply(code, ctype, body)
+        }
+        "/healthz" => match health(&obs.status()) {
+            Ok(notes) => reply(
+                StatusCode::OK,
+                text,
+                std::iter::once("ok".to_string())
+                    .chain(notes)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+                    + "\n",
+            ),
+            Err(why) => reply(StatusCode::SERVICE_UNAVAILABLE, text, format!("{why}\n")),
+        },
+        _ => reply(
+            StatusCode::NOT_FOUND,
+            text,
+            "try /metrics, /status, /healthz or /explain?src=IP&dst=IP&proto=tcp&dport=N\n"
+                .to_string(),
+        ),
+    }
+}
+
+/// `/explain?src=&dst=&proto=&sport=&dport=&icmp_type=&direction=&format=text|json`: the live
+/// table's verdict for one flow.
+fn explain(obs: &Observed, query: &str) -> (StatusCode, &'static str, String) {
+    let bad = |m: String| (StatusCode::BAD_REQUEST, "text/plain", format!("{m}\n"));
+    let mut fields = serde_json::Map::new();
+    let mut json = false;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let v = policy::explain::percent_decode(v);
+        let (k, v) = (k, v.as_str());
+        match k {
+            "format" => json = v == "json",
+            "sport" | "dport" | "icmp_type" => match v.parse::<u16>() {
+                Ok(n) => {
+                    fields.insert(k.into(), n.into());
+                }
+                Err(_) => return bad(format!("{k}={v} is not a number")),
+            },
+            _ => {
+                fields.insert(k.into(), v.into());
+            }
+        }
+    }
+    let probe: policy::explain::Probe = match serde_json::from_value(fields.into()) {
+        Ok(p) => p,
+        Err(e) => return bad(format!("bad flow: {e} (give src, dst, and optionally proto, sport, dport, icmp_type, direction)")),
+    };
+    let key = match probe.key() {
+        Ok(k) => k,
+        Err(e) => return bad(e),
+    };
+    let report = obs
+        .reloader
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .explain(&key);
+    match report {
+        Ok(r) if json => (
+            StatusCode::OK,
+            "application/json",
+            serde_json::to_string_pretty(&r).unwrap_or_default() + "\n",
+        ),
+        Ok(r) => (StatusCode::OK, "text/plain", r.render()),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "text/plain",
+            format!("{e}\n"),
+        ),
+    }
+}

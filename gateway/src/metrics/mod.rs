@@ -1,0 +1,185 @@
+//! Observability: what `/metrics` (Prometheus text), `/status` (JSON), `/healthz` and `/explain`
+//! show, served by hyper on its own thread ([`http`]), on localhost by default. It reads worker
+//! counters (relaxed loads) and the reloader's state (a mutex the datapath never touches).
+//!
+//! - [`Status`] is the `/status` document, a type both ways: the CLI and the tests read it back;
+//! - [`prometheus`] renders the exposition;
+//! - [`http`] serves the endpoints with timeouts, so a slow client delays nobody else.
+
+mod http;
+mod prometheus;
+
+pub use http::{bind, serve};
+pub use prometheus::prometheus;
+
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
+
+use control::publish::RuleHits;
+use control::reload::{ReloadStatus, Reloader, SWAP_BUCKETS_S};
+use control::source::kubernetes;
+use serde::{Deserialize, Serialize};
+
+use crate::stats::{new_histogram, CounterSnapshot, LatencySummary, SharedLatency, WorkerCounters};
+use crate::sys::xsk::{kernel_stats, KernelStats};
+
+/// What the observability endpoints read. Shared by the control thread and the HTTP thread.
+pub struct Observed {
+    pub started: Instant,
+    pub config: String,
+    pub ext: String,
+    pub int: String,
+    pub queues: u32,
+    /// Set once the sockets are open (the endpoint serves before that, while waiting for the
+    /// Kubernetes API).
+    pub copy_mode: AtomicBool,
+    pub counters: Vec<Arc<WorkerCounters>>,
+    pub latency: Vec<Arc<SharedLatency>>,
+    pub reloader: Arc<Mutex<Reloader>>,
+    /// The Kubernetes source's state, when watching the API.
+    pub kubernetes: OnceLock<Arc<Mutex<kubernetes::Status>>>,
+    /// (worker, interface, AF_XDP socket fd), for the kernel's own drop counters.
+    pub sockets: Mutex<Vec<(usize, String, i32)>>,
+}
+
+/// The kernel's view of one AF_XDP socket.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct KernelSocket {
+    pub worker: usize,
+    pub iface: String,
+    #[serde(flatten)]
+    pub stats: KernelStats,
+}
+
+/// The `/status` document.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    pub version: String,
+    pub uptime_s: u64,
+    pub config: String,
+    pub ext: String,
+    pub int: String,
+    pub queues: u32,
+    pub copy_mode: bool,
+    pub policy: ReloadStatus,
+    /// The Kubernetes API source, when configured.
+    pub kubernetes: Option<kubernetes::Status>,
+    /// Cumulative (le seconds, count) buckets of the event-to-swap latency, and its sum.
+    pub event_to_swap_buckets: Vec<(f64, u64)>,
+    pub event_to_swap_sum_s: f64,
+    pub totals: CounterSnapshot,
+    pub workers: Vec<CounterSnapshot>,
+    pub burst_latency: LatencySummary,
+    /// Frames the kernel dropped before the gateway saw them, per socket.
+    pub kernel: Vec<KernelSocket>,
+    pub rules: Vec<RuleHits>,
+}
+
+impl Observed {
+    pub fn status(&self) -> Status {
+        let workers: Vec<CounterSnapshot> = self.counters.iter().map(|c| c.snapshot()).collect();
+        let mut totals = CounterSnapshot::default();
+        for w in &workers {
+            totals.add(w);
+        }
+        let mut h = new_histogram();
+        for l in &self.latency {
+            l.merge_into(&mut h);
+        }
+        let (policy, rules, buckets, sum) = {
+            let mut r = self.reloader.lock().unwrap_or_else(|p| p.into_inner());
+            let h = r.swap_latency();
+            let buckets = SWAP_BUCKETS_S
+                .iter()
+                .map(|le| (*le, h.count_between(0, (le * 1e6) as u64)))
+                .collect();
+            let sum = r.swap_latency_sum_s();
+            (r.status().clone(), r.rule_hits(), buckets, sum)
+        };
+        Status {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            uptime_s: self.started.elapsed().as_secs(),
+            config: self.config.clone(),
+            ext: self.ext.clone(),
+            int: self.int.clone(),
+            queues: self.queues,
+            copy_mode: self.copy_mode.load(Relaxed),
+            policy,
+            kubernetes: self
+                .kubernetes
+                .get()
+                .map(|k| k.lock().unwrap_or_else(|p| p.into_inner()).clone()),
+            event_to_swap_buckets: buckets,
+            event_to_swap_sum_s: sum,
+            totals,
+            workers,
+            burst_latency: LatencySummary::of(&h),
+            kernel: self
+                .sockets
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .filter_map(|(worker, iface, fd)| {
+                    Some(KernelSocket {
+                        worker: *worker,
+                        iface: iface.clone(),
+                        stats: kernel_stats(*fd)?,
+                    })
+                })
+                .collect(),
+            rules,
+        }
+    }
+}
+
+/// Whether the gateway is healthy, and why not: a rejected policy reload, or a Kubernetes source
+/// that is not synced or cannot reach the API (the last good table keeps forwarding either way).
+/// Healthy may still come with notes: malformed API objects that are being skipped.
+pub fn health(s: &Status) -> Result<Vec<String>, String> {
+    let mut why = Vec::new();
+    let mut notes = Vec::new();
+    if !s.policy.last_error.is_empty() {
+        why.push(format!(
+            "policy reload failing; serving the last good table (generation {}): {}",
+            s.policy.generation,
+            s.policy.last_error.join("; ")
+        ));
+    }
+    if let Some(k) = &s.kubernetes {
+        if !k.synced || k.publishes == 0 {
+            why.push(format!(
+                "Kubernetes API {} not synced yet; pending: {}",
+                k.server,
+                k.pending().join(", ")
+            ));
+        }
+        if !k.api_reachable {
+            why.push(format!(
+                "Kubernetes API {} unreachable{}; serving the last good table (generation {}): {}",
+                k.server,
+                k.unreachable_since_unix
+                    .map(|t| format!(" since unix time {t}"))
+                    .unwrap_or_default(),
+                s.policy.generation,
+                k.last_error.as_deref().unwrap_or("no answer")
+            ));
+        }
+        if let Some(e) = &k.last_publish_error {
+            why.push(format!("the Kubernetes snapshot was rejected: {e}"));
+        }
+        let invalid: usize = k.kinds.iter().map(|x| x.invalid).sum();
+        if invalid > 0 {
+            notes.push(format!(
+                "{invalid} malformed Kubernetes object(s) skipped (see /status): {}",
+                k.invalid_objects.first().map_or("", String::as_str)
+            ));
+        }
+    }
+    if why.is_empty() {
+        Ok(notes)
+    } else {
+        why.extend(notes);
+        Err(why.join("\n"))
+    }
+}

@@ -1,0 +1,342 @@
+//! The Prometheus text exposition of a [`Status`]
+//! (<https://prometheus.io/docs/instrumenting/exposition_formats/>). A test parses it with an
+//! independent parser, so a malformed line cannot slip through.
+
+use std::fmt::Write as _;
+
+use control::source::kubernetes::{self, KindState};
+
+use super::{health, Status};
+use crate::stats::CounterSnapshot;
+
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// A metric family's HELP and TYPE lines.
+fn family(name: &str, kind: &str, help: &str, o: &mut String) {
+    let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+/// Renders the Prometheus text exposition.
+pub fn prometheus(s: &Status) -> String {
+    let mut o = String::new();
+    for (name, help, get) in [
+        (
+            "portcullis_rx_packets_total",
+            "Frames received, per worker and direction (ingress = received on ext).",
+            (|w: &CounterSnapshot| [w.rx_ingress, w.rx_egress]) as fn(&CounterSnapshot) -> [u64; 2],
+        ),
+        (
+            "portcullis_tx_packets_total",
+            "Frames forwarded, per worker and direction.",
+            |w| [w.tx_ingress, w.tx_egress],
+        ),
+    ] {
+        family(name, "counter", help, &mut o);
+        for (i, w) in s.workers.iter().enumerate() {
+            let [ingress, egress] = get(w);
+            let _ = writeln!(
+                o,
+                "{name}{{worker=\"{i}\",direction=\"ingress\"}} {ingress}"
+            );
+            let _ = writeln!(o, "{name}{{worker=\"{i}\",direction=\"egress\"}} {egress}");
+        }
+    }
+    family(
+        "portcullis_drops_total",
+        "counter",
+        "Frames dropped, per worker and reason.",
+        &mut o,
+    );
+    for (i, w) in s.workers.iter().enumerate() {
+        for (reason, n) in &w.drops {
+            let _ = writeln!(
+                o,
+                "portcullis_drops_total{{worker=\"{i}\",reason=\"{reason}\"}} {n}"
+            );
+        }
+    }
+    for (name, help, get) in [
+        (
+            "portcullis_l2_forwarded_total",
+            "Non-IP frames forwarded by the l2 policy.",
+            (|w: &CounterSnapshot| w.l2_forwarded) as fn(&CounterSnapshot) -> u64,
+        ),
+        (
+            "portcullis_wakeups_total",
+            "Syscalls made to kick TX or the fill ring (need_wakeup).",
+            |w| w.wakeups,
+        ),
+        (
+            "portcullis_fill_starved_total",
+            "Bursts that found no free frame to refill the fill rings.",
+            |w| w.fill_starved,
+        ),
+        (
+            "portcullis_idle_sleeps_total",
+            "poll(2) sleeps in idle mode.",
+            |w| w.idle_sleeps,
+        ),
+        (
+            "portcullis_bursts_total",
+            "Non-empty bursts processed.",
+            |w| w.bursts,
+        ),
+    ] {
+        family(name, "counter", help, &mut o);
+        for (i, w) in s.workers.iter().enumerate() {
+            let _ = writeln!(o, "{name}{{worker=\"{i}\"}} {}", get(w));
+        }
+    }
+    family(
+        "portcullis_xsk_kernel_drops_total",
+        "counter",
+        "Frames the kernel could not hand to the gateway's AF_XDP sockets (XDP_STATISTICS), per socket and kind.",
+        &mut o,
+    );
+    for k in &s.kernel {
+        for (kind, v) in [
+            ("rx_dropped", k.stats.rx_dropped),
+            ("rx_ring_full", k.stats.rx_ring_full),
+            ("rx_fill_ring_empty", k.stats.rx_fill_ring_empty_descs),
+            ("rx_invalid_desc", k.stats.rx_invalid_descs),
+            ("tx_invalid_desc", k.stats.tx_invalid_descs),
+        ] {
+            let _ = writeln!(o, "portcullis_xsk_kernel_drops_total{{worker=\"{}\",iface=\"{}\",kind=\"{kind}\"}} {v}", k.worker, label(&k.iface));
+        }
+    }
+    family(
+        "portcullis_rule_hits_total",
+        "counter",
+        "Frames that matched each rule of the current table, carried across table swaps.",
+        &mut o,
+    );
+    for r in &s.rules {
+        let _ = writeln!(
+            o,
+            "portcullis_rule_hits_total{{rule=\"{}\",index=\"{}\",layer=\"{}\",object=\"{}\",position=\"{}\"}} {}",
+            r.id,
+            r.index,
+            serde_json::to_value(r.layer).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default(),
+            label(&r.object),
+            r.rule.map_or(String::new(), |p| p.to_string()),
+            r.hits
+        );
+    }
+    let p = &s.policy;
+    for (name, kind, help, value) in [
+        (
+            "portcullis_table_generation",
+            "gauge",
+            "Generation of the table the workers use.",
+            p.generation as f64,
+        ),
+        (
+            "portcullis_table_rules",
+            "gauge",
+            "Rules in the current table.",
+            p.rules as f64,
+        ),
+        (
+            "portcullis_table_build_seconds",
+            "gauge",
+            "Time to build the current classifier.",
+            p.build_ms / 1e3,
+        ),
+        (
+            "portcullis_table_compile_seconds",
+            "gauge",
+            "Time to load and compile the current policies.",
+            p.compile_ms / 1e3,
+        ),
+        (
+            "portcullis_table_memory_bytes",
+            "gauge",
+            "Memory held by the current table.",
+            p.memory_bytes as f64,
+        ),
+        (
+            "portcullis_policy_reload_errors_total",
+            "counter",
+            "Policy reloads rejected (the last good table stayed).",
+            p.reloads_failed as f64,
+        ),
+        (
+            "portcullis_policy_reloads_total",
+            "counter",
+            "Policy reloads published.",
+            p.reloads_ok as f64,
+        ),
+        (
+            "portcullis_policy_healthy",
+            "gauge",
+            "1 when the last reload succeeded.",
+            if p.last_error.is_empty() { 1.0 } else { 0.0 },
+        ),
+        (
+            "portcullis_uptime_seconds",
+            "gauge",
+            "Seconds since start.",
+            s.uptime_s as f64,
+        ),
+        (
+            "portcullis_table_last_swap_timestamp_seconds",
+            "gauge",
+            "Unix time of the last table swap (alert when policies change but this does not).",
+            p.last_publish_unix as f64,
+        ),
+    ] {
+        family(name, kind, help, &mut o);
+        let _ = writeln!(o, "{name} {value}");
+    }
+    family(
+        "portcullis_burst_service_seconds",
+        "summary",
+        "Time a worker spends on one non-empty burst.",
+        &mut o,
+    );
+    let l = &s.burst_latency;
+    for (q, v) in [
+        ("0.5", l.p50_ns),
+        ("0.99", l.p99_ns),
+        ("0.999", l.p999_ns),
+        ("1", l.max_ns),
+    ] {
+        let _ = writeln!(
+            o,
+            "portcullis_burst_service_seconds{{quantile=\"{q}\"}} {}",
+            v as f64 / 1e9
+        );
+    }
+    let _ = writeln!(
+        o,
+        "portcullis_burst_service_seconds_sum {}",
+        l.sum_ns as f64 / 1e9
+    );
+    let _ = writeln!(o, "portcullis_burst_service_seconds_count {}", l.count);
+
+    family(
+        "portcullis_policy_event_to_swap_seconds",
+        "histogram",
+        "Time from a Kubernetes watch event to the swap of the table that contains it.",
+        &mut o,
+    );
+    for (le, n) in &s.event_to_swap_buckets {
+        let _ = writeln!(
+            o,
+            "portcullis_policy_event_to_swap_seconds_bucket{{le=\"{le}\"}} {n}"
+        );
+    }
+    let count = s.policy.event_to_swap.count;
+    let _ = writeln!(
+        o,
+        "portcullis_policy_event_to_swap_seconds_bucket{{le=\"+Inf\"}} {count}"
+    );
+    let _ = writeln!(
+        o,
+        "portcullis_policy_event_to_swap_seconds_sum {}",
+        s.event_to_swap_sum_s
+    );
+    let _ = writeln!(o, "portcullis_policy_event_to_swap_seconds_count {count}");
+    family(
+        "portcullis_healthy",
+        "gauge",
+        "1 when /healthz answers 200 (policies load, and the Kubernetes API is synced and reachable).",
+        &mut o,
+    );
+    let _ = writeln!(o, "portcullis_healthy {}", u8::from(health(s).is_ok()));
+    if let Some(k) = &s.kubernetes {
+        kubernetes_metrics(k, &mut o);
+    }
+    o
+}
+
+fn kubernetes_metrics(k: &kubernetes::Status, o: &mut String) {
+    for (name, kind, help, value) in [
+        (
+            "portcullis_kubernetes_synced",
+            "gauge",
+            "1 once every kind was listed.",
+            u64::from(k.synced),
+        ),
+        (
+            "portcullis_kubernetes_api_reachable",
+            "gauge",
+            "1 while the API server answers.",
+            u64::from(k.api_reachable),
+        ),
+        (
+            "portcullis_kubernetes_publishes_total",
+            "counter",
+            "Kubernetes snapshots compiled and swapped in.",
+            k.publishes,
+        ),
+        (
+            "portcullis_kubernetes_publish_errors_total",
+            "counter",
+            "Kubernetes snapshots rejected by the compiler (the last good table stayed).",
+            k.publish_errors,
+        ),
+        (
+            "portcullis_kubernetes_relevant_events_total",
+            "counter",
+            "Watch events that changed what the compiler reads.",
+            k.relevant_events,
+        ),
+        (
+            "portcullis_kubernetes_ignored_events_total",
+            "counter",
+            "Watch events that changed nothing the compiler reads (status churn, resyncs).",
+            k.ignored_events,
+        ),
+    ] {
+        family(name, kind, help, o);
+        let _ = writeln!(o, "{name} {value}");
+    }
+    for (name, kind, help, get) in [
+        (
+            "portcullis_kubernetes_objects",
+            "gauge",
+            "Objects held, per kind (malformed ones included).",
+            (|s: &kubernetes::KindStatus| s.objects as u64) as fn(&kubernetes::KindStatus) -> u64,
+        ),
+        (
+            "portcullis_kubernetes_invalid_objects",
+            "gauge",
+            "Objects skipped because they do not parse, per kind.",
+            |s| s.invalid as u64,
+        ),
+        (
+            "portcullis_kubernetes_events_total",
+            "counter",
+            "Watch events received, per kind.",
+            |s| s.events,
+        ),
+        (
+            "portcullis_kubernetes_lists_total",
+            "counter",
+            "Complete lists, per kind (more than 1: relists after 410 Gone or reconnects).",
+            |s| s.lists,
+        ),
+        (
+            "portcullis_kubernetes_watch_errors_total",
+            "counter",
+            "List and watch errors, per kind.",
+            |s| s.errors,
+        ),
+        (
+            "portcullis_kubernetes_kind_synced",
+            "gauge",
+            "1 when the kind is listed (or absent: its CRD is not installed).",
+            |s| u64::from(s.state != KindState::Pending),
+        ),
+    ] {
+        family(name, kind, help, o);
+        for s in &k.kinds {
+            let _ = writeln!(o, "{name}{{kind=\"{}\"}} {}", label(&s.kind), get(s));
+        }
+    }
+}

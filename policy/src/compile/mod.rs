@@ -1,0 +1,323 @@
+//! The compiler: a pure function from a [`Snapshot`] and the gateway's own [`GatewayContext`] to
+//! an ordered [`RuleSet`] (DESIGN §6). Layers, in order:
+//!
+//! 0. failsafe rules from the config, which no policy can override;
+//! 1. gateway policies, by `priority` then name, each rule in its written order;
+//! 2. the Kubernetes layer (NetworkPolicy, Services; not compiled yet);
+//! 3. the per-direction default.
+
+mod calico;
+mod kubernetes;
+
+use std::collections::{BTreeSet, HashMap};
+
+use crate::classify::lower;
+use crate::gateway_policy::{PolicyRule, RuleAction};
+use crate::rule::{
+    Action, DenyReason, Direction, Layer, Match, Origin, Rule, RuleSet, RuleSetError, Verdict,
+};
+use crate::snapshot::Snapshot;
+
+/// What the gateway itself contributes: config, not policy objects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayContext {
+    /// Verdict for ext→int traffic nothing decided.
+    pub default_ingress: Verdict,
+    /// Verdict for int→ext traffic nothing decided. With no connection tracker yet, `Allow` here is
+    /// the stateless reply rule that lets return traffic of admitted connections out.
+    pub default_egress: Verdict,
+    /// Validated failsafe rules, with their position in the config list.
+    pub failsafe: Vec<(usize, PolicyRule)>,
+    /// Pod IPs are reachable through the gateway (routed pod networks): compile rules for them.
+    pub pods_routable: bool,
+    /// Drop traffic to Service frontends that have no endpoint at all (`no_endpoints`).
+    pub drop_no_endpoints: bool,
+}
+
+impl Default for GatewayContext {
+    fn default() -> Self {
+        GatewayContext {
+            default_ingress: Verdict::Deny(DenyReason::Default),
+            default_egress: Verdict::Allow,
+            failsafe: Vec::new(),
+            pods_routable: false,
+            drop_no_endpoints: true,
+        }
+    }
+}
+
+/// Why a snapshot does not compile.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CompileError {
+    #[error("GatewayPolicy `{name}` is defined twice: in {first} and in {second}")]
+    DuplicatePolicy {
+        name: String,
+        first: String,
+        second: String,
+    },
+    #[error("the compiled rules are inconsistent: {0}")]
+    RuleSet(#[from] RuleSetError),
+}
+
+/// A compiled rule set and what the operator should know about it.
+#[derive(Debug, Clone)]
+pub struct Compiled {
+    pub rules: RuleSet,
+    pub warnings: Vec<String>,
+}
+
+fn action_of(a: RuleAction, audit: bool) -> Action {
+    let decide = |v| {
+        if audit {
+            Action::Audit(v)
+        } else {
+            Action::Decide(v)
+        }
+    };
+    match a {
+        RuleAction::Allow => decide(Verdict::Allow),
+        RuleAction::Deny => decide(Verdict::Deny(DenyReason::Policy)),
+        // An audit policy changes no verdict, so its Pass cannot skip anything either.
+        RuleAction::Pass if audit => Action::Log,
+        RuleAction::Pass => Action::Pass,
+        RuleAction::Log => Action::Log,
+    }
+}
+
+/// Compiles a snapshot. Pure: no I/O, no clock.
+pub fn compile(snap: &Snapshot, ctx: &GatewayContext) -> Result<Compiled, CompileError> {
+    let mut rules = Vec::new();
+    let mut warnings = Vec::new();
+    let mut warn_empty = |m: &Match, what: &str| {
+        if lower(std::slice::from_ref(m)).is_empty() {
+            warnings.push(format!(
+                "{what}: matches no packet (its source and destination share no address family, or its exceptions cover everything)"
+            ));
+        }
+    };
+
+    for (i, r) in &ctx.failsafe {
+        let what = format!("failsafe[{i}]");
+        warn_empty(&r.matcher, &what);
+        rules.push(Rule::new(
+            r.matcher.clone(),
+            action_of(r.action, false),
+            r.log,
+            Origin {
+                layer: Layer::Failsafe,
+                object: "config/failsafe".into(),
+                index: Some(*i),
+                source: "gateway config".into(),
+                why: r
+                    .description
+                    .clone()
+                    .unwrap_or_else(|| "failsafe rule from the gateway config".into()),
+            },
+        ));
+    }
+
+    let mut seen: HashMap<&str, &str> = HashMap::new();
+    for p in &snap.gateway_policies {
+        if let Some(first) = seen.insert(&p.object.name, &p.source) {
+            return Err(CompileError::DuplicatePolicy {
+                name: p.object.name.clone(),
+                first: first.to_string(),
+                second: p.source.clone(),
+            });
+        }
+    }
+    // GatewayPolicies and Calico policies share one order: priority / `order` (Calico policies
+    // without an order come last), then kind, then name.
+    enum Item<'a> {
+        Gateway(&'a crate::snapshot::Located<crate::gateway_policy::GatewayPolicy>),
+        Calico(&'a crate::snapshot::Located<crate::k8s::CalicoPolicy>),
+    }
+    let mut items: Vec<(f64, u8, String, Item)> = snap
+        .gateway_policies
+        .iter()
+        .map(|p| {
+            (
+                p.object.priority as f64,
+                0,
+                p.object.name.clone(),
+                Item::Gateway(p),
+            )
+        })
+        .chain(snap.calico_policies.iter().map(|p| {
+            (
+                p.object.order.unwrap_or(f64::INFINITY),
+                1,
+                p.object.id(),
+                Item::Calico(p),
+            )
+        }))
+        .collect();
+    items.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
+    let mut notes = BTreeSet::new();
+    let mut calico_covered = Vec::new();
+    for (_, _, _, item) in items {
+        let p = match item {
+            Item::Calico(c) => {
+                calico_covered.extend(calico::compile(snap, c, &mut rules, &mut notes));
+                continue;
+            }
+            Item::Gateway(p) => p,
+        };
+        let object = format!("GatewayPolicy/{}", p.object.name);
+        for (dir, pos, r) in &p.object.rules {
+            warn_empty(&r.matcher, &format!("{object} {dir}[{pos}]"));
+            let why = r.description.clone().unwrap_or_else(|| {
+                format!(
+                    "{}{} rule {pos} of {object} (priority {})",
+                    if p.object.audit { "audit-mode " } else { "" },
+                    dir,
+                    p.object.priority
+                )
+            });
+            rules.push(Rule::new(
+                r.matcher.clone(),
+                action_of(r.action, p.object.audit),
+                r.log,
+                Origin {
+                    layer: Layer::Gateway,
+                    object: object.clone(),
+                    index: Some(*pos),
+                    source: p.source.clone(),
+                    why,
+                },
+            ));
+        }
+    }
+    calico::end_of_tier(calico_covered, &mut rules);
+    kubernetes::compile(snap, ctx, &mut rules, &mut notes);
+    warnings.extend(notes);
+
+    for (dir, verdict) in [
+        (Direction::Ingress, ctx.default_ingress),
+        (Direction::Egress, ctx.default_egress),
+    ] {
+        rules.push(Rule::new(
+            Match::any(dir),
+            Action::Decide(verdict),
+            false,
+            Origin {
+                layer: Layer::Default,
+                object: format!("default/{dir}"),
+                index: None,
+                source: "gateway config".into(),
+                why: format!("no policy decided this {dir} flow; the configured default applies"),
+            },
+        ));
+    }
+    // A rule with the same origin and match as an earlier one (a port listed twice, a VMI and its
+    // virt-launcher pod sharing an address, a LoadBalancer IP also listed in externalIPs) can never
+    // decide anything the first did not: keep the first.
+    let mut seen_ids = std::collections::HashSet::new();
+    rules.retain(|r| seen_ids.insert(r.id));
+    Ok(Compiled {
+        rules: RuleSet::new(rules)?,
+        warnings,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gateway_policy::GatewayPolicy;
+    use crate::snapshot::Located;
+
+    fn policy(name: &str, priority: i32, audit: bool, ingress: &str) -> Located<GatewayPolicy> {
+        let y = format!(
+            "apiVersion: portcullis.io/v1alpha1\nkind: GatewayPolicy\nmetadata: {{name: {name}}}\nspec: {{priority: {priority}, audit: {audit}, ingress: {ingress}}}\n"
+        );
+        Located {
+            source: format!("{name}.yaml#0"),
+            object: GatewayPolicy::from_yaml(serde_norway::from_str(&y).unwrap()).unwrap(),
+        }
+    }
+
+    #[test]
+    fn layers_priorities_and_defaults() {
+        let snap = Snapshot {
+            gateway_policies: vec![
+                policy("late", 200, false, "[{action: Allow}]"),
+                policy(
+                    "early",
+                    100,
+                    false,
+                    "[{action: Deny, source: {nets: [192.0.2.0/24]}}, {action: Pass}]",
+                ),
+                policy("watch", 150, true, "[{action: Deny}]"),
+            ],
+            ..Snapshot::default()
+        };
+        let c = compile(&snap, &GatewayContext::default()).unwrap();
+        let objects: Vec<&str> = c
+            .rules
+            .rules()
+            .iter()
+            .map(|r| r.origin.object.as_str())
+            .collect();
+        assert_eq!(
+            objects,
+            [
+                "GatewayPolicy/early",
+                "GatewayPolicy/early",
+                "GatewayPolicy/watch",
+                "GatewayPolicy/late",
+                "default/ingress",
+                "default/egress"
+            ]
+        );
+        let actions: Vec<Action> = c.rules.rules().iter().map(|r| r.action).collect();
+        assert_eq!(
+            actions[0],
+            Action::Decide(Verdict::Deny(DenyReason::Policy))
+        );
+        assert_eq!(actions[1], Action::Pass);
+        assert_eq!(actions[2], Action::Audit(Verdict::Deny(DenyReason::Policy)));
+        assert_eq!(
+            actions[4],
+            Action::Decide(Verdict::Deny(DenyReason::Default))
+        );
+        assert_eq!(actions[5], Action::Decide(Verdict::Allow));
+        // Pass continues after the gateway layer, i.e. at the defaults.
+        assert_eq!(c.rules.next_layer_start(Layer::Gateway), 4);
+    }
+
+    #[test]
+    fn ids_are_stable_and_duplicates_rejected() {
+        let snap = Snapshot {
+            gateway_policies: vec![policy("a", 1, false, "[{action: Allow}]")],
+            ..Snapshot::default()
+        };
+        let a = compile(&snap, &GatewayContext::default()).unwrap();
+        let b = compile(&snap, &GatewayContext::default()).unwrap();
+        let ids = |c: &Compiled| c.rules.rules().iter().map(|r| r.id).collect::<Vec<_>>();
+        assert_eq!(ids(&a), ids(&b));
+        let dup = Snapshot {
+            gateway_policies: vec![policy("a", 1, false, "[]"), policy("a", 2, false, "[]")],
+            ..Snapshot::default()
+        };
+        assert!(matches!(
+            compile(&dup, &GatewayContext::default()),
+            Err(CompileError::DuplicatePolicy { .. })
+        ));
+    }
+
+    #[test]
+    fn warns_about_rules_that_match_nothing() {
+        let snap = Snapshot {
+            gateway_policies: vec![policy(
+                "mixed",
+                1,
+                false,
+                "[{action: Allow, source: {nets: [10.0.0.0/8]}, destination: {nets: ['2001:db8::/32']}}]",
+            )],
+            ..Snapshot::default()
+        };
+        let c = compile(&snap, &GatewayContext::default()).unwrap();
+        assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+        assert!(c.warnings[0].contains("GatewayPolicy/mixed ingress[0]"));
+    }
+}

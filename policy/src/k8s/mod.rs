@@ -1,0 +1,76 @@
+//! Kubernetes, Calico, KubeVirt and our own objects, as plain validated data: one file per kind.
+//!
+//! Upstream kinds are read as kubectl prints them (`kubectl get -o yaml`, `List` included) and
+//! are lenient about fields the gateway does not use (status, managedFields, container images...),
+//! because the API server already validated them. Fields the gateway does use are validated and
+//! errors name them. Our own kinds (`GatewayPolicy`, `SecurityGroup`) are strict.
+
+use std::net::IpAddr;
+
+use serde::Deserialize;
+
+pub use crate::gateway_policy::from_value;
+use crate::gateway_policy::{FieldError, ObjectMeta};
+use crate::key::proto;
+
+mod calico;
+mod endpoint_slice;
+mod namespace;
+mod network_policy;
+mod node;
+mod security_group;
+mod service;
+mod workload;
+
+pub use calico::*;
+pub use endpoint_slice::*;
+pub use namespace::*;
+pub use network_policy::*;
+pub use node::*;
+pub use security_group::*;
+pub use service::*;
+pub use workload::*;
+
+fn proto_of(p: Option<&str>, field: &str) -> Result<u8, FieldError> {
+    match p.unwrap_or("TCP") {
+        "TCP" => Ok(proto::TCP),
+        "UDP" => Ok(proto::UDP),
+        "SCTP" => Ok(proto::SCTP),
+        other => Err(FieldError::new(
+            field,
+            format!("`{other}` is not TCP, UDP or SCTP"),
+        )),
+    }
+}
+
+fn ip(s: &str, field: &str) -> Result<IpAddr, FieldError> {
+    s.parse()
+        .map_err(|_| FieldError::new(field, format!("`{s}` is not an IP address")))
+}
+
+fn name_of(m: &ObjectMeta) -> Result<String, FieldError> {
+    if m.name.is_empty() {
+        return Err(FieldError::new("metadata.name", "missing"));
+    }
+    Ok(m.name.clone())
+}
+
+fn namespace_of(m: &ObjectMeta) -> Result<String, FieldError> {
+    m.namespace
+        .clone()
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| {
+            FieldError::new(
+                "metadata.namespace",
+                "a namespaced object needs a namespace",
+            )
+        })
+}
+
+/// A port by number or by name (IntOrString).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum PortRef {
+    Number(u16),
+    Name(String),
+}

@@ -1,0 +1,111 @@
+//! A consistent view of every policy object, whatever source it came from.
+
+use crate::gateway_policy::GatewayPolicy;
+use crate::k8s::{
+    CalicoPolicy, EndpointSlice, Namespace, NetworkPolicy, Node, SecurityGroup, Service, Workload,
+};
+
+/// Where an object was read from: a file and document, or an API path.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Located<T> {
+    pub source: String,
+    pub object: T,
+}
+
+impl<T> Located<T> {
+    pub fn new(source: impl Into<String>, object: T) -> Located<T> {
+        Located {
+            source: source.into(),
+            object,
+        }
+    }
+}
+
+/// Everything the compiler needs, as plain data.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Snapshot {
+    pub gateway_policies: Vec<Located<GatewayPolicy>>,
+    pub calico_policies: Vec<Located<CalicoPolicy>>,
+    pub namespaces: Vec<Located<Namespace>>,
+    /// Pods and KubeVirt VMIs.
+    pub workloads: Vec<Located<Workload>>,
+    pub nodes: Vec<Located<Node>>,
+    pub services: Vec<Located<Service>>,
+    pub endpoint_slices: Vec<Located<EndpointSlice>>,
+    pub network_policies: Vec<Located<NetworkPolicy>>,
+    pub security_groups: Vec<Located<SecurityGroup>>,
+}
+
+fn plain<T: Clone>(v: &[Located<T>]) -> Vec<T> {
+    v.iter().map(|l| l.object.clone()).collect()
+}
+
+/// The Kubernetes objects the NetworkPolicy engine reads, unwrapped.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterObjects {
+    pub namespaces: Vec<Namespace>,
+    pub workloads: Vec<Workload>,
+    pub policies: Vec<NetworkPolicy>,
+    pub security_groups: Vec<SecurityGroup>,
+}
+
+impl ClusterObjects {
+    pub fn cluster(&self) -> crate::netpol::Cluster<'_> {
+        crate::netpol::Cluster {
+            namespaces: &self.namespaces,
+            workloads: &self.workloads,
+            policies: &self.policies,
+            security_groups: &self.security_groups,
+        }
+    }
+}
+
+impl Snapshot {
+    /// Appends every object of `other` (merging sources: files plus the Kubernetes API).
+    pub fn extend_from(&mut self, other: &Snapshot) {
+        self.gateway_policies
+            .extend_from_slice(&other.gateway_policies);
+        self.calico_policies
+            .extend_from_slice(&other.calico_policies);
+        self.namespaces.extend_from_slice(&other.namespaces);
+        self.workloads.extend_from_slice(&other.workloads);
+        self.nodes.extend_from_slice(&other.nodes);
+        self.services.extend_from_slice(&other.services);
+        self.endpoint_slices
+            .extend_from_slice(&other.endpoint_slices);
+        self.network_policies
+            .extend_from_slice(&other.network_policies);
+        self.security_groups
+            .extend_from_slice(&other.security_groups);
+    }
+
+    /// Object counts per kind, for `check` and status.
+    pub fn counts(&self) -> Vec<(&'static str, usize)> {
+        let pods = self
+            .workloads
+            .iter()
+            .filter(|w| w.object.kind == crate::k8s::WorkloadKind::Pod)
+            .count();
+        vec![
+            ("GatewayPolicy", self.gateway_policies.len()),
+            ("Calico policy", self.calico_policies.len()),
+            ("Namespace", self.namespaces.len()),
+            ("Pod", pods),
+            ("VirtualMachineInstance", self.workloads.len() - pods),
+            ("Node", self.nodes.len()),
+            ("Service", self.services.len()),
+            ("EndpointSlice", self.endpoint_slices.len()),
+            ("NetworkPolicy", self.network_policies.len()),
+            ("SecurityGroup", self.security_groups.len()),
+        ]
+    }
+
+    pub fn cluster_objects(&self) -> ClusterObjects {
+        ClusterObjects {
+            namespaces: plain(&self.namespaces),
+            workloads: plain(&self.workloads),
+            policies: plain(&self.network_policies),
+            security_groups: plain(&self.security_groups),
+        }
+    }
+}

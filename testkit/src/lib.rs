@@ -1,0 +1,12 @@
+//! Test doubles for Portcullis, kept out of the product crates (`publish = false`; used as a
+//! dev-dependency by the tests, and by `portcullis-bench kube-latency`, never by the
+//! `portcullis` binary: `cargo tree -e normal -p portcullis` does not list it).
+//!
+//! - [`apiserver`]: a Kubernetes API server speaking list/watch with resourceVersions,
+//!   pagination, bookmarks, compaction (`410 Gone`) and outages, so the live source is tested
+//!   without a cluster;
+//! - [`raw`]: an AF_PACKET sender for frames the kernel's own stack would never build.
+
+pub mod apiserver;
+#[allow(unsafe_code)]
+pub mod raw;
