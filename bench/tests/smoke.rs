@@ -24,15 +24,12 @@ fn gateway_binary() -> PathBuf {
 }
 
 #[test]
+#[ignore = "needs root (AF_XDP sockets, network namespaces): scripts/test runs it with --include-ignored"]
 fn gen_through_the_gateway_to_the_sink() {
-    if !nix::unistd::geteuid().is_root() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must run the smoke test as root"
-        );
-        eprintln!("skipping: the smoke test needs root");
-        return;
-    }
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "the smoke test needs root (AF_XDP sockets, network namespaces); run it as root"
+    );
     let bench = env!("CARGO_BIN_EXE_portcullis-bench");
     let prefix = format!("bs{:x}", std::process::id() % 0xfff);
     let lab = Lab::new(&prefix, 1).unwrap();

@@ -89,6 +89,19 @@ impl Reason {
         }
     }
 
+    /// Whether a frame dropped for this reason went through the table (and was counted under a
+    /// rule): a deny, or a full TX ring after an allow. The others are decided before it.
+    pub fn after_classification(self) -> bool {
+        matches!(
+            self,
+            Reason::PolicyDeny
+                | Reason::DefaultDeny
+                | Reason::NoEndpoints
+                | Reason::NoLocalEndpoint
+                | Reason::TxRingFull
+        )
+    }
+
     pub fn from_deny(d: DenyReason) -> Reason {
         match d {
             DenyReason::Policy => Reason::PolicyDeny,

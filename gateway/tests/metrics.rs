@@ -1,0 +1,191 @@
+//! The observability endpoints, served by the real server on loopback:
+//!
+//! - clients that connect and send nothing (or half a request) delay nobody else: `/healthz`
+//!   answers well within a kubelet probe's 1 s while they hang on;
+//! - `/metrics` parses with an independent Prometheus text parser, and says what `/status` says;
+//! - `/status` reads back as the [`Status`] type.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use control::reload::Reloader;
+use gateway::config::Config;
+use gateway::metrics::{bind, serve, Observed, Status};
+use gateway::stats::{SharedLatency, Tally, WorkerCounters};
+
+struct Server {
+    addr: SocketAddr,
+    counters: Arc<WorkerCounters>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn server() -> Server {
+    let cfg = Config::load(
+        &PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../configs/lab/gateway.yaml"),
+    )
+    .unwrap();
+    let reloader = Reloader::new(&cfg.policy_dir, cfg.context.clone(), 1).unwrap();
+    let counters = Arc::new(WorkerCounters::default());
+    let obs = Arc::new(Observed {
+        started: Instant::now(),
+        config: cfg.path.display().to_string(),
+        ext: "ext0".into(),
+        int: "int0".into(),
+        queues: 1,
+        copy_mode: AtomicBool::new(true),
+        counters: vec![Arc::clone(&counters)],
+        latency: vec![Arc::new(SharedLatency::default())],
+        reloader: Arc::new(Mutex::new(reloader)),
+        kubernetes: OnceLock::new(),
+        sockets: Mutex::new(Vec::new()),
+    });
+    let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let thread = {
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || serve(listener, obs, stop))
+    };
+    Server {
+        addr,
+        counters,
+        stop,
+        thread: Some(thread),
+    }
+}
+
+fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let code = out.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = out.split_once("\r\n\r\n").unwrap().1.to_string();
+    (code, body)
+}
+
+#[test]
+fn stuck_clients_do_not_delay_healthz() {
+    let srv = server();
+    // Three clients that connect and send nothing, and one that sends half a request head.
+    let mut stuck: Vec<TcpStream> = (0..3)
+        .map(|_| TcpStream::connect(srv.addr).unwrap())
+        .collect();
+    let mut half = TcpStream::connect(srv.addr).unwrap();
+    half.write_all(b"GET /metr").unwrap();
+    stuck.push(half);
+    std::thread::sleep(Duration::from_millis(100));
+    let mut worst = Duration::ZERO;
+    for _ in 0..20 {
+        let started = Instant::now();
+        let (code, body) = get(srv.addr, "/healthz");
+        worst = worst.max(started.elapsed());
+        assert_eq!(code, 200, "{body}");
+        assert!(body.starts_with("ok"), "{body}");
+    }
+    eprintln!("/healthz with 4 stuck clients: worst of 20 = {worst:?}");
+    assert!(
+        worst < Duration::from_millis(500),
+        "a stuck client delayed /healthz to {worst:?}"
+    );
+    // The server hangs up on clients that never finish their request head.
+    let mut buf = [0u8; 64];
+    let s = &mut stuck[0];
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let started = Instant::now();
+    let n = s.read(&mut buf).unwrap_or(0);
+    assert!(
+        started.elapsed() < Duration::from_secs(9),
+        "an idle connection was closed by the server's head timeout (read {n} bytes)"
+    );
+}
+
+#[test]
+fn metrics_parse_and_agree_with_status() {
+    let srv = server();
+    let mut tally = Tally::default();
+    tally.rx[0] = 7;
+    tally.tx[0] = 5;
+    tally.drop(gateway::stats::Reason::DefaultDeny);
+    tally.drop(gateway::stats::Reason::DefaultDeny);
+    srv.counters.flush(&mut tally);
+
+    let (code, body) = get(srv.addr, "/status");
+    assert_eq!(code, 200);
+    let status: Status = serde_json::from_str(&body).expect("/status reads back as Status");
+    assert_eq!(status.totals.rx_ingress, 7);
+    assert_eq!(status.totals.drop_summary(), "default_deny=2");
+    assert!(status.policy.generation >= 1);
+
+    let (code, text) = get(srv.addr, "/metrics");
+    assert_eq!(code, 200);
+    let lines = text.lines().map(|l| Ok(l.to_string()));
+    let scrape = prometheus_parse::Scrape::parse(lines).expect("the exposition parses");
+    let value = |name: &str, labels: &[(&str, &str)]| -> f64 {
+        let s = scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+            .unwrap_or_else(|| panic!("no sample {name} {labels:?} in:\n{text}"));
+        match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            ref other => panic!("{name} is not a plain value: {other:?}"),
+        }
+    };
+    assert_eq!(
+        value("portcullis_drops_total", &[("reason", "default_deny")]),
+        2.0
+    );
+    assert_eq!(value("portcullis_healthy", &[]), 1.0);
+    assert_eq!(
+        value("portcullis_table_generation", &[]),
+        status.policy.generation as f64
+    );
+    // Every family has HELP and TYPE, and every sample belongs to a family.
+    for s in &scrape.samples {
+        let family = s
+            .metric
+            .trim_end_matches("_bucket")
+            .trim_end_matches("_sum")
+            .trim_end_matches("_count");
+        assert!(
+            scrape.docs.contains_key(family) || scrape.docs.contains_key(&s.metric),
+            "{} has no HELP",
+            s.metric
+        );
+    }
+}
+
+#[test]
+fn unknown_paths_and_bad_explain_queries_get_clear_answers() {
+    let srv = server();
+    let (code, body) = get(srv.addr, "/nope");
+    assert_eq!(code, 404);
+    assert!(body.contains("/healthz"));
+    let (code, body) = get(srv.addr, "/explain?src=10.99.0.1&dst=nowhere");
+    assert_eq!(code, 400, "{body}");
+    let (code, body) = get(
+        srv.addr,
+        "/explain?src=10.99.0.1&dst=10.99.0.2&proto=tcp&dport=22",
+    );
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("deny-ssh"), "{body}");
+}
