@@ -217,7 +217,7 @@ fn a_turn_allocates_nothing() {
         udp(53),
         arp(),
     ];
-    let mut round = |w: &mut Worker<FakeRings>| {
+    let round = |w: &mut Worker<FakeRings>| {
         for i in 0..64 {
             w.pair()
                 .wire()
