@@ -40,7 +40,7 @@ pub(crate) struct Args {
 }
 
 fn totals(gw: &GatewayProcess) -> Result<(u64, u64, CounterSnapshot)> {
-    let s = gw.status().map_err(anyhow::Error::msg)?;
+    let s = gw.status()?;
     Ok((s.totals.rx_ingress, s.totals.tx_ingress, s.totals))
 }
 
@@ -72,8 +72,7 @@ pub(crate) fn run(a: Args) -> Result<()> {
         .listen
         .context("metrics.listen must be set")?;
     let mut gw = GatewayProcess::spawn(&lab, &exe, &cfg_path, metrics, &dir.join("gateway.log"))?;
-    gw.wait_ready(Duration::from_secs(20))
-        .map_err(anyhow::Error::msg)?;
+    gw.wait_ready(Duration::from_secs(20))?;
 
     let stop = Arc::new(AtomicBool::new(false));
     let offered = Arc::new(AtomicU64::new(0));
@@ -125,9 +124,8 @@ pub(crate) fn run(a: Args) -> Result<()> {
     for s in senders {
         let _ = s.join();
     }
-    let status = gw.status().map_err(anyhow::Error::msg)?;
-    gw.stop(Duration::from_secs(10))
-        .map_err(anyhow::Error::msg)?;
+    let status = gw.status()?;
+    gw.stop(Duration::from_secs(10))?;
     let per_worker: Vec<u64> = status.workers.iter().map(|w| w.tx_ingress).collect();
     println!(
         "queues {} | workers on cores {:?} (busy poll) | senders on cores {:?} x {} flows | {:.3} Mpps received, {:.3} Mpps forwarded ext->int over {:.1}s | per-worker forwarded {:?} | burst p50 {} ns p99 {} ns",

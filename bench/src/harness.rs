@@ -244,8 +244,7 @@ fn setup(
                 "127.0.0.1:9477".parse()?,
                 &dir.join("gateway.log"),
             )?;
-            gw.wait_ready(Duration::from_secs(30))
-                .map_err(anyhow::Error::msg)?;
+            gw.wait_ready(Duration::from_secs(30))?;
             Ok((Some(gw), None))
         }
         Peer::Kernel => Ok((None, None)),

@@ -117,7 +117,6 @@ fn measure(rules: usize, events: usize, debounce: Duration) -> Result<Row> {
             r.lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .set_kubernetes(snap, ev)
-                .map_err(|e| e.to_string())
         }),
     )?;
     if !source.wait_synced(

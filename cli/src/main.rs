@@ -9,12 +9,12 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 
 use control::source::kubernetes::{self, Connection, KubeSource};
-use control::source::load_dir_report;
+use control::source::{load_dir_report, SourceError};
 use gateway::config::{Config, KubernetesApi};
 use gateway::metrics::Status;
 use lab::Lab;
 use policy::compile::{compile, GatewayContext};
-use policy::explain::Probe;
+use policy::explain::FlowQuery;
 use policy::key::FlowKey;
 use policy::snapshot::{ClusterObjects, Snapshot};
 use policy::table::Table;
@@ -191,7 +191,7 @@ fn dispatch(cli: Cli) -> Result<()> {
                     return explain_probes(&build(&src)?, file);
                 }
             }
-            let probe = Probe {
+            let probe = FlowQuery {
                 src: src_addr.context("give --src IP")?,
                 dst: dst.context("give --dst IP")?,
                 proto: p,
@@ -203,7 +203,7 @@ fn dispatch(cli: Cli) -> Result<()> {
                     Dir::Egress => "egress".into(),
                 },
             };
-            let key = probe.key().map_err(anyhow::Error::msg)?;
+            let key = probe.key()?;
             match src.addr {
                 Some(addr) => explain_live(addr, &probe, json),
                 None => explain(&build(&src)?, &key, json),
@@ -297,7 +297,10 @@ fn build(src: &PolicySource) -> Result<Built> {
     let (dir, ctx, api) = src.load()?;
     let started = std::time::Instant::now();
     let (mut snap, errors) = load_dir_report(&dir);
-    let mut errors: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+    if let Some(e @ SourceError::Directory { .. }) = errors.first() {
+        bail!("{}", e.line());
+    }
+    let mut errors: Vec<String> = errors.iter().map(|e| e.line()).collect();
     let mut sources = format!("files {}", dir.display());
     if let Some(api) = &api {
         let (server, from_api, invalid) = api_snapshot(api)?;
@@ -309,12 +312,6 @@ fn build(src: &PolicySource) -> Result<Built> {
     let compile_ms = started.elapsed().as_secs_f64() * 1e3;
     for e in &errors {
         eprintln!("error: {e}");
-    }
-    if errors
-        .iter()
-        .any(|e| e.contains("cannot read the policy directory"))
-    {
-        bail!("{}", errors[0]);
     }
     Ok(Built {
         sources,
@@ -361,7 +358,7 @@ fn check(src: &PolicySource) -> Result<()> {
 }
 
 fn explain(b: &Built, key: &FlowKey, json: bool) -> Result<()> {
-    let r = policy::explain::explain(&b.table, &b.objects, key).map_err(anyhow::Error::msg)?;
+    let r = policy::explain::explain(&b.table, &b.objects, key)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {
@@ -374,7 +371,7 @@ fn explain(b: &Built, key: &FlowKey, json: bool) -> Result<()> {
 }
 
 /// `explain --addr`: asks a running instance about its live table (whatever its sources).
-fn explain_live(addr: SocketAddr, probe: &Probe, json: bool) -> Result<()> {
+fn explain_live(addr: SocketAddr, probe: &FlowQuery, json: bool) -> Result<()> {
     let mut path = format!(
         "/explain?src={}&dst={}&proto={}&sport={}&dport={}&direction={}&format={}",
         probe.src,
@@ -415,10 +412,12 @@ fn explain_probes(b: &Built, file: &std::path::Path) -> Result<()> {
         if line.trim().is_empty() {
             continue;
         }
-        let result = serde_json::from_str::<Probe>(&line)
+        let result = serde_json::from_str::<FlowQuery>(&line)
             .map_err(|e| e.to_string())
-            .and_then(|p| p.key())
-            .and_then(|k| policy::explain::explain(&b.table, &b.objects, &k));
+            .and_then(|p| p.key().map_err(|e| e.to_string()))
+            .and_then(|k| {
+                policy::explain::explain(&b.table, &b.objects, &k).map_err(|e| e.to_string())
+            });
         let v = match result {
             Ok(r) => serde_json::json!({"line": n + 1, "report": r}),
             Err(e) => {

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use gateway::metrics::Status;
 use gateway::stats::Reason;
-use lab::probe::{addr, tcp_connect, udp_stream, udp_stream_from, wait_udp, Servers, TcpOutcome};
 use lab::sh;
+use lab::traffic::{addr, tcp_connect, udp_stream, udp_stream_from, wait_udp, Servers, TcpOutcome};
 use lab::{in_netns, GatewayProcess, Lab, LabGuard, CLIENT_MAC, SERVER_MAC, SERVER_V4};
 use testkit::raw::RawSender;
 

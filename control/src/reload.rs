@@ -16,7 +16,7 @@ use policy::snapshot::{ClusterObjects, Snapshot};
 /// Why a policy load failed.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("{} error(s) in the policy directory:\n  {}", .0.len(), .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n  "))]
+    #[error("{} error(s) in the policy directory:\n  {}", .0.len(), .0.iter().map(|e| e.line()).collect::<Vec<_>>().join("\n  "))]
     Source(Vec<SourceError>),
     #[error(transparent)]
     Compile(#[from] CompileError),
@@ -26,7 +26,7 @@ impl LoadError {
     /// One line per problem, for status output.
     pub fn lines(&self) -> Vec<String> {
         match self {
-            LoadError::Source(errs) => errs.iter().map(|e| e.to_string()).collect(),
+            LoadError::Source(errs) => errs.iter().map(|e| e.line()).collect(),
             LoadError::Compile(e) => vec![e.to_string()],
         }
     }
@@ -195,7 +195,10 @@ impl Reloader {
     }
 
     /// Explains a flow against the live table (what the workers use right now).
-    pub fn explain(&self, key: &policy::key::FlowKey) -> Result<policy::explain::Report, String> {
+    pub fn explain(
+        &self,
+        key: &policy::key::FlowKey,
+    ) -> Result<policy::explain::Report, policy::explain::ExplainError> {
         policy::explain::explain(&self.publisher.current(), &self.objects, key)
     }
 

@@ -77,7 +77,7 @@ pub fn parse(data: &[u8], direction: Direction) -> Result<Frame, Reason> {
         })
         .unwrap_or(NO_VLAN);
     let mut key = FlowKey {
-        dir: direction as u8,
+        dir: direction,
         vlan,
         ..FlowKey::default()
     };
@@ -175,7 +175,7 @@ mod tests {
             .udp(1, 2);
         let k = ip_key(parse(&build(b, b""), Direction::Egress));
         assert_eq!(k.vlan, 42);
-        assert_eq!(k.dir, 1);
+        assert_eq!(k.dir, Direction::Egress);
     }
 
     #[test]

@@ -242,7 +242,7 @@ fn start_kubernetes(
                 }
                 Ok(generation)
             }
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(e),
         }
     });
     let opts = kubernetes::Options {

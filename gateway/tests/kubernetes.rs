@@ -81,12 +81,7 @@ impl Live {
         let source = KubeSource::start(
             Connection::Config(Box::new(self.api.kube_config())),
             options(),
-            Box::new(move |snap, events| {
-                r.lock()
-                    .unwrap()
-                    .set_kubernetes(snap, events)
-                    .map_err(|e| e.to_string())
-            }),
+            Box::new(move |snap, events| r.lock().unwrap().set_kubernetes(snap, events)),
         )
         .unwrap();
         self.source = Some(source);

@@ -10,11 +10,11 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 
 use crate::netns::{Lab, LabGuard, CLIENT_V4, SERVER_V4, SERVER_V6};
-use crate::probe::{addr, tcp_connect, udp_stream, wait_udp, Servers, TcpOutcome};
 use crate::process::GatewayProcess;
+use crate::traffic::{addr, tcp_connect, udp_stream, wait_udp, Servers, TcpOutcome};
 
 /// One probe of the demo and what the lab policies say about it.
-struct Probe {
+struct DemoCase {
     what: &'static str,
     target: &'static str,
     proto: &'static str,
@@ -23,8 +23,8 @@ struct Probe {
     why: &'static str,
 }
 
-const PROBES: &[Probe] = &[
-    Probe {
+const PROBES: &[DemoCase] = &[
+    DemoCase {
         what: "web",
         target: SERVER_V4,
         proto: "tcp",
@@ -32,7 +32,7 @@ const PROBES: &[Probe] = &[
         allowed: true,
         why: "GatewayPolicy/allow-web",
     },
-    Probe {
+    DemoCase {
         what: "web (tls)",
         target: SERVER_V4,
         proto: "tcp",
@@ -40,7 +40,7 @@ const PROBES: &[Probe] = &[
         allowed: true,
         why: "GatewayPolicy/allow-web",
     },
-    Probe {
+    DemoCase {
         what: "web over IPv6",
         target: SERVER_V6,
         proto: "tcp",
@@ -48,7 +48,7 @@ const PROBES: &[Probe] = &[
         allowed: true,
         why: "GatewayPolicy/allow-web",
     },
-    Probe {
+    DemoCase {
         what: "ssh",
         target: SERVER_V4,
         proto: "tcp",
@@ -56,7 +56,7 @@ const PROBES: &[Probe] = &[
         allowed: false,
         why: "GatewayPolicy/deny-ssh (policy_deny)",
     },
-    Probe {
+    DemoCase {
         what: "admin port",
         target: SERVER_V4,
         proto: "tcp",
@@ -64,7 +64,7 @@ const PROBES: &[Probe] = &[
         allowed: false,
         why: "default ingress deny",
     },
-    Probe {
+    DemoCase {
         what: "dns",
         target: SERVER_V4,
         proto: "udp",
@@ -72,7 +72,7 @@ const PROBES: &[Probe] = &[
         allowed: true,
         why: "GatewayPolicy/allow-dns",
     },
-    Probe {
+    DemoCase {
         what: "syslog",
         target: SERVER_V4,
         proto: "udp",
@@ -104,8 +104,7 @@ pub fn run(exe: &Path, template: &Path, prefix: &str, queues: u32) -> Result<()>
         .context("the demo reads counters from the metrics endpoint; set metrics.listen")?;
     let mut gw = GatewayProcess::spawn(&lab, exe, &config, metrics, &log)?;
     println!("== gateway starting (log: {})", log.display());
-    gw.wait_ready(Duration::from_secs(20))
-        .map_err(anyhow::Error::msg)?;
+    gw.wait_ready(Duration::from_secs(20))?;
 
     let ports = |proto: &str| -> Vec<u16> {
         let set: std::collections::BTreeSet<u16> = PROBES
@@ -176,7 +175,7 @@ pub fn run(exe: &Path, template: &Path, prefix: &str, queues: u32) -> Result<()>
         );
     }
 
-    let status = gw.status().map_err(anyhow::Error::msg)?;
+    let status = gw.status()?;
     println!(
         "\n== per-rule counters (table generation {})\n",
         status.policy.generation
@@ -198,9 +197,7 @@ pub fn run(exe: &Path, template: &Path, prefix: &str, queues: u32) -> Result<()>
     println!("== drops by reason: {}", t.drop_summary());
     drop(servers);
 
-    let exit = gw
-        .stop(Duration::from_secs(10))
-        .map_err(anyhow::Error::msg)?;
+    let exit = gw.stop(Duration::from_secs(10))?;
     let leftover: Vec<String> = [lab.ext(), lab.int()]
         .into_iter()
         .filter(|i| lab.xdp_program(i).is_some())

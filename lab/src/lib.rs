@@ -4,15 +4,15 @@
 //!
 //! - [`netns`]: the client / gateway / server namespaces and veths, named by prefix;
 //! - [`process`]: the real `portcullis run` as a child process inside the gateway namespace;
-//! - [`probe`]: TCP connects, sequence-numbered UDP streams and servers, inside a namespace;
+//! - [`traffic`]: TCP connects, sequence-numbered UDP streams and servers, inside a namespace;
 //! - [`http`]: the small HTTP client that reads a gateway's `/status`, `/healthz` and `/explain`;
 //! - [`demo`]: `portcullis lab demo`, the README's first command.
 
 pub mod demo;
 pub mod http;
 pub mod netns;
-pub mod probe;
 pub mod process;
+pub mod traffic;
 
 pub use netns::{
     in_netns, sh, Lab, LabError, LabGuard, CLIENT_MAC, CLIENT_V4, CLIENT_V6, EXT_MAC, INT_MAC,

@@ -57,6 +57,37 @@ pub enum LabError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot GET {path} from the gateway")]
+    Http {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the gateway answered {code} to {path}: {body}")]
+    Answered {
+        path: String,
+        code: u16,
+        body: String,
+    },
+    #[error("the gateway's /status does not parse")]
+    StatusDocument(#[source] serde_json::Error),
+    #[error("the gateway exited during start-up ({status}); its log:\n{log}")]
+    Exited {
+        status: std::process::ExitStatus,
+        log: String,
+    },
+    #[error("the gateway was not ready after {timeout:?}; its log:\n{log}")]
+    NotReady {
+        timeout: std::time::Duration,
+        log: String,
+    },
+    #[error("cannot signal the gateway")]
+    Signal(#[source] nix::errno::Errno),
+    #[error("the gateway ignored SIGTERM for {timeout:?} and was killed; its log:\n{log}")]
+    Killed {
+        timeout: std::time::Duration,
+        log: String,
+    },
 }
 
 /// Runs a command, returning its stdout or a [`LabError`] with its stderr.

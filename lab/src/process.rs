@@ -88,58 +88,64 @@ impl GatewayProcess {
     }
 
     /// GETs `path` from the gateway's metrics endpoint, from inside its namespace.
-    pub fn get(&self, path: &str) -> Result<(u16, String), String> {
+    pub fn get(&self, path: &str) -> Result<(u16, String), LabError> {
         let addr = self.metrics;
         in_netns(&self.ns, || {
             crate::http::get(addr, path, std::time::Duration::from_secs(3))
+        })?
+        .map_err(|source| LabError::Http {
+            path: path.to_string(),
+            source,
         })
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())
     }
 
     /// The `/status` document.
-    pub fn status(&self) -> Result<Status, String> {
+    pub fn status(&self) -> Result<Status, LabError> {
         let (code, body) = self.get("/status")?;
         if code != 200 {
-            return Err(format!("/status answered {code}: {body}"));
+            return Err(LabError::Answered {
+                path: "/status".into(),
+                code,
+                body,
+            });
         }
-        serde_json::from_str(&body).map_err(|e| format!("/status does not parse: {e}"))
+        serde_json::from_str(&body).map_err(LabError::StatusDocument)
     }
 
     /// Waits until `/healthz` answers, or fails with the log if the process exits first.
-    pub fn wait_ready(&mut self, timeout: std::time::Duration) -> Result<(), String> {
+    pub fn wait_ready(&mut self, timeout: std::time::Duration) -> Result<(), LabError> {
         let started = std::time::Instant::now();
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
-                return Err(format!(
-                    "the gateway exited during start-up ({status}); its log:\n{}",
-                    self.log()
-                ));
+                return Err(LabError::Exited {
+                    status,
+                    log: self.log(),
+                });
             }
             if matches!(self.get("/healthz"), Ok((200, _))) {
                 return Ok(());
             }
             if started.elapsed() > timeout {
-                return Err(format!(
-                    "the gateway was not ready after {timeout:?}; its log:\n{}",
-                    self.log()
-                ));
+                return Err(LabError::NotReady {
+                    timeout,
+                    log: self.log(),
+                });
             }
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
     }
 
     /// Sends a signal to the gateway.
-    pub fn signal(&self, sig: nix::sys::signal::Signal) -> Result<(), String> {
+    pub fn signal(&self, sig: nix::sys::signal::Signal) -> Result<(), LabError> {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig)
-            .map_err(|e| e.to_string())
+            .map_err(LabError::Signal)
     }
 
     /// SIGTERM, then waits up to `timeout` for the exit status (SIGKILL after that).
     pub fn stop(
         &mut self,
         timeout: std::time::Duration,
-    ) -> Result<std::process::ExitStatus, String> {
+    ) -> Result<std::process::ExitStatus, LabError> {
         if let Ok(Some(s)) = self.child.try_wait() {
             return Ok(s);
         }
@@ -152,10 +158,10 @@ impl GatewayProcess {
             if started.elapsed() > timeout {
                 let _ = self.child.kill();
                 let _ = self.child.wait();
-                return Err(format!(
-                    "the gateway ignored SIGTERM for {timeout:?} and was killed; its log:\n{}",
-                    self.log()
-                ));
+                return Err(LabError::Killed {
+                    timeout,
+                    log: self.log(),
+                });
             }
             std::thread::sleep(std::time::Duration::from_millis(50));
         }

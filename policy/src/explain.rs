@@ -38,7 +38,7 @@ pub struct Report {
 /// One line of `explain --probes`: a flow to explain.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Probe {
+pub struct FlowQuery {
     pub src: IpAddr,
     pub dst: IpAddr,
     #[serde(default = "default_proto")]
@@ -64,17 +64,34 @@ fn default_direction() -> String {
     "ingress".into()
 }
 
-impl Probe {
-    pub fn key(&self) -> Result<FlowKey, String> {
-        let p = proto::parse(&self.proto)
-            .ok_or_else(|| format!("`{}` is not a protocol", self.proto))?;
+/// Why a flow cannot be explained.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ExplainError {
+    #[error("`{0}` is not a protocol (tcp, udp, sctp, icmp, icmpv6 or a number)")]
+    Protocol(String),
+    #[error("src and dst must be the same address family")]
+    MixedFamilies,
+    #[error("direction `{0}` is not ingress or egress")]
+    Direction(String),
+    /// The fast classifier and the linear reference disagree: a bug, never an input problem.
+    #[error("internal error: the classifier says {classifier} but the reference scan says {reference}; please report this")]
+    Disagreement {
+        classifier: String,
+        reference: String,
+    },
+}
+
+impl FlowQuery {
+    pub fn key(&self) -> Result<FlowKey, ExplainError> {
+        let p =
+            proto::parse(&self.proto).ok_or_else(|| ExplainError::Protocol(self.proto.clone()))?;
         if self.src.is_ipv4() != self.dst.is_ipv4() {
-            return Err("src and dst must be the same address family".into());
+            return Err(ExplainError::MixedFamilies);
         }
         let dir = match self.direction.as_str() {
             "ingress" => Direction::Ingress,
             "egress" => Direction::Egress,
-            o => return Err(format!("direction `{o}` is not ingress or egress")),
+            o => return Err(ExplainError::Direction(o.to_string())),
         };
         let sport = if proto::is_icmp(p) {
             self.icmp_type.map_or(self.sport, u16::from)
@@ -86,11 +103,18 @@ impl Probe {
 }
 
 /// Explains `key` against `table`, with the Kubernetes verdicts from `objects`.
-pub fn explain(table: &Table, objects: &ClusterObjects, key: &FlowKey) -> Result<Report, String> {
+pub fn explain(
+    table: &Table,
+    objects: &ClusterObjects,
+    key: &FlowKey,
+) -> Result<Report, ExplainError> {
     let e = table.explain(key);
     let reference = table.reference_decision(key);
     if reference != e.verdict {
-        return Err(format!("internal error: the classifier says {:?} but the reference scan says {reference:?}; please report this", e.verdict));
+        return Err(ExplainError::Disagreement {
+            classifier: format!("{:?}", e.verdict),
+            reference: format!("{reference:?}"),
+        });
     }
     let cluster = objects.cluster();
     let (src, dst) = (key.src_addr(), key.dst_addr());

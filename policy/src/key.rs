@@ -12,8 +12,8 @@ pub const NO_VLAN: u16 = u16::MAX;
 /// them lives in a caller-owned array.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct FlowKey {
-    /// 0 = ingress (ext→int), 1 = egress (int→ext).
-    pub dir: u8,
+    /// Which way the frame crosses the gateway.
+    pub dir: Direction,
     pub v6: bool,
     /// Source address; IPv4 in the low 32 bits.
     pub src: u128,
@@ -32,7 +32,7 @@ pub struct FlowKey {
 impl Default for FlowKey {
     fn default() -> Self {
         FlowKey {
-            dir: 0,
+            dir: Direction::Ingress,
             v6: false,
             src: 0,
             dst: 0,
@@ -58,7 +58,7 @@ impl FlowKey {
         let (v6, s) = addr_bits(src);
         let (_, d) = addr_bits(dst);
         FlowKey {
-            dir: direction as u8,
+            dir: direction,
             v6,
             src: s,
             dst: d,
@@ -71,11 +71,7 @@ impl FlowKey {
 
     #[inline]
     pub fn direction(&self) -> Direction {
-        if self.dir == 0 {
-            Direction::Ingress
-        } else {
-            Direction::Egress
-        }
+        self.dir
     }
 
     pub fn src_addr(&self) -> IpAddr {

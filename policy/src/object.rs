@@ -2,8 +2,6 @@
 //! plain model of a [`Snapshot`]. The file source and the Kubernetes source both read objects
 //! through [`add_object`], so they cannot disagree on what an object means.
 
-use std::fmt;
-
 use serde::Deserialize;
 
 use crate::gateway_policy::{FieldError, GatewayPolicy, API_VERSION};
@@ -13,7 +11,8 @@ use crate::k8s::{
 use crate::snapshot::{Located, Snapshot};
 
 /// Why one object was not accepted: which object, which field, and what is wrong.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}{}", object.as_ref().map(|o| format!("{o}: ")).unwrap_or_default(), self.detail())]
 pub struct ObjectError {
     /// `Kind/name` (or `Kind/namespace/name`), when known.
     pub object: Option<String>,
@@ -21,19 +20,25 @@ pub struct ObjectError {
     pub message: String,
 }
 
-impl fmt::Display for ObjectError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if let Some(o) = &self.object {
-            write!(f, "{o}: ")?;
+impl ObjectError {
+    /// `field: message`, or the message alone.
+    pub fn detail(&self) -> String {
+        match &self.field {
+            Some(f) => format!("{f}: {}", self.message),
+            None => self.message.clone(),
         }
-        if let Some(field) = &self.field {
-            write!(f, "{field}: ")?;
-        }
-        write!(f, "{}", self.message)
+    }
+
+    /// As it follows a location: ` (Kind/name): field: message`.
+    pub fn after_location(&self) -> String {
+        let object = self
+            .object
+            .as_ref()
+            .map(|o| format!(" ({o})"))
+            .unwrap_or_default();
+        format!("{object}: {}", self.detail())
     }
 }
-
-impl std::error::Error for ObjectError {}
 
 /// Enough of a document to dispatch on.
 #[derive(Deserialize)]

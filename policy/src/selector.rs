@@ -24,6 +24,22 @@ pub struct Requirement {
     pub values: Option<Vec<String>>,
 }
 
+/// A selector the API server (or Calico) would reject, and where.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SelectorError {
+    #[error("expected {expected} at offset {offset}")]
+    Expected {
+        expected: &'static str,
+        offset: usize,
+    },
+    #[error("unexpected `{rest}` at offset {offset}")]
+    Trailing { rest: String, offset: usize },
+    #[error("matchExpressions[{index}]: {operator} needs values")]
+    NeedsValues { index: usize, operator: String },
+    #[error("matchExpressions[{index}]: {operator} takes no values")]
+    TakesNoValues { index: usize, operator: String },
+}
+
 /// A Kubernetes label selector. The empty selector matches everything.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -56,21 +72,21 @@ impl LabelSelector {
     }
 
     /// Checks what the API server would reject.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), SelectorError> {
         for (i, r) in self.match_expressions.iter().flatten().enumerate() {
             let n = r.values.as_ref().map_or(0, Vec::len);
             match r.operator {
                 Operator::In | Operator::NotIn if n == 0 => {
-                    return Err(format!(
-                        "matchExpressions[{i}]: {:?} needs values",
-                        r.operator
-                    ))
+                    return Err(SelectorError::NeedsValues {
+                        index: i,
+                        operator: format!("{:?}", r.operator),
+                    })
                 }
                 Operator::Exists | Operator::DoesNotExist if n > 0 => {
-                    return Err(format!(
-                        "matchExpressions[{i}]: {:?} takes no values",
-                        r.operator
-                    ))
+                    return Err(SelectorError::TakesNoValues {
+                        index: i,
+                        operator: format!("{:?}", r.operator),
+                    })
                 }
                 _ => {}
             }
@@ -116,7 +132,7 @@ impl Expr {
     }
 
     /// Parses a Calico selector. The empty string means `all()`.
-    pub fn parse(s: &str) -> Result<Expr, String> {
+    pub fn parse(s: &str) -> Result<Expr, SelectorError> {
         let mut p = Parser {
             s: s.as_bytes(),
             i: 0,
@@ -128,7 +144,10 @@ impl Expr {
         let e = p.or()?;
         p.ws();
         if p.i != p.s.len() {
-            return Err(format!("unexpected `{}` at offset {}", &s[p.i..], p.i));
+            return Err(SelectorError::Trailing {
+                rest: String::from_utf8_lossy(&p.s[p.i..]).into_owned(),
+                offset: p.i,
+            });
         }
         Ok(e)
     }
@@ -156,11 +175,14 @@ impl Parser<'_> {
         }
     }
 
-    fn err<T>(&self, what: &str) -> Result<T, String> {
-        Err(format!("expected {what} at offset {}", self.i))
+    fn err<T>(&self, expected: &'static str) -> Result<T, SelectorError> {
+        Err(SelectorError::Expected {
+            expected,
+            offset: self.i,
+        })
     }
 
-    fn or(&mut self) -> Result<Expr, String> {
+    fn or(&mut self) -> Result<Expr, SelectorError> {
         let mut e = self.and()?;
         while self.eat("||") {
             e = Expr::Or(Box::new(e), Box::new(self.and()?));
@@ -168,7 +190,7 @@ impl Parser<'_> {
         Ok(e)
     }
 
-    fn and(&mut self) -> Result<Expr, String> {
+    fn and(&mut self) -> Result<Expr, SelectorError> {
         let mut e = self.unary()?;
         while self.eat("&&") {
             e = Expr::And(Box::new(e), Box::new(self.unary()?));
@@ -176,7 +198,7 @@ impl Parser<'_> {
         Ok(e)
     }
 
-    fn unary(&mut self) -> Result<Expr, String> {
+    fn unary(&mut self) -> Result<Expr, SelectorError> {
         if self.eat("!") && !self.s[self.i..].starts_with(b"=") {
             return Ok(Expr::Not(Box::new(self.unary()?)));
         }
@@ -225,7 +247,7 @@ impl Parser<'_> {
         self.err("an operator (==, !=, in, not in, contains, starts with, ends with)")
     }
 
-    fn key(&mut self) -> Result<String, String> {
+    fn key(&mut self) -> Result<String, SelectorError> {
         self.ws();
         let start = self.i;
         while self.i < self.s.len()
@@ -239,7 +261,7 @@ impl Parser<'_> {
         Ok(String::from_utf8_lossy(&self.s[start..self.i]).into_owned())
     }
 
-    fn string(&mut self) -> Result<String, String> {
+    fn string(&mut self) -> Result<String, SelectorError> {
         self.ws();
         let Some(&q) = self.s.get(self.i) else {
             return self.err("a quoted string");
@@ -255,7 +277,7 @@ impl Parser<'_> {
         Ok(String::from_utf8_lossy(&self.s[start..start + len]).into_owned())
     }
 
-    fn set(&mut self) -> Result<Vec<String>, String> {
+    fn set(&mut self) -> Result<Vec<String>, SelectorError> {
         if !self.eat("{") {
             return self.err("`{`");
         }

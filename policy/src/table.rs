@@ -336,7 +336,7 @@ mod tests {
         assert_eq!(e.steps.len(), 2, "the audit rule is counted");
         assert_eq!(e.verdict, Verdict::Deny(DenyReason::Default));
         let mut eg = k("192.0.2.1", 80);
-        eg.dir = 1;
+        eg.dir = Direction::Egress;
         assert_eq!(t.decide(&eg).verdict, Verdict::Allow);
     }
 }

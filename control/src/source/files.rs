@@ -5,44 +5,63 @@
 //! reported with its file, document index, kind/name and field, so the caller keeps the last good
 //! table.
 
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use serde::Deserialize;
 
-use policy::object::add_object;
+use policy::object::{add_object, ObjectError};
 use policy::snapshot::Snapshot;
 
-/// One problem with one document (or file).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SourceError {
-    pub file: PathBuf,
-    /// 0-based document index within the file, when the problem is in a document.
-    pub document: Option<usize>,
-    /// `Kind/name`, when known.
-    pub object: Option<String>,
-    pub field: Option<String>,
-    pub message: String,
+/// One problem with the policy directory, a file, or one document in a file. Every variant
+/// names the file; document problems name the document (0-based) and, through
+/// [`ObjectError`], the object and the field.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// The directory cannot be listed: nothing was loaded.
+    #[error("{}: cannot read the policy directory", dir.display())]
+    Directory {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file cannot be read.
+    #[error("{}: cannot read", file.display())]
+    Read {
+        file: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A document is not YAML; later documents of the file are not trusted.
+    #[error("{}: document {document}: not valid YAML", file.display())]
+    Yaml {
+        file: PathBuf,
+        document: usize,
+        #[source]
+        source: serde_norway::Error,
+    },
+    /// A document is YAML but not an object the gateway accepts.
+    #[error("{}: document {document}{}", file.display(), error.after_location())]
+    Object {
+        file: PathBuf,
+        document: usize,
+        error: ObjectError,
+    },
 }
 
-impl fmt::Display for SourceError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.file.display())?;
-        if let Some(d) = self.document {
-            write!(f, ": document {d}")?;
+impl SourceError {
+    /// The message with its causes, on one line (for status output and logs).
+    pub fn line(&self) -> String {
+        let mut s = self.to_string();
+        let mut cause = std::error::Error::source(self);
+        while let Some(c) = cause {
+            s.push_str(": ");
+            s.push_str(&c.to_string());
+            cause = c.source();
         }
-        if let Some(o) = &self.object {
-            write!(f, " ({o})")?;
-        }
-        if let Some(field) = &self.field {
-            write!(f, ": {field}")?;
-        }
-        write!(f, ": {}", self.message)
+        s
     }
 }
-
-impl std::error::Error for SourceError {}
 
 fn yaml_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
     let mut entries: Vec<_> = std::fs::read_dir(dir)?.collect::<Result<_, _>>()?;
@@ -82,12 +101,9 @@ pub fn load_dir_report(dir: &Path) -> (Snapshot, Vec<SourceError>) {
     if let Err(e) = yaml_files(dir, &mut files) {
         return (
             snap,
-            vec![SourceError {
-                file: dir.to_path_buf(),
-                document: None,
-                object: None,
-                field: None,
-                message: format!("cannot read the policy directory: {e}"),
+            vec![SourceError::Directory {
+                dir: dir.to_path_buf(),
+                source: e,
             }],
         );
     }
@@ -102,12 +118,9 @@ fn load_file(file: &Path, snap: &mut Snapshot, errors: &mut Vec<SourceError>) {
     let text = match std::fs::read_to_string(file) {
         Ok(t) => t,
         Err(e) => {
-            return errors.push(SourceError {
+            return errors.push(SourceError::Read {
                 file: file.to_path_buf(),
-                document: None,
-                object: None,
-                field: None,
-                message: format!("cannot read: {e}"),
+                source: e,
             })
         }
     };
@@ -116,12 +129,10 @@ fn load_file(file: &Path, snap: &mut Snapshot, errors: &mut Vec<SourceError>) {
             Ok(serde_norway::Value::Null) => continue,
             Ok(v) => v,
             Err(e) => {
-                errors.push(SourceError {
+                errors.push(SourceError::Yaml {
                     file: file.to_path_buf(),
-                    document: Some(i),
-                    object: None,
-                    field: None,
-                    message: format!("not valid YAML: {e}"),
+                    document: i,
+                    source: e,
                 });
                 // The YAML stream is broken from here on; later documents cannot be trusted.
                 return;
@@ -129,12 +140,10 @@ fn load_file(file: &Path, snap: &mut Snapshot, errors: &mut Vec<SourceError>) {
         };
         let source = format!("{}#{}", file.display(), i);
         if let Err(e) = add_object(value, &source, snap) {
-            errors.push(SourceError {
+            errors.push(SourceError::Object {
                 file: file.to_path_buf(),
-                document: Some(i),
-                object: e.object,
-                field: e.field,
-                message: e.message,
+                document: i,
+                error: e,
             });
         }
     }
@@ -216,13 +225,21 @@ mod tests {
         let d = tmpdir("broken");
         std::fs::write(d.join("x.yml"), "spec: [unclosed\n").unwrap();
         let errs = load_dir(&d).unwrap_err();
-        assert!(errs[0].message.contains("not valid YAML"), "{}", errs[0]);
+        assert!(
+            matches!(&errs[0], SourceError::Yaml { document: 0, .. }),
+            "{}",
+            errs[0].line()
+        );
+        assert!(errs[0]
+            .line()
+            .contains("x.yml: document 0: not valid YAML: "));
         let fp = Fingerprint::of(&d);
         std::fs::write(d.join("x.yml"), GOOD).unwrap();
         assert_ne!(fp, Fingerprint::of(&d));
         std::fs::remove_dir_all(&d).unwrap();
-        assert!(load_dir(&d).unwrap_err()[0]
-            .message
-            .contains("cannot read the policy directory"));
+        assert!(matches!(
+            &load_dir(&d).unwrap_err()[0],
+            SourceError::Directory { .. }
+        ));
     }
 }

@@ -298,7 +298,8 @@ impl Status {
 
 /// Called with every complete snapshot to publish and the instants of the events it contains.
 /// Returns the new table generation, or why it was rejected (the old table stays).
-pub type PublishFn = Box<dyn FnMut(Snapshot, &[Instant]) -> Result<u64, String> + Send>;
+pub type PublishFn =
+    Box<dyn FnMut(Snapshot, &[Instant]) -> Result<u64, crate::reload::LoadError> + Send>;
 
 /// A running Kubernetes source. Dropping it stops the watchers and joins the thread.
 pub struct KubeSource {
@@ -740,6 +741,7 @@ async fn run(
                     }
                     Err(e) => {
                         s.publish_errors += 1;
+                        let e = e.lines().join("; ");
                         tracing::error!(error = e.as_str(), "Kubernetes snapshot rejected; keeping the last good table");
                         s.last_publish_error = Some(e);
                     }

@@ -156,13 +156,13 @@ fn explain(obs: &Observed, query: &str) -> (StatusCode, &'static str, String) {
             }
         }
     }
-    let probe: policy::explain::Probe = match serde_json::from_value(fields.into()) {
+    let probe: policy::explain::FlowQuery = match serde_json::from_value(fields.into()) {
         Ok(p) => p,
         Err(e) => return bad(format!("bad flow: {e} (give src, dst, and optionally proto, sport, dport, icmp_type, direction)")),
     };
     let key = match probe.key() {
         Ok(k) => k,
-        Err(e) => return bad(e),
+        Err(e) => return bad(e.to_string()),
     };
     let report = obs
         .reloader

@@ -136,7 +136,7 @@ impl Observed {
 /// Whether the gateway is healthy, and why not: a rejected policy reload, or a Kubernetes source
 /// that is not synced or cannot reach the API (the last good table keeps forwarding either way).
 /// Healthy may still come with notes: malformed API objects that are being skipped.
-pub fn health(s: &Status) -> Result<Vec<String>, String> {
+pub fn health(s: &Status) -> Result<Vec<String>, Unhealthy> {
     let mut why = Vec::new();
     let mut notes = Vec::new();
     if !s.policy.last_error.is_empty() {
@@ -179,7 +179,17 @@ pub fn health(s: &Status) -> Result<Vec<String>, String> {
     if why.is_empty() {
         Ok(notes)
     } else {
-        why.extend(notes);
-        Err(why.join("\n"))
+        Err(Unhealthy {
+            reasons: why,
+            notes,
+        })
     }
+}
+
+/// Why `/healthz` is not 200: one line per reason, then the notes.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{}", reasons.iter().chain(notes).cloned().collect::<Vec<_>>().join("\n"))]
+pub struct Unhealthy {
+    pub reasons: Vec<String>,
+    pub notes: Vec<String>,
 }

@@ -58,7 +58,7 @@ fn first_match_and_continuation() {
         );
         // egress keys see no ingress rule
         let mut k = key("10.2.3.4", "1.1.1.1", 6, 9, 80);
-        k.dir = Direction::Egress as u8;
+        k.dir = Direction::Egress;
         assert_eq!(c.first_match(&k, 0), NO_MATCH);
     }
 }
@@ -149,7 +149,11 @@ fn arb_key() -> impl Strategy<Value = FlowKey> {
         .prop_map(|(v6, egress, s, d, proto, sport, dport, frag, vlan)| {
             let base: u128 = if v6 { 0x2001_0db8 << 96 } else { 0x0a00_0000 };
             FlowKey {
-                dir: egress as u8,
+                dir: if egress {
+                    Direction::Egress
+                } else {
+                    Direction::Ingress
+                },
                 v6,
                 src: base | s as u128,
                 dst: base | d as u128,

@@ -160,7 +160,7 @@ pub(super) fn peers(list: &[PeerW], field: &str) -> Result<Vec<Peer>, FieldError
         ] {
             if let Some(s) = sel {
                 s.validate()
-                    .map_err(|m| FieldError::new(format!("{f}.{name}"), m))?;
+                    .map_err(|m| FieldError::new(format!("{f}.{name}"), m.to_string()))?;
             }
         }
         if block.is_none() && p.pod_selector.is_none() && p.namespace_selector.is_none() {
@@ -215,7 +215,7 @@ impl NetworkPolicy {
         w.spec
             .pod_selector
             .validate()
-            .map_err(|m| FieldError::new("spec.podSelector", m))?;
+            .map_err(|m| FieldError::new("spec.podSelector", m.to_string()))?;
         let mut ingress = Vec::new();
         for (i, r) in w.spec.ingress.iter().flatten().enumerate() {
             ingress.push(NpRule {

@@ -71,7 +71,7 @@ impl SecurityGroup {
         w.spec
             .selector
             .validate()
-            .map_err(|m| FieldError::new("spec.selector", m))?;
+            .map_err(|m| FieldError::new("spec.selector", m.to_string()))?;
         let mut ingress = Vec::new();
         for (i, r) in w.spec.ingress.iter().enumerate() {
             let f = format!("spec.ingress[{i}]");
