@@ -85,12 +85,13 @@ impl Publisher {
     }
 
     /// When the current table was swapped in (for event-to-swap latency).
-    pub fn last_swap(&self) -> std::time::Instant {
+    pub(crate) fn last_swap(&self) -> std::time::Instant {
         self.last_swap
     }
 
     /// Number of retired tables some worker still holds.
-    pub fn retired_in_use(&mut self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn retired_in_use(&mut self) -> usize {
         self.fold();
         self.retired.len()
     }

@@ -102,7 +102,7 @@ impl Reason {
         )
     }
 
-    pub fn from_deny(d: DenyReason) -> Reason {
+    pub(crate) fn from_deny(d: DenyReason) -> Reason {
         match d {
             DenyReason::Policy => Reason::PolicyDeny,
             DenyReason::Default => Reason::DefaultDeny,
@@ -271,7 +271,7 @@ impl Default for SharedLatency {
 impl SharedLatency {
     /// Moves `local` into the shared histogram if the lock is free right now; otherwise keeps it
     /// for next time. Never blocks; never allocates (equal bounds).
-    pub fn try_merge(&self, local: &mut Histogram<u64>) {
+    pub(crate) fn try_merge(&self, local: &mut Histogram<u64>) {
         if let Ok(mut h) = self.0.try_lock() {
             if h.add(&*local).is_ok() {
                 local.reset();
@@ -280,7 +280,7 @@ impl SharedLatency {
     }
 
     /// Adds this worker's history into `into`.
-    pub fn merge_into(&self, into: &mut Histogram<u64>) {
+    pub(crate) fn merge_into(&self, into: &mut Histogram<u64>) {
         let h = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let _ = into.add(&*h);
     }

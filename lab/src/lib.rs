@@ -15,7 +15,7 @@ pub mod process;
 pub mod traffic;
 
 pub use netns::{
-    in_netns, sh, Lab, LabError, LabGuard, CLIENT_MAC, CLIENT_V4, CLIENT_V6, EXT_MAC, INT_MAC,
-    SERVER_MAC, SERVER_V4, SERVER_V6,
+    in_netns, sh, Lab, LabError, LabGuard, CLIENT_MAC, CLIENT_V4, EXT_MAC, INT_MAC, SERVER_MAC,
+    SERVER_V4,
 };
 pub use process::{netns_command, GatewayProcess};

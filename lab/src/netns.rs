@@ -24,8 +24,8 @@ use std::process::{Command, Stdio};
 /// Lab addresses and MACs.
 pub const CLIENT_V4: &str = "10.99.0.1";
 pub const SERVER_V4: &str = "10.99.0.2";
-pub const CLIENT_V6: &str = "fd99::1";
-pub const SERVER_V6: &str = "fd99::2";
+pub(crate) const CLIENT_V6: &str = "fd99::1";
+pub(crate) const SERVER_V6: &str = "fd99::2";
 pub const CLIENT_MAC: &str = "02:99:00:00:00:01";
 pub const SERVER_MAC: &str = "02:99:00:00:00:02";
 pub const EXT_MAC: &str = "02:99:00:00:01:01";

@@ -26,8 +26,7 @@ use serde::Deserialize;
 use crate::key::proto;
 use crate::rule::{AddrSet, Direction, Match, PortRange, Prefix};
 
-pub const API_GROUP: &str = "portcullis.io";
-pub const API_VERSION: &str = "portcullis.io/v1alpha1";
+pub(crate) const API_VERSION: &str = "portcullis.io/v1alpha1";
 
 /// A field that failed validation: the dotted path and what was expected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -50,7 +49,7 @@ impl FieldError {
 /// resourceVersion, managedFields and more, none of which change a verdict.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct ObjectMeta {
+pub(crate) struct ObjectMeta {
     #[serde(default)]
     pub name: String,
     #[serde(default)]
@@ -151,7 +150,7 @@ fn parse_nets(nets: &[String], field: &str) -> Result<Vec<Prefix>, FieldError> {
 }
 
 /// Parses `80` or `"1000:2000"` (Calico's range syntax; `-` is accepted too).
-pub fn parse_port(p: &PortSpec, field: &str) -> Result<PortRange, FieldError> {
+pub(crate) fn parse_port(p: &PortSpec, field: &str) -> Result<PortRange, FieldError> {
     let bad = |what: &str| FieldError::new(field, what.to_string());
     match p {
         PortSpec::Number(n) => Ok(PortRange::single(*n)),

@@ -37,27 +37,27 @@ impl End<'_> {
 
 /// Which clients a workload admits: everyone, or an address set.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Admitted {
+pub(crate) enum Admitted {
     All,
     Set(PrefixSet),
 }
 
 impl Admitted {
-    pub fn intersect(&self, o: &Admitted) -> Admitted {
+    pub(crate) fn intersect(&self, o: &Admitted) -> Admitted {
         match (self, o) {
             (Admitted::All, x) | (x, Admitted::All) => x.clone(),
             (Admitted::Set(a), Admitted::Set(b)) => Admitted::Set(a.intersect(b)),
         }
     }
 
-    pub fn union(&self, o: &Admitted) -> Admitted {
+    pub(crate) fn union(&self, o: &Admitted) -> Admitted {
         match (self, o) {
             (Admitted::All, _) | (_, Admitted::All) => Admitted::All,
             (Admitted::Set(a), Admitted::Set(b)) => Admitted::Set(a.union(b)),
         }
     }
 
-    pub fn contains(&self, a: IpAddr) -> bool {
+    pub(crate) fn contains(&self, a: IpAddr) -> bool {
         match self {
             Admitted::All => true,
             Admitted::Set(s) => {
@@ -96,7 +96,7 @@ impl<'a> Cluster<'a> {
     }
 
     /// The workload with this address, if any.
-    pub fn workload_at(&self, a: IpAddr) -> Option<&'a Workload> {
+    pub(crate) fn workload_at(&self, a: IpAddr) -> Option<&'a Workload> {
         self.workloads.iter().find(|w| w.ips.contains(&a))
     }
 
@@ -135,7 +135,7 @@ impl<'a> Cluster<'a> {
     }
 
     /// The NetworkPolicies (and SecurityGroups) that isolate `w` for ingress, by id.
-    pub fn isolating(&self, w: &'a Workload) -> Vec<String> {
+    pub(crate) fn isolating(&self, w: &'a Workload) -> Vec<String> {
         let mut v: Vec<String> = self
             .selecting(w, true)
             .map(|p| format!("NetworkPolicy/{}", p.id()))
@@ -147,7 +147,7 @@ impl<'a> Cluster<'a> {
         v
     }
 
-    pub fn ingress_isolated(&self, w: &'a Workload) -> bool {
+    pub(crate) fn ingress_isolated(&self, w: &'a Workload) -> bool {
         self.selecting(w, true).next().is_some() || self.groups(w).next().is_some()
     }
 
@@ -230,7 +230,7 @@ impl<'a> Cluster<'a> {
 
     /// The external clients `to` admits on `proto`/`port`: only ipBlock peers (and rules with no
     /// peers) can admit an address outside the cluster.
-    pub fn admitted_external(&self, to: &'a Workload, proto: u8, port: u16) -> Admitted {
+    pub(crate) fn admitted_external(&self, to: &'a Workload, proto: u8, port: u16) -> Admitted {
         if !self.ingress_isolated(to) {
             return Admitted::All;
         }

@@ -22,7 +22,7 @@ pub struct ObjectError {
 
 impl ObjectError {
     /// `field: message`, or the message alone.
-    pub fn detail(&self) -> String {
+    pub(crate) fn detail(&self) -> String {
         match &self.field {
             Some(f) => format!("{f}: {}", self.message),
             None => self.message.clone(),

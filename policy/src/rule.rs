@@ -84,7 +84,7 @@ impl Prefix {
         }
     }
 
-    pub fn contains_bits(&self, v6: bool, bits: u128) -> bool {
+    pub(crate) fn contains_bits(&self, v6: bool, bits: u128) -> bool {
         self.v6 == v6 && (bits ^ self.bits) & mask(v6, self.len) == 0
     }
 
@@ -114,7 +114,7 @@ impl Prefix {
     }
 
     /// `self` minus `hole`, as a list of disjoint prefixes (at most one per bit of difference).
-    pub fn subtract(&self, hole: &Prefix) -> Vec<Prefix> {
+    pub(crate) fn subtract(&self, hole: &Prefix) -> Vec<Prefix> {
         if hole.contains(self) {
             return Vec::new();
         }
@@ -144,7 +144,7 @@ impl Prefix {
 
 /// Mask with the top `len` bits of a `v6`-wide address set.
 #[inline]
-pub fn mask(v6: bool, len: u8) -> u128 {
+pub(crate) fn mask(v6: bool, len: u8) -> u128 {
     let width = Prefix::width(v6) as u32;
     let full = if v6 { u128::MAX } else { u32::MAX as u128 };
     match width - (len as u32).min(width) {
@@ -154,14 +154,14 @@ pub fn mask(v6: bool, len: u8) -> u128 {
     }
 }
 
-pub fn addr_bits(addr: IpAddr) -> (bool, u128) {
+pub(crate) fn addr_bits(addr: IpAddr) -> (bool, u128) {
     match addr {
         IpAddr::V4(a) => (false, u32::from(a) as u128),
         IpAddr::V6(a) => (true, u128::from(a)),
     }
 }
 
-pub fn bits_addr(v6: bool, bits: u128) -> IpAddr {
+pub(crate) fn bits_addr(v6: bool, bits: u128) -> IpAddr {
     if v6 {
         IpAddr::V6(bits.into())
     } else {
@@ -212,10 +212,6 @@ impl AddrSet {
         AddrSet::default()
     }
 
-    pub fn is_any(&self) -> bool {
-        self.include.is_empty() && self.except.is_empty()
-    }
-
     pub fn contains(&self, v6: bool, bits: u128) -> bool {
         let included =
             self.include.is_empty() || self.include.iter().any(|p| p.contains_bits(v6, bits));
@@ -251,16 +247,16 @@ pub struct PortRange {
 }
 
 impl PortRange {
-    pub const ANY: PortRange = PortRange {
+    pub(crate) const ANY: PortRange = PortRange {
         lo: 0,
         hi: u16::MAX,
     };
 
-    pub fn single(p: u16) -> PortRange {
+    pub(crate) fn single(p: u16) -> PortRange {
         PortRange { lo: p, hi: p }
     }
 
-    pub fn is_any(&self) -> bool {
+    pub(crate) fn is_any(&self) -> bool {
         *self == PortRange::ANY
     }
 
@@ -335,7 +331,7 @@ pub enum Action {
 }
 
 impl Action {
-    pub fn is_decisive(&self) -> bool {
+    pub(crate) fn is_decisive(&self) -> bool {
         matches!(self, Action::Decide(_))
     }
 }
@@ -418,7 +414,7 @@ impl Match {
     }
 
     /// Whether the match needs transport ports (so never matches a non-first fragment).
-    pub fn needs_ports(&self) -> bool {
+    pub(crate) fn needs_ports(&self) -> bool {
         !self.sport.is_any() || !self.dport.is_any()
     }
 
@@ -568,7 +564,7 @@ impl RuleSet {
     }
 
     /// Index of the first rule after `layer` (where a Pass continues).
-    pub fn next_layer_start(&self, layer: Layer) -> u32 {
+    pub(crate) fn next_layer_start(&self, layer: Layer) -> u32 {
         self.layer_start[layer as usize + 1]
     }
 }
@@ -676,20 +672,20 @@ mod tests {
 /// A set of addresses as disjoint prefixes (IPv4 and IPv6 mixed), closed under union and
 /// intersection: the algebra for "clients every backend admits".
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
-pub struct PrefixSet(Vec<Prefix>);
+pub(crate) struct PrefixSet(Vec<Prefix>);
 
 impl PrefixSet {
-    pub fn empty() -> PrefixSet {
+    pub(crate) fn empty() -> PrefixSet {
         PrefixSet(Vec::new())
     }
 
     /// Both families, whole.
-    pub fn everything() -> PrefixSet {
+    pub(crate) fn everything() -> PrefixSet {
         PrefixSet(vec![Prefix::any(false), Prefix::any(true)])
     }
 
     /// `cidr` minus every prefix of `except`.
-    pub fn block(cidr: Prefix, except: &[Prefix]) -> PrefixSet {
+    pub(crate) fn block(cidr: Prefix, except: &[Prefix]) -> PrefixSet {
         let mut parts = vec![cidr];
         for hole in except {
             parts = parts.iter().flat_map(|p| p.subtract(hole)).collect();
@@ -697,7 +693,7 @@ impl PrefixSet {
         PrefixSet::normalized(parts)
     }
 
-    pub fn of(prefixes: impl IntoIterator<Item = Prefix>) -> PrefixSet {
+    pub(crate) fn of(prefixes: impl IntoIterator<Item = Prefix>) -> PrefixSet {
         PrefixSet::normalized(prefixes.into_iter().collect())
     }
 
@@ -714,11 +710,11 @@ impl PrefixSet {
         PrefixSet(out)
     }
 
-    pub fn union(&self, o: &PrefixSet) -> PrefixSet {
+    pub(crate) fn union(&self, o: &PrefixSet) -> PrefixSet {
         PrefixSet::normalized(self.0.iter().chain(&o.0).copied().collect())
     }
 
-    pub fn intersect(&self, o: &PrefixSet) -> PrefixSet {
+    pub(crate) fn intersect(&self, o: &PrefixSet) -> PrefixSet {
         let mut v = Vec::new();
         for a in &self.0 {
             for b in &o.0 {
@@ -732,7 +728,7 @@ impl PrefixSet {
         PrefixSet::normalized(v)
     }
 
-    pub fn minus(&self, holes: &[Prefix]) -> PrefixSet {
+    pub(crate) fn minus(&self, holes: &[Prefix]) -> PrefixSet {
         let mut parts = self.0.clone();
         for hole in holes {
             parts = parts.iter().flat_map(|p| p.subtract(hole)).collect();
@@ -740,21 +736,17 @@ impl PrefixSet {
         PrefixSet::normalized(parts)
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
 
-    pub fn prefixes(&self) -> &[Prefix] {
-        &self.0
-    }
-
-    pub fn contains(&self, v6: bool, bits: u128) -> bool {
+    pub(crate) fn contains(&self, v6: bool, bits: u128) -> bool {
         self.0.iter().any(|p| p.contains_bits(v6, bits))
     }
 
     /// The same set as a rule's address match. An empty set has no `AddrSet` (it would read as
     /// "any"), so callers must not build a rule from it.
-    pub fn to_addr_set(&self) -> Option<AddrSet> {
+    pub(crate) fn to_addr_set(&self) -> Option<AddrSet> {
         if self.0.is_empty() {
             return None;
         }

@@ -135,10 +135,6 @@ impl Table {
         self.rules.rules()
     }
 
-    pub fn rule_set(&self) -> &RuleSet {
-        &self.rules
-    }
-
     pub fn build_time(&self) -> Duration {
         self.build_time
     }

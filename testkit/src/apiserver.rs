@@ -217,11 +217,6 @@ impl ApiServer {
         *lock(&self.shared.bookmark_every) = every;
     }
 
-    /// The current resourceVersion.
-    pub fn resource_version(&self) -> u64 {
-        lock(&self.shared.state).rv
-    }
-
     /// Serves or stops serving a kind (installing or removing its CRD), by [`KindSpec::label`].
     pub fn set_served(&self, label: &str, served: bool) {
         let i = KINDS

@@ -194,7 +194,7 @@ impl<R: Rings> QueuePair<R> {
     }
 
     /// The descriptors to poll(2) for the two RX rings.
-    pub fn fds(&self) -> [Option<RawFd>; 2] {
+    pub(crate) fn fds(&self) -> [Option<RawFd>; 2] {
         [self.rings.fd(Side::Ext), self.rings.fd(Side::Int)]
     }
 }

@@ -339,7 +339,7 @@ pub struct KernelStats {
 
 /// Reads `XDP_STATISTICS` of an AF_XDP socket by descriptor (the control thread reads the
 /// workers' sockets this way). `None` if the socket is gone.
-pub fn kernel_stats(fd: RawFd) -> Option<KernelStats> {
+pub(crate) fn kernel_stats(fd: RawFd) -> Option<KernelStats> {
     // SAFETY: `xdp_statistics` is a plain struct of integers; all zeroes is a valid value.
     let mut raw: libc::xdp_statistics = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::xdp_statistics>() as libc::socklen_t;

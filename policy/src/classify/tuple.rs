@@ -283,7 +283,7 @@ impl TupleSpace {
         Self::from_atoms(&lower(matches))
     }
 
-    pub fn from_atoms(atoms: &[Atom]) -> TupleSpace {
+    pub(crate) fn from_atoms(atoms: &[Atom]) -> TupleSpace {
         let mut grouped: [HashMap<(u8, u8), Buckets>; 4] = Default::default();
         for a in atoms {
             let v6 = a.src.v6;

@@ -102,7 +102,7 @@ struct PodW {
 
 impl Workload {
     /// A Pod. Host-network pods are skipped (`Ok(None)`): NetworkPolicy does not apply to them.
-    pub fn pod_from_yaml(v: serde_norway::Value) -> Result<Option<Workload>, FieldError> {
+    pub(crate) fn pod_from_yaml(v: serde_norway::Value) -> Result<Option<Workload>, FieldError> {
         let w: PodW = from_value(v)?;
         if w.spec.host_network || matches!(w.status.phase.as_deref(), Some("Succeeded" | "Failed"))
         {
@@ -167,7 +167,7 @@ struct VmiW {
 
 impl Workload {
     /// A KubeVirt VirtualMachineInstance: its labels and the addresses in its status.
-    pub fn vmi_from_yaml(v: serde_norway::Value) -> Result<Workload, FieldError> {
+    pub(crate) fn vmi_from_yaml(v: serde_norway::Value) -> Result<Workload, FieldError> {
         let w: VmiW = from_value(v)?;
         let mut ips = Vec::new();
         for (i, itf) in w.status.interfaces.iter().enumerate() {
