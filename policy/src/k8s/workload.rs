@@ -34,6 +34,27 @@ pub struct Workload {
 }
 
 impl Workload {
+    /// A workload from its metadata (namespace and name required) and what its kind adds.
+    fn from_parts(
+        kind: WorkloadKind,
+        meta: ObjectMeta,
+        ips: Vec<IpAddr>,
+        node: Option<String>,
+        ports: Vec<NamedPort>,
+    ) -> Result<Workload, FieldError> {
+        Ok(Workload {
+            kind,
+            namespace: namespace_of(&meta)?,
+            name: name_of(&meta)?,
+            labels: meta.labels,
+            ips,
+            node,
+            ports,
+        })
+    }
+}
+
+impl Workload {
     pub fn id(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
     }
@@ -128,15 +149,13 @@ impl Workload {
                 });
             }
         }
-        Ok(Some(Workload {
-            kind: WorkloadKind::Pod,
-            namespace: namespace_of(&w.metadata)?,
-            name: name_of(&w.metadata)?,
-            labels: w.metadata.labels,
+        Ok(Some(Workload::from_parts(
+            WorkloadKind::Pod,
+            w.metadata,
             ips,
-            node: w.spec.node_name,
+            w.spec.node_name,
             ports,
-        }))
+        )?))
     }
 }
 
@@ -180,14 +199,12 @@ impl Workload {
                 }
             }
         }
-        Ok(Workload {
-            kind: WorkloadKind::VirtualMachineInstance,
-            namespace: namespace_of(&w.metadata)?,
-            name: name_of(&w.metadata)?,
-            labels: w.metadata.labels,
+        Workload::from_parts(
+            WorkloadKind::VirtualMachineInstance,
+            w.metadata,
             ips,
-            node: w.status.node_name,
-            ports: Vec::new(),
-        })
+            w.status.node_name,
+            Vec::new(),
+        )
     }
 }
