@@ -19,6 +19,7 @@
 #![deny(unsafe_code)]
 
 pub mod config;
+pub mod conntrack;
 pub mod metrics;
 pub mod parse;
 pub mod preflight;

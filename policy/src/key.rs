@@ -78,7 +78,7 @@ impl FlowKey {
         bits_addr(self.v6, self.src)
     }
 
-    pub(crate) fn dst_addr(&self) -> IpAddr {
+    pub fn dst_addr(&self) -> IpAddr {
         bits_addr(self.v6, self.dst)
     }
 }
@@ -88,7 +88,7 @@ pub mod proto {
     pub const ICMP: u8 = 1;
     pub const TCP: u8 = 6;
     pub const UDP: u8 = 17;
-    pub(crate) const ICMPV6: u8 = 58;
+    pub const ICMPV6: u8 = 58;
     pub const SCTP: u8 = 132;
 
     /// A protocol's lowercase name, or its number.
