@@ -334,6 +334,46 @@ struct ConfigWire {
     metrics: Metrics,
     #[serde(default)]
     logging: Logging,
+    #[serde(default)]
+    conntrack: Conntrack,
+}
+
+/// The connection tracker (`conntrack:`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub struct Conntrack {
+    /// Track flows (the default). Off: every packet is decided by the rules alone.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Flows the table holds, shared by every worker (rounded up to a power of two).
+    #[serde(default = "default_ct_capacity")]
+    pub capacity: usize,
+    /// Slots each worker checks for expiry per turn.
+    #[serde(default = "default_ct_sweep")]
+    pub sweep_per_turn: usize,
+    #[serde(default)]
+    pub timeouts: crate::conntrack::Timeouts,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_ct_capacity() -> usize {
+    262_144
+}
+fn default_ct_sweep() -> usize {
+    64
+}
+
+impl Default for Conntrack {
+    fn default() -> Self {
+        Conntrack {
+            enabled: true,
+            capacity: default_ct_capacity(),
+            sweep_per_turn: default_ct_sweep(),
+            timeouts: crate::conntrack::Timeouts::default(),
+        }
+    }
 }
 
 fn one() -> u32 {
@@ -371,6 +411,7 @@ pub struct Config {
     pub l2: L2,
     pub metrics: Metrics,
     pub logging: Logging,
+    pub conntrack: Conntrack,
     pub context: GatewayContext,
     /// The Kubernetes API source, when configured (kubeconfig anchored like `policy_dir`).
     pub kubernetes_api: Option<KubernetesApi>,
@@ -465,6 +506,16 @@ impl Config {
                 format!("{} is out of range (expected 1-{MAX_BURST})", w.burst),
             ));
         }
+        const MAX_FLOWS: usize = 1 << 26;
+        if !(1..=MAX_FLOWS).contains(&w.conntrack.capacity) {
+            return Err(err(
+                "conntrack.capacity",
+                format!(
+                    "{} is out of range (expected 1-{MAX_FLOWS}; each flow takes 64 bytes)",
+                    w.conntrack.capacity
+                ),
+            ));
+        }
         if !w.ring_size.is_power_of_two() || !(64..=16384).contains(&w.ring_size) {
             return Err(err(
                 "ring_size",
@@ -549,6 +600,7 @@ impl Config {
             l2: w.l2,
             metrics: w.metrics,
             logging: w.logging,
+            conntrack: w.conntrack,
             context: GatewayContext {
                 default_ingress: w.default.ingress.verdict(),
                 default_egress: w.default.egress.verdict(),

@@ -345,6 +345,25 @@ pub struct FlowEntry {
     pub idle_ms: u64,
 }
 
+/// Which flows `conntrack list|flush` means: every given part must match (an address or port at
+/// either end).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Filter {
+    pub addr: Option<std::net::IpAddr>,
+    pub port: Option<u16>,
+    pub proto: Option<u8>,
+}
+
+impl Filter {
+    pub fn matches(&self, t: &Tuple) -> bool {
+        let k = t.key();
+        self.addr
+            .is_none_or(|a| k.src_addr() == a || k.dst_addr() == a)
+            && self.port.is_none_or(|p| t.sport == p || t.dport == p)
+            && self.proto.is_none_or(|p| t.proto == p)
+    }
+}
+
 /// A slot: sequence, the tuple (5 words), the state word, the last-seen time.
 #[repr(align(64))]
 #[derive(Default)]
@@ -413,6 +432,8 @@ pub struct Conntrack {
     buckets_mask: usize,
     timeouts: Timeouts,
     entries: AtomicUsize,
+    /// Time zero of the shared clock (every worker's `now` counts from it).
+    epoch: std::time::Instant,
 }
 
 const NS: u64 = 1_000_000_000;
@@ -427,7 +448,14 @@ impl Conntrack {
             buckets_mask: n / WAYS - 1,
             timeouts,
             entries: AtomicUsize::new(0),
+            epoch: std::time::Instant::now(),
         }
+    }
+
+    /// `at` on the table's clock, in nanoseconds.
+    #[inline]
+    pub fn ns(&self, at: std::time::Instant) -> u64 {
+        at.saturating_duration_since(self.epoch).as_nanos() as u64
     }
 
     /// Flows the table can hold.

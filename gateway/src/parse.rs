@@ -12,6 +12,7 @@ use etherparse::{Ipv6ExtensionSlice, LinkExtSlice, NetSlice, SlicedPacket, Trans
 use policy::key::{proto, FlowKey, NO_VLAN};
 use policy::rule::Direction;
 
+use crate::conntrack::Track;
 use crate::stats::Reason;
 
 /// What a frame is, as far as the gateway cares.
@@ -67,6 +68,87 @@ fn has_ports(p: u8) -> bool {
 /// Parses one frame received in `direction`.
 #[inline]
 pub fn parse(data: &[u8], direction: Direction) -> Result<Frame, Reason> {
+    parse_tracked(data, direction).map(|(f, _)| f)
+}
+
+/// The header an ICMP error quotes (RFC 792, RFC 4443 §2.4: as much of the offending packet as
+/// fits), as the key that packet had: it travelled the other way. `None` when too little is
+/// quoted to know the flow.
+fn quoted(inner: &[u8], error_dir: Direction, vlan: u16) -> Option<(FlowKey, u16)> {
+    let dir = match error_dir {
+        Direction::Ingress => Direction::Egress,
+        Direction::Egress => Direction::Ingress,
+    };
+    let mut k = FlowKey {
+        dir,
+        vlan,
+        ..FlowKey::default()
+    };
+    let rest = match inner.first()? >> 4 {
+        4 => {
+            let ihl = usize::from(inner[0] & 0x0f) * 4;
+            if ihl < 20 || inner.len() < ihl {
+                return None;
+            }
+            if u16::from_be_bytes([inner[6], inner[7]]) & 0x1fff != 0 {
+                return None; // a non-first fragment quotes no ports
+            }
+            k.proto = inner[9];
+            k.src = u32::from_be_bytes(inner[12..16].try_into().ok()?) as u128;
+            k.dst = u32::from_be_bytes(inner[16..20].try_into().ok()?) as u128;
+            &inner[ihl..]
+        }
+        6 if inner.len() >= 40 => {
+            k.v6 = true;
+            k.proto = inner[6];
+            k.src = u128::from_be_bytes(inner[8..24].try_into().ok()?);
+            k.dst = u128::from_be_bytes(inner[24..40].try_into().ok()?);
+            &inner[40..]
+        }
+        _ => return None,
+    };
+    let (s, d) = raw_ports(k.proto, rest)?;
+    k.sport = s;
+    k.dport = d;
+    let id = if proto::is_icmp(k.proto) && rest.len() >= 6 {
+        u16::from_be_bytes([rest[4], rest[5]])
+    } else {
+        0
+    };
+    Some((k, id))
+}
+
+/// Whether an ICMP type is an error that quotes the packet that caused it.
+fn icmp_error(v6: bool, ty: u8) -> bool {
+    if v6 {
+        matches!(ty, 1..=4)
+    } else {
+        matches!(ty, 3 | 4 | 5 | 11 | 12)
+    }
+}
+
+/// Reads the echo identifier or, for an error, the quoted header, from an ICMP message's body
+/// (`body` starts at the ICMP header).
+fn icmp_track(key: &FlowKey, body: &[u8], track: &mut Track) {
+    let ty = key.sport as u8;
+    if icmp_error(key.v6, ty) {
+        if let Some((q, id)) = body
+            .get(8..)
+            .and_then(|inner| quoted(inner, key.dir, key.vlan))
+        {
+            track.quoted = Some(q);
+            track.icmp_id = id;
+        }
+    } else if body.len() >= 6 {
+        track.icmp_id = u16::from_be_bytes([body[4], body[5]]);
+    }
+}
+
+/// [`parse`], plus what the connection tracker needs: TCP flags, the ICMP echo identifier, the
+/// header an ICMP error quotes.
+#[inline]
+pub fn parse_tracked(data: &[u8], direction: Direction) -> Result<(Frame, Track), Reason> {
+    let mut track = Track::default();
     let pkt = SlicedPacket::from_ethernet(data).map_err(|e| malformed(&e))?;
     let vlan = pkt
         .link_exts
@@ -82,8 +164,8 @@ pub fn parse(data: &[u8], direction: Direction) -> Result<Frame, Reason> {
         ..FlowKey::default()
     };
     let (payload, first_fragment) = match &pkt.net {
-        None => return Ok(Frame::OtherL2),
-        Some(NetSlice::Arp(_)) => return Ok(Frame::Arp),
+        None => return Ok((Frame::OtherL2, track)),
+        Some(NetSlice::Arp(_)) => return Ok((Frame::Arp, track)),
         Some(NetSlice::Ipv4(ip)) => {
             let h = ip.header();
             key.src = u32::from_be_bytes(h.source()) as u128;
@@ -107,6 +189,8 @@ pub fn parse(data: &[u8], direction: Direction) -> Result<Frame, Reason> {
         Some(TransportSlice::Tcp(t)) => {
             key.sport = t.source_port();
             key.dport = t.destination_port();
+            // Byte 13 of the TCP header: CWR ECE URG ACK PSH RST SYN FIN.
+            track.tcp_flags = t.slice()[13];
         }
         Some(TransportSlice::Udp(u)) => {
             key.sport = u.source_port();
@@ -115,10 +199,12 @@ pub fn parse(data: &[u8], direction: Direction) -> Result<Frame, Reason> {
         Some(TransportSlice::Icmpv4(i)) => {
             key.sport = i.type_u8() as u16;
             key.dport = i.code_u8() as u16;
+            icmp_track(&key, i.slice(), &mut track);
         }
         Some(TransportSlice::Icmpv6(i)) => {
             key.sport = i.type_u8() as u16;
             key.dport = i.code_u8() as u16;
+            icmp_track(&key, i.slice(), &mut track);
         }
         None if payload.fragmented && !first_fragment => key.ports_known = false,
         None if has_ports(key.proto) => {
@@ -133,7 +219,7 @@ pub fn parse(data: &[u8], direction: Direction) -> Result<Frame, Reason> {
         // A protocol without ports (GRE, ESP, ...): rules that need ports cannot match it.
         None => key.ports_known = false,
     }
-    Ok(Frame::Ip(key))
+    Ok((Frame::Ip(key), track))
 }
 
 #[cfg(test)]
@@ -347,5 +433,61 @@ mod tests {
             let cut = (next() as usize) % (f.len() + 1);
             let _ = parse(&f[..cut], Direction::Ingress);
         }
+    }
+
+    #[test]
+    fn the_tracker_gets_tcp_flags_echo_ids_and_quoted_headers() {
+        let mut syn = Vec::new();
+        PacketBuilder::ethernet2(MAC_A, MAC_B)
+            .ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64)
+            .tcp(40000, 80, 1, 1024)
+            .syn()
+            .write(&mut syn, &[])
+            .unwrap();
+        let (_, tr) = parse_tracked(&syn, Direction::Ingress).unwrap();
+        assert_eq!(tr.tcp_flags, crate::conntrack::tcp_flags::SYN);
+
+        let mut echo = Vec::new();
+        PacketBuilder::ethernet2(MAC_A, MAC_B)
+            .ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64)
+            .icmpv4_echo_request(0x1234, 1)
+            .write(&mut echo, b"ping")
+            .unwrap();
+        let (f, tr) = parse_tracked(&echo, Direction::Ingress).unwrap();
+        assert_eq!(ip_key(Ok(f)).sport, 8);
+        assert_eq!(tr.icmp_id, 0x1234);
+
+        // A port unreachable from a router, quoting a datagram the server sent out.
+        let mut inner = Vec::new();
+        PacketBuilder::ipv4([10, 0, 0, 2], [192, 0, 2, 9], 64)
+            .udp(5353, 53)
+            .write(&mut inner, b"question")
+            .unwrap();
+        let mut err = Vec::new();
+        PacketBuilder::ethernet2(MAC_A, MAC_B)
+            .ipv4([192, 0, 2, 254], [10, 0, 0, 2], 64)
+            .icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(
+                etherparse::icmpv4::DestUnreachableHeader::Port,
+            ))
+            .write(&mut err, &inner[..28])
+            .unwrap();
+        let (_, tr) = parse_tracked(&err, Direction::Ingress).unwrap();
+        let q = tr.quoted.expect("the quoted header");
+        assert_eq!(q.dir, Direction::Egress);
+        assert_eq!(
+            (q.src, q.dst, q.proto, q.sport, q.dport),
+            (0x0a00_0002, 0xc000_0209, 17, 5353, 53)
+        );
+        // Quoting too little gives no flow, and is not an error.
+        let mut short = Vec::new();
+        PacketBuilder::ethernet2(MAC_A, MAC_B)
+            .ipv4([192, 0, 2, 254], [10, 0, 0, 2], 64)
+            .icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(
+                etherparse::icmpv4::DestUnreachableHeader::Port,
+            ))
+            .write(&mut short, &inner[..21])
+            .unwrap();
+        let (_, tr) = parse_tracked(&short, Direction::Ingress).unwrap();
+        assert_eq!(tr.quoted, None);
     }
 }

@@ -12,6 +12,7 @@ use crossbeam_queue::ArrayQueue;
 use policy::rule::Verdict;
 
 use crate::config::{Config, KubernetesApi, Startup};
+use crate::conntrack::Conntrack;
 use crate::metrics::{self, Observed};
 use crate::preflight;
 use crate::stats::{SharedLatency, WorkerCounters};
@@ -85,6 +86,16 @@ pub fn run(cfg: Config) -> Result<()> {
     let counters: Vec<Arc<WorkerCounters>> = (0..workers).map(|_| Arc::default()).collect();
     let latency: Vec<Arc<SharedLatency>> = (0..workers).map(|_| Arc::default()).collect();
     let flows = Arc::new(ArrayQueue::<FlowRecord>::new(4096));
+    // Allocated once, before any traffic: its memory is fixed from here on.
+    let conntrack = cfg.conntrack.enabled.then(|| {
+        let ct = Conntrack::new(cfg.conntrack.capacity, cfg.conntrack.timeouts);
+        tracing::info!(
+            capacity = ct.capacity(),
+            memory_bytes = ct.memory_bytes(),
+            "connection tracker ready"
+        );
+        Arc::new(ct)
+    });
     let obs = Arc::new(Observed {
         started: Instant::now(),
         config: cfg.path.display().to_string(),
@@ -97,6 +108,7 @@ pub fn run(cfg: Config) -> Result<()> {
         reloader: Arc::clone(&reloader),
         kubernetes: OnceLock::new(),
         sockets: Mutex::new(Vec::new()),
+        conntrack: conntrack.clone(),
     });
     // Every way out of `run` stops the threads started from here on.
     let _stop_threads = StopOnDrop(Arc::clone(&stop));
@@ -181,6 +193,8 @@ pub fn run(cfg: Config) -> Result<()> {
             burst: cfg.burst,
             poll: cfg.poll.clone(),
             l2: cfg.l2.clone(),
+            conntrack: conntrack.clone(),
+            sweep_per_turn: cfg.conntrack.sweep_per_turn,
         };
         let (core, stop) = (cfg.cores[i], Arc::clone(&stop));
         handles.push(
@@ -373,7 +387,9 @@ fn control_loop(
                     tracing::info!(target: "portcullis::flows", flow = %f.key, verdict = "allow", rule = origin.as_str(), logged_by = logged_by.as_str(), worker = f.worker, "logged flow")
                 }
                 Verdict::Deny(r) => {
-                    tracing::info!(target: "portcullis::flows", flow = %f.key, verdict = "deny", reason = r.as_str(), rule = origin.as_str(), logged_by = logged_by.as_str(), worker = f.worker, "denied flow")
+                    // A reply-looking packet (SYN-ACK, echo reply) that no tracked flow expected.
+                    let state = if f.no_flow { "no_flow" } else { "new" };
+                    tracing::info!(target: "portcullis::flows", flow = %f.key, verdict = "deny", reason = r.as_str(), rule = origin.as_str(), state, logged_by = logged_by.as_str(), worker = f.worker, "denied flow")
                 }
             }
         }

@@ -47,10 +47,13 @@ pub enum Reason {
     NoLocalEndpoint,
     /// The TX ring of the other interface had no room.
     TxRingFull,
+    /// Policy admitted a new flow but its bucket of the connection tracker held only answered
+    /// flows (which are never evicted).
+    ConntrackFull,
 }
 
 impl Reason {
-    pub const COUNT: usize = 15;
+    pub const COUNT: usize = 16;
     pub const ALL: [Reason; Reason::COUNT] = [
         Reason::Truncated,
         Reason::BadIpVersion,
@@ -67,6 +70,7 @@ impl Reason {
         Reason::NoEndpoints,
         Reason::NoLocalEndpoint,
         Reason::TxRingFull,
+        Reason::ConntrackFull,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -86,6 +90,7 @@ impl Reason {
             Reason::NoEndpoints => "no_endpoints",
             Reason::NoLocalEndpoint => "no_local_endpoint",
             Reason::TxRingFull => "tx_ring_full",
+            Reason::ConntrackFull => "conntrack_full",
         }
     }
 
@@ -99,6 +104,7 @@ impl Reason {
                 | Reason::NoEndpoints
                 | Reason::NoLocalEndpoint
                 | Reason::TxRingFull
+                | Reason::ConntrackFull
         )
     }
 
@@ -108,6 +114,46 @@ impl Reason {
             DenyReason::Default => Reason::DefaultDeny,
             DenyReason::NoEndpoints => Reason::NoEndpoints,
             DenyReason::NoLocalEndpoint => Reason::NoLocalEndpoint,
+        }
+    }
+}
+
+/// What the connection tracker did, per worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CtEvent {
+    /// A flow was opened.
+    New,
+    /// A packet passed as part of a tracked flow, without the classifier.
+    Established,
+    /// An ICMP error passed because it quotes a tracked flow.
+    Related,
+    /// An unreplied flow was evicted to make room.
+    Evicted,
+    /// An expired flow was reclaimed (by an insert or the sweep).
+    Expired,
+    /// A tracked flow that the current table no longer admits: removed, its packet dropped.
+    RevalidatedDrop,
+}
+
+impl CtEvent {
+    pub const COUNT: usize = 6;
+    pub const ALL: [CtEvent; CtEvent::COUNT] = [
+        CtEvent::New,
+        CtEvent::Established,
+        CtEvent::Related,
+        CtEvent::Evicted,
+        CtEvent::Expired,
+        CtEvent::RevalidatedDrop,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CtEvent::New => "new",
+            CtEvent::Established => "established",
+            CtEvent::Related => "related",
+            CtEvent::Evicted => "evicted",
+            CtEvent::Expired => "expired",
+            CtEvent::RevalidatedDrop => "revalidated_drop",
         }
     }
 }
@@ -123,12 +169,18 @@ pub struct Tally {
     pub fill_starved: u64,
     pub idle_sleeps: u64,
     pub bursts: u64,
+    pub ct: [u64; CtEvent::COUNT],
 }
 
 impl Tally {
     #[inline]
     pub fn drop(&mut self, r: Reason) {
         self.drops[r as usize] += 1;
+    }
+
+    #[inline]
+    pub fn ct(&mut self, e: CtEvent) {
+        self.ct[e as usize] += 1;
     }
 }
 
@@ -144,6 +196,7 @@ pub struct WorkerCounters {
     fill_starved: AtomicU64,
     idle_sleeps: AtomicU64,
     bursts: AtomicU64,
+    ct: [AtomicU64; CtEvent::COUNT],
 }
 
 #[inline]
@@ -170,6 +223,9 @@ impl WorkerCounters {
         bump(&self.fill_starved, t.fill_starved);
         bump(&self.idle_sleeps, t.idle_sleeps);
         bump(&self.bursts, t.bursts);
+        for (c, n) in self.ct.iter().zip(t.ct.iter()) {
+            bump(c, *n);
+        }
         *t = Tally::default();
     }
 
@@ -189,6 +245,10 @@ impl WorkerCounters {
             fill_starved: l(&self.fill_starved),
             idle_sleeps: l(&self.idle_sleeps),
             bursts: l(&self.bursts),
+            conntrack: CtEvent::ALL
+                .iter()
+                .map(|e| (e.as_str().to_string(), l(&self.ct[*e as usize])))
+                .collect(),
         }
     }
 }
@@ -207,6 +267,9 @@ pub struct CounterSnapshot {
     pub fill_starved: u64,
     pub idle_sleeps: u64,
     pub bursts: u64,
+    /// Connection tracker events by name (`CtEvent`).
+    #[serde(default)]
+    pub conntrack: Vec<(String, u64)>,
 }
 
 impl CounterSnapshot {
@@ -227,6 +290,13 @@ impl CounterSnapshot {
         self.fill_starved += o.fill_starved;
         self.idle_sleeps += o.idle_sleeps;
         self.bursts += o.bursts;
+        if self.conntrack.is_empty() {
+            self.conntrack = o.conntrack.clone();
+        } else {
+            for ((_, a), (_, b)) in self.conntrack.iter_mut().zip(&o.conntrack) {
+                *a += b;
+            }
+        }
     }
 
     /// The non-zero drop counters as `reason=n, ...`, or `none`.
@@ -242,6 +312,13 @@ impl CounterSnapshot {
         } else {
             nonzero.join(", ")
         }
+    }
+
+    pub fn ct_count(&self, e: CtEvent) -> u64 {
+        self.conntrack
+            .iter()
+            .find(|(n, _)| n == e.as_str())
+            .map_or(0, |(_, c)| *c)
     }
 
     pub fn drop_count(&self, reason: Reason) -> u64 {

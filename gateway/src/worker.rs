@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use control::publish::TableReader;
 use crossbeam_queue::ArrayQueue;
+use policy::key::proto;
 use policy::key::FlowKey;
 use policy::rule::{Direction, Verdict};
 use policy::table::{Decision, Table};
@@ -27,8 +28,9 @@ use policy::table::{Decision, Table};
 use hdrhistogram::Histogram;
 
 use crate::config::{L2Action, Poll, PollMode, L2, MAX_BURST};
-use crate::parse::{parse, Frame};
-use crate::stats::{new_histogram, Reason, SharedLatency, Tally, WorkerCounters};
+use crate::conntrack::{self, Conntrack, Hit, InsertError, Kind, Track, Tuple};
+use crate::parse::{parse_tracked, Frame};
+use crate::stats::{new_histogram, CtEvent, Reason, SharedLatency, Tally, WorkerCounters};
 use crate::sys::ring::{QueuePair, Rings, Side};
 use crate::sys::wait_readable;
 
@@ -42,6 +44,8 @@ pub struct FlowRecord {
     pub log_rule: u32,
     pub generation: u64,
     pub worker: u16,
+    /// A denied packet that looked like a reply (SYN-ACK, echo reply) and had no tracked flow.
+    pub no_flow: bool,
 }
 
 /// Everything a worker needs, moved into its thread.
@@ -57,12 +61,30 @@ pub struct WorkerSetup<R: Rings> {
     pub burst: usize,
     pub poll: Poll,
     pub l2: L2,
+    /// The connection tracker shared by every worker, unless disabled.
+    pub conntrack: Option<Arc<Conntrack>>,
+    /// Tracker slots checked for expiry per turn.
+    pub sweep_per_turn: usize,
 }
 
-// Slot markers for frames that produced no key.
+// Slot markers for frames that the table does not decide.
 const SLOT_DROP: u16 = u16::MAX;
 const SLOT_L2_FORWARD: u16 = u16::MAX - 1;
 const SLOT_L2_DROP: u16 = u16::MAX - 2;
+const SLOT_TRACKED: u16 = u16::MAX - 3;
+
+/// What the tracker does with a frame once the table has decided it.
+#[derive(Debug, Clone, Copy, Default)]
+enum Pending {
+    /// Decided by the table alone (no tracker, or nothing to track).
+    #[default]
+    Untracked,
+    /// No tracked flow: an allowed packet opens one.
+    Open(Tuple),
+    /// A tracked flow decided again: a new SYN, or the first packet after a table swap
+    /// (the key classified is the flow's original direction).
+    Recheck(Hit),
+}
 
 /// The worker's caller-owned burst arrays.
 struct Scratch {
@@ -70,6 +92,8 @@ struct Scratch {
     decisions: [Decision; MAX_BURST],
     slot: [u16; MAX_BURST],
     keep: [bool; MAX_BURST],
+    pending: [Pending; MAX_BURST],
+    tracks: [Track; MAX_BURST],
 }
 
 /// The per-burst path: everything a burst touches except the table reader.
@@ -85,6 +109,7 @@ struct Datapath<R: Rings> {
     /// When the current burst started: the end of the previous one while bursts follow each
     /// other, else read when the first frame of this turn arrives.
     burst_start: Option<Instant>,
+    ct: Option<Arc<Conntrack>>,
 }
 
 impl<R: Rings> Datapath<R> {
@@ -103,18 +128,41 @@ impl<R: Rings> Datapath<R> {
         if self.burst_start.is_none() {
             self.burst_start = Some(Instant::now());
         }
+        let now = match &self.ct {
+            Some(ct) => ct.ns(self.burst_start.unwrap_or_else(Instant::now)),
+            None => 0,
+        };
+        let generation = table.generation() as u32;
         let s = &mut *self.s;
         let mut nkeys = 0usize;
         for i in 0..n {
-            s.slot[i] = match parse(rx.frame(i), dir) {
-                Ok(Frame::Ip(k)) => {
-                    s.keys[nkeys] = k;
+            s.slot[i] = match parse_tracked(rx.frame(i), dir) {
+                Ok((Frame::Ip(k), track)) => {
+                    let pending = match &self.ct {
+                        Some(ct) => match track_packet(ct, &k, &track, generation, now) {
+                            Tracked::Pass(event) => {
+                                self.tally.ct(event);
+                                s.slot[i] = SLOT_TRACKED;
+                                continue;
+                            }
+                            Tracked::Decide(key, pending) => {
+                                s.keys[nkeys] = key;
+                                pending
+                            }
+                        },
+                        None => {
+                            s.keys[nkeys] = k;
+                            Pending::Untracked
+                        }
+                    };
+                    s.pending[nkeys] = pending;
+                    s.tracks[nkeys] = track;
                     nkeys += 1;
                     (nkeys - 1) as u16
                 }
-                Ok(Frame::Arp) if self.l2.arp == L2Action::Forward => SLOT_L2_FORWARD,
-                Ok(Frame::OtherL2) if self.l2.other == L2Action::Forward => SLOT_L2_FORWARD,
-                Ok(Frame::Arp | Frame::OtherL2) => SLOT_L2_DROP,
+                Ok((Frame::Arp, _)) if self.l2.arp == L2Action::Forward => SLOT_L2_FORWARD,
+                Ok((Frame::OtherL2, _)) if self.l2.other == L2Action::Forward => SLOT_L2_FORWARD,
+                Ok((Frame::Arp | Frame::OtherL2, _)) => SLOT_L2_DROP,
                 Err(reason) => {
                     self.tally.drop(reason);
                     SLOT_DROP
@@ -125,6 +173,7 @@ impl<R: Rings> Datapath<R> {
         for i in 0..n {
             s.keep[i] = match s.slot[i] {
                 SLOT_DROP => false,
+                SLOT_TRACKED => true,
                 SLOT_L2_FORWARD => {
                     self.tally.l2_forwarded += 1;
                     true
@@ -134,22 +183,43 @@ impl<R: Rings> Datapath<R> {
                     false
                 }
                 k => {
-                    let d = s.decisions[k as usize];
-                    let denied = matches!(d.verdict, Verdict::Deny(_));
+                    let k = k as usize;
+                    let d = s.decisions[k];
+                    let outcome = match &self.ct {
+                        Some(ct) => settle(
+                            ct,
+                            &mut self.tally,
+                            &s.pending[k],
+                            &s.tracks[k],
+                            d.verdict,
+                            generation,
+                            now,
+                        ),
+                        None => Outcome::Table,
+                    };
+                    let verdict = d.verdict;
+                    let denied = !matches!(verdict, Verdict::Allow);
                     if (d.log || denied) && self.flow_tokens > 0 {
                         self.flow_tokens -= 1;
                         let _ = self.flows.push(FlowRecord {
-                            key: s.keys[k as usize],
-                            verdict: d.verdict,
+                            key: s.keys[k],
+                            verdict,
                             rule: d.rule,
                             log_rule: d.log_rule,
                             generation: table.generation(),
                             worker: self.index as u16,
+                            no_flow: denied
+                                && matches!(s.pending[k], Pending::Open(_))
+                                && conntrack::looks_like_reply(&s.keys[k], &s.tracks[k]),
                         });
                     }
-                    match d.verdict {
-                        Verdict::Allow => true,
-                        Verdict::Deny(r) => {
+                    match (verdict, outcome) {
+                        (Verdict::Allow, Outcome::Full) => {
+                            self.tally.drop(Reason::ConntrackFull);
+                            false
+                        }
+                        (Verdict::Allow, _) => true,
+                        (Verdict::Deny(r), _) => {
                             self.tally.drop(Reason::from_deny(r));
                             false
                         }
@@ -162,6 +232,96 @@ impl<R: Rings> Datapath<R> {
         self.tally.tx[dir as usize] += sent as u64;
         self.tally.drops[Reason::TxRingFull as usize] += dropped as u64;
         n
+    }
+}
+
+/// What the tracker says about a packet before the table.
+enum Tracked {
+    /// Part of a tracked flow admitted by the current table (or an ICMP error about one): it
+    /// passes without the classifier.
+    Pass(CtEvent),
+    /// The table decides this key; then [`settle`] applies the verdict to the tracker.
+    Decide(FlowKey, Pending),
+}
+
+/// Looks a packet up in the tracker.
+#[inline]
+fn track_packet(ct: &Conntrack, k: &FlowKey, t: &Track, generation: u32, now: u64) -> Tracked {
+    match conntrack::classify_packet(k, t) {
+        Kind::Flow(tuple) => match ct.lookup(&tuple, now) {
+            // A new SYN is always decided by the table, and so is a flow the current table has
+            // not admitted yet (the first packet after a swap): in the flow's original direction.
+            Some(hit) if hit.generation != generation => {
+                Tracked::Decide(hit.tuple.key(), Pending::Recheck(hit))
+            }
+            Some(hit) if hit.original && conntrack::opens_flow(k, t) && k.proto == proto::TCP => {
+                Tracked::Decide(*k, Pending::Recheck(hit))
+            }
+            Some(hit) => {
+                ct.update(&hit, t.tcp_flags, generation, now);
+                Tracked::Pass(CtEvent::Established)
+            }
+            None => Tracked::Decide(*k, Pending::Open(tuple)),
+        },
+        Kind::Error(quoted) => match ct.lookup(&quoted, now) {
+            Some(hit) if hit.generation == generation => Tracked::Pass(CtEvent::Related),
+            _ => Tracked::Decide(*k, Pending::Untracked),
+        },
+        Kind::Untracked => Tracked::Decide(*k, Pending::Untracked),
+    }
+}
+
+/// What the tracker made of the table's verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// The table's verdict stands.
+    Table,
+    /// Allowed, but the tracker had no room for the new flow: dropped (`conntrack_full`).
+    Full,
+}
+
+/// Applies the table's verdict to the tracker: an allowed packet opens (or keeps) its flow, a
+/// denied recheck removes it.
+#[inline]
+fn settle(
+    ct: &Conntrack,
+    tally: &mut Tally,
+    pending: &Pending,
+    t: &Track,
+    verdict: Verdict,
+    generation: u32,
+    now: u64,
+) -> Outcome {
+    match (pending, verdict) {
+        (Pending::Untracked, _) | (Pending::Open(_), Verdict::Deny(_)) => Outcome::Table,
+        (Pending::Open(tuple), Verdict::Allow) => {
+            // An earlier packet of this burst (or another worker) may have opened it meanwhile.
+            if let Some(hit) = ct.lookup(tuple, now) {
+                ct.update(&hit, t.tcp_flags, generation, now);
+                return Outcome::Table;
+            }
+            match ct.insert(tuple, t.tcp_flags, generation, now) {
+                Ok(displaced) => {
+                    tally.ct(CtEvent::New);
+                    match displaced {
+                        conntrack::Displaced::Nothing => {}
+                        conntrack::Displaced::Expired => tally.ct(CtEvent::Expired),
+                        conntrack::Displaced::Evicted => tally.ct(CtEvent::Evicted),
+                    }
+                    Outcome::Table
+                }
+                Err(InsertError::Full) => Outcome::Full,
+            }
+        }
+        (Pending::Recheck(hit), Verdict::Allow) => {
+            ct.update(hit, t.tcp_flags, generation, now);
+            Outcome::Table
+        }
+        (Pending::Recheck(hit), Verdict::Deny(_)) => {
+            ct.remove(hit);
+            tally.ct(CtEvent::RevalidatedDrop);
+            Outcome::Table
+        }
     }
 }
 
@@ -178,6 +338,8 @@ pub struct Worker<R: Rings> {
     empty: u32,
     iterations: u32,
     last_merge: Instant,
+    sweep_per_turn: usize,
+    sweep_cursor: usize,
 }
 
 impl<R: Rings> Worker<R> {
@@ -194,6 +356,8 @@ impl<R: Rings> Worker<R> {
             burst,
             poll,
             l2,
+            conntrack,
+            sweep_per_turn,
         } = setup;
         pair.refill();
         Worker {
@@ -205,6 +369,8 @@ impl<R: Rings> Worker<R> {
                     decisions: [Decision::default(); MAX_BURST],
                     slot: [0; MAX_BURST],
                     keep: [false; MAX_BURST],
+                    pending: [Pending::Untracked; MAX_BURST],
+                    tracks: [Track::default(); MAX_BURST],
                 }),
                 tally: Tally::default(),
                 burst,
@@ -212,6 +378,7 @@ impl<R: Rings> Worker<R> {
                 flows,
                 flow_tokens: flow_budget,
                 burst_start: None,
+                ct: conntrack,
             },
             reader,
             counters,
@@ -222,6 +389,8 @@ impl<R: Rings> Worker<R> {
             empty: 0,
             iterations: 0,
             last_merge: Instant::now(),
+            sweep_per_turn,
+            sweep_cursor: 0,
         }
     }
 
@@ -271,6 +440,10 @@ impl<R: Rings> Worker<R> {
             }
         };
         if let Some(now) = now {
+            if let Some(ct) = &self.dp.ct {
+                let freed = ct.sweep(&mut self.sweep_cursor, self.sweep_per_turn, ct.ns(now));
+                self.dp.tally.ct[CtEvent::Expired as usize] += freed as u64;
+            }
             if now.duration_since(self.last_merge) >= Duration::from_secs(1) {
                 self.housekeeping(now);
             }

@@ -5,7 +5,9 @@
 //! - every frame is accounted for: rx = tx + Σ drops, and no descriptor is lost or duplicated;
 //! - allowed frames leave on the other side unchanged and in order; denied ones never do;
 //! - a full TX ring and an empty fill ring are counted, not hidden;
-//! - a turn allocates nothing: measured with a counting global allocator after warm-up.
+//! - a turn allocates nothing, with or without the connection tracker: measured with a counting
+//!   global allocator after warm-up;
+//! - with the tracker, a flow is opened once and decided again once per table generation.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -15,7 +17,8 @@ use control::reload::load_and_compile;
 use crossbeam_queue::ArrayQueue;
 use etherparse::PacketBuilder;
 use gateway::config::{Config, Poll, PollMode, L2};
-use gateway::stats::{CounterSnapshot, Reason, SharedLatency, WorkerCounters};
+use gateway::conntrack::{Conntrack, Timeouts};
+use gateway::stats::{CounterSnapshot, CtEvent, Reason, SharedLatency, WorkerCounters};
 use gateway::sys::fake::FakeRings;
 use gateway::sys::ring::Side;
 use gateway::worker::{Worker, WorkerSetup};
@@ -67,12 +70,26 @@ fn arp() -> Vec<u8> {
 /// A worker over fake rings with the lab's policies (deny SSH, allow web and DNS to the server,
 /// default deny ingress, allow egress).
 fn worker(poll: PollMode) -> (Worker<FakeRings>, Arc<WorkerCounters>) {
+    let (w, c, _, _) = tracked_worker(poll, None);
+    (w, c)
+}
+
+/// The same, with a connection tracker, and the publisher to swap tables with.
+fn tracked_worker(
+    poll: PollMode,
+    ct: Option<Arc<Conntrack>>,
+) -> (
+    Worker<FakeRings>,
+    Arc<WorkerCounters>,
+    Publisher,
+    policy::rule::RuleSet,
+) {
     let cfg = Config::load(
         &PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../configs/lab/gateway.yaml"),
     )
     .unwrap();
     let (_, rules, _) = load_and_compile(&cfg.policy_dir, &cfg.context).unwrap();
-    let publisher = Publisher::new(rules, 1);
+    let publisher = Publisher::new(rules.clone(), 1);
     let counters = Arc::new(WorkerCounters::default());
     let w = Worker::new(WorkerSetup {
         index: 0,
@@ -89,8 +106,10 @@ fn worker(poll: PollMode) -> (Worker<FakeRings>, Arc<WorkerCounters>) {
             timeout_ms: 1,
         },
         l2: L2::default(),
+        conntrack: ct,
+        sweep_per_turn: 64,
     });
-    (w, counters)
+    (w, counters, publisher, rules)
 }
 
 fn drops(s: &CounterSnapshot) -> u64 {
@@ -208,7 +227,16 @@ fn idle_mode_sleeps_after_empty_turns() {
 
 #[test]
 fn a_turn_allocates_nothing() {
-    let (mut w, counters) = worker(PollMode::Busy);
+    turns_allocate_nothing(None);
+}
+
+#[test]
+fn a_turn_with_the_connection_tracker_allocates_nothing() {
+    turns_allocate_nothing(Some(Arc::new(Conntrack::new(4096, Timeouts::default()))));
+}
+
+fn turns_allocate_nothing(ct: Option<Arc<Conntrack>>) {
+    let (mut w, counters, _, _) = tracked_worker(PollMode::Busy, ct);
     let frames = [
         tcp(80, false),
         tcp(22, false),
@@ -244,4 +272,49 @@ fn a_turn_allocates_nothing() {
     w.flush();
     let s = counters.snapshot();
     assert_eq!(s.rx_ingress, s.tx_ingress + drops(&s));
+}
+
+#[test]
+fn a_tracked_flow_is_classified_once_per_table_generation() {
+    let ct = Arc::new(Conntrack::new(1024, Timeouts::default()));
+    let (mut w, counters, mut publisher, rules) =
+        tracked_worker(PollMode::Busy, Some(Arc::clone(&ct)));
+    let dns = udp(53);
+    for round in 0..5 {
+        for _ in 0..20 {
+            assert!(w.pair().wire().deliver(Side::Ext, &dns));
+            w.turn();
+        }
+        w.pair().wire().transmit(Side::Int, |_| {});
+        // A swap: the flow is decided again by the new table on its next packet.
+        publisher.publish(rules.clone());
+        let _ = round;
+    }
+    w.flush();
+    let s = counters.snapshot();
+    assert_eq!(s.ct_count(CtEvent::New), 1, "{s:?}");
+    assert_eq!(s.ct_count(CtEvent::Evicted), 0, "{s:?}");
+    assert_eq!(s.ct_count(CtEvent::Established), 100 - 5, "{s:?}");
+    assert_eq!(s.tx_ingress, 100);
+    assert_eq!(ct.entries(), 1);
+}
+
+#[test]
+fn a_burst_of_one_new_flow_opens_it_once() {
+    let ct = Arc::new(Conntrack::new(1024, Timeouts::default()));
+    let (mut w, counters, _, _) = tracked_worker(PollMode::Busy, Some(Arc::clone(&ct)));
+    let dns = udp(53);
+    for _ in 0..64 {
+        assert!(w.pair().wire().deliver(Side::Ext, &dns));
+    }
+    assert_eq!(w.turn(), 64);
+    w.flush();
+    let s = counters.snapshot();
+    assert_eq!(
+        (s.ct_count(CtEvent::New), s.ct_count(CtEvent::Evicted)),
+        (1, 0),
+        "{s:?}"
+    );
+    assert_eq!(ct.entries(), 1);
+    assert_eq!(s.tx_ingress, 64);
 }

@@ -52,6 +52,7 @@ fn server() -> Server {
         reloader: Arc::new(Mutex::new(reloader)),
         kubernetes: OnceLock::new(),
         sockets: Mutex::new(Vec::new()),
+        conntrack: None,
     });
     let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let addr = listener.local_addr().unwrap();

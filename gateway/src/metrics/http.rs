@@ -112,6 +112,21 @@ fn route(obs: &Observed, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             let (code, ctype, body) = explain(obs, req.uri().query().unwrap_or(""));
             reply(code, ctype, body)
         }
+        "/conntrack" => {
+            let flush = match *req.method() {
+                hyper::Method::GET => false,
+                hyper::Method::DELETE | hyper::Method::POST => true,
+                _ => {
+                    return reply(
+                        StatusCode::METHOD_NOT_ALLOWED,
+                        text,
+                        "GET lists flows; DELETE (or POST) flushes them\n".into(),
+                    )
+                }
+            };
+            let (code, ctype, body) = conntrack(obs, req.uri().query().unwrap_or(""), flush);
+            reply(code, ctype, body)
+        }
         "/healthz" => match health(&obs.status()) {
             Ok(notes) => reply(
                 StatusCode::OK,
@@ -181,5 +196,44 @@ fn explain(obs: &Observed, query: &str) -> (StatusCode, &'static str, String) {
             "text/plain",
             format!("{e}\n"),
         ),
+    }
+}
+
+/// `/conntrack?addr=IP&port=N&proto=P`: the tracked flows with that address (either end), port
+/// (either end) and protocol, as JSON; with DELETE, flushes them and says how many.
+fn conntrack(obs: &Observed, query: &str, flush: bool) -> (StatusCode, &'static str, String) {
+    let bad = |m: String| (StatusCode::BAD_REQUEST, "text/plain", format!("{m}\n"));
+    let Some(ct) = &obs.conntrack else {
+        return bad("connection tracking is disabled (conntrack.enabled: false)".into());
+    };
+    let mut filter = crate::conntrack::Filter::default();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let v = policy::explain::percent_decode(v);
+        match (k, v.parse::<std::net::IpAddr>(), v.parse::<u16>()) {
+            ("addr", Ok(a), _) => filter.addr = Some(a),
+            ("port", _, Ok(p)) => filter.port = Some(p),
+            ("proto", _, _) => match policy::key::proto::parse(&v) {
+                Some(p) => filter.proto = Some(p),
+                None => return bad(format!("proto={v} is not a protocol")),
+            },
+            _ => return bad(format!("{k}={v}: expected addr=IP, port=N or proto=P")),
+        }
+    }
+    let now = ct.ns(std::time::Instant::now());
+    if flush {
+        let n = ct.flush(|t| filter.matches(t));
+        (
+            StatusCode::OK,
+            "application/json",
+            format!("{{\"flushed\":{n}}}\n"),
+        )
+    } else {
+        let flows = ct.list(now, |t| filter.matches(t));
+        (
+            StatusCode::OK,
+            "application/json",
+            serde_json::to_string_pretty(&flows).unwrap_or_default() + "\n",
+        )
     }
 }

@@ -21,6 +21,7 @@ use control::reload::{ReloadStatus, Reloader, SWAP_BUCKETS_S};
 use control::source::kubernetes;
 use serde::{Deserialize, Serialize};
 
+use crate::conntrack::Conntrack;
 use crate::stats::{new_histogram, CounterSnapshot, LatencySummary, SharedLatency, WorkerCounters};
 use crate::sys::xsk::{kernel_stats, KernelStats};
 
@@ -41,6 +42,16 @@ pub struct Observed {
     pub kubernetes: OnceLock<Arc<Mutex<kubernetes::Status>>>,
     /// (worker, interface, AF_XDP socket fd), for the kernel's own drop counters.
     pub sockets: Mutex<Vec<(usize, String, i32)>>,
+    /// The connection tracker, when enabled.
+    pub conntrack: Option<Arc<Conntrack>>,
+}
+
+/// The connection tracker's size, for `/status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ConntrackStatus {
+    pub entries: usize,
+    pub capacity: usize,
+    pub memory_bytes: usize,
 }
 
 /// The kernel's view of one AF_XDP socket.
@@ -74,6 +85,9 @@ pub struct Status {
     /// Frames the kernel dropped before the gateway saw them, per socket.
     pub kernel: Vec<KernelSocket>,
     pub rules: Vec<RuleHits>,
+    /// The connection tracker's size (its events are in the counters), when enabled.
+    #[serde(default)]
+    pub conntrack: Option<ConntrackStatus>,
 }
 
 impl Observed {
@@ -129,6 +143,11 @@ impl Observed {
                 })
                 .collect(),
             rules,
+            conntrack: self.conntrack.as_ref().map(|ct| ConntrackStatus {
+                entries: ct.entries(),
+                capacity: ct.capacity(),
+                memory_bytes: ct.memory_bytes(),
+            }),
         }
     }
 }
