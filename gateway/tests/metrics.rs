@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use control::reload::Reloader;
 use gateway::config::Config;
+use gateway::conntrack::{Conntrack, Timeouts};
 use gateway::metrics::{bind, serve, Observed, Status};
 use gateway::stats::{SharedLatency, Tally, WorkerCounters};
 
@@ -52,7 +53,7 @@ fn server() -> Server {
         reloader: Arc::new(Mutex::new(reloader)),
         kubernetes: OnceLock::new(),
         sockets: Mutex::new(Vec::new()),
-        conntrack: None,
+        conntrack: Some(Arc::new(Conntrack::new(1024, Timeouts::default()))),
     });
     let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let addr = listener.local_addr().unwrap();
@@ -156,6 +157,12 @@ fn metrics_parse_and_agree_with_status() {
         2.0
     );
     assert_eq!(value("portcullis_healthy", &[]), 1.0);
+    assert_eq!(value("portcullis_conntrack_capacity", &[]), 1024.0);
+    assert_eq!(value("portcullis_conntrack_entries", &[]), 0.0);
+    assert_eq!(
+        value("portcullis_conntrack_new_total", &[("worker", "0")]),
+        0.0
+    );
     assert_eq!(
         value("portcullis_table_generation", &[]),
         status.policy.generation as f64
@@ -189,4 +196,8 @@ fn unknown_paths_and_bad_explain_queries_get_clear_answers() {
     );
     assert_eq!(code, 200, "{body}");
     assert!(body.contains("deny-ssh"), "{body}");
+    let (code, body) = get(srv.addr, "/conntrack?addr=10.99.0.1&proto=udp");
+    assert_eq!((code, body.trim()), (200, "[]"));
+    let (code, body) = get(srv.addr, "/conntrack?addr=nowhere");
+    assert_eq!(code, 400, "{body}");
 }

@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 use control::source::kubernetes::{self, KindState};
 
 use super::{health, Status};
-use crate::stats::CounterSnapshot;
+use crate::stats::{CounterSnapshot, CtEvent};
 
 fn label(v: &str) -> String {
     v.replace('\\', "\\\\")
@@ -90,6 +90,9 @@ pub fn prometheus(s: &Status) -> String {
         for (i, w) in s.workers.iter().enumerate() {
             let _ = writeln!(o, "{name}{{worker=\"{i}\"}} {}", get(w));
         }
+    }
+    if let Some(ct) = &s.conntrack {
+        conntrack_metrics(s, ct, &mut o);
     }
     family(
         "portcullis_xsk_kernel_drops_total",
@@ -338,5 +341,78 @@ fn kubernetes_metrics(k: &kubernetes::Status, o: &mut String) {
         for s in &k.kinds {
             let _ = writeln!(o, "{name}{{kind=\"{}\"}} {}", label(&s.kind), get(s));
         }
+    }
+}
+
+fn conntrack_metrics(s: &Status, ct: &super::ConntrackStatus, o: &mut String) {
+    for (name, help, v) in [
+        (
+            "portcullis_conntrack_entries",
+            "Flows in the connection tracker.",
+            ct.entries,
+        ),
+        (
+            "portcullis_conntrack_capacity",
+            "Flows the connection tracker can hold (preallocated).",
+            ct.capacity,
+        ),
+        (
+            "portcullis_conntrack_memory_bytes",
+            "Memory of the connection tracker (allocated once at start).",
+            ct.memory_bytes,
+        ),
+    ] {
+        family(name, "gauge", help, o);
+        let _ = writeln!(o, "{name} {v}");
+    }
+    for (name, help, event) in [
+        (
+            "portcullis_conntrack_new_total",
+            "Flows opened (a packet the table allowed).",
+            CtEvent::New,
+        ),
+        (
+            "portcullis_conntrack_established_total",
+            "Packets passed as part of a tracked flow, without the classifier.",
+            CtEvent::Established,
+        ),
+        (
+            "portcullis_conntrack_related_total",
+            "ICMP errors passed because they quote a tracked flow.",
+            CtEvent::Related,
+        ),
+        (
+            "portcullis_conntrack_evicted_total",
+            "Unreplied flows evicted to make room for new ones.",
+            CtEvent::Evicted,
+        ),
+        (
+            "portcullis_conntrack_expired_total",
+            "Flows reclaimed after their timeout.",
+            CtEvent::Expired,
+        ),
+        (
+            "portcullis_conntrack_revalidated_drops_total",
+            "Tracked flows the current table no longer admits: removed, their packet dropped.",
+            CtEvent::RevalidatedDrop,
+        ),
+    ] {
+        family(name, "counter", help, o);
+        for (i, w) in s.workers.iter().enumerate() {
+            let _ = writeln!(o, "{name}{{worker=\"{i}\"}} {}", w.ct_count(event));
+        }
+    }
+    family(
+        "portcullis_conntrack_full_drops_total",
+        "counter",
+        "New flows dropped because their bucket held only answered flows (same as portcullis_drops_total{reason=\"conntrack_full\"}).",
+        o,
+    );
+    for (i, w) in s.workers.iter().enumerate() {
+        let _ = writeln!(
+            o,
+            "portcullis_conntrack_full_drops_total{{worker=\"{i}\"}} {}",
+            w.drop_count(crate::stats::Reason::ConntrackFull)
+        );
     }
 }
