@@ -81,11 +81,80 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// The connection tracker of a running instance.
+    Conntrack {
+        #[command(subcommand)]
+        action: ConntrackCmd,
+    },
+    /// Run two captures (tcpdump -w on ext and int) through the real parser, table and
+    /// connection tracker, offline, in timestamp order; print every packet's verdict.
+    Replay {
+        /// The gateway config whose policies, defaults and tracker settings to use.
+        #[arg(long)]
+        config: PathBuf,
+        /// What arrived on the external interface (classic pcap).
+        #[arg(long)]
+        ext: PathBuf,
+        /// What arrived on the internal interface (classic pcap).
+        #[arg(long)]
+        int: PathBuf,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
     /// The network-namespace lab.
     Lab {
         #[command(subcommand)]
         action: LabCmd,
     },
+}
+
+#[derive(Subcommand)]
+enum ConntrackCmd {
+    /// List tracked flows.
+    List {
+        #[command(flatten)]
+        filter: FlowFilter,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove tracked flows (their next packet is decided by the rules again).
+    Flush {
+        #[command(flatten)]
+        filter: FlowFilter,
+    },
+}
+
+#[derive(clap::Args)]
+struct FlowFilter {
+    /// The instance's metrics.listen address.
+    #[arg(long, default_value = "127.0.0.1:9477")]
+    addr: SocketAddr,
+    /// Only flows with this address at either end.
+    #[arg(long = "ip")]
+    ip: Option<IpAddr>,
+    /// Only flows with this port at either end.
+    #[arg(long)]
+    port: Option<u16>,
+    /// Only flows of this protocol (tcp, udp, icmp, ... or a number).
+    #[arg(long)]
+    proto: Option<String>,
+}
+
+impl FlowFilter {
+    fn query(&self) -> String {
+        let mut q = Vec::new();
+        if let Some(a) = self.ip {
+            q.push(format!("addr={a}"));
+        }
+        if let Some(p) = self.port {
+            q.push(format!("port={p}"));
+        }
+        if let Some(p) = &self.proto {
+            q.push(format!("proto={p}"));
+        }
+        format!("/conntrack?{}", q.join("&"))
+    }
 }
 
 #[derive(clap::Args)]
@@ -210,6 +279,13 @@ fn dispatch(cli: Cli) -> Result<()> {
             }
         }
         Cmd::Stats { addr, json } => stats(addr, json),
+        Cmd::Conntrack { action } => conntrack(action),
+        Cmd::Replay {
+            config,
+            ext,
+            int,
+            json,
+        } => replay(&config, &ext, &int, json),
         Cmd::Lab { action } => match action {
             LabCmd::Up(a) => {
                 let lab = Lab::new(&a.prefix, a.queues)?;
@@ -516,6 +592,74 @@ fn stats(addr: SocketAddr, json: bool) -> Result<()> {
             r.object,
             r.rule.map_or(String::new(), |p| format!(" [{p}]"))
         );
+    }
+    Ok(())
+}
+
+fn conntrack(action: ConntrackCmd) -> Result<()> {
+    let (method, filter, json) = match &action {
+        ConntrackCmd::List { filter, json } => ("GET", filter, *json),
+        ConntrackCmd::Flush { filter } => ("DELETE", filter, true),
+    };
+    let addr = filter.addr;
+    let (code, body) = lab::http::request(method, addr, &filter.query(), Duration::from_secs(10))
+        .with_context(|| {
+        format!("cannot reach a running portcullis at {addr} (is metrics.listen set to it?)")
+    })?;
+    if code != 200 {
+        bail!("{addr} answered {code}: {}", body.trim());
+    }
+    if json {
+        print!("{body}");
+        return Ok(());
+    }
+    let flows: Vec<gateway::conntrack::FlowEntry> = serde_json::from_str(&body)
+        .with_context(|| format!("{addr}/conntrack is not a flow list"))?;
+    println!(
+        "{:<8} {:<6} {:>40} {:>40} {:<13} {:>5} {:>9}",
+        "dir", "proto", "source", "destination", "state", "gen", "idle ms"
+    );
+    for f in &flows {
+        let proto = policy::key::proto::name(f.proto);
+        println!(
+            "{:<8} {:<6} {:>40} {:>40} {:<13} {:>5} {:>9}",
+            f.direction,
+            proto,
+            format!("{}:{}", f.src, f.sport),
+            format!("{}:{}", f.dst, f.dport),
+            format!("{:?}", f.state).to_lowercase(),
+            f.generation,
+            f.idle_ms
+        );
+    }
+    println!("{} flow(s)", flows.len());
+    Ok(())
+}
+
+fn replay(
+    config: &std::path::Path,
+    ext: &std::path::Path,
+    int: &std::path::Path,
+    json: bool,
+) -> Result<()> {
+    let cfg = Config::load(config)?;
+    let lines = gateway::replay::replay_files(&cfg, ext, int)
+        .with_context(|| format!("replaying {} and {}", ext.display(), int.display()))?;
+    for l in &lines {
+        if json {
+            println!("{}", serde_json::to_string(l)?);
+        } else {
+            println!(
+                "{} {:>5} {:.6} {:<5} {:<12} {:<16} {}",
+                l.iface,
+                l.index,
+                l.ts,
+                l.verdict,
+                l.state,
+                l.reason.as_deref().unwrap_or("-"),
+                l.rule.as_deref().unwrap_or("-")
+            );
+        }
     }
     Ok(())
 }

@@ -22,7 +22,9 @@ pub mod config;
 pub mod conntrack;
 pub mod metrics;
 pub mod parse;
+pub mod pcap;
 pub mod preflight;
+pub mod replay;
 pub mod runtime;
 pub mod stats;
 #[allow(unsafe_code)]

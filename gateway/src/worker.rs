@@ -75,7 +75,7 @@ const SLOT_TRACKED: u16 = u16::MAX - 3;
 
 /// What the tracker does with a frame once the table has decided it.
 #[derive(Debug, Clone, Copy, Default)]
-enum Pending {
+pub(crate) enum Pending {
     /// Decided by the table alone (no tracker, or nothing to track).
     #[default]
     Untracked,
@@ -236,7 +236,7 @@ impl<R: Rings> Datapath<R> {
 }
 
 /// What the tracker says about a packet before the table.
-enum Tracked {
+pub(crate) enum Tracked {
     /// Part of a tracked flow admitted by the current table (or an ICMP error about one): it
     /// passes without the classifier.
     Pass(CtEvent),
@@ -246,7 +246,13 @@ enum Tracked {
 
 /// Looks a packet up in the tracker.
 #[inline]
-fn track_packet(ct: &Conntrack, k: &FlowKey, t: &Track, generation: u32, now: u64) -> Tracked {
+pub(crate) fn track_packet(
+    ct: &Conntrack,
+    k: &FlowKey,
+    t: &Track,
+    generation: u32,
+    now: u64,
+) -> Tracked {
     match conntrack::classify_packet(k, t) {
         Kind::Flow(tuple) => match ct.lookup(&tuple, now) {
             // A new SYN is always decided by the table, and so is a flow the current table has
@@ -273,7 +279,7 @@ fn track_packet(ct: &Conntrack, k: &FlowKey, t: &Track, generation: u32, now: u6
 
 /// What the tracker made of the table's verdict.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Outcome {
+pub(crate) enum Outcome {
     /// The table's verdict stands.
     Table,
     /// Allowed, but the tracker had no room for the new flow: dropped (`conntrack_full`).
@@ -283,7 +289,7 @@ enum Outcome {
 /// Applies the table's verdict to the tracker: an allowed packet opens (or keeps) its flow, a
 /// denied recheck removes it.
 #[inline]
-fn settle(
+pub(crate) fn settle(
     ct: &Conntrack,
     tally: &mut Tally,
     pending: &Pending,
