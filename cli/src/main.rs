@@ -439,6 +439,9 @@ fn explain(b: &Built, key: &FlowKey, json: bool) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {
         print!("{}", r.render());
+        println!(
+            "tracker: explained as a new flow (the rules decide it; an allowed one opens a flow whose packets and replies then pass); `--addr` asks a running instance whether it is already tracked"
+        );
     }
     if r.steps.is_empty() {
         bail!("no rule matched (the table fails closed)");

@@ -407,6 +407,8 @@ pub struct Hit {
     pub generation: u32,
     /// The flow as it was opened.
     pub tuple: Tuple,
+    /// When the flow last saw a packet.
+    pub seen: u64,
 }
 
 /// Why an insert did not happen.
@@ -553,6 +555,7 @@ impl Conntrack {
                 state: c.state,
                 generation: c.generation,
                 tuple: c.tuple,
+                seen: c.seen,
             });
         }
         None
@@ -699,23 +702,7 @@ impl Conntrack {
             {
                 continue;
             }
-            let t = c.tuple;
-            let k = t.key();
-            out.push(FlowEntry {
-                direction: match t.dir {
-                    Direction::Ingress => "ingress".into(),
-                    Direction::Egress => "egress".into(),
-                },
-                proto: t.proto,
-                src: k.src_addr().to_string(),
-                sport: t.sport,
-                dst: k.dst_addr().to_string(),
-                dport: t.dport,
-                vlan: (t.vlan != NO_VLAN).then_some(t.vlan),
-                state: c.state,
-                generation: c.generation,
-                idle_ms: now.saturating_sub(c.seen) / 1_000_000,
-            });
+            out.push(entry(&c.tuple, c.state, c.generation, c.seen, now));
         }
         out
     }
@@ -731,6 +718,33 @@ impl Conntrack {
             }
         }
         n
+    }
+}
+
+/// A flow as `conntrack list` shows it.
+fn entry(t: &Tuple, state: FlowState, generation: u32, seen: u64, now: u64) -> FlowEntry {
+    let k = t.key();
+    FlowEntry {
+        direction: match t.dir {
+            Direction::Ingress => "ingress".into(),
+            Direction::Egress => "egress".into(),
+        },
+        proto: t.proto,
+        src: k.src_addr().to_string(),
+        sport: t.sport,
+        dst: k.dst_addr().to_string(),
+        dport: t.dport,
+        vlan: (t.vlan != NO_VLAN).then_some(t.vlan),
+        state,
+        generation,
+        idle_ms: now.saturating_sub(seen) / 1_000_000,
+    }
+}
+
+impl Hit {
+    /// The flow of this hit as `conntrack list` shows it.
+    pub fn entry(&self, now: u64) -> FlowEntry {
+        entry(&self.tuple, self.state, self.generation, self.seen, now)
     }
 }
 

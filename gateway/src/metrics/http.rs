@@ -184,13 +184,29 @@ fn explain(obs: &Observed, query: &str) -> (StatusCode, &'static str, String) {
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .explain(&key);
+    let tracked = obs.conntrack.as_ref().map(|ct| tracker_view(ct, &key));
     match report {
-        Ok(r) if json => (
-            StatusCode::OK,
-            "application/json",
-            serde_json::to_string_pretty(&r).unwrap_or_default() + "\n",
-        ),
-        Ok(r) => (StatusCode::OK, "text/plain", r.render()),
+        Ok(r) if json => {
+            let mut v = serde_json::to_value(&r).unwrap_or_default();
+            if let (Some(map), Some(t)) = (v.as_object_mut(), &tracked) {
+                map.insert(
+                    "conntrack".into(),
+                    serde_json::to_value(t).unwrap_or_default(),
+                );
+            }
+            (
+                StatusCode::OK,
+                "application/json",
+                serde_json::to_string_pretty(&v).unwrap_or_default() + "\n",
+            )
+        }
+        Ok(r) => {
+            let mut text = r.render();
+            if let Some(t) = &tracked {
+                text.push_str(&t.render());
+            }
+            (StatusCode::OK, "text/plain", text)
+        }
         Err(e) => (
             StatusCode::INTERNAL_SERVER_ERROR,
             "text/plain",
@@ -235,5 +251,58 @@ fn conntrack(obs: &Observed, query: &str, flush: bool) -> (StatusCode, &'static 
             "application/json",
             serde_json::to_string_pretty(&flows).unwrap_or_default() + "\n",
         )
+    }
+}
+
+/// What the live tracker says about a flow, for `/explain`.
+#[derive(Debug, serde::Serialize)]
+struct TrackerView {
+    /// `new` (no entry: the rules decide), or `established` (a tracked flow, either direction).
+    state: &'static str,
+    entry: Option<crate::conntrack::FlowEntry>,
+    /// The packet travels in the entry's original direction (else it is a reply).
+    original: Option<bool>,
+}
+
+impl TrackerView {
+    fn render(&self) -> String {
+        match (&self.entry, self.original) {
+            (Some(e), Some(original)) => format!(
+                "tracker: established flow {} {}:{} -> {}:{} ({:?}, admitted by generation {}, idle {} ms); this packet is {} and passes without the rules above, until the table changes (then the flow is decided again in its original direction)\n",
+                e.direction,
+                e.src,
+                e.sport,
+                e.dst,
+                e.dport,
+                e.state,
+                e.generation,
+                e.idle_ms,
+                if original { "in its original direction" } else { "a reply" },
+            ),
+            _ => "tracker: no tracked flow: this packet is new, and the rules above decide it (an allowed one opens a flow)\n".into(),
+        }
+    }
+}
+
+fn tracker_view(ct: &crate::conntrack::Conntrack, key: &policy::key::FlowKey) -> TrackerView {
+    let now = ct.ns(std::time::Instant::now());
+    let kind = crate::conntrack::classify_packet(key, &crate::conntrack::Track::default());
+    let hit = match kind {
+        crate::conntrack::Kind::Flow(t) => ct.lookup(&t, now),
+        _ => None,
+    };
+    match hit {
+        Some(h) => {
+            TrackerView {
+                state: "established",
+                entry: Some(h.entry(now)),
+                original: Some(h.original),
+            }
+        }
+        None => TrackerView {
+            state: "new",
+            entry: None,
+            original: None,
+        },
     }
 }
