@@ -10,7 +10,7 @@ use gateway::metrics::Status;
 use gateway::stats::{CtEvent, Reason};
 use lab::sh;
 use lab::traffic::{addr, tcp_connect, udp_stream, udp_stream_from, wait_udp, Servers, TcpOutcome};
-use lab::{in_netns, GatewayProcess, Lab, LabGuard, CLIENT_MAC, SERVER_MAC, SERVER_V4};
+use lab::{in_netns, GatewayProcess, Lab, LabGuard, CLIENT_MAC, CLIENT_V4, SERVER_MAC, SERVER_V4};
 use testkit::raw::RawSender;
 
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -1001,4 +1001,481 @@ fn startup_waits_for_the_api_or_starts_on_the_files() {
         assert_eq!(gw.stop(Duration::from_secs(10)).unwrap().code(), Some(0));
         api.go_down();
     }
+}
+
+// ---------------------------------------------------------------- connection tracking
+
+/// Like [`start`], with `edit` applied to the config before the gateway starts.
+fn start_edit(
+    tag: &str,
+    queues: u32,
+    policy_dir: &Path,
+    edit: impl FnOnce(&mut serde_norway::Mapping),
+) -> Fixture {
+    let mut edit = Some(edit);
+    start_with(tag, queues, policy_dir, |lab| {
+        let dir = std::env::temp_dir().join(format!("portcullis-test-{}", lab.prefix));
+        let config = dir.join("gateway.yaml");
+        let text = std::fs::read_to_string(&config).unwrap();
+        let mut v: serde_norway::Value = serde_norway::from_str(&text).unwrap();
+        if let Some(edit) = edit.take() {
+            edit(v.as_mapping_mut().unwrap());
+        }
+        std::fs::write(&config, serde_norway::to_string(&v).unwrap()).unwrap();
+        String::new()
+    })
+}
+
+fn set(map: &mut serde_norway::Mapping, path: &[&str], value: serde_norway::Value) {
+    let mut m = map;
+    for key in &path[..path.len() - 1] {
+        let k = serde_norway::Value::from(*key);
+        if !m.contains_key(&k) {
+            m.insert(k.clone(), serde_norway::Value::Mapping(Default::default()));
+        }
+        m = m.get_mut(&k).unwrap().as_mapping_mut().unwrap();
+    }
+    m.insert(path[path.len() - 1].into(), value);
+}
+
+fn status_ct(s: &Status, e: CtEvent) -> u64 {
+    s.totals.ct_count(e)
+}
+
+/// A TCP transfer from the server to the client through the gateway: the server writes as fast
+/// as it can, the client counts what arrives. Both stop when dropped.
+struct Transfer {
+    received: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Transfer {
+    fn start(lab: &Lab, port: u16) -> Transfer {
+        use std::io::{Read, Write};
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+        use std::sync::Arc;
+        let listener = in_netns(&lab.server_ns(), || {
+            std::net::TcpListener::bind(("0.0.0.0", port))
+        })
+        .unwrap()
+        .unwrap();
+        let client = in_netns(&lab.client_ns(), || {
+            std::net::TcpStream::connect_timeout(&addr(SERVER_V4, port), Duration::from_secs(3))
+        })
+        .unwrap()
+        .expect("the transfer connects through the gateway");
+        let (server, _) = listener.accept().unwrap();
+        let received = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let stop = Arc::clone(&stop);
+            let mut server = server;
+            server
+                .set_write_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
+            std::thread::spawn(move || {
+                let chunk = [0x5au8; 16 * 1024];
+                let started = Instant::now();
+                while !stop.load(Relaxed) && started.elapsed() < Duration::from_secs(60) {
+                    match server.write(&chunk) {
+                        Ok(_) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+                        Err(_) => break,
+                    }
+                }
+            })
+        };
+        let reader = {
+            let stop = Arc::clone(&stop);
+            let received = Arc::clone(&received);
+            let mut client = client;
+            client
+                .set_read_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 64 * 1024];
+                let started = Instant::now();
+                while !stop.load(Relaxed) && started.elapsed() < Duration::from_secs(60) {
+                    match client.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(n) => {
+                            received.fetch_add(n as u64, Relaxed);
+                        }
+                        Err(e)
+                            if matches!(
+                                e.kind(),
+                                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                            ) => {}
+                        Err(_) => break,
+                    }
+                }
+            })
+        };
+        Transfer {
+            received,
+            stop,
+            threads: vec![writer, reader],
+        }
+    }
+
+    fn bytes(&self) -> u64 {
+        self.received.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Bytes received over `d`.
+    fn rate_over(&self, d: Duration) -> u64 {
+        let a = self.bytes();
+        std::thread::sleep(d);
+        self.bytes() - a
+    }
+}
+
+impl Drop for Transfer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn wait_generation(gw: &GatewayProcess, above: u64) {
+    let started = Instant::now();
+    while gw.status().unwrap().policy.generation <= above {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no table swap after SIGHUP"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A policy directory the test may edit: a copy of the lab's.
+fn policy_copy(tag: &str) -> TempDir {
+    let dir = TempDir(
+        std::env::temp_dir().join(format!("portcullis-policies-{tag}-{}", std::process::id())),
+    );
+    let _ = std::fs::remove_dir_all(&dir.0);
+    std::fs::create_dir_all(&dir.0).unwrap();
+    for e in std::fs::read_dir(repo().join("configs/lab/policies")).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, dir.0.join(p.file_name().unwrap())).unwrap();
+    }
+    dir
+}
+
+#[test]
+#[ignore = "needs root (AF_XDP sockets, network namespaces): scripts/test runs it with --include-ignored"]
+fn the_server_opens_connections_out_through_default_deny_ingress() {
+    require_root();
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let f = start("tf", 1, &repo().join("configs/lab/policies"));
+    let (client_ns, server_ns) = (f.lab.client_ns(), f.lab.server_ns());
+    // The client side plays the outside world: a TCP service, a UDP service that answers, and
+    // it answers pings.
+    let outside = Servers::start(&client_ns, &[7000], &[]).unwrap();
+    let udp = in_netns(&client_ns, || std::net::UdpSocket::bind("0.0.0.0:7001"))
+        .unwrap()
+        .unwrap();
+    udp.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let answer = std::thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        if let Ok((n, from)) = udp.recv_from(&mut buf) {
+            let _ = udp.send_to(&buf[..n], from);
+        }
+    });
+    let before = f.gw.status().unwrap();
+
+    assert_eq!(
+        tcp_connect(&server_ns, addr(CLIENT_V4, 7000), Duration::from_secs(2)).unwrap(),
+        TcpOutcome::Connected,
+        "the SYN-ACK comes back through a default-deny ingress"
+    );
+    let got = in_netns(&server_ns, || {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        s.send_to(b"question", addr(CLIENT_V4, 7001)).unwrap();
+        let mut buf = [0u8; 64];
+        s.recv_from(&mut buf).map(|(n, _)| buf[..n].to_vec())
+    })
+    .unwrap();
+    assert_eq!(got.unwrap(), b"question", "the UDP answer comes back");
+    answer.join().unwrap();
+    let ping = sh(&[
+        "ip", "netns", "exec", &server_ns, "ping", "-c", "2", "-W", "2", "-i", "0.2", CLIENT_V4,
+    ]);
+    assert!(ping.is_ok(), "ping replies come back: {ping:?}");
+
+    // Unsolicited, from the outside: still dropped (timed out, not refused).
+    let _inside = Servers::start(&server_ns, &[8080], &[]).unwrap();
+    assert_eq!(
+        tcp_connect(
+            &client_ns,
+            addr(SERVER_V4, 8080),
+            Duration::from_millis(1500)
+        )
+        .unwrap(),
+        TcpOutcome::TimedOut
+    );
+    let after = f.gw.status().unwrap();
+    assert!(drops(&after, "default_deny") > drops(&before, "default_deny"));
+    assert!(status_ct(&after, CtEvent::New) - status_ct(&before, CtEvent::New) >= 3);
+    assert!(status_ct(&after, CtEvent::Established) > status_ct(&before, CtEvent::Established));
+    let (code, flows) = f.gw.get("/conntrack?port=7000").unwrap();
+    assert_eq!(code, 200);
+    assert!(flows.contains("\"dport\": 7000"), "{flows}");
+    drop(outside);
+}
+
+#[test]
+#[ignore = "needs root (AF_XDP sockets, network namespaces): scripts/test runs it with --include-ignored"]
+fn an_inbound_connection_works_with_default_egress_deny() {
+    require_root();
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let f = start_edit("tg", 1, &repo().join("configs/lab/policies"), |m| {
+        set(m, &["default", "egress"], "deny".into());
+    });
+    let _inside = Servers::start(&f.lab.server_ns(), &[80], &[]).unwrap();
+    let _outside = Servers::start(&f.lab.client_ns(), &[7000], &[]).unwrap();
+    assert_eq!(
+        tcp_connect(
+            &f.lab.client_ns(),
+            addr(SERVER_V4, 80),
+            Duration::from_secs(2)
+        )
+        .unwrap(),
+        TcpOutcome::Connected,
+        "the allowed connection's replies pass although egress is deny"
+    );
+    assert_eq!(
+        tcp_connect(
+            &f.lab.server_ns(),
+            addr(CLIENT_V4, 7000),
+            Duration::from_millis(1500)
+        )
+        .unwrap(),
+        TcpOutcome::TimedOut,
+        "the server cannot open connections out"
+    );
+}
+
+#[test]
+#[ignore = "needs root (AF_XDP sockets, network namespaces): scripts/test runs it with --include-ignored"]
+fn a_policy_change_cuts_open_connections() {
+    require_root();
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let policies = policy_copy("th");
+    let f = start("th", 1, &policies.0);
+    let window = Duration::from_millis(700);
+
+    // A Deny for the client, added while a transfer runs, cuts it.
+    let t = Transfer::start(&f.lab, 80);
+    assert!(t.rate_over(window) > 0, "the transfer flows");
+    let before = f.gw.status().unwrap();
+    std::fs::write(
+        policies.0.join("05-deny-client.yaml"),
+        "apiVersion: portcullis.io/v1alpha1\nkind: GatewayPolicy\nmetadata: {name: deny-client}\n\
+         spec:\n  priority: 5\n  ingress:\n    - action: Deny\n      source: {nets: [10.99.0.1/32]}\n",
+    )
+    .unwrap();
+    f.gw.signal(nix::sys::signal::Signal::SIGHUP).unwrap();
+    wait_generation(&f.gw, before.policy.generation);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(t.rate_over(window), 0, "the Deny cut the open connection");
+    let after = f.gw.status().unwrap();
+    assert!(
+        status_ct(&after, CtEvent::RevalidatedDrop) > status_ct(&before, CtEvent::RevalidatedDrop),
+        "the tracker decided the flow again and dropped it"
+    );
+    assert!(hits(&after, "GatewayPolicy/deny-client") >= 1);
+    drop(t);
+
+    // Remove the Deny: connections work again. Then remove the Allow: cut again.
+    std::fs::remove_file(policies.0.join("05-deny-client.yaml")).unwrap();
+    let g = f.gw.status().unwrap().policy.generation;
+    f.gw.signal(nix::sys::signal::Signal::SIGHUP).unwrap();
+    wait_generation(&f.gw, g);
+    let t = Transfer::start(&f.lab, 80);
+    assert!(t.rate_over(window) > 0, "a new transfer flows");
+    let web = std::fs::read_to_string(policies.0.join("20-allow-web.yaml")).unwrap();
+    let without_web: Vec<&str> = web
+        .split("\n---\n")
+        .filter(|doc| !doc.contains("name: allow-web"))
+        .collect();
+    std::fs::write(
+        policies.0.join("20-allow-web.yaml"),
+        without_web.join("\n---\n"),
+    )
+    .unwrap();
+    let g = f.gw.status().unwrap().policy.generation;
+    f.gw.signal(nix::sys::signal::Signal::SIGHUP).unwrap();
+    wait_generation(&f.gw, g);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        t.rate_over(window),
+        0,
+        "removing the Allow cut the connection"
+    );
+    let status = f.gw.status().unwrap();
+    assert!(drops(&status, "default_deny") > drops(&after, "default_deny"));
+}
+
+#[test]
+#[ignore = "needs root (AF_XDP sockets, network namespaces): scripts/test runs it with --include-ignored"]
+fn a_flood_of_new_flows_does_not_break_an_established_one() {
+    require_root();
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    const CAPACITY: u64 = 1024;
+    let f = start_edit("ti", 1, &repo().join("configs/lab/policies"), |m| {
+        set(m, &["conntrack", "capacity"], CAPACITY.into());
+    });
+    let t = Transfer::start(&f.lab, 80);
+    assert!(t.rate_over(Duration::from_millis(500)) > 0);
+    let before = f.gw.status().unwrap();
+    let mac = |m: &str| -> [u8; 6] {
+        let v: Vec<u8> = m
+            .split(':')
+            .map(|x| u8::from_str_radix(x, 16).unwrap())
+            .collect();
+        v.try_into().unwrap()
+    };
+    // SYNs to the allowed web port from spoofed sources (198.18.0.0/15, which the server has no
+    // route back to), bounded in count and time.
+    const FLOOD: u32 = 200_000;
+    let flood = {
+        let ns = f.lab.client_ns();
+        let iface = f.lab.client_if();
+        let (src_mac, dst_mac) = (mac(CLIENT_MAC), mac(SERVER_MAC));
+        std::thread::spawn(move || {
+            in_netns(&ns, || {
+                let tx = RawSender::open(&iface).unwrap();
+                let started = Instant::now();
+                let mut sent = 0u32;
+                let mut frame = Vec::with_capacity(64);
+                while sent < FLOOD && started.elapsed() < Duration::from_secs(20) {
+                    frame.clear();
+                    let src = [
+                        198,
+                        18 + (sent >> 16) as u8 % 2,
+                        (sent >> 8) as u8,
+                        sent as u8,
+                    ];
+                    etherparse::PacketBuilder::ethernet2(src_mac, dst_mac)
+                        .ipv4(src, [10, 99, 0, 2], 64)
+                        .tcp(1024 + (sent % 50_000) as u16, 80, sent, 1024)
+                        .syn()
+                        .write(&mut frame, &[])
+                        .unwrap();
+                    if tx.send(&frame).is_ok() {
+                        sent += 1;
+                    }
+                }
+                sent
+            })
+            .unwrap()
+        })
+    };
+    // The established transfer keeps flowing in every window while the flood runs.
+    let mut windows = Vec::new();
+    while !flood.is_finished() && windows.len() < 60 {
+        windows.push(t.rate_over(Duration::from_millis(300)));
+    }
+    let sent = flood.join().unwrap();
+    windows.push(t.rate_over(Duration::from_millis(300)));
+    eprintln!("flood: {sent} SYNs; transfer bytes per 300 ms window: {windows:?}");
+    assert!(sent >= FLOOD / 2, "the flood ran: {sent}");
+    assert!(
+        windows.iter().all(|w| *w > 0),
+        "the established transfer never stalled: {windows:?}"
+    );
+    let after = f.gw.status().unwrap();
+    let ct = after.conntrack.as_ref().unwrap();
+    let new = status_ct(&after, CtEvent::New) - status_ct(&before, CtEvent::New);
+    let evicted = status_ct(&after, CtEvent::Evicted) - status_ct(&before, CtEvent::Evicted);
+    let full = drops(&after, "conntrack_full") - drops(&before, "conntrack_full");
+    eprintln!(
+        "tracker: capacity {}, entries {}, new {new}, evicted {evicted}, conntrack_full {full}, memory {} bytes",
+        ct.capacity, ct.entries, ct.memory_bytes
+    );
+    assert_eq!(ct.capacity as u64, CAPACITY);
+    assert!(ct.entries as u64 <= CAPACITY);
+    assert!(evicted > 0, "embryonic flows were evicted to make room");
+    assert_eq!(
+        status_ct(&after, CtEvent::RevalidatedDrop),
+        status_ct(&before, CtEvent::RevalidatedDrop)
+    );
+    let (_, flows) = f.gw.get("/conntrack?addr=10.99.0.1&port=80").unwrap();
+    assert!(
+        flows.contains("\"established\""),
+        "the transfer's flow is still tracked: {flows}"
+    );
+}
+
+#[test]
+#[ignore = "needs root (AF_XDP sockets, network namespaces): scripts/test runs it with --include-ignored"]
+fn the_two_directions_of_a_flow_on_different_workers() {
+    require_root();
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let f = start("tj", 2, &repo().join("configs/lab/policies"));
+    // Transmit packet steering: the client sends on queue 0 only (so ext's queue 0, worker 0),
+    // the server on queue 1 only (int's queue 1, worker 1). Both directions of every flow then
+    // meet different workers.
+    for (ns, iface, q0, q1) in [
+        (f.lab.client_ns(), f.lab.client_if(), "3", "0"),
+        (f.lab.server_ns(), f.lab.server_if(), "0", "3"),
+    ] {
+        for (q, mask) in [(0, q0), (1, q1)] {
+            sh(&[
+                "ip",
+                "netns",
+                "exec",
+                &ns,
+                "sh",
+                "-c",
+                &format!("echo {mask} > /sys/class/net/{iface}/queues/tx-{q}/xps_cpus"),
+            ])
+            .unwrap();
+        }
+    }
+    let _inside = Servers::start(&f.lab.server_ns(), &[80], &[]).unwrap();
+    let before = f.gw.status().unwrap();
+    for _ in 0..4 {
+        assert_eq!(
+            tcp_connect(
+                &f.lab.client_ns(),
+                addr(SERVER_V4, 80),
+                Duration::from_secs(2)
+            )
+            .unwrap(),
+            TcpOutcome::Connected,
+            "the SYN-ACK, on the other worker, finds the flow the SYN opened"
+        );
+    }
+    let after = f.gw.status().unwrap();
+    let w = |s: &Status, i: usize| s.workers[i].clone();
+    let (w0, w1) = (w(&after, 0), w(&after, 1));
+    let (b0, b1) = (w(&before, 0), w(&before, 1));
+    eprintln!("worker 0: {w0:?}\nworker 1: {w1:?}");
+    assert!(w0.rx_ingress - b0.rx_ingress >= 4, "SYNs on worker 0");
+    assert_eq!(
+        w1.rx_ingress - b1.rx_ingress,
+        0,
+        "nothing from the client on worker 1"
+    );
+    assert!(w1.rx_egress - b1.rx_egress >= 4, "SYN-ACKs on worker 1");
+    assert!(
+        w0.ct_count(CtEvent::New) - b0.ct_count(CtEvent::New) >= 4,
+        "worker 0 opened the flows"
+    );
+    assert!(
+        w1.ct_count(CtEvent::Established) - b1.ct_count(CtEvent::Established) >= 4,
+        "worker 1 passed their replies from the shared table"
+    );
+    assert_eq!(
+        w1.drop_count(gateway::stats::Reason::DefaultDeny),
+        b1.drop_count(gateway::stats::Reason::DefaultDeny),
+        "no reply was mistaken for a new flow"
+    );
 }

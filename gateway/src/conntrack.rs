@@ -591,8 +591,8 @@ impl Conntrack {
             proto::TCP if tcp & tcp_flags::SYN != 0 && tcp & tcp_flags::ACK == 0 => {
                 FlowState::SynSent
             }
-            // Picked up mid-stream (after a restart, or a flow older than the tracker): like
-            // netfilter's `tcp_loose`, an admitted packet is taken as an established flow.
+            // The datapath opens TCP flows with a SYN only; a caller that inserts another
+            // segment means a flow picked up mid-stream.
             proto::TCP => FlowState::Established,
             _ => FlowState::Unreplied,
         };

@@ -306,6 +306,13 @@ pub(crate) fn settle(
                 ct.update(&hit, t.tcp_flags, generation, now);
                 return Outcome::Table;
             }
+            // Only a SYN opens a TCP flow. A mid-stream segment the rules allow passes on its
+            // own but opens nothing: otherwise the surviving half of a connection that a new
+            // Deny just cut would open it again the other way.
+            let syn = conntrack::tcp_flags::SYN;
+            if tuple.proto == proto::TCP && t.tcp_flags & (syn | conntrack::tcp_flags::ACK) != syn {
+                return Outcome::Table;
+            }
             match ct.insert(tuple, t.tcp_flags, generation, now) {
                 Ok(displaced) => {
                     tally.ct(CtEvent::New);

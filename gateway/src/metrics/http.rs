@@ -292,13 +292,11 @@ fn tracker_view(ct: &crate::conntrack::Conntrack, key: &policy::key::FlowKey) ->
         _ => None,
     };
     match hit {
-        Some(h) => {
-            TrackerView {
-                state: "established",
-                entry: Some(h.entry(now)),
-                original: Some(h.original),
-            }
-        }
+        Some(h) => TrackerView {
+            state: "established",
+            entry: Some(h.entry(now)),
+            original: Some(h.original),
+        },
         None => TrackerView {
             state: "new",
             entry: None,
