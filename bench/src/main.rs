@@ -59,6 +59,9 @@ enum Cmd {
     LabForward(forward::Args),
     /// Policy change to datapath latency through the Kubernetes source, at given rule counts.
     KubeLatency(kube_latency::Args),
+    /// ns/packet of the whole userspace path (parse, tracker, classifier on a miss, counters)
+    /// over in-memory rings: established flows, new flows, a mix, and without the tracker.
+    Datapath(datapath::Args),
 }
 
 fn index(v: u32) -> i64 {
@@ -87,6 +90,7 @@ fn measure(c: &dyn Classifier, trace: &[FlowKey], burst: usize, min: Duration) -
 }
 
 mod compare;
+mod datapath;
 #[cfg(has_dpdk)]
 #[allow(unsafe_code)]
 mod dpdk;
@@ -101,6 +105,7 @@ fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::LabForward(a) => forward::run(a),
         Cmd::KubeLatency(a) => kube_latency::run(a),
+        Cmd::Datapath(a) => datapath::main(a),
         Cmd::Gen(a) => traffic::gen(a),
         Cmd::Sink(a) => traffic::sink(a),
         Cmd::Pktgen(a) => traffic::pktgen(a),

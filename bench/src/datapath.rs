@@ -1,0 +1,359 @@
+//! `portcullis-bench datapath`: the per-packet cost of the whole userspace path, without the
+//! kernel. Frames built from a ClassBench trace go through a real [`Worker`] over in-memory rings
+//! ([`FakeRings`]): parse, connection tracker, classifier on a miss, counters, forward. One core,
+//! bursts of 64; only `Worker::turn` is timed (putting frames on the fake wire and taking them
+//! off is the "NIC", outside the measurement).
+//!
+//! Scenarios, each at the set's rule count:
+//! - `established`: every packet belongs to a flow the tracker already holds (N flows);
+//! - `new`: every packet opens a flow (a fresh tracker per pass);
+//! - `mix`: one packet in ten opens a flow, the rest are established;
+//! - `stateless`: the tracker off, every packet classified (the path before connection tracking).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use control::publish::Publisher;
+use crossbeam_queue::ArrayQueue;
+use gateway::config::{Poll, PollMode, L2};
+use gateway::conntrack::{Conntrack, Timeouts};
+use gateway::stats::{CtEvent, SharedLatency, WorkerCounters};
+use gateway::sys::fake::FakeRings;
+use gateway::sys::ring::Side;
+use gateway::worker::{Worker, WorkerSetup};
+use policy::key::{proto, FlowKey};
+use policy::rule::{Action, Direction, Layer, Match, Origin, Rule, RuleSet, Verdict};
+
+#[derive(clap::Args)]
+pub(crate) struct Args {
+    /// ClassBench filters (every filter becomes an Allow rule; the rest is denied).
+    #[arg(long, default_value = "../shared/data/classbench/acl1_10k.filters")]
+    rules: PathBuf,
+    /// ClassBench trace: the 5-tuples the frames carry.
+    #[arg(long, default_value = "../shared/data/classbench/acl1_10k.trace")]
+    trace: PathBuf,
+    /// Flow counts for the established scenario, comma-separated.
+    #[arg(long, default_value = "1000,1000000", value_delimiter = ',')]
+    flows: Vec<usize>,
+    /// Measuring time per scenario, in milliseconds.
+    #[arg(long, default_value_t = 2000)]
+    min_ms: u64,
+    /// Print JSON lines instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+const BURST: usize = 64;
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+
+/// An Ethernet frame carrying `k` (TCP with `flags`, UDP, or another protocol with its ports).
+fn frame(k: &FlowKey, flags: u8) -> Vec<u8> {
+    let mut f = vec![2, 0, 0, 0, 0, 2, 2, 0, 0, 0, 0, 1];
+    let l4: Vec<u8> = match k.proto {
+        proto::TCP => {
+            let mut t = Vec::with_capacity(20);
+            t.extend_from_slice(&k.sport.to_be_bytes());
+            t.extend_from_slice(&k.dport.to_be_bytes());
+            t.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 1, 0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
+            t
+        }
+        proto::ICMP | proto::ICMPV6 => vec![8, 0, 0, 0, 0, 7, 0, 1],
+        _ => {
+            let mut u = Vec::with_capacity(8);
+            u.extend_from_slice(&k.sport.to_be_bytes());
+            u.extend_from_slice(&k.dport.to_be_bytes());
+            u.extend_from_slice(&[0, 8, 0, 0]);
+            u
+        }
+    };
+    if k.v6 {
+        f.extend_from_slice(&[0x86, 0xdd, 0x60, 0, 0, 0]);
+        f.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+        f.extend_from_slice(&[k.proto, 64]);
+        f.extend_from_slice(&k.src.to_be_bytes());
+        f.extend_from_slice(&k.dst.to_be_bytes());
+    } else {
+        f.extend_from_slice(&[0x08, 0x00, 0x45, 0]);
+        f.extend_from_slice(&(20 + l4.len() as u16).to_be_bytes());
+        f.extend_from_slice(&[0, 1, 0x40, 0, 64, k.proto, 0, 0]);
+        f.extend_from_slice(&(k.src as u32).to_be_bytes());
+        f.extend_from_slice(&(k.dst as u32).to_be_bytes());
+    }
+    f.extend_from_slice(&l4);
+    f
+}
+
+/// The ClassBench filters as Allow rules, then a default deny each way.
+fn rule_set(matches: Vec<Match>) -> Result<RuleSet> {
+    let origin = |layer, object: &str, index| Origin {
+        layer,
+        object: object.into(),
+        index,
+        source: "classbench".into(),
+        why: String::new(),
+    };
+    let mut rules: Vec<Rule> = matches
+        .into_iter()
+        .enumerate()
+        .map(|(i, m)| {
+            Rule::new(
+                m,
+                Action::Decide(Verdict::Allow),
+                false,
+                origin(Layer::Gateway, "classbench", Some(i)),
+            )
+        })
+        .collect();
+    for (d, name) in [
+        (Direction::Ingress, "default/ingress"),
+        (Direction::Egress, "default/egress"),
+    ] {
+        rules.push(Rule::new(
+            Match::any(d),
+            Action::Decide(Verdict::Deny(policy::rule::DenyReason::Default)),
+            false,
+            origin(Layer::Default, name, None),
+        ));
+    }
+    RuleSet::new(rules).context("the ClassBench rules do not form a rule set")
+}
+
+struct Bench {
+    worker: Worker<FakeRings>,
+    counters: Arc<WorkerCounters>,
+    _publisher: Publisher,
+}
+
+fn bench(rules: &RuleSet, ct: Option<Arc<Conntrack>>) -> Bench {
+    let publisher = Publisher::new(rules.clone(), 1);
+    let counters = Arc::new(WorkerCounters::default());
+    let worker = Worker::new(WorkerSetup {
+        index: 0,
+        pair: FakeRings::pair(4096, 2048, 1024),
+        reader: publisher.reader(),
+        counters: Arc::clone(&counters),
+        latency: Arc::new(SharedLatency::default()),
+        flows: Arc::new(ArrayQueue::new(1024)),
+        flow_budget: 0,
+        burst: BURST,
+        poll: Poll {
+            mode: PollMode::Busy,
+            idle_after: 1,
+            timeout_ms: 1,
+        },
+        l2: L2::default(),
+        conntrack: ct,
+        sweep_per_turn: 64,
+    });
+    Bench {
+        worker,
+        counters,
+        _publisher: publisher,
+    }
+}
+
+/// Runs `frames` through the worker in bursts; returns the time spent in `turn` and the number
+/// of packets.
+fn run(w: &mut Worker<FakeRings>, frames: &[Vec<u8>]) -> (Duration, u64) {
+    let mut spent = Duration::ZERO;
+    let mut n = 0u64;
+    for burst in frames.chunks(BURST) {
+        for f in burst {
+            w.pair().wire().deliver(Side::Ext, f);
+        }
+        let t = Instant::now();
+        n += w.turn() as u64;
+        spent += t.elapsed();
+        w.pair().wire().transmit(Side::Int, |_| {});
+    }
+    (spent, n)
+}
+
+/// Repeats `frames` until `min` of turn time; ns per packet.
+fn measure(w: &mut Worker<FakeRings>, frames: &[Vec<u8>], min: Duration) -> f64 {
+    let (mut spent, mut n) = (Duration::ZERO, 0u64);
+    while spent < min {
+        let (s, k) = run(w, frames);
+        spent += s;
+        n += k;
+    }
+    spent.as_nanos() as f64 / n.max(1) as f64
+}
+
+/// `count` distinct flows from the trace: its 5-tuples, with the source port varied once the
+/// trace runs out, keeping only those the rules allow (only allowed packets open flows).
+fn flows(trace: &[FlowKey], count: usize, table: &policy::table::Table) -> Vec<FlowKey> {
+    let mut out = Vec::with_capacity(count);
+    let mut seen = std::collections::HashSet::with_capacity(count);
+    let mut round = 0u32;
+    while out.len() < count && round < 4096 {
+        for k in trace {
+            let mut k = *k;
+            k.dir = Direction::Ingress;
+            if round > 0 {
+                k.sport = k.sport.wrapping_add(round as u16 * 7919);
+                k.src ^= (round as u128) << 8;
+            }
+            if !matches!(k.proto, proto::TCP | proto::UDP) {
+                continue;
+            }
+            if table.decide(&k).verdict == Verdict::Allow && seen.insert(k) {
+                out.push(k);
+                if out.len() == count {
+                    break;
+                }
+            }
+        }
+        round += 1;
+    }
+    out
+}
+
+#[derive(serde::Serialize)]
+struct Row {
+    scenario: String,
+    rules: usize,
+    flows: usize,
+    ns_per_packet: f64,
+    mpps: f64,
+    established: u64,
+    new: u64,
+}
+
+pub(crate) fn main(a: Args) -> Result<()> {
+    let matches = policy::classbench::read_filters(&a.rules)
+        .with_context(|| format!("reading {}", a.rules.display()))?;
+    let trace = policy::classbench::read_trace(&a.trace)
+        .with_context(|| format!("reading {}", a.trace.display()))?;
+    if trace.is_empty() {
+        bail!("{}: the trace is empty", a.trace.display());
+    }
+    let nrules = matches.len();
+    let rules = rule_set(matches)?;
+    let table = policy::table::Table::build(rules.clone(), 1, 1);
+    let min = Duration::from_millis(a.min_ms);
+    let max_flows = a.flows.iter().copied().max().unwrap_or(1000).max(10_000);
+    let all = flows(&trace, max_flows, &table);
+    if all.is_empty() {
+        bail!("no TCP/UDP flow of the trace is allowed by the rules");
+    }
+    let mut rows = Vec::new();
+    let mut row = |scenario: &str, flows: usize, ns: f64, c: &WorkerCounters| {
+        let s = c.snapshot();
+        rows.push(Row {
+            scenario: scenario.into(),
+            rules: nrules,
+            flows,
+            ns_per_packet: ns,
+            mpps: 1e3 / ns,
+            established: s.ct_count(CtEvent::Established),
+            new: s.ct_count(CtEvent::New),
+        });
+    };
+    let opener = |k: &FlowKey| frame(k, TCP_SYN);
+    let follower = |k: &FlowKey| frame(k, TCP_ACK);
+
+    // Established: open every flow once, then measure their later packets.
+    for &n in &a.flows {
+        let fl = &all[..n.min(all.len())];
+        let ct = Arc::new(Conntrack::new(fl.len() * 2, Timeouts::default()));
+        let mut b = bench(&rules, Some(Arc::clone(&ct)));
+        let open: Vec<Vec<u8>> = fl.iter().map(opener).collect();
+        run(&mut b.worker, &open);
+        let later: Vec<Vec<u8>> = fl.iter().map(follower).collect();
+        let ns = measure(&mut b.worker, &later, min);
+        b.worker.flush();
+        row("established", fl.len(), ns, &b.counters);
+    }
+
+    // New: every packet opens a flow in a fresh tracker.
+    {
+        let open: Vec<Vec<u8>> = all.iter().map(opener).collect();
+        let (mut spent, mut n) = (Duration::ZERO, 0u64);
+        let mut last = None;
+        while spent < min {
+            let ct = Arc::new(Conntrack::new(all.len() * 2, Timeouts::default()));
+            let mut b = bench(&rules, Some(ct));
+            let (s, k) = run(&mut b.worker, &open);
+            spent += s;
+            n += k;
+            b.worker.flush();
+            last = Some(b);
+        }
+        if let Some(b) = last {
+            row(
+                "new",
+                all.len(),
+                spent.as_nanos() as f64 / n as f64,
+                &b.counters,
+            );
+        }
+    }
+
+    // Mix: one packet in ten opens a flow, nine belong to established flows.
+    {
+        let est = &all[..all.len() / 2];
+        let fresh = &all[all.len() / 2..];
+        let (mut spent, mut n) = (Duration::ZERO, 0u64);
+        let mut last = None;
+        while spent < min {
+            let ct = Arc::new(Conntrack::new(all.len() * 2, Timeouts::default()));
+            let mut b = bench(&rules, Some(ct));
+            let open: Vec<Vec<u8>> = est.iter().map(opener).collect();
+            run(&mut b.worker, &open);
+            let mut mixed = Vec::with_capacity(fresh.len() * 10);
+            let mut e = est.iter().cycle();
+            for k in fresh {
+                mixed.push(opener(k));
+                for _ in 0..9 {
+                    mixed.push(follower(e.next().unwrap_or(k)));
+                }
+            }
+            let (s, k) = run(&mut b.worker, &mixed);
+            spent += s;
+            n += k;
+            b.worker.flush();
+            last = Some(b);
+        }
+        if let Some(b) = last {
+            row(
+                "mix",
+                all.len(),
+                spent.as_nanos() as f64 / n as f64,
+                &b.counters,
+            );
+        }
+    }
+
+    // Stateless: no tracker, every packet classified.
+    {
+        let mut b = bench(&rules, None);
+        let later: Vec<Vec<u8>> = all.iter().map(follower).collect();
+        let ns = measure(&mut b.worker, &later, min);
+        b.worker.flush();
+        row("stateless", all.len(), ns, &b.counters);
+    }
+
+    if a.json {
+        for r in &rows {
+            println!("{}", serde_json::to_string(r)?);
+        }
+    } else {
+        println!(
+            "datapath, one core, bursts of {BURST}, {} ({nrules} rules):\n",
+            a.rules.display()
+        );
+        println!("| scenario | flows | ns/packet | Mpps | tracker: established / new |");
+        println!("| --- | --- | --- | --- | --- |");
+        for r in &rows {
+            println!(
+                "| {} | {} | {:.1} | {:.2} | {} / {} |",
+                r.scenario, r.flows, r.ns_per_packet, r.mpps, r.established, r.new
+            );
+        }
+    }
+    Ok(())
+}
