@@ -40,6 +40,13 @@ pub(crate) struct Args {
     /// Measuring time per scenario, in milliseconds.
     #[arg(long, default_value_t = 2000)]
     min_ms: u64,
+    /// Which scenarios to run: established, new, mix, stateless.
+    #[arg(
+        long,
+        default_value = "established,new,mix,stateless",
+        value_delimiter = ','
+    )]
+    scenarios: Vec<String>,
     /// Print JSON lines instead of a table.
     #[arg(long)]
     json: bool,
@@ -256,8 +263,9 @@ pub(crate) fn main(a: Args) -> Result<()> {
     let opener = |k: &FlowKey| frame(k, TCP_SYN);
     let follower = |k: &FlowKey| frame(k, TCP_ACK);
 
+    let run_it = |s: &str| a.scenarios.iter().any(|x| x == s);
     // Established: open every flow once, then measure their later packets.
-    for &n in &a.flows {
+    for &n in a.flows.iter().filter(|_| run_it("established")) {
         let fl = &all[..n.min(all.len())];
         let ct = Arc::new(Conntrack::new(fl.len() * 2, Timeouts::default()));
         let mut b = bench(&rules, Some(Arc::clone(&ct)));
@@ -270,7 +278,7 @@ pub(crate) fn main(a: Args) -> Result<()> {
     }
 
     // New: every packet opens a flow in a fresh tracker.
-    {
+    if run_it("new") {
         let open: Vec<Vec<u8>> = all.iter().map(opener).collect();
         let (mut spent, mut n) = (Duration::ZERO, 0u64);
         let mut last = None;
@@ -294,7 +302,7 @@ pub(crate) fn main(a: Args) -> Result<()> {
     }
 
     // Mix: one packet in ten opens a flow, nine belong to established flows.
-    {
+    if run_it("mix") {
         let est = &all[..all.len() / 2];
         let fresh = &all[all.len() / 2..];
         let (mut spent, mut n) = (Duration::ZERO, 0u64);
@@ -329,7 +337,7 @@ pub(crate) fn main(a: Args) -> Result<()> {
     }
 
     // Stateless: no tracker, every packet classified.
-    {
+    if run_it("stateless") {
         let mut b = bench(&rules, None);
         let later: Vec<Vec<u8>> = all.iter().map(follower).collect();
         let ns = measure(&mut b.worker, &later, min);

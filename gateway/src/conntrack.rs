@@ -539,7 +539,14 @@ impl Conntrack {
     pub fn lookup(&self, t: &Tuple, now: u64) -> Option<Hit> {
         let b = self.bucket(t);
         let rev = t.reversed();
+        // One relaxed load rules out most slots: a flow's ports, protocol, VLAN and direction
+        // word must be this packet's or its reply's. The full seqlocked read confirms.
+        let (m, rm) = (t.meta(), rev.meta());
         for i in b..b + WAYS {
+            let w = self.slots[i].tuple[4].load(Ordering::Relaxed);
+            if w != m && w != rm {
+                continue;
+            }
             let Some(c) = self.read(i) else { continue };
             let original = c.tuple == *t;
             if !original && c.tuple != rev {
