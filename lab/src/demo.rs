@@ -175,7 +175,38 @@ pub fn run(exe: &Path, template: &Path, prefix: &str, queues: u32) -> Result<()>
         );
     }
 
+    // The other way: the server opens a connection out. Its SYN-ACK comes back through the
+    // default-deny ingress because the connection tracker knows the flow.
+    println!("\n== from the server ({SERVER_V4}), out through the gateway\n");
+    println!("| probe | destination | policy says | observed | ok |");
+    println!("|---|---|---|---|---|");
+    let outside = Servers::start(&lab.client_ns(), &[7000], &[])?;
+    let o = tcp_connect(
+        &lab.server_ns(),
+        addr(CLIENT_V4, 7000),
+        Duration::from_millis(1500),
+    )?;
+    let ok = o == TcpOutcome::Connected;
+    failures += usize::from(!ok);
+    println!(
+        "| outbound tcp/7000 | {CLIENT_V4} | allow (default egress allow; the reply is tracked) | {} | {} |",
+        if ok { "connected".to_string() } else { format!("{o:?}") },
+        if ok { "yes" } else { "NO" }
+    );
+    drop(outside);
+
     let status = gw.status()?;
+    if let Some(ct) = &status.conntrack {
+        let t = &status.totals;
+        println!(
+            "\n== connection tracker: {} flow(s) of {} ({} KiB); {} opened, {} packets passed as established",
+            ct.entries,
+            ct.capacity,
+            ct.memory_bytes / 1024,
+            t.ct_count(gateway::stats::CtEvent::New),
+            t.ct_count(gateway::stats::CtEvent::Established)
+        );
+    }
     println!(
         "\n== per-rule counters (table generation {})\n",
         status.policy.generation
@@ -215,6 +246,6 @@ pub fn run(exe: &Path, template: &Path, prefix: &str, queues: u32) -> Result<()>
     if failures > 0 || !exit.success() || !leftover.is_empty() {
         bail!("{failures} probe(s) did not match the policy");
     }
-    println!("\nall {} probes matched the policy", PROBES.len());
+    println!("\nall {} probes matched the policy", PROBES.len() + 1);
     Ok(())
 }
