@@ -219,6 +219,29 @@ fn flows(trace: &[FlowKey], count: usize, table: &policy::table::Table) -> Vec<F
     out
 }
 
+/// Passes over frames that must meet a fresh tracker each time: `prepare` sets the worker up
+/// (untimed) and returns the frames to time. Returns ns/packet and the last pass's counters.
+fn fresh_passes(
+    rules: &RuleSet,
+    flows: usize,
+    min: Duration,
+    mut prepare: impl FnMut(&mut Worker<FakeRings>) -> Vec<Vec<u8>>,
+) -> (f64, Arc<WorkerCounters>) {
+    let (mut spent, mut n) = (Duration::ZERO, 0u64);
+    loop {
+        let ct = Arc::new(Conntrack::new(flows * 2, Timeouts::default()));
+        let mut b = bench(rules, Some(ct));
+        let frames = prepare(&mut b.worker);
+        let (s, k) = run(&mut b.worker, &frames);
+        spent += s;
+        n += k;
+        b.worker.flush();
+        if spent >= min {
+            return (spent.as_nanos() as f64 / n.max(1) as f64, b.counters);
+        }
+    }
+}
+
 #[derive(serde::Serialize)]
 struct Row {
     scenario: String,
@@ -280,60 +303,28 @@ pub(crate) fn main(a: Args) -> Result<()> {
     // New: every packet opens a flow in a fresh tracker.
     if run_it("new") {
         let open: Vec<Vec<u8>> = all.iter().map(opener).collect();
-        let (mut spent, mut n) = (Duration::ZERO, 0u64);
-        let mut last = None;
-        while spent < min {
-            let ct = Arc::new(Conntrack::new(all.len() * 2, Timeouts::default()));
-            let mut b = bench(&rules, Some(ct));
-            let (s, k) = run(&mut b.worker, &open);
-            spent += s;
-            n += k;
-            b.worker.flush();
-            last = Some(b);
-        }
-        if let Some(b) = last {
-            row(
-                "new",
-                all.len(),
-                spent.as_nanos() as f64 / n as f64,
-                &b.counters,
-            );
-        }
+        let (ns, c) = fresh_passes(&rules, all.len(), min, |_| open.clone());
+        row("new", all.len(), ns, &c);
     }
 
     // Mix: one packet in ten opens a flow, nine belong to established flows.
     if run_it("mix") {
         let est = &all[..all.len() / 2];
         let fresh = &all[all.len() / 2..];
-        let (mut spent, mut n) = (Duration::ZERO, 0u64);
-        let mut last = None;
-        while spent < min {
-            let ct = Arc::new(Conntrack::new(all.len() * 2, Timeouts::default()));
-            let mut b = bench(&rules, Some(ct));
-            let open: Vec<Vec<u8>> = est.iter().map(opener).collect();
-            run(&mut b.worker, &open);
-            let mut mixed = Vec::with_capacity(fresh.len() * 10);
-            let mut e = est.iter().cycle();
-            for k in fresh {
-                mixed.push(opener(k));
-                for _ in 0..9 {
-                    mixed.push(follower(e.next().unwrap_or(k)));
-                }
+        let open: Vec<Vec<u8>> = est.iter().map(opener).collect();
+        let mut mixed = Vec::with_capacity(fresh.len() * 10);
+        let mut e = est.iter().cycle();
+        for k in fresh {
+            mixed.push(opener(k));
+            for _ in 0..9 {
+                mixed.push(follower(e.next().unwrap_or(k)));
             }
-            let (s, k) = run(&mut b.worker, &mixed);
-            spent += s;
-            n += k;
-            b.worker.flush();
-            last = Some(b);
         }
-        if let Some(b) = last {
-            row(
-                "mix",
-                all.len(),
-                spent.as_nanos() as f64 / n as f64,
-                &b.counters,
-            );
-        }
+        let (ns, c) = fresh_passes(&rules, all.len(), min, |w| {
+            run(w, &open);
+            mixed.clone()
+        });
+        row("mix", all.len(), ns, &c);
     }
 
     // Stateless: no tracker, every packet classified.

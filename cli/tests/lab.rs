@@ -1038,6 +1038,16 @@ fn set(map: &mut serde_norway::Mapping, path: &[&str], value: serde_norway::Valu
     m.insert(path[path.len() - 1].into(), value);
 }
 
+/// A TCP connect from the client namespace to the server's `port`.
+fn client_connects(lab: &Lab, port: u16) -> TcpOutcome {
+    tcp_connect(
+        &lab.client_ns(),
+        addr(SERVER_V4, port),
+        Duration::from_secs(2),
+    )
+    .unwrap()
+}
+
 fn status_ct(s: &Status, e: CtEvent) -> u64 {
     s.totals.ct_count(e)
 }
@@ -1240,12 +1250,7 @@ fn an_inbound_connection_works_with_default_egress_deny() {
     let _inside = Servers::start(&f.lab.server_ns(), &[80], &[]).unwrap();
     let _outside = Servers::start(&f.lab.client_ns(), &[7000], &[]).unwrap();
     assert_eq!(
-        tcp_connect(
-            &f.lab.client_ns(),
-            addr(SERVER_V4, 80),
-            Duration::from_secs(2)
-        )
-        .unwrap(),
+        client_connects(&f.lab, 80),
         TcpOutcome::Connected,
         "the allowed connection's replies pass although egress is deny"
     );
@@ -1443,12 +1448,7 @@ fn the_two_directions_of_a_flow_on_different_workers() {
     let before = f.gw.status().unwrap();
     for _ in 0..4 {
         assert_eq!(
-            tcp_connect(
-                &f.lab.client_ns(),
-                addr(SERVER_V4, 80),
-                Duration::from_secs(2)
-            )
-            .unwrap(),
+            client_connects(&f.lab, 80),
             TcpOutcome::Connected,
             "the SYN-ACK, on the other worker, finds the flow the SYN opened"
         );
