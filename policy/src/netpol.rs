@@ -147,6 +147,11 @@ impl<'a> Cluster<'a> {
         v
     }
 
+    /// The NetworkPolicies that isolate `w` for egress.
+    pub(crate) fn egress_policies(&self, w: &'a Workload) -> Vec<&'a NetworkPolicy> {
+        self.selecting(w, false).collect()
+    }
+
     pub(crate) fn ingress_isolated(&self, w: &'a Workload) -> bool {
         self.selecting(w, true).next().is_some() || self.groups(w).next().is_some()
     }

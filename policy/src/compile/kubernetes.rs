@@ -36,7 +36,8 @@ fn hosts(addrs: &[IpAddr]) -> AddrSet {
     }
 }
 
-/// Emits the layer's rules (ingress only: see ARCHITECTURE.md on egress and connection tracking).
+/// Emits the layer's rules: Service frontends, and with routable pods, each pod's ingress and
+/// its egress toward external addresses (replies are the connection tracker's).
 pub(super) fn compile(
     snap: &Snapshot,
     ctx: &GatewayContext,
@@ -60,8 +61,11 @@ pub(super) fn compile(
             .filter(|w| !w.object.ips.is_empty())
             .collect();
         workloads.sort_by_key(|w| w.object.id());
-        for w in workloads {
+        for w in &workloads {
             pod_rules(&cluster, w, rules);
+        }
+        for w in &workloads {
+            pod_egress_rules(&cluster, w, rules);
         }
     }
 }
@@ -460,6 +464,125 @@ fn pod_rules(cluster: &Cluster, l: &Located<Workload>, rules: &mut Vec<Rule>) {
                 "{} is isolated by {} and no ingress rule admits this client",
                 w.id(),
                 cluster.isolating(pod).join(", ")
+            ),
+        ),
+    ));
+}
+
+/// A routable pod's NetworkPolicy egress toward addresses outside the cluster (DESIGN §6): an
+/// egress-isolated pod may send only what an egress rule admits (a rule without peers, or an
+/// ipBlock peer: pod and namespace selectors never match an external address), on the rule's
+/// numbered ports (a named port names a port of a destination pod, which an external address
+/// is not); the rest is denied. A pod no policy isolates for egress sends anywhere.
+fn pod_egress_rules(cluster: &Cluster, l: &Located<Workload>, rules: &mut Vec<Rule>) {
+    let w = &l.object;
+    let src = hosts(&w.ips);
+    let object = format!("{:?}/{}", w.kind, w.id());
+    let origin = |object: String, index: Option<usize>, why: String| Origin {
+        layer: Layer::Kubernetes,
+        object,
+        index,
+        source: l.source.clone(),
+        why,
+    };
+    let Some(pod) = cluster.workload(&w.id()) else {
+        return;
+    };
+    let policies = cluster.egress_policies(pod);
+    if policies.is_empty() {
+        rules.push(Rule::new(
+            Match {
+                src,
+                ..Match::any(Direction::Egress)
+            },
+            Action::Decide(Verdict::Allow),
+            false,
+            origin(
+                object,
+                None,
+                format!("{} is not isolated for egress by any NetworkPolicy", w.id()),
+            ),
+        ));
+        return;
+    }
+    for p in &policies {
+        let owner = format!("NetworkPolicy/{}", p.id());
+        for (ri, r) in p.egress.iter().enumerate() {
+            let dst = if r.peers.is_empty() {
+                AddrSet::any()
+            } else {
+                let set = r
+                    .peers
+                    .iter()
+                    .filter_map(|p| p.block.as_ref())
+                    .fold(PrefixSet::empty(), |acc, b| {
+                        acc.union(&PrefixSet::block(b.cidr, &b.except))
+                    });
+                let Some(dst) = set.to_addr_set() else {
+                    continue;
+                };
+                dst
+            };
+            let mut ports: Vec<(Option<u8>, PortRange)> = Vec::new();
+            if r.ports.is_empty() {
+                ports.push((None, PortRange::ANY));
+            }
+            for p in &r.ports {
+                let range = match &p.port {
+                    None => Some(PortRange::ANY),
+                    Some(crate::k8s::PortRef::Number(n)) => Some(PortRange {
+                        lo: *n,
+                        hi: p.end_port.unwrap_or(*n),
+                    }),
+                    Some(crate::k8s::PortRef::Name(_)) => None,
+                };
+                if let Some(range) = range {
+                    ports.push((Some(p.proto), range));
+                }
+            }
+            ports.sort();
+            ports.dedup();
+            for (proto, dport) in ports {
+                rules.push(Rule::new(
+                    Match {
+                        src: src.clone(),
+                        dst: dst.clone(),
+                        proto,
+                        dport,
+                        ..Match::any(Direction::Egress)
+                    },
+                    Action::Decide(Verdict::Allow),
+                    false,
+                    origin(
+                        owner.clone(),
+                        Some(ri),
+                        format!(
+                            "egress rule {ri} of {owner} lets {} reach this address",
+                            w.id()
+                        ),
+                    ),
+                ));
+            }
+        }
+    }
+    let isolating: Vec<String> = policies
+        .iter()
+        .map(|p| format!("NetworkPolicy/{}", p.id()))
+        .collect();
+    rules.push(Rule::new(
+        Match {
+            src,
+            ..Match::any(Direction::Egress)
+        },
+        Action::Decide(Verdict::Deny(DenyReason::Policy)),
+        false,
+        origin(
+            object,
+            None,
+            format!(
+                "{} is isolated for egress by {} and no egress rule admits this address",
+                w.id(),
+                isolating.join(", ")
             ),
         ),
     ));
