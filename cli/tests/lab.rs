@@ -1236,6 +1236,33 @@ fn the_server_opens_connections_out_through_default_deny_ingress() {
     let (code, flows) = f.gw.get("/conntrack?port=7000").unwrap();
     assert_eq!(code, 200);
     assert!(flows.contains("\"dport\": 7000"), "{flows}");
+    // The same through the CLI, from inside the gateway's namespace.
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &f.lab.gw_ns(),
+                env!("CARGO_BIN_EXE_portcullis"),
+            ])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let listed = cli(&["conntrack", "list", "--port", "7000", "--proto", "tcp"]);
+    assert!(
+        listed.contains(&format!("{SERVER_V4}:")) && listed.contains(&format!("{CLIENT_V4}:7000")),
+        "{listed}"
+    );
+    let flushed = cli(&["conntrack", "flush", "--port", "7000"]);
+    assert!(flushed.contains("\"flushed\":1"), "{flushed}");
+    assert!(cli(&["conntrack", "list", "--port", "7000"]).contains("0 flow(s)"));
     drop(outside);
 }
 
