@@ -431,6 +431,10 @@ pub enum Displaced {
 /// The shared table.
 pub struct Conntrack {
     slots: Box<[Slot]>,
+    /// Per bucket, one tag byte per slot (8 bits of the flow's hash): a lookup reads this one
+    /// word and only the slots whose tag matches, instead of eight cache lines. A tag is a hint:
+    /// a stale one costs a read; it is always written before the slot is published.
+    tags: Box<[AtomicU64]>,
     buckets_mask: usize,
     timeouts: Timeouts,
     entries: AtomicUsize,
@@ -445,8 +449,10 @@ impl Conntrack {
     pub fn new(capacity: usize, timeouts: Timeouts) -> Conntrack {
         let n = capacity.max(WAYS).next_power_of_two();
         let slots: Box<[Slot]> = (0..n).map(|_| Slot::default()).collect();
+        let tags: Box<[AtomicU64]> = (0..n / WAYS).map(|_| AtomicU64::new(0)).collect();
         Conntrack {
             slots,
+            tags,
             buckets_mask: n / WAYS - 1,
             timeouts,
             entries: AtomicUsize::new(0),
@@ -467,7 +473,7 @@ impl Conntrack {
 
     /// Bytes the table occupies (allocated once).
     pub fn memory_bytes(&self) -> usize {
-        std::mem::size_of_val(&*self.slots)
+        std::mem::size_of_val(&*self.slots) + std::mem::size_of_val(&*self.tags)
     }
 
     /// Live entries (approximate while workers insert and expire concurrently).
@@ -494,8 +500,10 @@ impl Conntrack {
         secs as u64 * NS
     }
 
-    fn bucket(&self, t: &Tuple) -> usize {
-        (t.hash() as usize & self.buckets_mask) * WAYS
+    /// The first slot of `t`'s bucket, and its tag.
+    fn bucket(&self, t: &Tuple) -> (usize, u8) {
+        let h = t.hash();
+        ((h as usize & self.buckets_mask) * WAYS, (h >> 56) as u8)
     }
 
     /// A consistent copy of slot `i`, if it holds a flow.
@@ -537,12 +545,16 @@ impl Conntrack {
 
     /// Finds the live flow `t` belongs to, in either direction.
     pub fn lookup(&self, t: &Tuple, now: u64) -> Option<Hit> {
-        let b = self.bucket(t);
+        let (b, tag) = self.bucket(t);
         let rev = t.reversed();
-        // One relaxed load rules out most slots: a flow's ports, protocol, VLAN and direction
-        // word must be this packet's or its reply's. The full seqlocked read confirms.
+        // The bucket's tag word picks the candidate slots; one relaxed load of a candidate's
+        // ports/protocol/VLAN/direction word rules it out or in; the seqlocked read confirms.
+        let tags = self.tags[b / WAYS].load(Ordering::Acquire);
         let (m, rm) = (t.meta(), rev.meta());
         for i in b..b + WAYS {
+            if (tags >> ((i - b) * 8)) as u8 != tag {
+                continue;
+            }
             let w = self.slots[i].tuple[4].load(Ordering::Relaxed);
             if w != m && w != rm {
                 continue;
@@ -603,7 +615,7 @@ impl Conntrack {
             proto::TCP => FlowState::Established,
             _ => FlowState::Unreplied,
         };
-        let b = self.bucket(t);
+        let (b, tag) = self.bucket(t);
         // Choose: a free slot, else an expired one, else the oldest unreplied one.
         let mut expired = None;
         let mut oldest: Option<(usize, u64)> = None;
@@ -646,6 +658,11 @@ impl Conntrack {
             return Err(InsertError::Full);
         }
         fence(Ordering::Release);
+        // The tag goes in before the slot is published, so a reader that sees the slot sees it.
+        let shift = (i - b) * 8;
+        let _ = self.tags[b / WAYS].fetch_update(Ordering::AcqRel, Ordering::Relaxed, |w| {
+            Some(w & !(0xffu64 << shift) | (tag as u64) << shift)
+        });
         let was_free = displaced == Displaced::Nothing;
         for (w, v) in s.tuple.iter().zip(t.words()) {
             w.store(v, Ordering::Relaxed);
