@@ -31,13 +31,13 @@ use policy::key::{proto, FlowKey, NO_VLAN};
 use policy::rule::Direction;
 
 /// Slots per bucket: a flow's possible places.
-pub const WAYS: usize = 8;
+pub(crate) const WAYS: usize = 8;
 
 /// TCP header flags the tracker reads.
 pub mod tcp_flags {
-    pub const FIN: u8 = 0x01;
+    pub(crate) const FIN: u8 = 0x01;
     pub const SYN: u8 = 0x02;
-    pub const RST: u8 = 0x04;
+    pub(crate) const RST: u8 = 0x04;
     pub const ACK: u8 = 0x10;
 }
 
@@ -122,14 +122,14 @@ impl FlowState {
     }
 
     /// Whether the flow has seen its other direction: such an entry is never evicted.
-    pub fn replied(self) -> bool {
+    pub(crate) fn replied(self) -> bool {
         !matches!(self, FlowState::SynSent | FlowState::Unreplied)
     }
 }
 
 /// What the tracker needs from a packet beyond its [`FlowKey`]: read by the parser.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Track {
+pub(crate) struct Track {
     /// TCP flags, 0 otherwise.
     pub tcp_flags: u8,
     /// ICMP echo identifier, for echo requests and replies.
@@ -166,7 +166,7 @@ pub struct Tuple {
 
 impl Tuple {
     /// The tuple the reply of this packet carries.
-    pub fn reversed(&self) -> Tuple {
+    pub(crate) fn reversed(&self) -> Tuple {
         Tuple {
             dir: other(self.dir),
             src: self.dst,
@@ -263,7 +263,7 @@ fn other(d: Direction) -> Direction {
 }
 
 /// Sorts a parsed packet into what the tracker does with it.
-pub fn classify_packet(key: &FlowKey, t: &Track) -> Kind {
+pub(crate) fn classify_packet(key: &FlowKey, t: &Track) -> Kind {
     if !key.ports_known {
         return Kind::Untracked;
     }
@@ -315,13 +315,13 @@ pub fn classify_packet(key: &FlowKey, t: &Track) -> Kind {
 }
 
 /// Whether a TCP packet can open a flow: a SYN without ACK. Other protocols always can.
-pub fn opens_flow(key: &FlowKey, t: &Track) -> bool {
+pub(crate) fn opens_flow(key: &FlowKey, t: &Track) -> bool {
     key.proto != proto::TCP || t.tcp_flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN
 }
 
 /// Whether a packet looks like the answer to something (so its absence from the table is worth
 /// saying in the flow log: `no_flow`).
-pub fn looks_like_reply(key: &FlowKey, t: &Track) -> bool {
+pub(crate) fn looks_like_reply(key: &FlowKey, t: &Track) -> bool {
     match key.proto {
         proto::TCP => t.tcp_flags & tcp_flags::ACK != 0 && t.tcp_flags & tcp_flags::SYN != 0,
         proto::ICMP => key.sport == 0,
@@ -348,14 +348,14 @@ pub struct FlowEntry {
 /// Which flows `conntrack list|flush` means: every given part must match (an address or port at
 /// either end).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Filter {
+pub(crate) struct Filter {
     pub addr: Option<std::net::IpAddr>,
     pub port: Option<u16>,
     pub proto: Option<u8>,
 }
 
 impl Filter {
-    pub fn matches(&self, t: &Tuple) -> bool {
+    pub(crate) fn matches(&self, t: &Tuple) -> bool {
         let k = t.key();
         self.addr
             .is_none_or(|a| k.src_addr() == a || k.dst_addr() == a)
@@ -700,7 +700,7 @@ impl Conntrack {
 
     /// Frees the expired entries among `n` slots from `*cursor` on, and moves the cursor.
     /// Returns how many were freed. Bounded work: a worker calls it once per turn.
-    pub fn sweep(&self, cursor: &mut usize, n: usize, now: u64) -> usize {
+    pub(crate) fn sweep(&self, cursor: &mut usize, n: usize, now: u64) -> usize {
         let mut freed = 0;
         for _ in 0..n.min(self.slots.len()) {
             let i = *cursor & (self.slots.len() - 1);
@@ -774,7 +774,7 @@ impl Hit {
 
 /// The state a flow moves to when a packet with TCP flags `tcp` passes in its original direction
 /// (`original`) or the reply direction.
-pub fn next_state(proto_: u8, s: FlowState, original: bool, tcp: u8) -> FlowState {
+pub(crate) fn next_state(proto_: u8, s: FlowState, original: bool, tcp: u8) -> FlowState {
     use tcp_flags::*;
     use FlowState::*;
     if proto_ != proto::TCP {

@@ -147,7 +147,7 @@ fn icmp_track(key: &FlowKey, body: &[u8], track: &mut Track) {
 /// [`parse`], plus what the connection tracker needs: TCP flags, the ICMP echo identifier, the
 /// header an ICMP error quotes.
 #[inline]
-pub fn parse_tracked(data: &[u8], direction: Direction) -> Result<(Frame, Track), Reason> {
+pub(crate) fn parse_tracked(data: &[u8], direction: Direction) -> Result<(Frame, Track), Reason> {
     match fast_path(data, direction) {
         Some(parsed) => Ok(parsed),
         None => parse_sliced(data, direction),
