@@ -198,22 +198,19 @@ impl Tuple {
         }
     }
 
+    #[inline]
     fn hash(&self) -> u64 {
-        // Direction-independent: both directions of a flow land in one bucket.
-        let (a, b) = ((self.src, self.sport), (self.dst, self.dport));
-        let ((lo, lp), (hi, hp)) = if a <= b { (a, b) } else { (b, a) };
-        let mut h = 0x9e37_79b9_7f4a_7c15u64;
-        for w in [
-            lo as u64,
-            (lo >> 64) as u64,
-            hi as u64,
-            (hi >> 64) as u64,
-            (lp as u64) << 16 | hp as u64 | (self.proto as u64) << 32 | (self.vlan as u64) << 40,
-        ] {
-            h = (h ^ w).wrapping_mul(0xff51_afd7_ed55_8ccd);
-            h ^= h >> 32;
-        }
-        h
+        // Direction-independent: both directions of a flow land in one bucket. Sums and
+        // products of the two endpoints do not depend on their order; two multiplies mix them.
+        let fold = |x: u128| (x as u64) ^ ((x >> 64) as u64).rotate_left(29);
+        let (s, d) = (fold(self.src), fold(self.dst));
+        let (ps, pd) = (self.sport as u64, self.dport as u64);
+        let addrs = s.wrapping_add(d) ^ (s ^ d).rotate_left(32);
+        let ports =
+            (ps + pd) | (ps * pd) << 17 | (self.proto as u64) << 50 | (self.vlan as u64) << 34;
+        let h = (addrs ^ 0x9e37_79b9_7f4a_7c15).wrapping_mul(0xff51_afd7_ed55_8ccd) ^ ports;
+        let h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+        h ^ h >> 29
     }
 
     fn meta(&self) -> u64 {
@@ -405,8 +402,8 @@ pub struct Hit {
     pub state: FlowState,
     /// The table generation that admitted (or last re-admitted) the flow.
     pub generation: u32,
-    /// The flow as it was opened.
-    pub tuple: Tuple,
+    /// The flow's protocol.
+    pub proto: u8,
     /// When the flow last saw a packet.
     pub seen: u64,
 }
@@ -573,7 +570,7 @@ impl Conntrack {
                 original,
                 state: c.state,
                 generation: c.generation,
-                tuple: c.tuple,
+                proto: c.tuple.proto,
                 seen: c.seen,
             });
         }
@@ -583,7 +580,7 @@ impl Conntrack {
     /// Records that a packet with `tcp` flags (0 for other protocols) went through flow `hit` at
     /// `now`, re-admitted by `generation`. Returns the new state.
     pub fn update(&self, hit: &Hit, tcp: u8, generation: u32, now: u64) -> FlowState {
-        let next = next_state(hit.tuple.proto, hit.state, hit.original, tcp);
+        let next = next_state(hit.proto, hit.state, hit.original, tcp);
         let (epoch, _, _) = unpack_state(hit.state_word).unwrap_or((0, 0, hit.state));
         let s = &self.slots[hit.slot];
         let new = pack_state(epoch, generation, next);
@@ -766,9 +763,24 @@ fn entry(t: &Tuple, state: FlowState, generation: u32, seen: u64, now: u64) -> F
 }
 
 impl Hit {
-    /// The flow of this hit as `conntrack list` shows it.
-    pub fn entry(&self, now: u64) -> FlowEntry {
-        entry(&self.tuple, self.state, self.generation, self.seen, now)
+    /// The flow as it was opened, from the tuple of the packet that found it.
+    pub fn original_tuple(&self, packet: &Tuple) -> Tuple {
+        if self.original {
+            *packet
+        } else {
+            packet.reversed()
+        }
+    }
+
+    /// The flow of this hit as `conntrack list` shows it (`packet`: the tuple that found it).
+    pub fn entry(&self, packet: &Tuple, now: u64) -> FlowEntry {
+        entry(
+            &self.original_tuple(packet),
+            self.state,
+            self.generation,
+            self.seen,
+            now,
+        )
     }
 }
 

@@ -258,7 +258,7 @@ pub(crate) fn track_packet(
             // A new SYN is always decided by the table, and so is a flow the current table has
             // not admitted yet (the first packet after a swap): in the flow's original direction.
             Some(hit) if hit.generation != generation => {
-                Tracked::Decide(hit.tuple.key(), Pending::Recheck(hit))
+                Tracked::Decide(hit.original_tuple(&tuple).key(), Pending::Recheck(hit))
             }
             Some(hit) if hit.original && conntrack::opens_flow(k, t) && k.proto == proto::TCP => {
                 Tracked::Decide(*k, Pending::Recheck(hit))

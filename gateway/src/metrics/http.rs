@@ -288,13 +288,13 @@ fn tracker_view(ct: &crate::conntrack::Conntrack, key: &policy::key::FlowKey) ->
     let now = ct.ns(std::time::Instant::now());
     let kind = crate::conntrack::classify_packet(key, &crate::conntrack::Track::default());
     let hit = match kind {
-        crate::conntrack::Kind::Flow(t) => ct.lookup(&t, now),
+        crate::conntrack::Kind::Flow(t) => ct.lookup(&t, now).map(|h| (h, t)),
         _ => None,
     };
     match hit {
-        Some(h) => TrackerView {
+        Some((h, t)) => TrackerView {
             state: "established",
-            entry: Some(h.entry(now)),
+            entry: Some(h.entry(&t, now)),
             original: Some(h.original),
         },
         None => TrackerView {
