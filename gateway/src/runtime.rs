@@ -103,6 +103,7 @@ pub fn run(cfg: Config) -> Result<()> {
         int: cfg.interfaces.int.clone(),
         queues: cfg.queues,
         copy_mode: AtomicBool::new(false),
+        forwarding: AtomicBool::new(false),
         counters: counters.clone(),
         latency: latency.clone(),
         reloader: Arc::clone(&reloader),
@@ -162,6 +163,10 @@ pub fn run(cfg: Config) -> Result<()> {
                     cfg.interfaces.ext, cfg.interfaces.int
                 )
             })?;
+        // Frames start arriving as soon as the program is attached: give the kernel frames
+        // before anyone is told the gateway is ready.
+        let mut pair = pair;
+        pair.refill();
         pairs.push(pair);
     }
     let copy_mode = pairs.iter().any(|p| p.copy_mode);
@@ -204,6 +209,7 @@ pub fn run(cfg: Config) -> Result<()> {
                 .context("cannot spawn a worker thread")?,
         );
     }
+    obs.forwarding.store(true, Relaxed);
     tracing::info!(ext = cfg.interfaces.ext.as_str(), int = cfg.interfaces.int.as_str(), queues = cfg.queues, copy_mode, listen = ?cfg.metrics.listen, "portcullis running");
 
     control_loop(&reloader, &flows, &stop, &hup);

@@ -48,6 +48,7 @@ fn server() -> Server {
         int: "int0".into(),
         queues: 1,
         copy_mode: AtomicBool::new(true),
+        forwarding: AtomicBool::new(true),
         counters: vec![Arc::clone(&counters)],
         latency: vec![Arc::new(SharedLatency::default())],
         reloader: Arc::new(Mutex::new(reloader)),

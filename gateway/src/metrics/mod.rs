@@ -35,6 +35,8 @@ pub struct Observed {
     /// Set once the sockets are open (the endpoint serves before that, while waiting for the
     /// Kubernetes API).
     pub copy_mode: AtomicBool,
+    /// Set once the workers run on open sockets: until then `/healthz` says "starting".
+    pub forwarding: AtomicBool,
     pub counters: Vec<Arc<WorkerCounters>>,
     pub latency: Vec<Arc<SharedLatency>>,
     pub reloader: Arc<Mutex<Reloader>>,
@@ -73,6 +75,9 @@ pub struct Status {
     pub int: String,
     pub queues: u32,
     pub copy_mode: bool,
+    /// The workers run on open sockets (false while starting, e.g. waiting for the API).
+    #[serde(default)]
+    pub forwarding: bool,
     pub policy: ReloadStatus,
     /// The Kubernetes API source, when configured.
     pub kubernetes: Option<kubernetes::Status>,
@@ -119,6 +124,7 @@ impl Observed {
             int: self.int.clone(),
             queues: self.queues,
             copy_mode: self.copy_mode.load(Relaxed),
+            forwarding: self.forwarding.load(Relaxed),
             policy,
             kubernetes: self
                 .kubernetes
@@ -157,6 +163,9 @@ impl Observed {
 /// Healthy may still come with notes: malformed API objects that are being skipped.
 pub fn health(s: &Status) -> Result<Vec<String>, Unhealthy> {
     let mut why = Vec::new();
+    if !s.forwarding {
+        why.push("starting: the sockets are not open and the workers not running yet".to_string());
+    }
     let mut notes = Vec::new();
     if !s.policy.last_error.is_empty() {
         why.push(format!(
