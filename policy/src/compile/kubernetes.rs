@@ -390,44 +390,10 @@ fn pod_rules(cluster: &Cluster, l: &Located<Workload>, rules: &mut Vec<Rule>) {
         });
     for (owner, ingress) in policies.chain(groups) {
         for (ri, r) in ingress.iter().enumerate() {
-            let src = if r.peers.is_empty() {
-                AddrSet::any()
-            } else {
-                let set = r
-                    .peers
-                    .iter()
-                    .filter_map(|p| p.block.as_ref())
-                    .fold(PrefixSet::empty(), |acc, b| {
-                        acc.union(&PrefixSet::block(b.cidr, &b.except))
-                    });
-                // Selector-only peers never admit an address outside the cluster.
-                let Some(src) = set.to_addr_set() else {
-                    continue;
-                };
-                src
+            let Some(src) = external_peers(r) else {
+                continue;
             };
-            let mut ports: Vec<(Option<u8>, PortRange)> = Vec::new();
-            if r.ports.is_empty() {
-                ports.push((None, PortRange::ANY));
-            }
-            for p in &r.ports {
-                let range = match &p.port {
-                    None => Some(PortRange::ANY),
-                    Some(crate::k8s::PortRef::Number(n)) => Some(PortRange {
-                        lo: *n,
-                        hi: p.end_port.unwrap_or(*n),
-                    }),
-                    Some(crate::k8s::PortRef::Name(name)) => {
-                        w.resolve(name, p.proto).map(PortRange::single)
-                    }
-                };
-                if let Some(range) = range {
-                    ports.push((Some(p.proto), range));
-                }
-            }
-            ports.sort();
-            ports.dedup();
-            for (proto, dport) in ports {
+            for (proto, dport) in rule_ports(r, |name, proto| w.resolve(name, proto)) {
                 rules.push(Rule::new(
                     Match {
                         src: src.clone(),
@@ -508,41 +474,11 @@ fn pod_egress_rules(cluster: &Cluster, l: &Located<Workload>, rules: &mut Vec<Ru
     for p in &policies {
         let owner = format!("NetworkPolicy/{}", p.id());
         for (ri, r) in p.egress.iter().enumerate() {
-            let dst = if r.peers.is_empty() {
-                AddrSet::any()
-            } else {
-                let set = r
-                    .peers
-                    .iter()
-                    .filter_map(|p| p.block.as_ref())
-                    .fold(PrefixSet::empty(), |acc, b| {
-                        acc.union(&PrefixSet::block(b.cidr, &b.except))
-                    });
-                let Some(dst) = set.to_addr_set() else {
-                    continue;
-                };
-                dst
+            let Some(dst) = external_peers(r) else {
+                continue;
             };
-            let mut ports: Vec<(Option<u8>, PortRange)> = Vec::new();
-            if r.ports.is_empty() {
-                ports.push((None, PortRange::ANY));
-            }
-            for p in &r.ports {
-                let range = match &p.port {
-                    None => Some(PortRange::ANY),
-                    Some(crate::k8s::PortRef::Number(n)) => Some(PortRange {
-                        lo: *n,
-                        hi: p.end_port.unwrap_or(*n),
-                    }),
-                    Some(crate::k8s::PortRef::Name(_)) => None,
-                };
-                if let Some(range) = range {
-                    ports.push((Some(p.proto), range));
-                }
-            }
-            ports.sort();
-            ports.dedup();
-            for (proto, dport) in ports {
+            // A named port names a destination pod's port: never an external address's.
+            for (proto, dport) in rule_ports(r, |_, _| None) {
                 rules.push(Rule::new(
                     Match {
                         src: src.clone(),
@@ -586,4 +522,48 @@ fn pod_egress_rules(cluster: &Cluster, l: &Located<Workload>, rules: &mut Vec<Ru
             ),
         ),
     ));
+}
+
+/// The external addresses a NetworkPolicy (or SecurityGroup) rule's peers cover: every address
+/// when it has none, else its ipBlocks. `None` when only selectors remain: they never match an
+/// address outside the cluster.
+fn external_peers(r: &crate::k8s::NpRule) -> Option<AddrSet> {
+    if r.peers.is_empty() {
+        return Some(AddrSet::any());
+    }
+    r.peers
+        .iter()
+        .filter_map(|p| p.block.as_ref())
+        .fold(PrefixSet::empty(), |acc, b| {
+            acc.union(&PrefixSet::block(b.cidr, &b.except))
+        })
+        .to_addr_set()
+}
+
+/// A rule's (protocol, port range) pairs, sorted and deduplicated: any port when it lists
+/// none; `resolve` turns a named port into a number, or drops it.
+fn rule_ports(
+    r: &crate::k8s::NpRule,
+    resolve: impl Fn(&str, u8) -> Option<u16>,
+) -> Vec<(Option<u8>, PortRange)> {
+    let mut ports: Vec<(Option<u8>, PortRange)> = Vec::new();
+    if r.ports.is_empty() {
+        ports.push((None, PortRange::ANY));
+    }
+    for p in &r.ports {
+        let range = match &p.port {
+            None => Some(PortRange::ANY),
+            Some(crate::k8s::PortRef::Number(n)) => Some(PortRange {
+                lo: *n,
+                hi: p.end_port.unwrap_or(*n),
+            }),
+            Some(crate::k8s::PortRef::Name(name)) => resolve(name, p.proto).map(PortRange::single),
+        };
+        if let Some(range) = range {
+            ports.push((Some(p.proto), range));
+        }
+    }
+    ports.sort();
+    ports.dedup();
+    ports
 }
