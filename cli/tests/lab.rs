@@ -941,11 +941,14 @@ fn startup_waits_for_the_api_or_starts_on_the_files() {
             &dir.0.join(format!("gateway-{startup}.log")),
         )
         .unwrap();
-        // Unhealthy, and says why, while the API is away.
+        // Unhealthy, and says why, while the API is away (once the source is registered; an
+        // instant earlier it only says it is starting).
         let started = Instant::now();
         let body = loop {
             if let Ok((503, body)) = gw.get("/healthz") {
-                break body;
+                if body.contains("not synced") {
+                    break body;
+                }
             }
             assert!(
                 started.elapsed() < Duration::from_secs(10),

@@ -260,6 +260,7 @@ fn other(d: Direction) -> Direction {
 }
 
 /// Sorts a parsed packet into what the tracker does with it.
+#[inline(always)]
 pub(crate) fn classify_packet(key: &FlowKey, t: &Track) -> Kind {
     if !key.ports_known {
         return Kind::Untracked;
@@ -504,6 +505,7 @@ impl Conntrack {
     }
 
     /// A consistent copy of slot `i`, if it holds a flow.
+    #[inline(always)]
     fn read(&self, i: usize) -> Option<SlotCopy> {
         let s = &self.slots[i];
         for _ in 0..4 {
@@ -541,6 +543,7 @@ impl Conntrack {
     }
 
     /// Finds the live flow `t` belongs to, in either direction.
+    #[inline(always)]
     pub fn lookup(&self, t: &Tuple, now: u64) -> Option<Hit> {
         let (b, tag) = self.bucket(t);
         let rev = t.reversed();
