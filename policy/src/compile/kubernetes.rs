@@ -394,24 +394,14 @@ fn pod_rules(cluster: &Cluster, l: &Located<Workload>, rules: &mut Vec<Rule>) {
                 continue;
             };
             for (proto, dport) in rule_ports(r, |name, proto| w.resolve(name, proto)) {
-                rules.push(Rule::new(
-                    Match {
-                        src: src.clone(),
-                        dst: dst.clone(),
-                        proto,
-                        dport,
-                        ..Match::any(Direction::Ingress)
-                    },
-                    Action::Decide(Verdict::Allow),
-                    false,
-                    origin(
-                        owner.clone(),
-                        Some(ri),
-                        format!(
-                            "ingress rule {ri} of {owner} admits this client to {}",
-                            w.id()
-                        ),
-                    ),
+                let why = format!(
+                    "ingress rule {ri} of {owner} admits this client to {}",
+                    w.id()
+                );
+                rules.push(allow(
+                    Direction::Ingress,
+                    (&src, &dst, proto, dport),
+                    origin(owner.clone(), Some(ri), why),
                 ));
             }
         }
@@ -479,24 +469,14 @@ fn pod_egress_rules(cluster: &Cluster, l: &Located<Workload>, rules: &mut Vec<Ru
             };
             // A named port names a destination pod's port: never an external address's.
             for (proto, dport) in rule_ports(r, |_, _| None) {
-                rules.push(Rule::new(
-                    Match {
-                        src: src.clone(),
-                        dst: dst.clone(),
-                        proto,
-                        dport,
-                        ..Match::any(Direction::Egress)
-                    },
-                    Action::Decide(Verdict::Allow),
-                    false,
-                    origin(
-                        owner.clone(),
-                        Some(ri),
-                        format!(
-                            "egress rule {ri} of {owner} lets {} reach this address",
-                            w.id()
-                        ),
-                    ),
+                let why = format!(
+                    "egress rule {ri} of {owner} lets {} reach this address",
+                    w.id()
+                );
+                rules.push(allow(
+                    Direction::Egress,
+                    (&src, &dst, proto, dport),
+                    origin(owner.clone(), Some(ri), why),
                 ));
             }
         }
@@ -566,4 +546,25 @@ fn rule_ports(
     ports.sort();
     ports.dedup();
     ports
+}
+
+/// An Allow rule for one (source, destination, protocol, port range) of a NetworkPolicy or
+/// SecurityGroup rule.
+fn allow(
+    direction: Direction,
+    (src, dst, proto, dport): (&AddrSet, &AddrSet, Option<u8>, PortRange),
+    origin: Origin,
+) -> Rule {
+    Rule::new(
+        Match {
+            src: src.clone(),
+            dst: dst.clone(),
+            proto,
+            dport,
+            ..Match::any(direction)
+        },
+        Action::Decide(Verdict::Allow),
+        false,
+        origin,
+    )
 }
