@@ -198,7 +198,7 @@ impl Tuple {
         }
     }
 
-    #[inline]
+    #[inline(always)]
     fn hash(&self) -> u64 {
         // Direction-independent: both directions of a flow land in one bucket. Sums and
         // products of the two endpoints do not depend on their order; two multiplies mix them.
@@ -213,6 +213,7 @@ impl Tuple {
         h ^ h >> 29
     }
 
+    #[inline(always)]
     fn meta(&self) -> u64 {
         self.proto as u64
             | (self.sport as u64) << 8
@@ -442,6 +443,10 @@ pub struct Conntrack {
 
 const NS: u64 = 1_000_000_000;
 
+/// How stale a flow's last-seen time may get before a packet refreshes it. Every timeout is in
+/// whole seconds, so a flow may live at most this much longer than its timeout says.
+const SEEN_GRANULARITY_NS: u64 = 1_000_000;
+
 impl Conntrack {
     /// A table for at least `capacity` flows (rounded up to a power of two, at least one bucket).
     pub fn new(capacity: usize, timeouts: Timeouts) -> Conntrack {
@@ -479,6 +484,7 @@ impl Conntrack {
         self.entries.load(Ordering::Relaxed)
     }
 
+    #[inline(always)]
     fn timeout_ns(&self, proto_: u8, s: FlowState) -> u64 {
         let t = &self.timeouts;
         let secs = match s {
@@ -499,6 +505,7 @@ impl Conntrack {
     }
 
     /// The first slot of `t`'s bucket, and its tag.
+    #[inline(always)]
     fn bucket(&self, t: &Tuple) -> (usize, u8) {
         let h = t.hash();
         ((h as usize & self.buckets_mask) * WAYS, (h >> 56) as u8)
@@ -592,6 +599,10 @@ impl Conntrack {
             let _ =
                 s.state
                     .compare_exchange(hit.state_word, new, Ordering::AcqRel, Ordering::Relaxed);
+        } else if now.saturating_sub(hit.seen) < SEEN_GRANULARITY_NS {
+            // Nothing changed and the last-seen time is fresh: no write, so the slot's cache
+            // line stays shared between the workers that see the two directions.
+            return next;
         }
         s.seen.store(now, Ordering::Relaxed);
         next
@@ -705,6 +716,17 @@ impl Conntrack {
         for _ in 0..n.min(self.slots.len()) {
             let i = *cursor & (self.slots.len() - 1);
             *cursor = cursor.wrapping_add(1);
+            // A relaxed look first: free slots and fresh flows (most of them) need no
+            // seqlocked copy.
+            let s = &self.slots[i];
+            let Some((_, _, state)) = unpack_state(s.state.load(Ordering::Relaxed)) else {
+                continue;
+            };
+            let proto_ = s.tuple[4].load(Ordering::Relaxed) as u8;
+            if now.saturating_sub(s.seen.load(Ordering::Relaxed)) <= self.timeout_ns(proto_, state)
+            {
+                continue;
+            }
             if let Some(c) = self.read(i) {
                 if now.saturating_sub(c.seen) > self.timeout_ns(c.tuple.proto, c.state)
                     && self.free_if(i, c.state_word)
