@@ -165,6 +165,21 @@ pub struct Tuple {
 }
 
 impl Tuple {
+    /// A packet's key as a tuple (ports as they are).
+    #[inline(always)]
+    fn of(key: &FlowKey) -> Tuple {
+        Tuple {
+            dir: key.dir,
+            v6: key.v6,
+            src: key.src,
+            dst: key.dst,
+            proto: key.proto,
+            sport: key.sport,
+            dport: key.dport,
+            vlan: key.vlan,
+        }
+    }
+
     /// The tuple the reply of this packet carries.
     pub(crate) fn reversed(&self) -> Tuple {
         Tuple {
@@ -263,53 +278,54 @@ fn other(d: Direction) -> Direction {
 /// Sorts a parsed packet into what the tracker does with it.
 #[inline(always)]
 pub(crate) fn classify_packet(key: &FlowKey, t: &Track) -> Kind {
+    let mut kind = Kind::Untracked;
+    classify_into(key, t, &mut kind);
+    kind
+}
+
+/// [`classify_packet`] into the caller's slot: TCP, UDP and the other protocols with ports are
+/// written in place (the datapath's case); ICMP goes out of line.
+#[inline(always)]
+pub(crate) fn classify_into(key: &FlowKey, t: &Track, out: &mut Kind) {
     if !key.ports_known {
-        return Kind::Untracked;
+        *out = Kind::Untracked;
+    } else if key.proto == proto::ICMP || key.proto == proto::ICMPV6 {
+        *out = classify_icmp(key, t);
+    } else {
+        *out = Kind::Flow(Tuple::of(key));
     }
-    let base = Tuple {
-        dir: key.dir,
-        v6: key.v6,
-        src: key.src,
-        dst: key.dst,
-        proto: key.proto,
-        sport: key.sport,
-        dport: key.dport,
-        vlan: key.vlan,
-    };
-    match key.proto {
-        proto::ICMP | proto::ICMPV6 => {
-            let v6 = key.proto == proto::ICMPV6;
-            let (request, reply) = if v6 { (128, 129) } else { (8, 0) };
-            match key.sport {
-                ty if ty == request => Kind::Flow(Tuple {
-                    sport: t.icmp_id,
-                    dport: 0,
-                    ..base
-                }),
-                ty if ty == reply => Kind::Flow(Tuple {
-                    sport: 0,
-                    dport: t.icmp_id,
-                    ..base
-                }),
-                _ => match t.quoted {
-                    Some(q) => {
-                        let quoted = classify_packet(
-                            &q,
-                            &Track {
-                                icmp_id: t.icmp_id,
-                                ..Track::default()
-                            },
-                        );
-                        match quoted {
-                            Kind::Flow(tuple) => Kind::Error(tuple),
-                            _ => Kind::Untracked,
-                        }
-                    }
-                    None => Kind::Untracked,
+}
+
+#[inline(never)]
+fn classify_icmp(key: &FlowKey, t: &Track) -> Kind {
+    let base = Tuple::of(key);
+    let v6 = key.proto == proto::ICMPV6;
+    let (request, reply) = if v6 { (128, 129) } else { (8, 0) };
+    match key.sport {
+        ty if ty == request => Kind::Flow(Tuple {
+            sport: t.icmp_id,
+            dport: 0,
+            ..base
+        }),
+        ty if ty == reply => Kind::Flow(Tuple {
+            sport: 0,
+            dport: t.icmp_id,
+            ..base
+        }),
+        _ => match t.quoted {
+            // The quoted header is a flow's packet (an ICMP one quotes its echo identifier).
+            Some(q) if q.ports_known => match classify_packet(
+                &q,
+                &Track {
+                    icmp_id: t.icmp_id,
+                    ..Track::default()
                 },
-            }
-        }
-        _ => Kind::Flow(base),
+            ) {
+                Kind::Flow(tuple) => Kind::Error(tuple),
+                _ => Kind::Untracked,
+            },
+            _ => Kind::Untracked,
+        },
     }
 }
 
@@ -392,6 +408,14 @@ struct SlotCopy {
     state: FlowState,
     generation: u32,
     seen: u64,
+}
+
+/// A bucket read ahead of its lookup (see [`Conntrack::probe`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Probe {
+    bucket: usize,
+    tag: u8,
+    tags: u64,
 }
 
 /// A lookup's answer.
@@ -549,14 +573,47 @@ impl Conntrack {
         None
     }
 
+    /// The first step of a lookup: `t`'s bucket and its tag word. The datapath probes a whole
+    /// burst before it looks any packet up, so that the burst's cache misses overlap instead of
+    /// queueing one behind the other.
+    #[inline(always)]
+    pub(crate) fn probe(&self, t: &Tuple) -> Probe {
+        let (bucket, tag) = self.bucket(t);
+        Probe {
+            bucket,
+            tag,
+            tags: self.tags[bucket / WAYS].load(Ordering::Acquire),
+        }
+    }
+
+    /// Reads the first slot a [`Probe`]'s tag word points at, so that the slot is in cache when
+    /// its lookup comes (the second step of a burst's overlapped misses).
+    #[inline(always)]
+    pub(crate) fn touch(&self, p: &Probe) {
+        let mut m = p.tags ^ (p.tag as u64 * 0x0101_0101_0101_0101);
+        // The lowest zero byte of `m` is the first slot whose tag matches.
+        m = (m.wrapping_sub(0x0101_0101_0101_0101)) & !m & 0x8080_8080_8080_8080;
+        if m != 0 {
+            let i = p.bucket + (m.trailing_zeros() / 8) as usize;
+            std::hint::black_box(self.slots[i].tuple[4].load(Ordering::Relaxed));
+        }
+    }
+
     /// Finds the live flow `t` belongs to, in either direction.
     #[inline(always)]
     pub fn lookup(&self, t: &Tuple, now: u64) -> Option<Hit> {
-        let (b, tag) = self.bucket(t);
+        self.lookup_probed(t, &self.probe(t), now)
+    }
+
+    /// [`Conntrack::lookup`] after [`Conntrack::probe`]. A tag word read a moment ago is still a
+    /// sound hint: a flow another worker inserted since is missed, and the packet then goes
+    /// through the classifier, whose allow finds the flow before inserting it again.
+    #[inline(always)]
+    pub(crate) fn lookup_probed(&self, t: &Tuple, p: &Probe, now: u64) -> Option<Hit> {
+        let (b, tag, tags) = (p.bucket, p.tag, p.tags);
         let rev = t.reversed();
         // The bucket's tag word picks the candidate slots; one relaxed load of a candidate's
         // ports/protocol/VLAN/direction word rules it out or in; the seqlocked read confirms.
-        let tags = self.tags[b / WAYS].load(Ordering::Acquire);
         let (m, rm) = (t.meta(), rev.meta());
         for i in b..b + WAYS {
             if (tags >> ((i - b) * 8)) as u8 != tag {

@@ -148,59 +148,97 @@ fn icmp_track(key: &FlowKey, body: &[u8], track: &mut Track) {
 /// header an ICMP error quotes.
 #[inline]
 pub(crate) fn parse_tracked(data: &[u8], direction: Direction) -> Result<(Frame, Track), Reason> {
-    match fast_path(data, direction) {
-        Some(parsed) => Ok(parsed),
-        None => parse_sliced(data, direction),
+    let mut key = FlowKey::default();
+    let mut track = Track::default();
+    Ok(match parse_into(data, direction, &mut key, &mut track)? {
+        Parsed::Ip => (Frame::Ip(key), track),
+        Parsed::Arp => (Frame::Arp, track),
+        Parsed::OtherL2 => (Frame::OtherL2, track),
+    })
+}
+
+/// What [`parse_into`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Parsed {
+    /// An IP packet: its key and tracker fields were written.
+    Ip,
+    Arp,
+    OtherL2,
+}
+
+/// [`parse_tracked`] into the caller's burst arrays: the common case writes the key and the
+/// tracker fields in place, field by field, so nothing is copied around between the parser and
+/// the tracker (whole-struct copies of freshly written fields stall store forwarding).
+#[inline(always)]
+pub(crate) fn parse_into(
+    data: &[u8],
+    direction: Direction,
+    key: &mut FlowKey,
+    track: &mut Track,
+) -> Result<Parsed, Reason> {
+    if fast_path(data, direction, key, track) {
+        return Ok(Parsed::Ip);
     }
+    let (frame, t) = parse_sliced(data, direction)?;
+    *track = t;
+    Ok(match frame {
+        Frame::Ip(k) => {
+            *key = k;
+            Parsed::Ip
+        }
+        Frame::Arp => Parsed::Arp,
+        Frame::OtherL2 => Parsed::OtherL2,
+    })
 }
 
 /// The common case at fixed offsets (DESIGN §4): untagged Ethernet, IPv4 without options, not
 /// fragmented, TCP or UDP with consistent lengths. Anything else, or anything odd, returns
-/// `None` and goes through etherparse; a test checks on generated and mutated frames that
-/// whatever this accepts, etherparse parses to the same result.
-#[inline]
-fn fast_path(b: &[u8], direction: Direction) -> Option<(Frame, Track)> {
+/// `false` having written nothing, and goes through etherparse; a test checks on generated and
+/// mutated frames that whatever this accepts, etherparse parses to the same result.
+#[inline(always)]
+fn fast_path(b: &[u8], direction: Direction, key: &mut FlowKey, track: &mut Track) -> bool {
     if b.len() < 14 + 20 + 8 || b[12] != 0x08 || b[13] != 0x00 || b[14] != 0x45 {
-        return None;
+        return false;
     }
     let total = u16::from_be_bytes([b[16], b[17]]) as usize;
     // Fragmented (MF or an offset) goes the slow way; DF is fine.
     if u16::from_be_bytes([b[20], b[21]]) & 0x3fff != 0 || total < 20 + 8 || total > b.len() - 14 {
-        return None;
+        return false;
     }
     let l4 = &b[34..14 + total];
     let proto_ = b[23];
-    let mut track = Track::default();
-    match proto_ {
+    let flags = match proto_ {
         proto::TCP => {
             if l4.len() < 20 {
-                return None;
+                return false;
             }
             let doff = usize::from(l4[12] >> 4) * 4;
             if doff < 20 || doff > l4.len() {
-                return None;
+                return false;
             }
-            track.tcp_flags = l4[13];
+            l4[13]
         }
         proto::UDP => {
             if l4.len() < 8 || u16::from_be_bytes([l4[4], l4[5]]) as usize != l4.len() {
-                return None;
+                return false;
             }
+            0
         }
-        _ => return None,
-    }
-    let key = FlowKey {
-        dir: direction,
-        v6: false,
-        src: u32::from_be_bytes([b[26], b[27], b[28], b[29]]) as u128,
-        dst: u32::from_be_bytes([b[30], b[31], b[32], b[33]]) as u128,
-        proto: proto_,
-        sport: u16::from_be_bytes([l4[0], l4[1]]),
-        dport: u16::from_be_bytes([l4[2], l4[3]]),
-        ports_known: true,
-        vlan: NO_VLAN,
+        _ => return false,
     };
-    Some((Frame::Ip(key), track))
+    track.tcp_flags = flags;
+    track.icmp_id = 0;
+    track.quoted = None;
+    key.dir = direction;
+    key.v6 = false;
+    key.src = u32::from_be_bytes([b[26], b[27], b[28], b[29]]) as u128;
+    key.dst = u32::from_be_bytes([b[30], b[31], b[32], b[33]]) as u128;
+    key.proto = proto_;
+    key.sport = u16::from_be_bytes([l4[0], l4[1]]);
+    key.dport = u16::from_be_bytes([l4[2], l4[3]]);
+    key.ports_known = true;
+    key.vlan = NO_VLAN;
+    true
 }
 
 /// The general parser: every link extension, IP version, extension header and transport.
@@ -548,6 +586,13 @@ mod tests {
         assert_eq!(tr.quoted, None);
     }
 
+    /// The fast path on its own, as `parse_tracked` would return it.
+    fn fast(f: &[u8], dir: Direction) -> Option<(Frame, Track)> {
+        let mut key = FlowKey::default();
+        let mut track = Track::default();
+        fast_path(f, dir, &mut key, &mut track).then_some((Frame::Ip(key), track))
+    }
+
     #[test]
     fn the_fast_path_agrees_with_etherparse() {
         let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
@@ -593,7 +638,7 @@ mod tests {
                 let cut = (next() as usize) % (f.len() + 1);
                 f.truncate(cut);
             }
-            if let Some(fast) = fast_path(&f, Direction::Ingress) {
+            if let Some(fast) = fast(&f, Direction::Ingress) {
                 accepted += 1;
                 assert_eq!(
                     Ok(fast),
@@ -604,7 +649,7 @@ mod tests {
         }
         assert!(accepted > 10_000, "the fast path took {accepted} frames");
         for f in &frames {
-            assert!(fast_path(f, Direction::Egress).is_some(), "{f:02x?}");
+            assert!(fast(f, Direction::Egress).is_some(), "{f:02x?}");
         }
     }
 }

@@ -28,8 +28,8 @@ use policy::table::{Decision, Table};
 use hdrhistogram::Histogram;
 
 use crate::config::{L2Action, Poll, PollMode, L2, MAX_BURST};
-use crate::conntrack::{self, Conntrack, Hit, InsertError, Kind, Track, Tuple};
-use crate::parse::{parse_tracked, Frame};
+use crate::conntrack::{self, Conntrack, Hit, InsertError, Kind, Probe, Track, Tuple};
+use crate::parse::{parse_into, Parsed};
 use crate::stats::{new_histogram, CtEvent, Reason, SharedLatency, Tally, WorkerCounters};
 use crate::sys::ring::{QueuePair, Rings, Side};
 use crate::sys::wait_readable;
@@ -72,6 +72,7 @@ const SLOT_DROP: u16 = u16::MAX;
 const SLOT_L2_FORWARD: u16 = u16::MAX - 1;
 const SLOT_L2_DROP: u16 = u16::MAX - 2;
 const SLOT_TRACKED: u16 = u16::MAX - 3;
+const SLOT_IP: u16 = u16::MAX - 4;
 
 /// What the tracker does with a frame once the table has decided it.
 #[derive(Debug, Clone, Copy, Default)]
@@ -86,8 +87,12 @@ pub(crate) enum Pending {
     Recheck(Hit),
 }
 
-/// The worker's caller-owned burst arrays.
+/// The worker's caller-owned burst arrays: per frame (`parsed`, `tracks`, `kind`, `probe`,
+/// `slot`, `keep`), and per packet the classifier decides (`keys`, `decisions`, `pending`).
 struct Scratch {
+    parsed: [FlowKey; MAX_BURST],
+    kind: [Kind; MAX_BURST],
+    probe: [Probe; MAX_BURST],
     keys: [FlowKey; MAX_BURST],
     decisions: [Decision; MAX_BURST],
     slot: [u16; MAX_BURST],
@@ -134,40 +139,65 @@ impl<R: Rings> Datapath<R> {
         };
         let generation = table.generation() as u32;
         let s = &mut *self.s;
-        let mut nkeys = 0usize;
+        // Pass 1: parse every frame in place and, with a tracker, read its bucket's tag word.
+        // Nothing waits on those reads here, so the burst's cache misses overlap.
         for i in 0..n {
-            s.slot[i] = match parse_tracked(rx.frame(i), dir) {
-                Ok((Frame::Ip(k), track)) => {
-                    let pending = match &self.ct {
-                        Some(ct) => match track_packet(ct, &k, &track, generation, now) {
-                            Tracked::Pass(event) => {
-                                self.tally.ct(event);
-                                s.slot[i] = SLOT_TRACKED;
-                                continue;
-                            }
-                            Tracked::Decide(key, pending) => {
-                                s.keys[nkeys] = key;
-                                pending
-                            }
-                        },
-                        None => {
-                            s.keys[nkeys] = k;
-                            Pending::Untracked
+            s.slot[i] = match parse_into(rx.frame(i), dir, &mut s.parsed[i], &mut s.tracks[i]) {
+                Ok(Parsed::Ip) => {
+                    if let Some(ct) = &self.ct {
+                        conntrack::classify_into(&s.parsed[i], &s.tracks[i], &mut s.kind[i]);
+                        if let Kind::Flow(t) | Kind::Error(t) = &s.kind[i] {
+                            s.probe[i] = ct.probe(t);
                         }
-                    };
-                    s.pending[nkeys] = pending;
-                    s.tracks[nkeys] = track;
-                    nkeys += 1;
-                    (nkeys - 1) as u16
+                    }
+                    SLOT_IP
                 }
-                Ok((Frame::Arp, _)) if self.l2.arp == L2Action::Forward => SLOT_L2_FORWARD,
-                Ok((Frame::OtherL2, _)) if self.l2.other == L2Action::Forward => SLOT_L2_FORWARD,
-                Ok((Frame::Arp | Frame::OtherL2, _)) => SLOT_L2_DROP,
+                Ok(Parsed::Arp) if self.l2.arp == L2Action::Forward => SLOT_L2_FORWARD,
+                Ok(Parsed::OtherL2) if self.l2.other == L2Action::Forward => SLOT_L2_FORWARD,
+                Ok(Parsed::Arp | Parsed::OtherL2) => SLOT_L2_DROP,
                 Err(reason) => {
                     self.tally.drop(reason);
                     SLOT_DROP
                 }
             };
+        }
+        if let Some(ct) = &self.ct {
+            for i in 0..n {
+                if s.slot[i] == SLOT_IP && !matches!(s.kind[i], Kind::Untracked) {
+                    ct.touch(&s.probe[i]);
+                }
+            }
+        }
+        // Pass 2: the tracker passes the packets of flows it holds; the rest go to the
+        // classifier, as one batch.
+        let mut nkeys = 0usize;
+        for i in 0..n {
+            if s.slot[i] != SLOT_IP {
+                continue;
+            }
+            let pending = match &self.ct {
+                Some(ct) => {
+                    let (k, t) = (&s.parsed[i], &s.tracks[i]);
+                    match track_probed(ct, k, t, &s.kind[i], &s.probe[i], generation, now) {
+                        Tracked::Pass(event) => {
+                            self.tally.ct(event);
+                            s.slot[i] = SLOT_TRACKED;
+                            continue;
+                        }
+                        Tracked::Decide(key, pending) => {
+                            s.keys[nkeys] = key;
+                            pending
+                        }
+                    }
+                }
+                None => {
+                    s.keys[nkeys] = s.parsed[i];
+                    Pending::Untracked
+                }
+            };
+            s.pending[nkeys] = pending;
+            s.slot[i] = nkeys as u16;
+            nkeys += 1;
         }
         table.decide_batch(self.index, &s.keys[..nkeys], &mut s.decisions[..nkeys]);
         for i in 0..n {
@@ -183,6 +213,7 @@ impl<R: Rings> Datapath<R> {
                     false
                 }
                 k => {
+                    let track = &s.tracks[i];
                     let k = k as usize;
                     let d = s.decisions[k];
                     let outcome = match &self.ct {
@@ -190,7 +221,7 @@ impl<R: Rings> Datapath<R> {
                             ct,
                             &mut self.tally,
                             &s.pending[k],
-                            &s.tracks[k],
+                            track,
                             d.verdict,
                             generation,
                             now,
@@ -210,7 +241,7 @@ impl<R: Rings> Datapath<R> {
                             worker: self.index as u16,
                             no_flow: denied
                                 && matches!(s.pending[k], Pending::Open(_))
-                                && conntrack::looks_like_reply(&s.keys[k], &s.tracks[k]),
+                                && conntrack::looks_like_reply(&s.keys[k], track),
                         });
                     }
                     match (verdict, outcome) {
@@ -253,12 +284,31 @@ pub(crate) fn track_packet(
     generation: u32,
     now: u64,
 ) -> Tracked {
-    match conntrack::classify_packet(k, t) {
-        Kind::Flow(tuple) => match ct.lookup(&tuple, now) {
+    let kind = conntrack::classify_packet(k, t);
+    let probe = match &kind {
+        Kind::Flow(tuple) | Kind::Error(tuple) => ct.probe(tuple),
+        Kind::Untracked => Probe::default(),
+    };
+    track_probed(ct, k, t, &kind, &probe, generation, now)
+}
+
+/// [`track_packet`] with the packet's [`Kind`] and bucket [`Probe`] taken earlier.
+#[inline(always)]
+fn track_probed(
+    ct: &Conntrack,
+    k: &FlowKey,
+    t: &Track,
+    kind: &Kind,
+    probe: &Probe,
+    generation: u32,
+    now: u64,
+) -> Tracked {
+    match kind {
+        Kind::Flow(tuple) => match ct.lookup_probed(tuple, probe, now) {
             // A new SYN is always decided by the table, and so is a flow the current table has
             // not admitted yet (the first packet after a swap): in the flow's original direction.
             Some(hit) if hit.generation != generation => {
-                Tracked::Decide(hit.original_tuple(&tuple).key(), Pending::Recheck(hit))
+                Tracked::Decide(hit.original_tuple(tuple).key(), Pending::Recheck(hit))
             }
             Some(hit) if hit.original && conntrack::opens_flow(k, t) && k.proto == proto::TCP => {
                 Tracked::Decide(*k, Pending::Recheck(hit))
@@ -267,9 +317,9 @@ pub(crate) fn track_packet(
                 ct.update(&hit, t.tcp_flags, generation, now);
                 Tracked::Pass(CtEvent::Established)
             }
-            None => Tracked::Decide(*k, Pending::Open(tuple)),
+            None => Tracked::Decide(*k, Pending::Open(*tuple)),
         },
-        Kind::Error(quoted) => match ct.lookup(&quoted, now) {
+        Kind::Error(quoted) => match ct.lookup_probed(quoted, probe, now) {
             Some(hit) if hit.generation == generation => Tracked::Pass(CtEvent::Related),
             _ => Tracked::Decide(*k, Pending::Untracked),
         },
@@ -378,6 +428,9 @@ impl<R: Rings> Worker<R> {
                 index,
                 pair,
                 s: Box::new(Scratch {
+                    parsed: [FlowKey::default(); MAX_BURST],
+                    kind: [Kind::Untracked; MAX_BURST],
+                    probe: [Probe::default(); MAX_BURST],
                     keys: [FlowKey::default(); MAX_BURST],
                     decisions: [Decision::default(); MAX_BURST],
                     slot: [0; MAX_BURST],
