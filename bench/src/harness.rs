@@ -31,8 +31,8 @@ pub(crate) struct Args {
     /// Length of one traffic run.
     #[arg(long, default_value_t = 3.0)]
     seconds: f64,
-    /// Peers to run (default: all): plain, portcullis-0, portcullis, kernel, nft-linear, nft-set,
-    /// iptables-legacy, xdp-filter.
+    /// Peers to run (default: all): plain, portcullis-0, portcullis, portcullis-stateless,
+    /// kernel, nft-linear, nft-set, iptables-legacy, xdp-filter.
     #[arg(long, value_delimiter = ',')]
     peers: Option<Vec<String>>,
     #[arg(long, default_value = "pcmp")]
@@ -47,7 +47,11 @@ pub(crate) struct Args {
 #[derive(Debug, Clone, PartialEq)]
 enum Peer {
     Plain,
+    /// Portcullis with `n` rules, its connection tracker on.
     Portcullis(usize),
+    /// The same without the tracker: every packet classified (the gateway before it was
+    /// stateful).
+    PortcullisStateless(usize),
     Kernel,
     NftLinear(usize),
     NftSet(usize),
@@ -60,6 +64,7 @@ impl Peer {
         match self {
             Peer::Plain => "plain AF_XDP forwarder (no rules)".into(),
             Peer::Portcullis(n) => format!("portcullis, {n} rules"),
+            Peer::PortcullisStateless(n) => format!("portcullis, {n} rules, no tracker"),
             Peer::Kernel => "kernel forwarding (no rules)".into(),
             Peer::NftLinear(n) => format!("nftables, {n} linear rules"),
             Peer::NftSet(n) => format!("nftables, set of {n}"),
@@ -69,7 +74,10 @@ impl Peer {
     }
 
     fn routed(&self) -> bool {
-        !matches!(self, Peer::Plain | Peer::Portcullis(_))
+        !matches!(
+            self,
+            Peer::Plain | Peer::Portcullis(_) | Peer::PortcullisStateless(_)
+        )
     }
 }
 
@@ -222,7 +230,7 @@ fn setup(
             )?;
             Ok((None, Some(child)))
         }
-        Peer::Portcullis(n) => {
+        Peer::Portcullis(n) | Peer::PortcullisStateless(n) => {
             let policies = dir.join("policies");
             std::fs::create_dir_all(&policies)?;
             write(&policies.join("bench.yaml"), &deny_policy(*n))?;
@@ -235,6 +243,11 @@ fn setup(
             let mut poll = serde_norway::Mapping::new();
             poll.insert("mode".into(), "busy".into());
             m.insert("poll".into(), serde_norway::Value::Mapping(poll));
+            if matches!(peer, Peer::PortcullisStateless(_)) {
+                let mut ct = serde_norway::Mapping::new();
+                ct.insert("enabled".into(), false.into());
+                m.insert("conntrack".into(), serde_norway::Value::Mapping(ct));
+            }
             write(&cfg, &serde_norway::to_string(&v)?)?;
             let exe = bench.with_file_name("portcullis");
             let mut gw = GatewayProcess::spawn(
@@ -470,6 +483,7 @@ pub(crate) fn run(a: Args) -> Result<()> {
         Peer::Plain,
         Peer::Portcullis(0),
         Peer::Portcullis(a.rules),
+        Peer::PortcullisStateless(a.rules),
         Peer::Kernel,
         Peer::NftLinear(a.rules),
         Peer::NftSet(a.rules),
@@ -480,6 +494,7 @@ pub(crate) fn run(a: Args) -> Result<()> {
         "plain",
         "portcullis-0",
         "portcullis",
+        "portcullis-stateless",
         "kernel",
         "nft-linear",
         "nft-set",

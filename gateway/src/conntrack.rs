@@ -629,7 +629,9 @@ impl Conntrack {
                 continue;
             }
             if now.saturating_sub(c.seen) > self.timeout_ns(c.tuple.proto, c.state) {
-                return None;
+                // An expired copy of this flow (the flow may have opened again in another slot
+                // of the bucket since): keep looking.
+                continue;
             }
             return Some(Hit {
                 slot: i,
@@ -926,6 +928,21 @@ mod tests {
     }
 
     #[test]
+    fn an_expired_copy_does_not_hide_the_flow_opened_again() {
+        // Found by the model test: an expired entry stays in its slot until reused or swept,
+        // and the flow opened again takes the bucket's first free slot, after it. Its replies
+        // must find the new entry, not stop at the stale one.
+        let ct = table(16);
+        let t = udp(9);
+        ct.insert(&t, 0, 1, S).unwrap();
+        ct.insert(&udp(10), 0, 1, S).unwrap();
+        assert!(ct.lookup(&t, 32 * S).is_none(), "30 s unreplied");
+        ct.insert(&t, 0, 1, 32 * S).unwrap();
+        let h = ct.lookup(&t.reversed(), 32 * S).expect("the new entry");
+        assert!(!h.original);
+    }
+
+    #[test]
     fn a_tcp_connection_walks_its_states_and_each_state_has_its_timeout() {
         let ct = table(1024);
         let t = tcp(40000, 443);
@@ -1208,3 +1225,7 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "conntrack_model.rs"]
+mod model;
