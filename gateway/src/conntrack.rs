@@ -167,7 +167,7 @@ pub struct Tuple {
 impl Tuple {
     /// A packet's key as a tuple (ports as they are).
     #[inline(always)]
-    fn of(key: &FlowKey) -> Tuple {
+    pub(crate) fn of(key: &FlowKey) -> Tuple {
         Tuple {
             dir: key.dir,
             v6: key.v6,

@@ -166,9 +166,7 @@ pub(crate) enum Parsed {
     OtherL2,
 }
 
-/// [`parse_tracked`] into the caller's burst arrays: the common case writes the key and the
-/// tracker fields in place, field by field, so nothing is copied around between the parser and
-/// the tracker (whole-struct copies of freshly written fields stall store forwarding).
+/// [`parse_tracked`] into the caller's burst arrays.
 #[inline(always)]
 pub(crate) fn parse_into(
     data: &[u8],
@@ -176,9 +174,25 @@ pub(crate) fn parse_into(
     key: &mut FlowKey,
     track: &mut Track,
 ) -> Result<Parsed, Reason> {
-    if fast_path(data, direction, key, track) {
+    if let Some((k, flags)) = fast_path(data, direction) {
+        *key = k;
+        *track = Track {
+            tcp_flags: flags,
+            ..Track::default()
+        };
         return Ok(Parsed::Ip);
     }
+    parse_slow(data, direction, key, track)
+}
+
+/// Everything [`fast_path`] does not take, through etherparse.
+#[inline(never)]
+pub(crate) fn parse_slow(
+    data: &[u8],
+    direction: Direction,
+    key: &mut FlowKey,
+    track: &mut Track,
+) -> Result<Parsed, Reason> {
     let (frame, t) = parse_sliced(data, direction)?;
     *track = t;
     Ok(match frame {
@@ -192,53 +206,54 @@ pub(crate) fn parse_into(
 }
 
 /// The common case at fixed offsets (DESIGN §4): untagged Ethernet, IPv4 without options, not
-/// fragmented, TCP or UDP with consistent lengths. Anything else, or anything odd, returns
-/// `false` having written nothing, and goes through etherparse; a test checks on generated and
-/// mutated frames that whatever this accepts, etherparse parses to the same result.
+/// fragmented, TCP or UDP with consistent lengths: the key and the TCP flags (0 for UDP). Inlined
+/// into the burst loop, the key stays in registers for the tracker's probe (reading back
+/// fields just stored byte by byte would stall store forwarding). Anything else, or anything
+/// odd, returns `None` and goes through etherparse; a test checks on generated and mutated
+/// frames that whatever this accepts, etherparse parses to the same result.
 #[inline(always)]
-fn fast_path(b: &[u8], direction: Direction, key: &mut FlowKey, track: &mut Track) -> bool {
+pub(crate) fn fast_path(b: &[u8], direction: Direction) -> Option<(FlowKey, u8)> {
     if b.len() < 14 + 20 + 8 || b[12] != 0x08 || b[13] != 0x00 || b[14] != 0x45 {
-        return false;
+        return None;
     }
     let total = u16::from_be_bytes([b[16], b[17]]) as usize;
     // Fragmented (MF or an offset) goes the slow way; DF is fine.
     if u16::from_be_bytes([b[20], b[21]]) & 0x3fff != 0 || total < 20 + 8 || total > b.len() - 14 {
-        return false;
+        return None;
     }
     let l4 = &b[34..14 + total];
     let proto_ = b[23];
     let flags = match proto_ {
         proto::TCP => {
             if l4.len() < 20 {
-                return false;
+                return None;
             }
             let doff = usize::from(l4[12] >> 4) * 4;
             if doff < 20 || doff > l4.len() {
-                return false;
+                return None;
             }
             l4[13]
         }
         proto::UDP => {
             if l4.len() < 8 || u16::from_be_bytes([l4[4], l4[5]]) as usize != l4.len() {
-                return false;
+                return None;
             }
             0
         }
-        _ => return false,
+        _ => return None,
     };
-    track.tcp_flags = flags;
-    track.icmp_id = 0;
-    track.quoted = None;
-    key.dir = direction;
-    key.v6 = false;
-    key.src = u32::from_be_bytes([b[26], b[27], b[28], b[29]]) as u128;
-    key.dst = u32::from_be_bytes([b[30], b[31], b[32], b[33]]) as u128;
-    key.proto = proto_;
-    key.sport = u16::from_be_bytes([l4[0], l4[1]]);
-    key.dport = u16::from_be_bytes([l4[2], l4[3]]);
-    key.ports_known = true;
-    key.vlan = NO_VLAN;
-    true
+    let key = FlowKey {
+        dir: direction,
+        v6: false,
+        src: u32::from_be_bytes([b[26], b[27], b[28], b[29]]) as u128,
+        dst: u32::from_be_bytes([b[30], b[31], b[32], b[33]]) as u128,
+        proto: proto_,
+        sport: u16::from_be_bytes([l4[0], l4[1]]),
+        dport: u16::from_be_bytes([l4[2], l4[3]]),
+        ports_known: true,
+        vlan: NO_VLAN,
+    };
+    Some((key, flags))
 }
 
 /// The general parser: every link extension, IP version, extension header and transport.
@@ -588,9 +603,13 @@ mod tests {
 
     /// The fast path on its own, as `parse_tracked` would return it.
     fn fast(f: &[u8], dir: Direction) -> Option<(Frame, Track)> {
-        let mut key = FlowKey::default();
-        let mut track = Track::default();
-        fast_path(f, dir, &mut key, &mut track).then_some((Frame::Ip(key), track))
+        fast_path(f, dir).map(|(key, flags)| {
+            let track = Track {
+                tcp_flags: flags,
+                ..Track::default()
+            };
+            (Frame::Ip(key), track)
+        })
     }
 
     #[test]

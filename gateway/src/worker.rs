@@ -29,7 +29,7 @@ use hdrhistogram::Histogram;
 
 use crate::config::{L2Action, Poll, PollMode, L2, MAX_BURST};
 use crate::conntrack::{self, Conntrack, Hit, InsertError, Kind, Probe, Track, Tuple};
-use crate::parse::{parse_into, Parsed};
+use crate::parse::{self, Parsed};
 use crate::stats::{new_histogram, CtEvent, Reason, SharedLatency, Tally, WorkerCounters};
 use crate::sys::ring::{QueuePair, Rings, Side};
 use crate::sys::wait_readable;
@@ -142,7 +142,22 @@ impl<R: Rings> Datapath<R> {
         // Pass 1: parse every frame in place and, with a tracker, read its bucket's tag word.
         // Nothing waits on those reads here, so the burst's cache misses overlap.
         for i in 0..n {
-            s.slot[i] = match parse_into(rx.frame(i), dir, &mut s.parsed[i], &mut s.tracks[i]) {
+            let frame = rx.frame(i);
+            if let Some((key, flags)) = parse::fast_path(frame, dir) {
+                // The common case: the key is probed from registers, then stored.
+                s.tracks[i].tcp_flags = flags;
+                s.tracks[i].icmp_id = 0;
+                s.tracks[i].quoted = None;
+                if let Some(ct) = &self.ct {
+                    let t = Tuple::of(&key);
+                    s.probe[i] = ct.probe(&t);
+                    s.kind[i] = Kind::Flow(t);
+                }
+                s.parsed[i] = key;
+                s.slot[i] = SLOT_IP;
+                continue;
+            }
+            s.slot[i] = match parse::parse_slow(frame, dir, &mut s.parsed[i], &mut s.tracks[i]) {
                 Ok(Parsed::Ip) => {
                     if let Some(ct) = &self.ct {
                         conntrack::classify_into(&s.parsed[i], &s.tracks[i], &mut s.kind[i]);
