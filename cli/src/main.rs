@@ -386,6 +386,12 @@ fn build(src: &PolicySource) -> Result<Built> {
     }
     let compiled = compile(&snap, &ctx).with_context(|| format!("policies from {sources}"))?;
     let compile_ms = started.elapsed().as_secs_f64() * 1e3;
+    errors.extend(
+        compiled
+            .rejected
+            .iter()
+            .map(|r| format!("{} ({}): {}", r.object, r.source, r.message)),
+    );
     for e in &errors {
         eprintln!("error: {e}");
     }

@@ -9,7 +9,7 @@ use hdrhistogram::Histogram;
 
 use crate::publish::{Publisher, RuleHits};
 use crate::source::{load_dir, Fingerprint, SourceError};
-use policy::compile::{compile, CompileError, GatewayContext};
+use policy::compile::{compile, CompileError, GatewayContext, Rejected};
 use policy::rule::RuleSet;
 use policy::snapshot::{ClusterObjects, Snapshot};
 
@@ -20,6 +20,8 @@ pub enum LoadError {
     Source(Vec<SourceError>),
     #[error(transparent)]
     Compile(#[from] CompileError),
+    #[error("{} object(s) over the compile budget:\n  {}", .0.len(), .0.join("\n  "))]
+    OverBudget(Vec<String>),
 }
 
 impl LoadError {
@@ -28,6 +30,7 @@ impl LoadError {
         match self {
             LoadError::Source(errs) => errs.iter().map(|e| e.line()).collect(),
             LoadError::Compile(e) => vec![e.to_string()],
+            LoadError::OverBudget(lines) => lines.clone(),
         }
     }
 }
@@ -39,7 +42,24 @@ pub fn load_and_compile(
 ) -> Result<(Snapshot, RuleSet, Vec<String>), LoadError> {
     let snap = load_dir(dir).map_err(LoadError::Source)?;
     let compiled = compile(&snap, ctx)?;
+    let (from_files, _) = split_rejected(&compiled.rejected);
+    if !from_files.is_empty() {
+        return Err(LoadError::OverBudget(from_files));
+    }
     Ok((snap, compiled.rules, compiled.warnings))
+}
+
+/// Objects the compiler left out, as status lines: those of the policy directory (which is
+/// all-or-nothing, like any error in it) and those of the API (skipped and reported, like an
+/// object that does not parse, while the rest applies).
+fn split_rejected(rejected: &[Rejected]) -> (Vec<String>, Vec<String>) {
+    let line = |r: &Rejected| format!("{} ({}): {}", r.object, r.source, r.message);
+    let (api, files): (Vec<&Rejected>, Vec<&Rejected>) =
+        rejected.iter().partition(|r| r.source.starts_with("api:"));
+    (
+        files.into_iter().map(line).collect(),
+        api.into_iter().map(line).collect(),
+    )
 }
 
 /// Time from a policy event (a watch event received) to the swap of the table that contains it.
@@ -71,6 +91,9 @@ pub struct ReloadStatus {
     /// The errors of the last failed reload, cleared by the next good one.
     pub last_error: Vec<String>,
     pub warnings: Vec<String>,
+    /// API objects left out of the table for exceeding the compile budget.
+    #[serde(default)]
+    pub rejected: Vec<String>,
 }
 
 /// Owns the publisher and every source's last good snapshot.
@@ -150,9 +173,17 @@ impl Reloader {
         let snap = self.merged();
         match compile(&snap, &self.ctx) {
             Ok(compiled) => {
+                let (from_files, from_api) = split_rejected(&compiled.rejected);
+                if !from_files.is_empty() {
+                    let e = LoadError::OverBudget(from_files);
+                    self.status.reloads_failed += 1;
+                    self.status.last_error = e.lines();
+                    return Err(e);
+                }
                 let compile_ms = started.elapsed().as_secs_f64() * 1e3;
                 self.publisher.publish(compiled.rules);
                 self.record_ok(&snap, compiled.warnings, compile_ms);
+                self.status.rejected = from_api;
                 self.objects = snap.cluster_objects();
                 Ok(self.status.generation)
             }

@@ -336,6 +336,9 @@ struct ConfigWire {
     logging: Logging,
     #[serde(default)]
     conntrack: Conntrack,
+    /// Compile budgets (`limits: {atoms_per_object, atoms_per_table}`).
+    #[serde(default)]
+    limits: policy::compile::Budget,
 }
 
 /// The connection tracker (`conntrack:`).
@@ -607,6 +610,7 @@ impl Config {
                 failsafe,
                 pods_routable: w.kubernetes.pods_routable,
                 drop_no_endpoints: w.kubernetes.no_endpoints == NoEndpoints::Drop,
+                budget: w.limits,
             },
             kubernetes_api,
         })

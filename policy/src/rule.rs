@@ -221,7 +221,14 @@ impl AddrSet {
     /// Disjoint-enough prefixes whose union is exactly this set, for one family; `None` when the
     /// set places no constraint on that family at all (any address).
     pub fn lower(&self, v6: bool) -> Vec<Prefix> {
-        let mut parts: Vec<Prefix> = if self.include.is_empty() {
+        self.lower_bounded(v6, usize::MAX).unwrap_or_default()
+    }
+
+    /// [`AddrSet::lower`], giving up (`None`) as soon as more than `max` prefixes are in play:
+    /// each exception can split every prefix it falls in into up to 128 pieces, so a few long
+    /// IPv6 exceptions would otherwise cost time and memory before any budget could say no.
+    pub fn lower_bounded(&self, v6: bool, max: usize) -> Option<Vec<Prefix>> {
+        let include: Vec<Prefix> = if self.include.is_empty() {
             vec![Prefix::any(v6)]
         } else {
             self.include
@@ -230,13 +237,43 @@ impl AddrSet {
                 .copied()
                 .collect()
         };
-        for hole in self.except.iter().filter(|p| p.v6 == v6) {
-            parts = parts.iter().flat_map(|p| p.subtract(hole)).collect();
+        let mut holes: Vec<Prefix> = self.except.iter().filter(|p| p.v6 == v6).copied().collect();
+        holes.sort();
+        let mut parts = Vec::new();
+        for p in include {
+            if holes.iter().any(|h| h.contains(&p)) {
+                continue;
+            }
+            // The holes inside `p`: sorted by address, so each half's are a contiguous run.
+            let inside: Vec<Prefix> = holes.iter().filter(|h| p.contains(h)).copied().collect();
+            if !difference(p, &inside, &mut parts, max) {
+                return None;
+            }
         }
         parts.sort();
         parts.dedup();
-        parts
+        Some(parts)
     }
+}
+
+/// Appends `p` minus the union of `holes` to `out` as disjoint prefixes, splitting `p` in halves
+/// only where a hole lies: O(holes x prefix length + output), however the holes are arranged.
+/// Every hole lies inside `p`, and `holes` is sorted. Returns false once `out` exceeds `max`.
+fn difference(p: Prefix, holes: &[Prefix], out: &mut Vec<Prefix>, max: usize) -> bool {
+    if holes.is_empty() {
+        out.push(p);
+        return out.len() <= max;
+    }
+    if holes.iter().any(|h| h.contains(&p)) {
+        return true;
+    }
+    let Some((lo, hi)) = p.split() else {
+        return true;
+    };
+    // Holes strictly inside `p` are longer than it, so each lies in one half; sorted by address,
+    // the low half's come first.
+    let mid = holes.partition_point(|h| h.bits < hi.bits);
+    difference(lo, &holes[..mid], out, max) && difference(hi, &holes[mid..], out, max)
 }
 
 /// An inclusive port range. `0..=65535` is the wildcard.
@@ -411,6 +448,26 @@ impl Match {
             dport: PortRange::ANY,
             vlan: None,
         }
+    }
+
+    /// How many classifier atoms (single source prefix x single destination prefix, per address
+    /// family) this match lowers to, or `None` when that is more than `max`. Computed without
+    /// building them.
+    pub fn atoms(&self, max: u64) -> Option<u64> {
+        let cap = usize::try_from(max).unwrap_or(usize::MAX);
+        let mut total = 0u64;
+        for v6 in [false, true] {
+            let s = self.src.lower_bounded(v6, cap)?.len() as u64;
+            if s == 0 {
+                continue;
+            }
+            let d = self.dst.lower_bounded(v6, cap)?.len() as u64;
+            total = total.saturating_add(s.saturating_mul(d));
+            if total > max {
+                return None;
+            }
+        }
+        Some(total)
     }
 
     /// Whether the match needs transport ports (so never matches a non-first fragment).
@@ -634,6 +691,36 @@ mod tests {
             }
         }
         assert!(set.lower(true).is_empty());
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+        /// Any includes and exceptions (nested, overlapping, covering) inside 10.0.0.0/24: the
+        /// lowered prefixes cover exactly the addresses the set contains, and are disjoint
+        /// within one include.
+        #[test]
+        fn lowering_is_exact_for_any_holes(
+            include in proptest::collection::vec((0u32..256, 24u8..=32), 0..3),
+            except in proptest::collection::vec((0u32..256, 24u8..=32), 0..12),
+        ) {
+            let mk = |v: &[(u32, u8)]| -> Vec<Prefix> {
+                v.iter()
+                    .map(|&(h, len)| Prefix::new(IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + h)), len).unwrap())
+                    .collect()
+            };
+            let set = AddrSet { include: mk(&include), except: mk(&except) };
+            let lowered = set.lower(false);
+            for host in 0u32..256 {
+                let bits = (0x0a00_0000 + host) as u128;
+                let hits = lowered.iter().filter(|q| q.contains_bits(false, bits)).count();
+                proptest::prop_assert_eq!(hits > 0, set.contains(false, bits), "host {}", host);
+                if include.len() <= 1 {
+                    proptest::prop_assert!(hits <= 1, "host {} in {} parts", host, hits);
+                }
+            }
+            proptest::prop_assert_eq!(set.lower_bounded(false, 0).is_none(), !lowered.is_empty());
+        }
     }
 
     #[test]

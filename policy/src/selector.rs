@@ -34,6 +34,10 @@ pub enum SelectorError {
     },
     #[error("unexpected `{rest}` at offset {offset}")]
     Trailing { rest: String, offset: usize },
+    #[error("nested deeper than {max} levels of `(` and `!` at offset {offset}")]
+    TooDeep { max: usize, offset: usize },
+    #[error("{len} bytes, longer than the {max} a selector may have")]
+    TooLong { len: usize, max: usize },
     #[error("matchExpressions[{index}]: {operator} needs values")]
     NeedsValues { index: usize, operator: String },
     #[error("matchExpressions[{index}]: {operator} takes no values")]
@@ -108,9 +112,20 @@ pub enum Expr {
     StartsWith(String, String),
     EndsWith(String, String),
     Not(Box<Expr>),
-    And(Box<Expr>, Box<Expr>),
-    Or(Box<Expr>, Box<Expr>),
+    /// Every term (n-ary, so a long chain of `&&` stays one level deep).
+    And(Vec<Expr>),
+    /// Any term.
+    Or(Vec<Expr>),
 }
+
+/// How deep `(` and `!` may nest in a Calico selector. Real selectors nest a few levels; the
+/// limit keeps parsing, matching and dropping an expression within a small stack, whatever an API
+/// user writes (each level costs a few frames of recursion).
+pub const MAX_SELECTOR_DEPTH: usize = 64;
+
+/// The longest Calico selector accepted, in bytes (Calico's own API has no limit; this one is far
+/// beyond any real selector and bounds the work per object).
+pub const MAX_SELECTOR_LEN: usize = 16 * 1024;
 
 impl Expr {
     /// Calico semantics: `!=` and `not in` match when the label is absent.
@@ -126,16 +141,25 @@ impl Expr {
             Expr::StartsWith(k, s) => labels.get(k).is_some_and(|v| v.starts_with(s.as_str())),
             Expr::EndsWith(k, s) => labels.get(k).is_some_and(|v| v.ends_with(s.as_str())),
             Expr::Not(e) => !e.matches(labels),
-            Expr::And(a, b) => a.matches(labels) && b.matches(labels),
-            Expr::Or(a, b) => a.matches(labels) || b.matches(labels),
+            Expr::And(terms) => terms.iter().all(|e| e.matches(labels)),
+            Expr::Or(terms) => terms.iter().any(|e| e.matches(labels)),
         }
     }
 
-    /// Parses a Calico selector. The empty string means `all()`.
+    /// Parses a Calico selector. The empty string means `all()`. Nesting deeper than
+    /// [`MAX_SELECTOR_DEPTH`] or text longer than [`MAX_SELECTOR_LEN`] is an error, never a
+    /// crash.
     pub fn parse(s: &str) -> Result<Expr, SelectorError> {
+        if s.len() > MAX_SELECTOR_LEN {
+            return Err(SelectorError::TooLong {
+                len: s.len(),
+                max: MAX_SELECTOR_LEN,
+            });
+        }
         let mut p = Parser {
             s: s.as_bytes(),
             i: 0,
+            depth: 0,
         };
         p.ws();
         if p.i == p.s.len() {
@@ -156,6 +180,8 @@ impl Expr {
 struct Parser<'a> {
     s: &'a [u8],
     i: usize,
+    /// `(` and `!` open around the current position.
+    depth: usize,
 }
 
 impl Parser<'_> {
@@ -183,30 +209,55 @@ impl Parser<'_> {
     }
 
     fn or(&mut self) -> Result<Expr, SelectorError> {
-        let mut e = self.and()?;
+        let mut terms = vec![self.and()?];
         while self.eat("||") {
-            e = Expr::Or(Box::new(e), Box::new(self.and()?));
+            terms.push(self.and()?);
         }
-        Ok(e)
+        Ok(if terms.len() == 1 {
+            terms.swap_remove(0)
+        } else {
+            Expr::Or(terms)
+        })
     }
 
     fn and(&mut self) -> Result<Expr, SelectorError> {
-        let mut e = self.unary()?;
+        let mut terms = vec![self.unary()?];
         while self.eat("&&") {
-            e = Expr::And(Box::new(e), Box::new(self.unary()?));
+            terms.push(self.unary()?);
         }
-        Ok(e)
+        Ok(if terms.len() == 1 {
+            terms.swap_remove(0)
+        } else {
+            Expr::And(terms)
+        })
+    }
+
+    /// One more level of `(` or `!`, within the limit.
+    fn deeper(&mut self) -> Result<(), SelectorError> {
+        self.depth += 1;
+        if self.depth > MAX_SELECTOR_DEPTH {
+            return Err(SelectorError::TooDeep {
+                max: MAX_SELECTOR_DEPTH,
+                offset: self.i,
+            });
+        }
+        Ok(())
     }
 
     fn unary(&mut self) -> Result<Expr, SelectorError> {
         if self.eat("!") && !self.s[self.i..].starts_with(b"=") {
-            return Ok(Expr::Not(Box::new(self.unary()?)));
+            self.deeper()?;
+            let e = Expr::Not(Box::new(self.unary()?));
+            self.depth -= 1;
+            return Ok(e);
         }
         if self.eat("(") {
+            self.deeper()?;
             let e = self.or()?;
             if !self.eat(")") {
                 return self.err("`)`");
             }
+            self.depth -= 1;
             return Ok(e);
         }
         if self.eat("all()") || self.eat("global()") {
@@ -353,5 +404,50 @@ mod tests {
         ] {
             assert!(Expr::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn nesting_and_length_are_bounded_with_an_error_never_a_crash() {
+        // The report's case: ~2,600 parentheses (about 5 KB), parsed on a thread with the default
+        // 2 MiB stack, as the Kubernetes source does.
+        let deep = format!("{}a == 'b'{}", "(".repeat(2600), ")".repeat(2600));
+        let bang = format!("{}has(a)", "!".repeat(2600));
+        let r = std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn(move || (Expr::parse(&deep), Expr::parse(&bang)))
+            .unwrap()
+            .join()
+            .expect("no stack overflow");
+        for e in [r.0, r.1] {
+            assert!(
+                matches!(
+                    e,
+                    Err(SelectorError::TooDeep {
+                        max: MAX_SELECTOR_DEPTH,
+                        ..
+                    })
+                ),
+                "{e:?}"
+            );
+        }
+        // At the limit it parses and matches.
+        let ok = format!(
+            "{}a == 'b'{}",
+            "(".repeat(MAX_SELECTOR_DEPTH),
+            ")".repeat(MAX_SELECTOR_DEPTH)
+        );
+        let l = labels(&[("a", "b")]);
+        assert!(Expr::parse(&ok).unwrap().matches(&l));
+        // A long flat chain stays one level deep: matching and dropping it use no deep stack.
+        let chain = vec!["a == 'b'"; 1000].join(" && ");
+        match Expr::parse(&chain).unwrap() {
+            Expr::And(terms) => assert_eq!(terms.len(), 1000),
+            e => panic!("{e:?}"),
+        }
+        let long = "a == 'b' || ".repeat(2000) + "has(a)";
+        assert!(matches!(
+            Expr::parse(&long),
+            Err(SelectorError::TooLong { .. })
+        ));
     }
 }

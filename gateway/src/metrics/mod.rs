@@ -167,6 +167,12 @@ pub fn health(s: &Status) -> Result<Vec<String>, Unhealthy> {
         why.push("starting: the sockets are not open and the workers not running yet".to_string());
     }
     let mut notes = Vec::new();
+    if let Some(first) = s.policy.rejected.first() {
+        notes.push(format!(
+            "{} Kubernetes object(s) over the compile budget left out (see /status): {first}",
+            s.policy.rejected.len()
+        ));
+    }
     if !s.policy.last_error.is_empty() {
         why.push(format!(
             "policy reload failing; serving the last good table (generation {}): {}",

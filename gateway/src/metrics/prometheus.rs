@@ -174,6 +174,12 @@ pub fn prometheus(s: &Status) -> String {
             p.reloads_ok as f64,
         ),
         (
+            "portcullis_policy_rejected_objects",
+            "gauge",
+            "API objects left out of the table for exceeding the compile budget (limits).",
+            p.rejected.len() as f64,
+        ),
+        (
             "portcullis_policy_healthy",
             "gauge",
             "1 when the last reload succeeded.",

@@ -11,7 +11,6 @@ mod kubernetes;
 
 use std::collections::{BTreeSet, HashMap};
 
-use crate::classify::lower;
 use crate::gateway_policy::{PolicyRule, RuleAction};
 use crate::rule::{
     Action, DenyReason, Direction, Layer, Match, Origin, Rule, RuleSet, RuleSetError, Verdict,
@@ -32,6 +31,29 @@ pub struct GatewayContext {
     pub pods_routable: bool,
     /// Drop traffic to Service frontends that have no endpoint at all (`no_endpoints`).
     pub drop_no_endpoints: bool,
+    /// How much classifier work one object, and the whole table, may cost.
+    pub budget: Budget,
+}
+
+/// Compile budgets, in classifier atoms: a rule lowers to (source prefixes x destination
+/// prefixes) per address family, after its exceptions are cut out. One object over
+/// `atoms_per_object` is rejected and reported like any bad object while the rest applies; a table
+/// over `atoms_per_table` is not published (the last good one stays). Together they bound the
+/// table's build time and memory (the README gives the build time at the limits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Budget {
+    pub atoms_per_object: u64,
+    pub atoms_per_table: u64,
+}
+
+impl Default for Budget {
+    fn default() -> Self {
+        Budget {
+            atoms_per_object: 100_000,
+            atoms_per_table: 1_000_000,
+        }
+    }
 }
 
 impl Default for GatewayContext {
@@ -42,6 +64,7 @@ impl Default for GatewayContext {
             failsafe: Vec::new(),
             pods_routable: false,
             drop_no_endpoints: true,
+            budget: Budget::default(),
         }
     }
 }
@@ -57,6 +80,10 @@ pub enum CompileError {
     },
     #[error("the compiled rules are inconsistent: {0}")]
     RuleSet(#[from] RuleSetError),
+    #[error("the table would hold more than {max} classifier atoms (its objects' source x destination prefixes); the largest: {largest}. Raise `limits.atoms_per_table` or split the address lists")]
+    TooLarge { max: u64, largest: String },
+    #[error("{object} lowers to more than {max} classifier atoms (limits.atoms_per_object): the gateway config itself must fit")]
+    ConfigTooLarge { object: String, max: u64 },
 }
 
 /// A compiled rule set and what the operator should know about it.
@@ -64,6 +91,18 @@ pub enum CompileError {
 pub struct Compiled {
     pub rules: RuleSet,
     pub warnings: Vec<String>,
+    /// Objects left out of the table, each with where it came from and why.
+    pub rejected: Vec<Rejected>,
+}
+
+/// An object the compiler left out (over its budget).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejected {
+    /// `Kind/[namespace/]name`.
+    pub object: String,
+    /// Where it was read (a file, or the API).
+    pub source: String,
+    pub message: String,
 }
 
 fn action_of(a: RuleAction, audit: bool) -> Action {
@@ -88,8 +127,9 @@ fn action_of(a: RuleAction, audit: bool) -> Action {
 pub fn compile(snap: &Snapshot, ctx: &GatewayContext) -> Result<Compiled, CompileError> {
     let mut rules = Vec::new();
     let mut warnings = Vec::new();
+    let budget = ctx.budget;
     let mut warn_empty = |m: &Match, what: &str| {
-        if lower(std::slice::from_ref(m)).is_empty() {
+        if m.atoms(budget.atoms_per_object) == Some(0) {
             warnings.push(format!(
                 "{what}: matches no packet (its source and destination share no address family, or its exceptions cover everything)"
             ));
@@ -214,10 +254,71 @@ pub fn compile(snap: &Snapshot, ctx: &GatewayContext) -> Result<Compiled, Compil
     // decide anything the first did not: keep the first.
     let mut seen_ids = std::collections::HashSet::new();
     rules.retain(|r| seen_ids.insert(r.id));
+    let rejected = enforce_budget(&mut rules, budget)?;
     Ok(Compiled {
         rules: RuleSet::new(rules)?,
         warnings,
+        rejected,
     })
+}
+
+/// Leaves out every object whose rules lower to more atoms than the budget allows, and refuses a
+/// table over the total.
+fn enforce_budget(rules: &mut Vec<Rule>, budget: Budget) -> Result<Vec<Rejected>, CompileError> {
+    // Per object: its atoms (saturating at "over"), its layer, where it came from.
+    let mut cost: HashMap<&str, (u64, Layer, &str)> = HashMap::new();
+    for r in rules.iter() {
+        let atoms = r.matcher.atoms(budget.atoms_per_object).unwrap_or(u64::MAX);
+        let e = cost.entry(r.origin.object.as_str()).or_insert((
+            0,
+            r.origin.layer,
+            r.origin.source.as_str(),
+        ));
+        e.0 = e.0.saturating_add(atoms);
+    }
+    let mut rejected = Vec::new();
+    let mut over = BTreeSet::new();
+    for (object, (atoms, layer, source)) in &cost {
+        if *atoms <= budget.atoms_per_object {
+            continue;
+        }
+        if matches!(layer, Layer::Failsafe | Layer::Default) {
+            return Err(CompileError::ConfigTooLarge {
+                object: object.to_string(),
+                max: budget.atoms_per_object,
+            });
+        }
+        over.insert(object.to_string());
+        rejected.push(Rejected {
+            object: object.to_string(),
+            source: source.to_string(),
+            message: format!(
+                "lowers to more than {} classifier atoms (limits.atoms_per_object: each rule costs its source prefixes x destination prefixes, after its exceptions split them); left out of the table",
+                budget.atoms_per_object
+            ),
+        });
+    }
+    rejected.sort_by(|a, b| a.object.cmp(&b.object));
+    let total: u64 = cost
+        .iter()
+        .filter(|(o, _)| !over.contains(**o))
+        .map(|(_, c)| c.0)
+        .fold(0, u64::saturating_add);
+    if total > budget.atoms_per_table {
+        let largest = cost
+            .iter()
+            .filter(|(o, _)| !over.contains(**o))
+            .max_by_key(|(_, c)| c.0)
+            .map(|(o, c)| format!("{o} ({} atoms)", c.0))
+            .unwrap_or_default();
+        return Err(CompileError::TooLarge {
+            max: budget.atoms_per_table,
+            largest,
+        });
+    }
+    drop(cost);
+    rules.retain(|r| !over.contains(&r.origin.object));
+    Ok(rejected)
 }
 
 #[cfg(test)]
@@ -319,5 +420,100 @@ mod tests {
         let c = compile(&snap, &GatewayContext::default()).unwrap();
         assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
         assert!(c.warnings[0].contains("GatewayPolicy/mixed ingress[0]"));
+    }
+
+    /// `n` long IPv6 exceptions inside one /16: each splits the set into up to 128 more pieces.
+    fn exploding(name: &str, n: usize) -> Located<GatewayPolicy> {
+        let holes: Vec<String> = (0..n)
+            .map(|i| format!("'2001:db8:{:x}:{:x}::1/128'", i * 7 + 1, i * 13 + 3))
+            .collect();
+        let dsts: Vec<String> = (0..n)
+            .map(|i| format!("'2001:db9:{:x}::1/128'", i + 1))
+            .collect();
+        policy(
+            name,
+            10,
+            false,
+            &format!(
+                "[{{action: Allow, source: {{nets: ['2001:db8::/32'], notNets: [{}]}}, destination: {{nets: [{}]}}}}]",
+                holes.join(", "),
+                dsts.join(", ")
+            ),
+        )
+    }
+
+    #[test]
+    fn an_object_over_the_atom_budget_is_left_out_and_the_rest_applies() {
+        let snap = Snapshot {
+            gateway_policies: vec![
+                exploding("boom", 40),
+                policy(
+                    "fine",
+                    20,
+                    false,
+                    "[{action: Deny, source: {nets: [192.0.2.0/24]}}]",
+                ),
+            ],
+            ..Snapshot::default()
+        };
+        let started = std::time::Instant::now();
+        let c = compile(&snap, &GatewayContext::default()).unwrap();
+        // 40 holes x up to 96 pieces each, times 40 destinations: ~150,000 atoms, over 100,000.
+        assert!(started.elapsed() < std::time::Duration::from_secs(2));
+        assert_eq!(c.rejected.len(), 1, "{:?}", c.rejected);
+        assert_eq!(c.rejected[0].object, "GatewayPolicy/boom");
+        assert!(c.rejected[0].message.contains("100000 classifier atoms"));
+        let objects: Vec<&str> = c
+            .rules
+            .rules()
+            .iter()
+            .map(|r| r.origin.object.as_str())
+            .collect();
+        assert!(objects.contains(&"GatewayPolicy/fine"));
+        assert!(!objects.contains(&"GatewayPolicy/boom"));
+
+        // Within a raised budget it compiles; a table over its own budget is refused whole.
+        let roomy = GatewayContext {
+            budget: Budget {
+                atoms_per_object: 1_000_000,
+                atoms_per_table: 1_000_000,
+            },
+            ..GatewayContext::default()
+        };
+        assert!(compile(&snap, &roomy).unwrap().rejected.is_empty());
+        let tight = GatewayContext {
+            budget: Budget {
+                atoms_per_object: 1_000_000,
+                atoms_per_table: 50_000,
+            },
+            ..GatewayContext::default()
+        };
+        match compile(&snap, &tight) {
+            Err(CompileError::TooLarge {
+                max: 50_000,
+                largest,
+            }) => {
+                assert!(largest.starts_with("GatewayPolicy/boom"), "{largest}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn counting_atoms_gives_up_early_on_a_pathological_rule() {
+        // 2,000 long exceptions would lower to ~250,000 prefixes per side before any cross
+        // product; the count stops at the budget instead of building them.
+        let snap = Snapshot {
+            gateway_policies: vec![exploding("huge", 2000)],
+            ..Snapshot::default()
+        };
+        let started = std::time::Instant::now();
+        let c = compile(&snap, &GatewayContext::default()).unwrap();
+        assert_eq!(c.rejected.len(), 1);
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
     }
 }
