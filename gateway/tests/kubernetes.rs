@@ -491,3 +491,52 @@ fn pod_status_churn_does_not_recompile() {
         "nothing the compiler reads changed"
     );
 }
+
+#[test]
+fn a_selector_nested_2600_deep_is_rejected_on_the_sources_own_thread() {
+    // The report's case: a namespaced Calico policy whose selector nests ~2,600 parentheses used
+    // to overflow the 2 MiB stack of the source's thread and abort the gateway, datapath included.
+    let live = Live::start("deep");
+    live.api
+        .set_served("NetworkPolicy.crd.projectcalico.org", true);
+    let selector = format!("{}app == 'web'{}", "(".repeat(2600), ")".repeat(2600));
+    live.api.apply(json!({
+        "apiVersion": "crd.projectcalico.org/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": "deep", "namespace": "shop"},
+        "spec": {"selector": selector, "ingress": [{"action": "Deny"}]}
+    }));
+    live.wait("the deep selector to be reported", |l| {
+        l.source()
+            .status()
+            .invalid_objects
+            .iter()
+            .any(|e| e.contains("deep") && e.contains("nested deeper than 64"))
+    });
+    // The source lives on, and the rest applies.
+    live.admit_stranger();
+}
+
+#[test]
+fn an_object_over_the_compile_budget_is_left_out_and_reported() {
+    let live = Live::start("budget");
+    // 40 long IPv6 exceptions x 40 destinations: about 150,000 classifier atoms.
+    let holes: Vec<String> = (0..40)
+        .map(|i| format!("2001:db8:{:x}:{:x}::1/128", i * 7 + 1, i * 13 + 3))
+        .collect();
+    let dsts: Vec<String> = (0..40).map(|i| format!("2001:db9:{:x}::1/128", i + 1)).collect();
+    live.api.apply(json!({
+        "apiVersion": "portcullis.io/v1alpha1", "kind": "GatewayPolicy",
+        "metadata": {"name": "boom"},
+        "spec": {"priority": 5, "ingress": [{"action": "Allow",
+            "source": {"nets": ["2001:db8::/32"], "notNets": holes},
+            "destination": {"nets": dsts}}]}
+    }));
+    live.admit_stranger();
+    let status = live.reloader.lock().unwrap().status().clone();
+    assert_eq!(status.rejected.len(), 1, "{status:#?}");
+    assert!(
+        status.rejected[0].starts_with("GatewayPolicy/boom (api:GatewayPolicy.portcullis.io/boom)"),
+        "{status:#?}"
+    );
+    assert!(status.last_error.is_empty(), "{status:#?}");
+}

@@ -242,4 +242,32 @@ mod tests {
             SourceError::Directory { .. }
         ));
     }
+
+    #[test]
+    fn deep_yaml_nesting_is_an_error_not_a_crash() {
+        // Flow and block nesting thousands deep, loaded on a thread with the 2 MiB stack the
+        // reload thread has: the YAML parser's recursion limit answers, nothing overflows.
+        let d = tmpdir("deep");
+        let flow = format!("{}{}", "[".repeat(5000), "]".repeat(5000));
+        let mut block = String::new();
+        for i in 0..3000 {
+            block.push_str(&" ".repeat(i));
+            block.push_str("a:\n");
+        }
+        std::fs::write(d.join("flow.yaml"), format!("{GOOD}---\nspec: {flow}\n")).unwrap();
+        std::fs::write(d.join("block.yaml"), block).unwrap();
+        let dir = d.clone();
+        let errs = std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn(move || load_dir(&dir).unwrap_err())
+            .unwrap()
+            .join()
+            .expect("no stack overflow");
+        let lines: Vec<String> = errs.iter().map(SourceError::line).collect();
+        assert_eq!(errs.len(), 2, "{lines:#?}");
+        for l in &lines {
+            assert!(l.contains("recursion limit exceeded"), "{l}");
+        }
+        std::fs::remove_dir_all(&d).unwrap();
+    }
 }
