@@ -28,16 +28,18 @@ pub enum Frame {
 /// the frame (claims more than the frame holds, or less than its own header). `truncated`: a
 /// header is cut off, by the end of the frame or by the enclosing packet's length.
 fn malformed(e: &SliceError) -> Reason {
-    use etherparse::err::{ip, ipv4, Layer};
+    use etherparse::err::{ip, ipv4, ipv6, Layer};
     match e {
         SliceError::Len(l) if matches!(l.layer, Layer::Ipv4Packet | Layer::Ipv6Packet) => {
             Reason::BadIpLength
         }
         SliceError::Len(_) => Reason::Truncated,
+        // A version nibble that disagrees with the ethertype is one reason whichever the
+        // ethertype (etherparse's only IPv6 header error is this one).
         SliceError::Ip(ip::HeaderError::UnsupportedIpVersion { .. })
-        | SliceError::Ipv4(ipv4::HeaderError::UnexpectedVersion { .. }) => Reason::BadIpVersion,
+        | SliceError::Ipv4(ipv4::HeaderError::UnexpectedVersion { .. })
+        | SliceError::Ipv6(ipv6::HeaderError::UnexpectedVersion { .. }) => Reason::BadIpVersion,
         SliceError::Ip(_) | SliceError::Ipv4(_) => Reason::BadIpv4Header,
-        SliceError::Ipv6(_) => Reason::BadIpv6Header,
         SliceError::Ipv4Exts(_) | SliceError::Ipv6Exts(_) => Reason::BadIpExtension,
         SliceError::Tcp(_) => Reason::BadTransport,
         SliceError::LinuxSll(_) | SliceError::Macsec(_) => Reason::UnsupportedLink,
@@ -467,6 +469,17 @@ mod tests {
                 {
                     let mut f = v4(5, 28, 17, 0, &udp);
                     f[14] = 0x75;
+                    f
+                },
+                Reason::BadIpVersion,
+            ),
+            (
+                "ip version 4 behind the IPv6 ethertype",
+                {
+                    let mut f = v4(5, 28, 17, 0, &udp);
+                    f[12] = 0x86;
+                    f[13] = 0xdd;
+                    f.resize(14 + 40 + 8, 0);
                     f
                 },
                 Reason::BadIpVersion,

@@ -19,12 +19,12 @@ use serde::{Deserialize, Serialize};
 pub enum Reason {
     /// The frame ended before a header did.
     Truncated,
-    /// The IP version nibble is neither 4 nor 6.
+    /// The IP version nibble is not the one the ethertype announces (4 behind 0x0800, 6 behind
+    /// 0x86DD). The IPv6 fixed header has no other field that can be invalid on its own (its
+    /// length is `bad_ip_length`, its extension chain `bad_ip_extension`).
     BadIpVersion,
     /// IPv4 header invalid (IHL below 5, total length below the header).
     BadIpv4Header,
-    /// IPv6 header invalid.
-    BadIpv6Header,
     /// An IP (or UDP) length field points past the end of the frame.
     BadIpLength,
     /// An IPv4 option/auth header or an IPv6 extension header chain is invalid.
@@ -53,12 +53,11 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub const COUNT: usize = 16;
+    pub const COUNT: usize = 15;
     pub const ALL: [Reason; Reason::COUNT] = [
         Reason::Truncated,
         Reason::BadIpVersion,
         Reason::BadIpv4Header,
-        Reason::BadIpv6Header,
         Reason::BadIpLength,
         Reason::BadIpExtension,
         Reason::BadTransport,
@@ -78,7 +77,6 @@ impl Reason {
             Reason::Truncated => "truncated",
             Reason::BadIpVersion => "bad_ip_version",
             Reason::BadIpv4Header => "bad_ipv4_header",
-            Reason::BadIpv6Header => "bad_ipv6_header",
             Reason::BadIpLength => "bad_ip_length",
             Reason::BadIpExtension => "bad_ip_extension",
             Reason::BadTransport => "bad_transport",
