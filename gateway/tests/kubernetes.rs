@@ -47,6 +47,7 @@ fn options() -> Options {
         retry_max: Duration::from_millis(400),
         probe_interval: Duration::from_millis(200),
         absent_recheck: Duration::from_millis(300),
+        forbidden_grace: Duration::from_millis(1500),
     }
 }
 
@@ -523,7 +524,9 @@ fn an_object_over_the_compile_budget_is_left_out_and_reported() {
     let holes: Vec<String> = (0..40)
         .map(|i| format!("2001:db8:{:x}:{:x}::1/128", i * 7 + 1, i * 13 + 3))
         .collect();
-    let dsts: Vec<String> = (0..40).map(|i| format!("2001:db9:{:x}::1/128", i + 1)).collect();
+    let dsts: Vec<String> = (0..40)
+        .map(|i| format!("2001:db9:{:x}::1/128", i + 1))
+        .collect();
     live.api.apply(json!({
         "apiVersion": "portcullis.io/v1alpha1", "kind": "GatewayPolicy",
         "metadata": {"name": "boom"},
@@ -539,4 +542,65 @@ fn an_object_over_the_compile_budget_is_left_out_and_reported() {
         "{status:#?}"
     );
     assert!(status.last_error.is_empty(), "{status:#?}");
+}
+
+#[test]
+fn unreachable_since_is_set_once_per_outage_whatever_the_retries() {
+    // Calico's and KubeVirt's kinds are not served (absent): their watchers retry too, and each
+    // retry used to count as proof that the API was back.
+    let live = Live::start("since");
+    live.api.go_down();
+    live.wait("the API to be seen unreachable", |l| {
+        !l.source().status().api_reachable
+    });
+    let since = live.source().status().unreachable_since_unix;
+    assert!(since.is_some());
+    let started = Instant::now();
+    let mut samples = 0;
+    while started.elapsed() < Duration::from_millis(2500) {
+        let s = live.source().status();
+        assert!(!s.api_reachable, "reachable during the outage: {s:#?}");
+        assert_eq!(s.unreachable_since_unix, since, "{s:#?}");
+        samples += 1;
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(samples > 100);
+    live.api.come_back();
+    live.wait("the API to be reachable again", |l| {
+        let s = l.source().status();
+        s.api_reachable && s.unreachable_since_unix.is_none()
+    });
+}
+
+#[test]
+fn a_403_at_api_start_is_warming_up_then_names_the_rbac_rule() {
+    let mut live = Live::serve("forbid");
+    // Longer than the test's 1.5 s grace: first "warming up", then the RBAC hint.
+    live.api.forbid_for(Duration::from_millis(3500));
+    live.watch();
+    live.wait("a 403 reported as warming up", |l| {
+        l.kind("Pod")
+            .last_error
+            .is_some_and(|e| e.contains("warming up"))
+    });
+    let s = live.source().status();
+    assert!(s.api_reachable, "a 403 is an answer: {s:#?}");
+    assert!(s.unreachable_since_unix.is_none(), "{s:#?}");
+    assert!(!s.kinds.iter().any(|k| k
+        .last_error
+        .as_deref()
+        .is_some_and(|e| e.contains("ClusterRole"))));
+    live.wait("the 403 to outlast the grace", |l| {
+        l.kind("Pod").last_error.is_some_and(|e| {
+            e.contains("the ClusterRole needs get, list and watch on /api/v1/pods")
+        })
+    });
+    // Warm: everything syncs.
+    assert!(live.source().wait_synced(
+        Some(Duration::from_secs(10)),
+        Duration::from_secs(60),
+        &|| false,
+        &|_| {}
+    ));
+    assert!(live.kind("Pod").last_error.is_none());
 }

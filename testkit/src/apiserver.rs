@@ -79,6 +79,8 @@ struct Shared {
     epoch: watch::Sender<u64>,
     bookmark_every: Mutex<Duration>,
     requests: Requests,
+    /// Until when every request answers `403 Forbidden` (a server whose RBAC caches are cold).
+    forbidden_until: Mutex<Option<std::time::Instant>>,
 }
 
 /// A running test API server on 127.0.0.1.
@@ -145,6 +147,7 @@ impl ApiServer {
             epoch,
             bookmark_every: Mutex::new(Duration::from_millis(500)),
             requests: Requests::default(),
+            forbidden_until: Mutex::new(None),
         });
         let listener = rt
             .block_on(bind("127.0.0.1:0".parse().expect("address")))
@@ -237,6 +240,12 @@ impl ApiServer {
     }
 
     /// Makes lists of one kind fail with `code` (or succeed again with `None`).
+    /// Answers every request, `/version` included, with `403 Forbidden` for `d`, as a real API
+    /// server does for a few seconds after it starts, before its authorization caches are warm.
+    pub fn forbid_for(&self, d: Duration) {
+        *lock(&self.shared.forbidden_until) = Some(std::time::Instant::now() + d);
+    }
+
     pub fn fail_lists(&self, label: &str, code: Option<u16>) {
         let i = KINDS
             .iter()
@@ -426,6 +435,13 @@ fn handle(shared: &Arc<Shared>, req: Request<hyper::body::Incoming>) -> Response
         );
     }
     let path = req.uri().path().to_string();
+    if lock(&shared.forbidden_until).is_some_and(|t| std::time::Instant::now() < t) {
+        return error(
+            StatusCode::FORBIDDEN,
+            "Forbidden",
+            format!("{path} is forbidden: User \"system:serviceaccount:kube-system:portcullis\" cannot list resource at the cluster scope"),
+        );
+    }
     if path == "/version" {
         return full(
             StatusCode::OK,

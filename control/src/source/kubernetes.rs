@@ -175,6 +175,9 @@ pub struct Options {
     pub probe_interval: Duration,
     /// How often a kind that is not served (CRD not installed) is looked for again.
     pub absent_recheck: Duration,
+    /// How long `403 Forbidden` is taken for an API server still warming up (its authorization
+    /// caches are cold for a few seconds after it starts) before it is reported as missing RBAC.
+    pub forbidden_grace: Duration,
 }
 
 impl Default for Options {
@@ -185,6 +188,7 @@ impl Default for Options {
             retry_max: Duration::from_secs(5),
             probe_interval: Duration::from_secs(2),
             absent_recheck: Duration::from_secs(30),
+            forbidden_grace: Duration::from_secs(30),
         }
     }
 }
@@ -533,6 +537,8 @@ fn parse(spec: &KindSpec, obj: DynamicObject) -> (String, Parsed) {
 struct KindStore {
     objects: BTreeMap<String, Parsed>,
     relist: Option<BTreeMap<String, Parsed>>,
+    /// When the current run of `403 Forbidden` answers began.
+    forbidden_since: Option<Instant>,
 }
 
 fn build_snapshot(stores: &[KindStore]) -> Snapshot {
@@ -665,16 +671,10 @@ async fn run(
                 {
                     let mut s = lock(&status);
                     match ok {
-                        Ok(Ok(_)) => {
-                            if !s.api_reachable {
-                                tracing::info!(
-                                    server = s.server.as_str(),
-                                    "Kubernetes API reachable"
-                                );
-                            }
-                            s.api_reachable = true;
-                            s.unreachable_since_unix = None;
-                        }
+                        Ok(Ok(_)) => mark_reachable(&mut s),
+                        // An answer, even `403` from a server whose authorization caches are
+                        // still cold, means the server is there.
+                        Ok(Err(kube::Error::Api(_))) => mark_reachable(&mut s),
                         Ok(Err(e)) => mark_unreachable(&mut s, &e.to_string()),
                         Err(_) => mark_unreachable(&mut s, "GET /version timed out"),
                     }
@@ -689,6 +689,7 @@ async fn run(
         .map(|_| KindStore {
             objects: BTreeMap::new(),
             relist: None,
+            forbidden_since: None,
         })
         .collect();
     let mut synced = false;
@@ -709,7 +710,7 @@ async fn run(
             update = rx.recv() => {
                 let Some((i, ev)) = update else { break };
                 let now = Instant::now();
-                let changed = apply(&mut stores, &status, i, ev);
+                let changed = apply(&mut stores, &status, i, ev, opts.forbidden_grace);
                 if changed {
                     dirty = true;
                     last_event = now;
@@ -763,6 +764,16 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
+/// A request got an answer: the API is reachable. Only an answer clears `unreachable_since`, never
+/// a retry starting.
+fn mark_reachable(s: &mut Status) {
+    if !s.api_reachable {
+        tracing::info!(server = s.server.as_str(), "Kubernetes API reachable");
+    }
+    s.api_reachable = true;
+    s.unreachable_since_unix = None;
+}
+
 fn mark_unreachable(s: &mut Status, why: &str) {
     if s.api_reachable || s.unreachable_since_unix.is_none() {
         tracing::warn!(
@@ -782,6 +793,7 @@ fn apply(
     status: &Mutex<Status>,
     i: usize,
     ev: Result<Event<DynamicObject>, watcher::Error>,
+    grace: Duration,
 ) -> bool {
     let spec = &KINDS[i];
     let store = &mut stores[i];
@@ -809,13 +821,48 @@ fn apply(
                 store.relist = None;
                 return had;
             }
-            let msg = match code {
-                Some(403) => format!(
-                    "forbidden: the ClusterRole needs get, list and watch on {} ({e})",
-                    spec.path()
-                ),
-                _ => e.to_string(),
-            };
+            if code == Some(403) {
+                // An answer: the server is there. Right after it (re)starts its authorization
+                // caches are cold and every kind answers 403 for a few seconds; only a 403 that
+                // outlasts the grace period means the ClusterRole is missing something.
+                let since = *store.forbidden_since.get_or_insert_with(Instant::now);
+                let for_ = since.elapsed();
+                let msg = if for_ < grace {
+                    format!(
+                        "forbidden for {:.0} s: the API server may still be warming up (its authorization caches are cold after a start); retrying ({e})",
+                        for_.as_secs_f64()
+                    )
+                } else {
+                    format!(
+                        "forbidden for {:.0} s: the ClusterRole needs get, list and watch on {} ({e})",
+                        for_.as_secs_f64(),
+                        spec.path()
+                    )
+                };
+                let first_after_grace = for_ >= grace
+                    && !k
+                        .last_error
+                        .as_deref()
+                        .is_some_and(|m| m.contains("ClusterRole"));
+                if first_after_grace {
+                    tracing::warn!(
+                        kind = spec.label(),
+                        error = msg.as_str(),
+                        "watch forbidden; retrying"
+                    );
+                } else if k.last_error.is_none() {
+                    tracing::info!(
+                        kind = spec.label(),
+                        error = msg.as_str(),
+                        "watch forbidden (API server warming up?); retrying"
+                    );
+                }
+                k.last_error = Some(msg);
+                mark_reachable(&mut s);
+                return false;
+            }
+            store.forbidden_since = None;
+            let msg = e.to_string();
             tracing::warn!(
                 kind = spec.label(),
                 error = msg.as_str(),
@@ -829,8 +876,13 @@ fn apply(
         }
     };
     let mut s = lock(status);
-    s.api_reachable = true;
-    s.unreachable_since_unix = None;
+    // `Init` says the watcher is about to list: nothing has answered yet, so it proves nothing
+    // about the API (every retry during an outage starts with one). Every other event carries
+    // an answer.
+    if !matches!(ev, Event::Init) {
+        store.forbidden_since = None;
+        mark_reachable(&mut s);
+    }
     let changed = match ev {
         Event::Init => {
             store.relist = Some(BTreeMap::new());
