@@ -107,6 +107,13 @@ enum Cmd {
         #[command(subcommand)]
         action: LabCmd,
     },
+    /// Print Portcullis' CustomResourceDefinitions (generated from the Rust types), or write them
+    /// into a directory (configs/deploy keeps them).
+    Crds {
+        /// Write each CRD to its file in this directory instead of printing them.
+        #[arg(long)]
+        write: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -280,6 +287,7 @@ fn dispatch(cli: Cli) -> Result<()> {
         }
         Cmd::Stats { addr, json } => stats(addr, json),
         Cmd::Conntrack { action } => conntrack(action),
+        Cmd::Crds { write } => crds(write.as_deref()),
         Cmd::Replay {
             config,
             ext,
@@ -668,6 +676,21 @@ fn replay(
                 l.reason.as_deref().unwrap_or("-"),
                 l.rule.as_deref().unwrap_or("-")
             );
+        }
+    }
+    Ok(())
+}
+
+fn crds(write: Option<&std::path::Path>) -> Result<()> {
+    for g in control::crd::all() {
+        match write {
+            Some(dir) => {
+                let path = dir.join(g.file);
+                std::fs::write(&path, &g.yaml)
+                    .with_context(|| format!("writing {}", path.display()))?;
+                eprintln!("wrote {}", path.display());
+            }
+            None => print!("---\n{}", g.yaml),
         }
     }
     Ok(())

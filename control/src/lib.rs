@@ -10,6 +10,7 @@
 //! 4. [`reload`] ties it together for a running gateway: reload on change, merge the files and
 //!    the API, keep the last good table.
 
+pub mod crd;
 pub mod publish;
 pub mod reload;
 pub mod source;

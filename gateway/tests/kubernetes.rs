@@ -604,3 +604,60 @@ fn a_403_at_api_start_is_warming_up_then_names_the_rbac_rule() {
     ));
     assert!(live.kind("Pod").last_error.is_none());
 }
+
+/// The openAPIV3Schema of a generated CRD (`configs/deploy/<file>`).
+fn crd_schema(file: &str) -> serde_json::Value {
+    let g = control::crd::all()
+        .into_iter()
+        .find(|g| g.file == file)
+        .unwrap();
+    let crd: serde_json::Value = serde_norway::from_str(&g.yaml).unwrap();
+    crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"].clone()
+}
+
+/// `x-kubernetes-preserve-unknown-fields` taken out everywhere: a plain structural schema.
+fn without_preserve(v: &mut serde_json::Value) {
+    if let Some(m) = v.as_object_mut() {
+        m.remove("x-kubernetes-preserve-unknown-fields");
+        m.values_mut().for_each(without_preserve);
+    } else if let Some(a) = v.as_array_mut() {
+        a.iter_mut().for_each(without_preserve);
+    }
+}
+
+#[test]
+fn a_typo_never_widens_a_rule_through_a_pruning_api_server() {
+    // The report's case: `sourc:` in an Allow rule, sent by a client that skips field
+    // validation. A plain structural schema prunes it and the rule then matches every source.
+    let live = Live::start("typo");
+    let typo = json!({"apiVersion": "portcullis.io/v1alpha1", "kind": "GatewayPolicy",
+        "metadata": {"name": "partner-typo"},
+        "spec": {"priority": 100, "ingress": [{"action": "Allow", "protocol": "TCP",
+                 "sourc": {"nets": ["198.51.100.0/24"]}, "destination": {"ports": [30080]}}]}});
+
+    // With the generated CRD the API server stores the typo as written; the gateway refuses the
+    // object by name and field, and nothing is admitted.
+    live.api.set_schema(
+        "GatewayPolicy.portcullis.io",
+        Some(crd_schema("00-crd-gatewaypolicy.yaml")),
+    );
+    live.api.apply(typo.clone());
+    live.wait("the typo to be reported", |l| {
+        l.source()
+            .status()
+            .invalid_objects
+            .iter()
+            .any(|e| e.contains("partner-typo") && e.contains("sourc"))
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    live.expect(STRANGER, N1, 30080, POLICY, "Service/shop/web-cluster");
+    live.expect(PARTNER, N1, 30080, ALLOW, "Service/shop/web-cluster");
+
+    // Why it must be so: the same object through a schema without the preserve markers loses the
+    // typo, and the rule opens the port to everyone.
+    let mut plain = crd_schema("00-crd-gatewaypolicy.yaml");
+    without_preserve(&mut plain);
+    live.api.set_schema("GatewayPolicy.portcullis.io", Some(plain));
+    live.api.apply(typo);
+    live.expect(STRANGER, N1, 30080, ALLOW, "GatewayPolicy/partner-typo");
+}

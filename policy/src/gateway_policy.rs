@@ -28,6 +28,14 @@ use crate::rule::{AddrSet, Direction, Match, PortRange, Prefix};
 
 pub(crate) const API_VERSION: &str = "portcullis.io/v1alpha1";
 
+/// Protocol names a rule may use (numbers 0-255 too).
+const PROTOCOL_NAMES: &[&str] = &[
+    "TCP", "tcp", "UDP", "udp", "SCTP", "sctp", "ICMP", "icmp", "ICMPv6", "icmpv6",
+];
+
+/// The most (source port range x destination port range) pairs one rule may expand to.
+pub const MAX_PORT_PAIRS: usize = 4096;
+
 /// A field that failed validation: the dotted path and what was expected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{field}: {message}")]
@@ -59,6 +67,7 @@ pub(crate) struct ObjectMeta {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub enum RuleAction {
     Allow,
     Deny,
@@ -67,7 +76,7 @@ pub enum RuleAction {
 }
 
 /// A protocol given by name (`TCP`, `udp`, `ICMPv6`...) or number.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(untagged)]
 pub enum ProtocolSpec {
     Number(u8),
@@ -75,59 +84,118 @@ pub enum ProtocolSpec {
 }
 
 /// A port given as a number or as `"lo:hi"`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(untagged)]
 pub enum PortSpec {
     Number(u16),
     Text(String),
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+/// One side of a rule: addresses, exceptions, ports. Every field left out means "any".
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "schema", schemars(extend("x-kubernetes-preserve-unknown-fields" = true)))]
 pub struct EndpointSpec {
-    #[serde(default)]
+    /// CIDRs or addresses (IPv4 or IPv6); none means any address.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[cfg_attr(feature = "schema", schemars(length(max = 4096)))]
     pub nets: Vec<String>,
-    #[serde(default)]
+    /// CIDRs or addresses cut out of `nets`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[cfg_attr(feature = "schema", schemars(length(max = 4096)))]
     pub not_nets: Vec<String>,
-    #[serde(default)]
+    /// Ports (0-65535) or ranges ("lo:hi"); none means any port. Needs protocol TCP, UDP or SCTP.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[cfg_attr(feature = "schema", schemars(length(max = 1024)))]
     pub ports: Vec<PortSpec>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+/// An ICMP type, and optionally its code (any code when left out).
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "schema", schemars(extend("x-kubernetes-preserve-unknown-fields" = true)))]
 pub struct IcmpSpec {
     #[serde(rename = "type")]
     pub icmp_type: u8,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub code: Option<u8>,
 }
 
-/// One rule as written in YAML.
-#[derive(Debug, Clone, Deserialize)]
+/// One rule as written in YAML: first match wins.
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "schema", schemars(extend("x-kubernetes-preserve-unknown-fields" = true)))]
+#[cfg_attr(feature = "schema", schemars(extend("x-kubernetes-validations" = [
+    {"rule": "!has(self.icmp) || (has(self.protocol) && string(self.protocol) in ['ICMP', 'ICMPv6', 'icmp', 'icmpv6', '1', '58'])",
+     "message": "icmp needs protocol ICMP or ICMPv6"},
+    {"rule": "!((has(self.source) && has(self.source.ports) && size(self.source.ports) > 0) || (has(self.destination) && has(self.destination.ports) && size(self.destination.ports) > 0)) || (has(self.protocol) && string(self.protocol) in ['TCP', 'UDP', 'SCTP', 'tcp', 'udp', 'sctp', '6', '17', '132'])",
+     "message": "ports need protocol TCP, UDP or SCTP"}
+])))]
 pub struct RuleSpec {
-    /// Defaults to Allow (what failsafe rules want).
-    #[serde(default = "default_action")]
-    pub action: RuleAction,
-    #[serde(default)]
+    /// Allow, Deny, Pass (on to the next layer) or Log (count and log, then go on). Required in a
+    /// GatewayPolicy; a failsafe rule of the gateway config defaults to Allow.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "schema", schemars(required))]
+    pub action: Option<RuleAction>,
+    /// TCP, UDP, SCTP, ICMP, ICMPv6 or a protocol number 0-255; any protocol when left out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protocol: Option<ProtocolSpec>,
+    /// Where the packet comes from.
     #[serde(default)]
     pub source: EndpointSpec,
+    /// Where the packet goes.
     #[serde(default)]
     pub destination: EndpointSpec,
-    #[serde(default)]
+    /// ICMP type/code (with protocol ICMP or ICMPv6).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub icmp: Option<IcmpSpec>,
-    #[serde(default)]
+    /// Outer 802.1Q VLAN id (0-4094).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "schema", schemars(range(max = 4094)))]
     pub vlan: Option<u16>,
     /// Log flows that hit this rule (rate-limited).
     #[serde(default)]
     pub log: bool,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
 }
 
-fn default_action() -> RuleAction {
-    RuleAction::Allow
+#[cfg(feature = "schema")]
+mod int_or_string {
+    //! `x-kubernetes-int-or-string` schemas: a number, or text ("TCP", "8000:8080").
+    use std::borrow::Cow;
+
+    fn schema() -> schemars::Schema {
+        schemars::json_schema!({ "x-kubernetes-int-or-string": true })
+    }
+
+    impl schemars::JsonSchema for super::ProtocolSpec {
+        fn schema_name() -> Cow<'static, str> {
+            "ProtocolSpec".into()
+        }
+        fn inline_schema() -> bool {
+            true
+        }
+        fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+            // Bounded, so the API server's CEL cost estimate of the rules that read it stays low.
+            schemars::json_schema!({ "x-kubernetes-int-or-string": true, "maxLength": 8 })
+        }
+    }
+
+    impl schemars::JsonSchema for super::PortSpec {
+        fn schema_name() -> Cow<'static, str> {
+            "PortSpec".into()
+        }
+        fn inline_schema() -> bool {
+            true
+        }
+        fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+            schema()
+        }
+    }
 }
 
 /// A validated rule.
@@ -183,10 +251,13 @@ impl RuleSpec {
         direction: Direction,
         field: &str,
     ) -> Result<Vec<PolicyRule>, FieldError> {
+        let action = self.action.unwrap_or(RuleAction::Allow);
         let protocol = match &self.protocol {
             None => None,
             Some(ProtocolSpec::Number(n)) => Some(*n),
-            Some(ProtocolSpec::Name(s)) => Some(proto::parse(s).ok_or_else(|| {
+            // The spellings the CRD's CEL rules know (upper or lower case, or a number), so the
+            // API server and the files accept the same rules.
+            Some(ProtocolSpec::Name(s)) => Some(PROTOCOL_NAMES.iter().any(|n| n == s).then(|| proto::parse(s)).flatten().or_else(|| s.parse().ok()).ok_or_else(|| {
                 FieldError::new(
                     format!("{field}.protocol"),
                     format!(
@@ -253,6 +324,16 @@ impl RuleSpec {
                 ports(&self.destination, "destination")?,
             ),
         };
+        if sports.len() * dports.len() > MAX_PORT_PAIRS {
+            return Err(FieldError::new(
+                field.to_string(),
+                format!(
+                    "{} source x {} destination port ranges make more than {MAX_PORT_PAIRS} rules; list fewer, or merge them into ranges",
+                    sports.len(),
+                    dports.len()
+                ),
+            ));
+        }
         let mut out = Vec::with_capacity(sports.len() * dports.len());
         for s in &sports {
             for d in &dports {
@@ -262,8 +343,8 @@ impl RuleSpec {
                         dport: *d,
                         ..base.clone()
                     },
-                    action: self.action,
-                    log: self.log || self.action == RuleAction::Log,
+                    action,
+                    log: self.log || action == RuleAction::Log,
                     description: self.description.clone(),
                 });
             }
@@ -285,7 +366,10 @@ struct GatewayPolicySpecWire {
     egress: Vec<RuleSpec>,
 }
 
-fn default_priority() -> i32 {
+/// The fields of a GatewayPolicy's `spec`, for the CRD generator to check its schema against.
+pub const SPEC_FIELDS: &[&str] = &["priority", "audit", "ingress", "egress"];
+
+pub fn default_priority() -> i32 {
     1000
 }
 
@@ -345,6 +429,14 @@ impl GatewayPolicy {
             (Direction::Egress, &wire.spec.egress, "egress"),
         ] {
             for (i, r) in list.iter().enumerate() {
+                if r.action.is_none() {
+                    // A rule must say what it does: a missing (or misspelt) action must never
+                    // turn into an Allow.
+                    return Err(FieldError::new(
+                        format!("spec.{key}[{i}].action"),
+                        "missing: Allow, Deny, Pass or Log",
+                    ));
+                }
                 for pr in r.to_rules(direction, &format!("spec.{key}[{i}]"))? {
                     rules.push((direction, i, pr));
                 }

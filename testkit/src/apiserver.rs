@@ -56,6 +56,9 @@ struct State {
     served: Vec<bool>,
     /// Lists of these kinds fail with this HTTP status (an unhealthy API server).
     failing: Vec<Option<u16>>,
+    /// The openAPIV3Schema of a kind whose stored objects are pruned as a real API server prunes
+    /// custom resources (unknown fields dropped unless `x-kubernetes-preserve-unknown-fields`).
+    schemas: Vec<Option<Value>>,
     /// Paginated list snapshots by token id: (list resourceVersion, items).
     pages: HashMap<u64, (u64, Vec<Value>)>,
     next_page: u64,
@@ -139,6 +142,7 @@ impl ApiServer {
                     .map(|k| !k.optional || k.group == "portcullis.io")
                     .collect(),
                 failing: vec![None; KINDS.len()],
+                schemas: vec![None; KINDS.len()],
                 pages: HashMap::new(),
                 next_page: 1,
                 uid: 0,
@@ -246,6 +250,16 @@ impl ApiServer {
         *lock(&self.shared.forbidden_until) = Some(std::time::Instant::now() + d);
     }
 
+    /// Stores objects of kind `label` pruned by `schema` (a CRD version's openAPIV3Schema), as a
+    /// real API server does for custom resources; `None` stores them as given.
+    pub fn set_schema(&self, label: &str, schema: Option<Value>) {
+        let i = KINDS
+            .iter()
+            .position(|k| k.label() == label)
+            .unwrap_or_else(|| panic!("no kind {label}"));
+        lock(&self.shared.state).schemas[i] = schema;
+    }
+
     pub fn fail_lists(&self, label: &str, code: Option<u16>) {
         let i = KINDS
             .iter()
@@ -272,6 +286,12 @@ impl ApiServer {
         let key = key_of(&object).unwrap_or_else(|| panic!("no metadata.name: {object}"));
         let mut st = lock(&self.shared.state);
         assert!(st.served[kind], "{} is not served", KINDS[kind].label());
+        if let Some(schema) = &st.schemas[kind] {
+            // What a client that skips field validation gets: no error, unknown fields gone.
+            if let Some(spec) = object.get_mut("spec") {
+                prune(&schema["properties"]["spec"], spec);
+            }
+        }
         st.rv += 1;
         st.uid += 1;
         let rv = st.rv;
@@ -368,6 +388,33 @@ async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     s.set_reuseaddr(true)?;
     s.bind(addr)?;
     s.listen(128)
+}
+
+/// Structural pruning (apiextensions `pruning.Prune`): in an object node with `properties`,
+/// fields the schema does not declare are dropped unless the node has
+/// `x-kubernetes-preserve-unknown-fields: true`; declared fields, `additionalProperties` values
+/// and array items are pruned by their own schemas.
+pub fn prune(schema: &Value, v: &mut Value) {
+    match v {
+        Value::Object(map) => {
+            let preserve = schema["x-kubernetes-preserve-unknown-fields"] == json!(true);
+            let props = schema["properties"].as_object();
+            let extra = schema.get("additionalProperties").filter(|a| a.is_object());
+            map.retain(|k, _| preserve || extra.is_some() || props.is_some_and(|p| p.contains_key(k)));
+            for (k, child) in map.iter_mut() {
+                match (props.and_then(|p| p.get(k)), extra) {
+                    (Some(s), _) | (None, Some(s)) => prune(s, child),
+                    (None, None) => {}
+                }
+            }
+        }
+        Value::Array(items) => {
+            if let Some(s) = schema.get("items") {
+                items.iter_mut().for_each(|i| prune(s, i));
+            }
+        }
+        _ => {}
+    }
 }
 
 fn full(code: StatusCode, body: Value) -> Response<Body> {

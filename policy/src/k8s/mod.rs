@@ -68,9 +68,22 @@ fn namespace_of(m: &ObjectMeta) -> Result<String, FieldError> {
 }
 
 /// A port by number or by name (IntOrString).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(untagged)]
 pub enum PortRef {
     Number(u16),
     Name(String),
+}
+
+#[cfg(feature = "schema")]
+impl schemars::JsonSchema for PortRef {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "PortRef".into()
+    }
+    fn inline_schema() -> bool {
+        true
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({ "x-kubernetes-int-or-string": true })
+    }
 }

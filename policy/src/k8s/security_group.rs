@@ -18,32 +18,57 @@ pub struct SecurityGroup {
     pub ingress: Vec<NpRule>,
 }
 
-#[derive(Deserialize)]
+/// A client network.
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct SgPeerW {
-    cidr: String,
-    #[serde(default)]
-    except: Vec<String>,
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "schema", schemars(extend("x-kubernetes-preserve-unknown-fields" = true)))]
+pub struct SgPeer {
+    /// A CIDR (IPv4 or IPv6).
+    pub cidr: String,
+    /// CIDRs inside `cidr` that are not admitted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[cfg_attr(feature = "schema", schemars(length(max = 4096)))]
+    pub except: Vec<String>,
 }
 
-#[derive(Deserialize)]
+/// A port or port range, as in a NetworkPolicy.
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct SgPortW {
-    #[serde(default)]
-    protocol: Option<String>,
-    #[serde(default)]
-    port: Option<PortRef>,
-    #[serde(default)]
-    end_port: Option<u16>,
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "schema", schemars(extend("x-kubernetes-preserve-unknown-fields" = true)))]
+#[cfg_attr(feature = "schema", schemars(extend("x-kubernetes-validations" = [
+    {"rule": "!has(self.endPort) || (has(self.port) && type(self.port) == int && self.endPort >= self.port)",
+     "message": "endPort needs a numeric port, and must not be below it"}
+])))]
+pub struct SgPort {
+    /// TCP (the default), UDP or SCTP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "schema", schemars(extend("enum" = ["TCP", "UDP", "SCTP"])))]
+    pub protocol: Option<String>,
+    /// A port number, or a named container port of the selected pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<PortRef>,
+    /// The last port of a range starting at `port`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "schema", schemars(range(min = 1, max = 65535)))]
+    pub end_port: Option<u16>,
 }
 
-#[derive(Deserialize)]
+/// One allow rule: traffic from any of `from` to any of `ports`.
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
-struct SgRuleW {
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "schema", schemars(extend("x-kubernetes-preserve-unknown-fields" = true)))]
+pub struct SgRule {
+    /// Client networks; empty admits every client.
     #[serde(default)]
-    from: Vec<SgPeerW>,
+    #[cfg_attr(feature = "schema", schemars(length(max = 4096)))]
+    pub from: Vec<SgPeer>,
+    /// Ports; empty admits every port.
     #[serde(default)]
-    ports: Vec<SgPortW>,
+    #[cfg_attr(feature = "schema", schemars(length(max = 256)))]
+    pub ports: Vec<SgPort>,
 }
 
 #[derive(Deserialize)]
@@ -51,8 +76,11 @@ struct SgRuleW {
 struct SgSpecW {
     selector: LabelSelector,
     #[serde(default)]
-    ingress: Vec<SgRuleW>,
+    ingress: Vec<SgRule>,
 }
+
+/// The fields of a SecurityGroup's `spec`, for the CRD generator to check its schema against.
+pub const SPEC_FIELDS: &[&str] = &["selector", "ingress"];
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
