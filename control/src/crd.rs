@@ -46,7 +46,11 @@ use policy::selector::LabelSelector;
         description = "the actions of the egress rules, in order"
     ),
     printcolumn(name = "Audit", type_ = "boolean", json_path = ".spec.audit"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-preserve-unknown-fields" = true))]
@@ -88,7 +92,11 @@ pub struct GatewayPolicySpec {
         type_ = "string",
         json_path = ".spec.ingress[*].ports[*].port"
     ),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[schemars(extend("x-kubernetes-preserve-unknown-fields" = true))]
 pub struct SecurityGroupSpec {

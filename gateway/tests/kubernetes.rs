@@ -657,7 +657,8 @@ fn a_typo_never_widens_a_rule_through_a_pruning_api_server() {
     // typo, and the rule opens the port to everyone.
     let mut plain = crd_schema("00-crd-gatewaypolicy.yaml");
     without_preserve(&mut plain);
-    live.api.set_schema("GatewayPolicy.portcullis.io", Some(plain));
+    live.api
+        .set_schema("GatewayPolicy.portcullis.io", Some(plain));
     live.api.apply(typo);
     live.expect(STRANGER, N1, 30080, ALLOW, "GatewayPolicy/partner-typo");
 }

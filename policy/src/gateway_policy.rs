@@ -257,14 +257,22 @@ impl RuleSpec {
             Some(ProtocolSpec::Number(n)) => Some(*n),
             // The spellings the CRD's CEL rules know (upper or lower case, or a number), so the
             // API server and the files accept the same rules.
-            Some(ProtocolSpec::Name(s)) => Some(PROTOCOL_NAMES.iter().any(|n| n == s).then(|| proto::parse(s)).flatten().or_else(|| s.parse().ok()).ok_or_else(|| {
-                FieldError::new(
-                    format!("{field}.protocol"),
-                    format!(
+            Some(ProtocolSpec::Name(s)) => Some(
+                PROTOCOL_NAMES
+                    .iter()
+                    .any(|n| n == s)
+                    .then(|| proto::parse(s))
+                    .flatten()
+                    .or_else(|| s.parse().ok())
+                    .ok_or_else(|| {
+                        FieldError::new(
+                            format!("{field}.protocol"),
+                            format!(
                         "`{s}` is not a protocol (expected TCP, UDP, SCTP, ICMP, ICMPv6 or 0-255)"
                     ),
-                )
-            })?),
+                        )
+                    })?,
+            ),
         };
         let has_ports = !self.source.ports.is_empty() || !self.destination.ports.is_empty();
         if has_ports && !matches!(protocol, Some(proto::TCP | proto::UDP | proto::SCTP)) {

@@ -400,7 +400,9 @@ pub fn prune(schema: &Value, v: &mut Value) {
             let preserve = schema["x-kubernetes-preserve-unknown-fields"] == json!(true);
             let props = schema["properties"].as_object();
             let extra = schema.get("additionalProperties").filter(|a| a.is_object());
-            map.retain(|k, _| preserve || extra.is_some() || props.is_some_and(|p| p.contains_key(k)));
+            map.retain(|k, _| {
+                preserve || extra.is_some() || props.is_some_and(|p| p.contains_key(k))
+            });
             for (k, child) in map.iter_mut() {
                 match (props.and_then(|p| p.get(k)), extra) {
                     (Some(s), _) | (None, Some(s)) => prune(s, child),

@@ -56,12 +56,16 @@ fn violations(crd: &Value) -> Vec<String> {
     };
     for key in ["plural", "singular"] {
         if !names[key].as_str().is_some_and(dns1035) {
-            out.push(format!("spec.names.{key}: must be a lowercase DNS-1035 label"));
+            out.push(format!(
+                "spec.names.{key}: must be a lowercase DNS-1035 label"
+            ));
         }
     }
     for s in names["shortNames"].as_array().into_iter().flatten() {
         if !s.as_str().is_some_and(dns1035) {
-            out.push(format!("spec.names.shortNames: {s} is not a DNS-1035 label"));
+            out.push(format!(
+                "spec.names.shortNames: {s} is not a DNS-1035 label"
+            ));
         }
     }
     if !names["kind"]
@@ -71,7 +75,12 @@ fn violations(crd: &Value) -> Vec<String> {
         out.push("spec.names.kind: required, DNS-1035 once lowercased".into());
     }
     let versions = spec["versions"].as_array().cloned().unwrap_or_default();
-    if versions.iter().filter(|v| v["storage"] == json!(true)).count() != 1 {
+    if versions
+        .iter()
+        .filter(|v| v["storage"] == json!(true))
+        .count()
+        != 1
+    {
         out.push("spec.versions: must have exactly one version marked as storage version".into());
     }
     for (i, v) in versions.iter().enumerate() {
@@ -262,7 +271,9 @@ fn check_node(n: &Value, at: &str, place: Place, out: &mut Vec<String>) {
         }
         if let Some(msg) = r.get("message").and_then(Value::as_str) {
             if msg.trim().is_empty() || msg.contains(['\n', '\r']) {
-                out.push(format!("{at}.x-kubernetes-validations[{i}].message: must be non-empty and on one line"));
+                out.push(format!(
+                    "{at}.x-kubernetes-validations[{i}].message: must be non-empty and on one line"
+                ));
             }
         } else if rule.contains('\n') {
             out.push(format!("{at}.x-kubernetes-validations[{i}].message: Required value: message must be specified if rule contains line breaks"));
@@ -283,10 +294,21 @@ fn check_node(n: &Value, at: &str, place: Place, out: &mut Vec<String>) {
             }
         }
     }
-    let child = |p| if place == Place::Junctor { Place::Junctor } else { p };
+    let child = |p| {
+        if place == Place::Junctor {
+            Place::Junctor
+        } else {
+            p
+        }
+    };
     if let Some(p) = props {
         for (k, v) in p {
-            check_node(v, &format!("{at}.properties[{k}]"), child(Place::Field), out);
+            check_node(
+                v,
+                &format!("{at}.properties[{k}]"),
+                child(Place::Field),
+                out,
+            );
         }
     }
     if let Some(items) = m.get("items").filter(|i| i.is_object()) {
@@ -310,7 +332,11 @@ fn check_node(n: &Value, at: &str, place: Place, out: &mut Vec<String>) {
         {
             check_node(s, &format!("{at}.{j}[{i}]"), Place::Junctor, out);
             // Every property a junctor names must also be specified outside it.
-            for k in s["properties"].as_object().into_iter().flat_map(|o| o.keys()) {
+            for k in s["properties"]
+                .as_object()
+                .into_iter()
+                .flat_map(|o| o.keys())
+            {
                 if !props.is_some_and(|p| p.contains_key(k)) {
                     out.push(format!(
                         "{at}.properties[{k}]: Required value: because it is defined in {at}.{j}[{i}].properties[{k}]"
@@ -353,7 +379,9 @@ fn the_structural_check_catches_what_the_api_server_rejects() {
         (
             "must not be empty for specified object fields",
             Box::new(move |c| {
-                let n = c.pointer_mut(&format!("{rule}/properties/description")).unwrap();
+                let n = c
+                    .pointer_mut(&format!("{rule}/properties/description"))
+                    .unwrap();
                 n.as_object_mut().unwrap().remove("type");
             }),
         ),
@@ -378,8 +406,7 @@ fn the_structural_check_catches_what_the_api_server_rejects() {
         (
             "must be true or undefined",
             Box::new(move |c| {
-                c.pointer_mut(rule).unwrap()["x-kubernetes-preserve-unknown-fields"] =
-                    json!(false)
+                c.pointer_mut(rule).unwrap()["x-kubernetes-preserve-unknown-fields"] = json!(false)
             }),
         ),
         (
