@@ -14,6 +14,10 @@
 //! applied and an edit keeps the previous version in force. The known fields are still typed,
 //! ranged and checked by CEL rules at admission.
 
+// Several `printcolumn(type_ = ...)` arguments of one `#[kube]` attribute look like duplicates to
+// clippy; they are separate columns.
+#![allow(clippy::duplicated_attributes)]
+
 use kube::{CustomResource, CustomResourceExt};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
