@@ -369,7 +369,8 @@ fn the_structural_check_catches_what_the_api_server_rejects() {
     };
     let root = "/spec/versions/0/schema/openAPIV3Schema";
     let rule = "/spec/versions/0/schema/openAPIV3Schema/properties/spec/properties/ingress/items";
-    let cases: Vec<(&str, Box<dyn Fn(&mut Value)>)> = vec![
+    type Mutation = Box<dyn Fn(&mut Value)>;
+    let cases: Vec<(&str, Mutation)> = vec![
         (
             "additionalProperties and properties are mutual exclusive",
             Box::new(move |c| {
