@@ -26,8 +26,39 @@ use policy::table::Table;
     about = "AF_XDP packet-filter gateway for Kubernetes edge nodes"
 )]
 struct Cli {
+    /// Log lines: `auto` (coloured on a terminal, plain text otherwise), `plain`, or `json` (one
+    /// object per line, for log shippers). Logs go to standard error; RUST_LOG filters them.
+    #[arg(long, global = true, value_enum, default_value = "auto")]
+    log_format: LogFormat,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Auto,
+    Plain,
+    Json,
+}
+
+/// Sets up logging to standard error in `format`.
+fn init_logs(format: LogFormat) {
+    use std::io::IsTerminal;
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .init(),
+        // Colour codes only where a terminal reads them: never in a file or a journal.
+        LogFormat::Auto => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Plain => builder.with_ansi(false).init(),
+    }
 }
 
 #[derive(Subcommand)]
@@ -231,14 +262,16 @@ struct LabArgs {
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    if let Err(e) = dispatch(Cli::parse()) {
-        eprintln!("error: {e:#}");
+    let cli = Cli::parse();
+    let format = cli.log_format;
+    init_logs(format);
+    if let Err(e) = dispatch(cli) {
+        if format == LogFormat::Json {
+            // A log shipper reads only JSON lines: the reason for stopping is one too.
+            tracing::error!(error = format!("{e:#}").as_str(), "stopped");
+        } else {
+            eprintln!("error: {e:#}");
+        }
         std::process::exit(1);
     }
 }

@@ -222,6 +222,28 @@ fn startup_errors_say_what_to_fix() {
         err.contains("bad.yaml: burst: 9999 is out of range"),
         "{err}"
     );
+    // For log shippers: every line JSON, the error included. For files and journals (standard
+    // error is not a terminal here): no colour codes.
+    let (code, _, err) = portcullis(&[
+        "--log-format",
+        "json",
+        "run",
+        "--config",
+        bad.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 1);
+    let lines: Vec<serde_json::Value> = err
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(
+        lines.iter().any(|l| l["level"] == "ERROR"
+            && l["fields"]["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("burst: 9999 is out of range"))),
+        "{err}"
+    );
+    assert!(!err.contains('\u{1b}'));
 
     let missing_if = dir.join("missing.yaml");
     let policies = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../configs/lab/policies");

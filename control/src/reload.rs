@@ -113,6 +113,17 @@ pub struct Reloader {
     /// Why the policy directory does not load, until it does again. A table published for the
     /// API's sake in the meantime must not hide it.
     files_errors: Vec<String>,
+    /// The warnings (and rejected objects) already logged: each is logged when it appears.
+    logged: std::collections::BTreeSet<String>,
+}
+
+/// What changed in the warnings since they were last logged.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct WarningChanges {
+    /// Warnings (and objects over the compile budget) that were not there before.
+    pub new: Vec<String>,
+    /// How many of the earlier ones are gone.
+    pub resolved: usize,
 }
 
 /// Buckets (seconds) of the Prometheus event-to-swap histogram.
@@ -152,6 +163,7 @@ impl Reloader {
             objects: ClusterObjects::default(),
             files_errors: Vec::new(),
             swap_sum_us: 0,
+            logged: Default::default(),
         };
         r.record_ok(&snap, warnings, compile_ms);
         r.objects = snap.cluster_objects();
@@ -268,6 +280,29 @@ impl Reloader {
         s.warnings = warnings;
     }
 
+    /// The warnings to log now: those that appeared since the last call (a warning is logged when
+    /// it appears or changes, not at every swap), and how many went away.
+    pub fn warning_changes(&mut self) -> WarningChanges {
+        let now: std::collections::BTreeSet<String> = self
+            .status
+            .warnings
+            .iter()
+            .cloned()
+            .chain(
+                self.status
+                    .rejected
+                    .iter()
+                    .map(|r| format!("rejected: {r}")),
+            )
+            .collect();
+        let changes = WarningChanges {
+            new: now.difference(&self.logged).cloned().collect(),
+            resolved: self.logged.difference(&now).count(),
+        };
+        self.logged = now;
+        changes
+    }
+
     /// Reloads if the directory changed, or unconditionally with `force` (SIGHUP). Returns `None`
     /// when nothing was done, else the new generation or the error (the old table stays).
     pub fn poll(&mut self, force: bool) -> Option<Result<u64, LoadError>> {
@@ -337,6 +372,33 @@ mod tests {
         std::fs::write(d.join("p.yaml"), good.replace("[80]", "[81]")).unwrap();
         assert_eq!(r.poll(false).unwrap().unwrap(), 3);
         assert!(r.status().last_error.is_empty());
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_warning_is_logged_when_it_appears_not_at_every_swap() {
+        let d = std::env::temp_dir().join(format!("portcullis-warn-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        // Source and destination share no family: the compiler warns the rule matches nothing.
+        let odd = "apiVersion: portcullis.io/v1alpha1\nkind: GatewayPolicy\nmetadata: {name: odd}\nspec: {ingress: [{action: Allow, source: {nets: [10.0.0.0/8]}, destination: {nets: ['2001:db8::/32']}}]}\n";
+        std::fs::write(d.join("p.yaml"), odd).unwrap();
+        let mut r = Reloader::new(&d, GatewayContext::default(), 1).unwrap();
+        let first = r.warning_changes();
+        assert_eq!(first.new.len(), 1, "{first:?}");
+        for _ in 0..3 {
+            r.poll(true).unwrap().unwrap();
+            assert_eq!(
+                r.warning_changes(),
+                WarningChanges::default(),
+                "same warning, no log"
+            );
+        }
+        std::fs::write(d.join("p.yaml"), odd.replace("odd}", "odder}")).unwrap();
+        r.poll(false).unwrap().unwrap();
+        let changed = r.warning_changes();
+        assert_eq!((changed.new.len(), changed.resolved), (1, 1), "{changed:?}");
+        assert!(changed.new[0].contains("GatewayPolicy/odder"));
         std::fs::remove_dir_all(&d).unwrap();
     }
 

@@ -42,6 +42,17 @@ impl Drop for Detach<'_> {
     }
 }
 
+/// Logs the policy warnings that appeared since the last swap (not the same ones at every swap).
+fn log_warnings(r: &mut Reloader) {
+    let changes = r.warning_changes();
+    for w in &changes.new {
+        tracing::warn!(warning = w.as_str(), "policy warning");
+    }
+    if changes.resolved > 0 {
+        tracing::info!(resolved = changes.resolved, "policy warnings resolved");
+    }
+}
+
 /// Runs the gateway until SIGINT/SIGTERM. SIGHUP forces a policy reload.
 pub fn run(cfg: Config) -> Result<()> {
     let ifs = preflight::check(&cfg)?;
@@ -53,9 +64,8 @@ pub fn run(cfg: Config) -> Result<()> {
                 cfg.policy_dir.display()
             )
         })?;
-    for w in &reloader.status().warnings {
-        tracing::warn!(warning = w.as_str(), "policy warning");
-    }
+    let mut reloader = reloader;
+    log_warnings(&mut reloader);
     tracing::info!(
         generation = 1,
         rules = reloader.status().rules,
@@ -257,9 +267,7 @@ fn start_kubernetes(
                     events = events.len(),
                     "table swapped (Kubernetes)"
                 );
-                for w in &s.warnings {
-                    tracing::warn!(warning = w.as_str(), "policy warning");
-                }
+                log_warnings(&mut r);
                 Ok(generation)
             }
             Err(e) => Err(e),
@@ -353,9 +361,7 @@ fn control_loop(
                         forced = force,
                         "table swapped"
                     );
-                    for w in &s.warnings {
-                        tracing::warn!(warning = w.as_str(), "policy warning");
-                    }
+                    log_warnings(&mut r);
                 }
                 Some(Err(e)) => tracing::error!(
                     "policy reload rejected, keeping generation {}: {e}",
