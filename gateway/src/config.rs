@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 pub use crate::sys::ring::MAX_BURST;
-pub use crate::sys::xsk::{XdpMode, ZeroCopy};
+pub use crate::sys::{XdpMode, ZeroCopy};
 
 use policy::compile::GatewayContext;
 use policy::gateway_policy::RuleSpec;

@@ -35,9 +35,9 @@ pub(crate) const WAYS: usize = 8;
 
 /// TCP header flags the tracker reads.
 pub mod tcp_flags {
-    pub(crate) const FIN: u8 = 0x01;
+    pub const FIN: u8 = 0x01;
     pub const SYN: u8 = 0x02;
-    pub(crate) const RST: u8 = 0x04;
+    pub const RST: u8 = 0x04;
     pub const ACK: u8 = 0x10;
 }
 
@@ -122,14 +122,14 @@ impl FlowState {
     }
 
     /// Whether the flow has seen its other direction: such an entry is never evicted.
-    pub(crate) fn replied(self) -> bool {
+    pub fn replied(self) -> bool {
         !matches!(self, FlowState::SynSent | FlowState::Unreplied)
     }
 }
 
 /// What the tracker needs from a packet beyond its [`FlowKey`]: read by the parser.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct Track {
+pub struct Track {
     /// TCP flags, 0 otherwise.
     pub tcp_flags: u8,
     /// ICMP echo identifier, for echo requests and replies.
@@ -167,7 +167,7 @@ pub struct Tuple {
 impl Tuple {
     /// A packet's key as a tuple (ports as they are).
     #[inline(always)]
-    pub(crate) fn of(key: &FlowKey) -> Tuple {
+    pub fn of(key: &FlowKey) -> Tuple {
         Tuple {
             dir: key.dir,
             v6: key.v6,
@@ -181,7 +181,7 @@ impl Tuple {
     }
 
     /// The tuple the reply of this packet carries.
-    pub(crate) fn reversed(&self) -> Tuple {
+    pub fn reversed(&self) -> Tuple {
         Tuple {
             dir: other(self.dir),
             src: self.dst,
@@ -277,7 +277,7 @@ fn other(d: Direction) -> Direction {
 
 /// Sorts a parsed packet into what the tracker does with it.
 #[inline(always)]
-pub(crate) fn classify_packet(key: &FlowKey, t: &Track) -> Kind {
+pub fn classify_packet(key: &FlowKey, t: &Track) -> Kind {
     let mut kind = Kind::Untracked;
     classify_into(key, t, &mut kind);
     kind
@@ -330,13 +330,13 @@ fn classify_icmp(key: &FlowKey, t: &Track) -> Kind {
 }
 
 /// Whether a TCP packet can open a flow: a SYN without ACK. Other protocols always can.
-pub(crate) fn opens_flow(key: &FlowKey, t: &Track) -> bool {
+pub fn opens_flow(key: &FlowKey, t: &Track) -> bool {
     key.proto != proto::TCP || t.tcp_flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN
 }
 
 /// Whether a packet looks like the answer to something (so its absence from the table is worth
 /// saying in the flow log: `no_flow`).
-pub(crate) fn looks_like_reply(key: &FlowKey, t: &Track) -> bool {
+pub fn looks_like_reply(key: &FlowKey, t: &Track) -> bool {
     match key.proto {
         proto::TCP => t.tcp_flags & tcp_flags::ACK != 0 && t.tcp_flags & tcp_flags::SYN != 0,
         proto::ICMP => key.sport == 0,
@@ -508,8 +508,9 @@ impl Conntrack {
         self.entries.load(Ordering::Relaxed)
     }
 
+    /// How long a flow of `proto_` in state `s` may stay idle, in nanoseconds.
     #[inline(always)]
-    fn timeout_ns(&self, proto_: u8, s: FlowState) -> u64 {
+    pub fn timeout_ns(&self, proto_: u8, s: FlowState) -> u64 {
         let t = &self.timeouts;
         let secs = match s {
             FlowState::SynSent | FlowState::SynReceived => t.tcp_syn_s,
@@ -770,7 +771,7 @@ impl Conntrack {
 
     /// Frees the expired entries among `n` slots from `*cursor` on, and moves the cursor.
     /// Returns how many were freed. Bounded work: a worker calls it once per turn.
-    pub(crate) fn sweep(&self, cursor: &mut usize, n: usize, now: u64) -> usize {
+    pub fn sweep(&self, cursor: &mut usize, n: usize, now: u64) -> usize {
         let mut freed = 0;
         for _ in 0..n.min(self.slots.len()) {
             let i = *cursor & (self.slots.len() - 1);

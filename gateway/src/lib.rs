@@ -15,18 +15,29 @@
 //! Around it: [`config`] (strict YAML), [`preflight`] (start-up checks with instructions) and
 //! [`runtime`] (`portcullis run`: sockets, workers, the control loop). The `portcullis` binary
 //! (crate `portcullis`, in `cli/`) wires this to the subcommands and the lab.
+//!
+//! Feature `runtime` (default) is everything that runs: sockets, workers, metrics, `run`,
+//! `replay`. Without it the crate is the per-frame code alone (config, parse, conntrack, pcap,
+//! stats, in-memory rings), light enough for the sanitizer builds of `fuzz/`.
 
 #![deny(unsafe_code)]
+// Without `runtime`, helpers only the workers use are unused; they are still the same code.
+#![cfg_attr(not(feature = "runtime"), allow(dead_code))]
 
 pub mod config;
 pub mod conntrack;
+#[cfg(feature = "runtime")]
 pub mod metrics;
 pub mod parse;
 pub mod pcap;
+#[cfg(feature = "runtime")]
 pub mod preflight;
+#[cfg(feature = "runtime")]
 pub mod replay;
+#[cfg(feature = "runtime")]
 pub mod runtime;
 pub mod stats;
 #[allow(unsafe_code)]
 pub mod sys;
+#[cfg(feature = "runtime")]
 pub mod worker;

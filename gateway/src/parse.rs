@@ -149,7 +149,7 @@ fn icmp_track(key: &FlowKey, body: &[u8], track: &mut Track) {
 /// [`parse`], plus what the connection tracker needs: TCP flags, the ICMP echo identifier, the
 /// header an ICMP error quotes.
 #[inline]
-pub(crate) fn parse_tracked(data: &[u8], direction: Direction) -> Result<(Frame, Track), Reason> {
+pub fn parse_tracked(data: &[u8], direction: Direction) -> Result<(Frame, Track), Reason> {
     let mut key = FlowKey::default();
     let mut track = Track::default();
     Ok(match parse_into(data, direction, &mut key, &mut track)? {
@@ -214,7 +214,7 @@ pub(crate) fn parse_slow(
 /// odd, returns `None` and goes through etherparse; a test checks on generated and mutated
 /// frames that whatever this accepts, etherparse parses to the same result.
 #[inline(always)]
-pub(crate) fn fast_path(b: &[u8], direction: Direction) -> Option<(FlowKey, u8)> {
+pub fn fast_path(b: &[u8], direction: Direction) -> Option<(FlowKey, u8)> {
     if b.len() < 14 + 20 + 8 || b[12] != 0x08 || b[13] != 0x00 || b[14] != 0x45 {
         return None;
     }
@@ -259,7 +259,7 @@ pub(crate) fn fast_path(b: &[u8], direction: Direction) -> Option<(FlowKey, u8)>
 }
 
 /// The general parser: every link extension, IP version, extension header and transport.
-fn parse_sliced(data: &[u8], direction: Direction) -> Result<(Frame, Track), Reason> {
+pub fn parse_sliced(data: &[u8], direction: Direction) -> Result<(Frame, Track), Reason> {
     let mut track = Track::default();
     let pkt = SlicedPacket::from_ethernet(data).map_err(|e| malformed(&e))?;
     let vlan = pkt

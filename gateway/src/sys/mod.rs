@@ -10,11 +10,35 @@
 
 pub mod fake;
 pub mod ring;
+#[cfg(feature = "runtime")]
 pub mod xdp;
+#[cfg(feature = "runtime")]
 pub mod xsk;
 
 use std::io;
 use std::os::fd::RawFd;
+
+/// Where the XDP program runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpMode {
+    /// Driver (native) XDP.
+    Native,
+    /// Generic (skb) XDP: works everywhere, slower.
+    Skb,
+}
+
+/// Whether the sockets use zero-copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ZeroCopy {
+    /// Try zero-copy, fall back to copy mode with a warning.
+    Auto,
+    /// Zero-copy or fail.
+    On,
+    /// Copy mode.
+    Off,
+}
 
 /// Waits until one of `fds` is readable or `timeout_ms` passes (with no descriptor, it just
 /// sleeps). Returns whether one is readable.

@@ -2,7 +2,7 @@
 
 use std::io;
 
-use super::xsk::XdpMode;
+use super::XdpMode;
 
 const XDP_FLAGS_SKB_MODE: u32 = 2;
 const XDP_FLAGS_DRV_MODE: u32 = 4;

@@ -19,28 +19,7 @@ use xsk_rs::config::{
 use xsk_rs::{CompQueue, FillQueue, FrameDesc, RxQueue, Socket, TxQueue, Umem};
 
 use super::ring::{QueuePair, Rings, Side};
-
-/// Where the XDP program runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum XdpMode {
-    /// Driver (native) XDP.
-    Native,
-    /// Generic (skb) XDP: works everywhere, slower.
-    Skb,
-}
-
-/// Whether the sockets use zero-copy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ZeroCopy {
-    /// Try zero-copy, fall back to copy mode with a warning.
-    Auto,
-    /// Zero-copy or fail.
-    On,
-    /// Copy mode.
-    Off,
-}
+use super::{XdpMode, ZeroCopy};
 
 /// Why a queue's sockets could not be opened. The message says what to do.
 #[derive(Debug, thiserror::Error)]
