@@ -62,6 +62,9 @@ enum Cmd {
     /// ns/packet of the whole userspace path (parse, tracker, classifier on a miss, counters)
     /// over in-memory rings: established flows, new flows, a mix, and without the tracker.
     Datapath(datapath::Args),
+    /// The gateway under traffic, 1,000+ table swaps, policy churn and metrics scrapes for N
+    /// minutes, in the namespace lab: exact accounting and flat resident memory, or it fails.
+    Soak(soak::Args),
 }
 
 fn index(v: u32) -> i64 {
@@ -97,6 +100,7 @@ mod dpdk;
 mod forward;
 mod harness;
 mod kube_latency;
+mod soak;
 mod traffic;
 #[allow(unsafe_code)]
 mod xsk;
@@ -106,6 +110,7 @@ fn main() -> Result<()> {
         Cmd::LabForward(a) => forward::run(a),
         Cmd::KubeLatency(a) => kube_latency::run(a),
         Cmd::Datapath(a) => datapath::main(a),
+        Cmd::Soak(a) => soak::run(a),
         Cmd::Gen(a) => traffic::gen(a),
         Cmd::Sink(a) => traffic::sink(a),
         Cmd::Pktgen(a) => traffic::pktgen(a),

@@ -7,7 +7,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use gateway::metrics::Status;
-use gateway::stats::{CtEvent, Reason};
+use gateway::stats::CtEvent;
+use lab::accounting::Accounting;
 use lab::sh;
 use lab::traffic::{addr, tcp_connect, udp_stream, udp_stream_from, wait_udp, Servers, TcpOutcome};
 use lab::{in_netns, GatewayProcess, Lab, LabGuard, CLIENT_MAC, CLIENT_V4, SERVER_MAC, SERVER_V4};
@@ -297,58 +298,12 @@ fn a_hundred_table_swaps_lose_and_reorder_nothing() {
     assert!(sum.lost <= COUNT / 1000, "{context}");
 }
 
-/// Counter totals for exact accounting.
-struct Accounting {
-    rx: u64,
-    tx: u64,
-    drops: u64,
-    l2_forwarded: u64,
-    /// Drops decided before the table: malformed frames and the L2 policy.
-    unclassified_drops: u64,
-    hits: u64,
-    /// Frames the connection tracker passed without the table.
-    tracked: u64,
-}
-
 fn accounting(s: &Status) -> Accounting {
-    let t = &s.totals;
-    let drop = |r: Reason| t.drop_count(r);
-    Accounting {
-        rx: t.rx_ingress + t.rx_egress,
-        tx: t.tx_ingress + t.tx_egress,
-        drops: Reason::ALL.iter().map(|r| drop(*r)).sum(),
-        l2_forwarded: t.l2_forwarded,
-        unclassified_drops: Reason::ALL
-            .iter()
-            .filter(|r| !r.after_classification())
-            .map(|r| drop(*r))
-            .sum(),
-        hits: s.rules.iter().map(|r| r.hits).sum(),
-        tracked: t.ct_count(CtEvent::Established) + t.ct_count(CtEvent::Related),
-    }
+    Accounting::of(s)
 }
 
-/// The status once the counters stop moving (workers flush after each busy burst).
 fn settled_status(gw: &GatewayProcess) -> Status {
-    let traffic = |s: &Status| {
-        let t = &s.totals;
-        let drops: u64 = t.drops.iter().map(|(_, n)| n).sum();
-        (
-            t.rx_ingress + t.rx_egress,
-            t.tx_ingress + t.tx_egress,
-            drops,
-        )
-    };
-    let mut last = gw.status().unwrap();
-    for _ in 0..50 {
-        std::thread::sleep(Duration::from_millis(100));
-        let now = gw.status().unwrap();
-        if traffic(&now) == traffic(&last) {
-            return now;
-        }
-        last = now;
-    }
-    panic!("the counters never settled: {:?}", last.totals);
+    lab::accounting::settled_status(gw).unwrap()
 }
 
 /// A minimal Ethernet + IPv4 frame from the client to the server, built by hand.

@@ -57,6 +57,8 @@ pub enum LabError {
         #[source]
         source: std::io::Error,
     },
+    #[error("the gateway's counters never settled: {0}")]
+    Unsettled(String),
     #[error("cannot GET {path} from the gateway")]
     Http {
         path: String,
