@@ -536,9 +536,10 @@ impl Conntrack {
         ((h as usize & self.buckets_mask) * WAYS, (h >> 56) as u8)
     }
 
-    /// A consistent copy of slot `i`, if it holds a flow.
+    /// A consistent copy of slot `i` whatever it holds: its (even) sequence, tuple words, state
+    /// word and last-seen time; `None` while a writer holds it.
     #[inline(always)]
-    fn read(&self, i: usize) -> Option<SlotCopy> {
+    fn read_raw(&self, i: usize) -> Option<(u32, [u64; 5], u64, u64)> {
         let s = &self.slots[i];
         for _ in 0..4 {
             let seq = s.seq.load(Ordering::Acquire);
@@ -559,19 +560,32 @@ impl Conntrack {
             if s.seq.load(Ordering::Relaxed) != seq {
                 continue;
             }
-            let (epoch, generation, state) = unpack_state(state_word)?;
-            if epoch != (seq >> 1) & 0xffff {
-                return None;
-            }
-            return Some(SlotCopy {
-                tuple: Tuple::from_words(&words),
-                state_word,
-                state,
-                generation,
-                seen,
-            });
+            return Some((seq, words, state_word, seen));
         }
         None
+    }
+
+    /// The flow a raw copy holds, if it is a live one of this slot's epoch.
+    #[inline(always)]
+    fn live(seq: u32, words: &[u64; 5], state_word: u64, seen: u64) -> Option<SlotCopy> {
+        let (epoch, generation, state) = unpack_state(state_word)?;
+        if epoch != (seq >> 1) & 0xffff {
+            return None;
+        }
+        Some(SlotCopy {
+            tuple: Tuple::from_words(words),
+            state_word,
+            state,
+            generation,
+            seen,
+        })
+    }
+
+    /// A consistent copy of slot `i`, if it holds a flow.
+    #[inline(always)]
+    fn read(&self, i: usize) -> Option<SlotCopy> {
+        let (seq, words, state_word, seen) = self.read_raw(i)?;
+        Self::live(seq, &words, state_word, seen)
     }
 
     /// The first step of a lookup: `t`'s bucket and its tag word. The datapath probes a whole
@@ -668,6 +682,70 @@ impl Conntrack {
         next
     }
 
+    /// Chooses and claims (sequence made odd) a slot of bucket `b` for a new flow: a free slot,
+    /// else an expired one, else the oldest unreplied one. Another worker may change the bucket
+    /// between the choice and the claim, so the claim holds only if the slot is exactly as it was
+    /// chosen (same sequence, same state word: a flow that got its reply meanwhile is not evicted);
+    /// otherwise the choice is made again, a few times, before the bucket counts as full.
+    fn claim(&self, b: usize, now: u64) -> Result<(usize, u32, Displaced), InsertError> {
+        for _ in 0..4 {
+            let mut expired: Option<(usize, u32, u64)> = None;
+            let mut oldest: Option<(usize, u32, u64, u64)> = None;
+            let mut chosen: Option<(usize, u32, u64, Displaced)> = None;
+            for i in b..b + WAYS {
+                // A slot a writer holds right now is nobody's to take.
+                let Some((seq, words, state_word, seen)) = self.read_raw(i) else {
+                    continue;
+                };
+                match Self::live(seq, &words, state_word, seen) {
+                    None => {
+                        chosen = Some((i, seq, state_word, Displaced::Nothing));
+                        break;
+                    }
+                    Some(c) => {
+                        if now.saturating_sub(c.seen) > self.timeout_ns(c.tuple.proto, c.state) {
+                            expired.get_or_insert((i, seq, state_word));
+                        } else if !c.state.replied()
+                            && oldest.is_none_or(|(_, _, _, seen)| c.seen < seen)
+                        {
+                            oldest = Some((i, seq, state_word, c.seen));
+                        }
+                    }
+                }
+            }
+            let (i, seq, state_word, displaced) = chosen
+                .or(expired.map(|(i, q, w)| (i, q, w, Displaced::Expired)))
+                .or(oldest.map(|(i, q, w, _)| (i, q, w, Displaced::Evicted)))
+                .ok_or(InsertError::Full)?;
+            let s = &self.slots[i];
+            if s.seq
+                .compare_exchange(
+                    seq,
+                    seq.wrapping_add(1),
+                    Ordering::Acquire,
+                    Ordering::Relaxed,
+                )
+                .is_err()
+            {
+                continue; // another writer took it first: choose again
+            }
+            // Take the state word too: a flow that moved on after it was chosen (a reply, a
+            // removal) keeps its slot, which goes back untouched; and from here no worker's
+            // state change (a compare-and-swap from the word it read) can land on this slot.
+            if s.state
+                .compare_exchange(state_word, 0, Ordering::AcqRel, Ordering::Relaxed)
+                .is_err()
+            {
+                s.seq.store(seq, Ordering::Release);
+                continue;
+            }
+            return Ok((i, seq, displaced));
+        }
+        // The bucket kept changing under this worker: count it as full for this packet (it is
+        // dropped and counted; the flow's next packet tries again).
+        Err(InsertError::Full)
+    }
+
     /// Starts flow `t` (a packet policy admitted, in its original direction) under table
     /// `generation`.
     pub fn insert(
@@ -687,47 +765,8 @@ impl Conntrack {
             _ => FlowState::Unreplied,
         };
         let (b, tag) = self.bucket(t);
-        // Choose: a free slot, else an expired one, else the oldest unreplied one.
-        let mut expired = None;
-        let mut oldest: Option<(usize, u64)> = None;
-        let mut chosen = None;
-        for i in b..b + WAYS {
-            match self.read(i) {
-                None => {
-                    if self.slots[i].seq.load(Ordering::Relaxed) & 1 == 0 {
-                        chosen = Some((i, Displaced::Nothing));
-                        break;
-                    }
-                }
-                Some(c) => {
-                    if now.saturating_sub(c.seen) > self.timeout_ns(c.tuple.proto, c.state) {
-                        expired.get_or_insert(i);
-                    } else if !c.state.replied() && oldest.is_none_or(|(_, seen)| c.seen < seen) {
-                        oldest = Some((i, c.seen));
-                    }
-                }
-            }
-        }
-        let (i, displaced) = chosen
-            .or(expired.map(|i| (i, Displaced::Expired)))
-            .or(oldest.map(|(i, _)| (i, Displaced::Evicted)))
-            .ok_or(InsertError::Full)?;
+        let (i, seq, displaced) = self.claim(b, now)?;
         let s = &self.slots[i];
-        let seq = s.seq.load(Ordering::Relaxed);
-        if seq & 1 == 1
-            || s.seq
-                .compare_exchange(
-                    seq,
-                    seq.wrapping_add(1),
-                    Ordering::Acquire,
-                    Ordering::Relaxed,
-                )
-                .is_err()
-        {
-            // Another worker is writing this slot right now: treat the bucket as full for this
-            // packet (it is dropped and counted; the next packet of the flow tries again).
-            return Err(InsertError::Full);
-        }
         fence(Ordering::Release);
         // The tag goes in before the slot is published, so a reader that sees the slot sees it.
         let shift = (i - b) * 8;
@@ -1199,30 +1238,77 @@ mod tests {
     }
 
     #[test]
-    fn workers_share_the_table() {
-        let ct = std::sync::Arc::new(table(1 << 16));
+    fn two_workers_racing_for_one_bucket_never_lose_an_insert() {
+        // One bucket, eight free slots, two workers inserting four flows each at the same
+        // moment, many times: no eviction is ever needed, so a flow that was inserted and is
+        // gone was overwritten by the other worker's claim of the same slot.
+        let barrier = std::sync::Arc::new(std::sync::Barrier::new(2));
+        let tables: Vec<std::sync::Arc<Conntrack>> = (0..30_000)
+            .map(|_| std::sync::Arc::new(table(WAYS)))
+            .collect();
+        let tables = std::sync::Arc::new(tables);
         let handles: Vec<_> = (0..2u16)
             .map(|w| {
-                let ct = std::sync::Arc::clone(&ct);
+                let (barrier, tables) = (barrier.clone(), tables.clone());
                 std::thread::spawn(move || {
-                    for i in 0..5000u16 {
-                        let t = udp(w * 10_000 + i);
-                        ct.insert(&t, 0, 1, 0).unwrap();
-                        // The other worker sees the reply direction.
-                        let h = ct.lookup(&t.reversed(), 0).expect("visible at once");
-                        ct.update(&h, 0, 1, 0);
+                    let mut inserted = Vec::new();
+                    for (r, ct) in tables.iter().enumerate() {
+                        barrier.wait();
+                        for i in 0..4u16 {
+                            let t = udp(w * 100 + i);
+                            if ct.insert(&t, 0, 1, 0).is_ok() {
+                                inserted.push((r, t));
+                            }
+                        }
                     }
+                    inserted
                 })
             })
             .collect();
         for h in handles {
-            h.join().unwrap();
-        }
-        for w in 0..2u16 {
-            for i in 0..5000u16 {
-                let h = ct.lookup(&udp(w * 10_000 + i), 0).unwrap();
-                assert_eq!(h.state, FlowState::Replied);
+            for (r, t) in h.join().unwrap() {
+                assert!(tables[r].lookup(&t, 0).is_some(), "round {r}: {t:?} lost");
             }
+        }
+    }
+
+    #[test]
+    fn workers_share_the_table() {
+        // Four workers insert into shared, crowded buckets at once (CI caught a lost insert: a
+        // slot chosen free by two workers, claimed by both in turn). Every flow whose insert
+        // succeeded must survive, answered.
+        for _round in 0..4 {
+            let ct = std::sync::Arc::new(table(16384));
+            let handles: Vec<_> = (0..4u16)
+                .map(|w| {
+                    let ct = std::sync::Arc::clone(&ct);
+                    std::thread::spawn(move || {
+                        let mut inserted = Vec::new();
+                        for i in 0..1500u16 {
+                            let t = udp(w * 4_000 + i);
+                            // A full bucket (only answered flows) drops the packet; a bucket
+                            // another worker is changing may too, and the flow's next packet
+                            // tries again.
+                            if (0..8).any(|_| ct.insert(&t, 0, 1, 0).is_ok()) {
+                                // Another worker sees the reply direction.
+                                let h = ct.lookup(&t.reversed(), 0).expect("visible at once");
+                                ct.update(&h, 0, 1, 0);
+                                inserted.push(t);
+                            }
+                        }
+                        inserted
+                    })
+                })
+                .collect();
+            let mut total = 0;
+            for h in handles {
+                for t in h.join().unwrap() {
+                    let h = ct.lookup(&t, 0).unwrap_or_else(|| panic!("{t:?} lost"));
+                    assert_eq!(h.state, FlowState::Replied);
+                    total += 1;
+                }
+            }
+            assert!(total > 5900, "only {total} of 6000 flows found room");
         }
     }
 }
