@@ -8,14 +8,7 @@ use gateway::config::Config;
 use policy::compile::GatewayContext;
 
 fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
-    for e in std::fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        if p.is_dir() {
-            walk(&p, out);
-        } else if p.extension().is_some_and(|x| x == "yaml" || x == "yml") {
-            out.push(p);
-        }
-    }
+    control::source::files::yaml_files(dir, out).unwrap();
 }
 
 #[test]

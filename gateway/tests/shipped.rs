@@ -6,28 +6,16 @@
 //! printed so.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde_json::Value;
-
-fn yaml_files(dir: &Path, out: &mut Vec<PathBuf>) {
-    for e in std::fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        if p.is_dir() {
-            yaml_files(&p, out);
-        } else if p.extension().is_some_and(|x| x == "yaml" || x == "yml") {
-            out.push(p);
-        }
-    }
-}
 
 /// Every shipped object, `List` items and the policies inside ConfigMaps included, with where it
 /// came from.
 fn objects() -> Vec<(String, Value)> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../configs");
     let mut files = Vec::new();
-    yaml_files(&root, &mut files);
-    files.sort();
+    control::source::files::yaml_files(&root, &mut files).unwrap();
     let mut out = Vec::new();
     for f in files {
         let text = std::fs::read_to_string(&f).unwrap();

@@ -63,7 +63,9 @@ impl SourceError {
     }
 }
 
-fn yaml_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+/// Every `*.yaml`/`*.yml` file under `dir`, recursively, sorted, hidden entries skipped: the
+/// files a policy directory is read from (tests walk `configs/` with it too).
+pub fn yaml_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
     let mut entries: Vec<_> = std::fs::read_dir(dir)?.collect::<Result<_, _>>()?;
     entries.sort_by_key(|e| e.file_name());
     for e in entries {
