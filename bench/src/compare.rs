@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use policy::classbench::{read_expected, read_filters, read_trace};
-use policy::classify::{Classifier, TupleSpace, NO_MATCH};
+use policy::classify::{Classifier, Forest, TupleSpace, NO_MATCH};
 
 #[derive(clap::Args)]
 pub(crate) struct Args {
@@ -16,7 +16,7 @@ pub(crate) struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "acl1_1k,fw1_1k,ipc1_1k,acl1_10k"
+        default_value = "acl1_1k,fw1_1k,ipc1_1k,acl1_10k,fw1_10k,ipc1_10k,acl1_100k,fw1_100k,ipc1_100k"
     )]
     sets: Vec<String>,
     #[arg(long, default_value = "../shared/data/classbench")]
@@ -29,22 +29,29 @@ pub(crate) struct Args {
     /// Length of one sample, in milliseconds.
     #[arg(long, default_value_t = 200)]
     ms: u64,
+    /// Memory for DPDK's EAL, in MiB (`--no-huge -m`). The default sizes it to the largest set:
+    /// rte_acl needs about 2 KiB per rule at 10k rules and more per rule above.
+    #[arg(long)]
+    dpdk_mem: Option<usize>,
 }
 
 /// One classifier under test.
 trait Peer {
     fn name(&self) -> String;
+    /// Prepares for a run (rte_acl: selects the method on the shared context).
+    fn select(&mut self) {}
     fn run(&self, burst: usize, out: &mut [u32]);
 }
 
 struct Ours<'a> {
-    c: &'a TupleSpace,
+    name: &'static str,
+    c: &'a dyn Classifier,
     keys: &'a [policy::key::FlowKey],
 }
 
 impl Peer for Ours<'_> {
     fn name(&self) -> String {
-        "portcullis tuple-space".into()
+        self.name.into()
     }
     fn run(&self, burst: usize, out: &mut [u32]) {
         for (k, o) in self.keys.chunks(burst).zip(out.chunks_mut(burst)) {
@@ -55,7 +62,7 @@ impl Peer for Ours<'_> {
 
 #[cfg(has_dpdk)]
 struct Dpdk<'a> {
-    acl: crate::dpdk::Acl,
+    acl: std::rc::Rc<std::cell::RefCell<crate::dpdk::Acl>>,
     method: crate::dpdk::Method,
     keys: &'a [crate::dpdk::Tuple5],
 }
@@ -65,9 +72,14 @@ impl Peer for Dpdk<'_> {
     fn name(&self) -> String {
         format!("rte_acl {}", self.method.name())
     }
+    fn select(&mut self) {
+        // Checked when the peer was admitted; the same call cannot fail now.
+        let _ = self.acl.borrow_mut().set_method(self.method);
+    }
     fn run(&self, burst: usize, out: &mut [u32]) {
+        let acl = self.acl.borrow();
         for (k, o) in self.keys.chunks(burst).zip(out.chunks_mut(burst)) {
-            self.acl.classify(k, o);
+            acl.classify(k, o);
         }
     }
 }
@@ -84,86 +96,155 @@ struct Row {
     agree: usize,
 }
 
+/// EAL memory for the sets (MiB): rte_acl took 19 MiB for acl1_10k and over 114 MiB for
+/// fw1_10k, and grows faster than the rule count, so leave room: 64 KiB per rule, at least 1 GiB,
+/// at most half of this machine's memory. `--no-huge` memory is only touched as it is used.
+#[cfg(has_dpdk)]
+fn dpdk_mem_for(rules: usize) -> usize {
+    let total_mib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<usize>().ok())
+        })
+        .map_or(4096, |kib| kib / 1024);
+    (rules * 64 / 1024).clamp(1024, (total_mib / 2).max(1024))
+}
+
 pub(crate) fn run(a: Args) -> Result<()> {
     if a.repeats == 0 || a.bursts.contains(&0) {
         bail!("--repeats and every --bursts value must be at least 1");
     }
-    println!("| set | rules | burst | classifier | lookups/s median [min-max] | ns/lookup | build | memory | ours ÷ this | agrees with .expected |");
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    let mut sets = Vec::new();
     for set in &a.sets {
         let path = |ext: &str| a.data.join(format!("{set}.{ext}"));
         let rules = read_filters(&path("filters")).with_context(|| format!("set {set}"))?;
-        let keys = read_trace(&path("trace"))?;
-        let expected = read_expected(&path("expected"))?;
+        let keys = read_trace(&path("trace")).with_context(|| format!("set {set}"))?;
+        let expected = read_expected(&path("expected")).with_context(|| format!("set {set}"))?;
+        if keys.len() != expected.len() {
+            bail!(
+                "{set}: the trace has {} headers but .expected has {}",
+                keys.len(),
+                expected.len()
+            );
+        }
+        sets.push((set.clone(), rules, keys, expected));
+    }
+    #[cfg(has_dpdk)]
+    let eal = {
+        let largest = sets.iter().map(|s| s.1.len()).max().unwrap_or(0);
+        let mem = a.dpdk_mem.unwrap_or_else(|| dpdk_mem_for(largest));
+        crate::dpdk::eal_init(mem).map(|()| mem)
+    };
+    #[cfg(not(has_dpdk))]
+    eprintln!("this portcullis-bench was built without DPDK (install dpdk-dev with scripts/deps and rebuild); only our classifiers are measured");
+
+    println!("| set | rules | burst | classifier | lookups/s median [min-max] | ns/lookup | build | memory | forest ÷ this | agrees with .expected |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    let mut failures = Vec::new();
+    let mut summary = Vec::new();
+    for (set, rules, keys, expected) in &sets {
         let check = |out: &[u32]| {
             out.iter()
-                .zip(&expected)
+                .zip(expected)
                 .filter(|(r, e)| (if **r == NO_MATCH { -1 } else { **r as i64 }) == **e)
                 .count()
         };
-
         #[cfg(has_dpdk)]
-        let tuples: Vec<crate::dpdk::Tuple5> =
+        let tuple5: Vec<crate::dpdk::Tuple5> =
             keys.iter().map(crate::dpdk::Tuple5::from_key).collect();
         let t = Instant::now();
-        let ours = TupleSpace::build(&rules);
-        let mut rows = vec![Row {
-            name: String::new(),
-            build_ms: t.elapsed().as_secs_f64() * 1e3,
-            memory: ours.memory_bytes(),
-            agree: 0,
-        }];
-        let mut peers: Vec<Box<dyn Peer + '_>> = vec![Box::new(Ours {
-            c: &ours,
-            keys: &keys,
-        })];
-
-        // Start DPDK's EAL before any build is timed.
-        #[cfg(has_dpdk)]
-        crate::dpdk::eal_init().map_err(anyhow::Error::msg)?;
-        #[cfg(has_dpdk)]
-        for method in crate::dpdk::Method::ALL {
-            let t = Instant::now();
-            let mut acl = crate::dpdk::Acl::build(&format!("pc-{set}-{}", method.name()), &rules)
-                .map_err(anyhow::Error::msg)?;
-            let build_ms = t.elapsed().as_secs_f64() * 1e3;
-            if let Err(e) = acl.set_method(method) {
-                eprintln!("{set}: {e}; skipped");
-                continue;
-            }
-            rows.push(Row {
+        let forest = Forest::build(rules);
+        let forest_ms = t.elapsed().as_secs_f64() * 1e3;
+        let t = Instant::now();
+        let tuples = TupleSpace::build(rules);
+        let tuples_ms = t.elapsed().as_secs_f64() * 1e3;
+        let mut rows = vec![
+            Row {
                 name: String::new(),
-                build_ms,
-                memory: acl.memory,
+                build_ms: forest_ms,
+                memory: forest.memory_bytes(),
                 agree: 0,
-            });
-            peers.push(Box::new(Dpdk {
-                acl,
-                method,
-                keys: &tuples,
-            }));
+            },
+            Row {
+                name: String::new(),
+                build_ms: tuples_ms,
+                memory: tuples.memory_bytes(),
+                agree: 0,
+            },
+        ];
+        let mut peers: Vec<Box<dyn Peer + '_>> = vec![
+            Box::new(Ours {
+                name: "portcullis forest",
+                c: &forest,
+                keys,
+            }),
+            Box::new(Ours {
+                name: "portcullis tuple-space",
+                c: &tuples,
+                keys,
+            }),
+        ];
+        // Peers that cannot run: (name, why).
+        let mut absent: Vec<(String, String)> = Vec::new();
+
+        #[cfg(has_dpdk)]
+        match &eal {
+            Err(e) => absent.push(("rte_acl".into(), e.clone())),
+            Ok(mem) => {
+                let t = Instant::now();
+                match crate::dpdk::Acl::build(&format!("pc-{set}"), rules) {
+                    Err(e) => absent.push((
+                        "rte_acl".into(),
+                        format!("build failed: {e} (EAL memory {mem} MiB; raise --dpdk-mem)"),
+                    )),
+                    Ok(acl) => {
+                        let build_ms = t.elapsed().as_secs_f64() * 1e3;
+                        let memory = acl.memory;
+                        let acl = std::rc::Rc::new(std::cell::RefCell::new(acl));
+                        for method in crate::dpdk::Method::EXPLICIT {
+                            if let Err(e) = acl.borrow_mut().set_method(method) {
+                                absent.push((format!("rte_acl {}", method.name()), e));
+                                continue;
+                            }
+                            rows.push(Row {
+                                name: String::new(),
+                                build_ms,
+                                memory,
+                                agree: 0,
+                            });
+                            peers.push(Box::new(Dpdk {
+                                acl: acl.clone(),
+                                method,
+                                keys: &tuple5,
+                            }));
+                        }
+                    }
+                }
+            }
         }
-        #[cfg(not(has_dpdk))]
-        eprintln!("this portcullis-bench was built without DPDK (install dpdk-dev with scripts/deps and rebuild); only our classifier is measured");
 
         let mut out = vec![0u32; keys.len()];
-        for (p, row) in peers.iter().zip(rows.iter_mut()) {
+        for (p, row) in peers.iter_mut().zip(rows.iter_mut()) {
+            p.select();
             p.run(64, &mut out);
             row.name = p.name();
             row.agree = check(&out);
             if row.agree != keys.len() {
-                bail!(
+                failures.push(format!(
                     "{set}: {} disagrees with .expected on {} of {} headers",
                     row.name,
                     keys.len() - row.agree,
                     keys.len()
-                );
+                ));
             }
         }
         for &burst in &a.bursts {
             let mut samples = vec![Vec::new(); peers.len()];
             for _ in 0..a.repeats {
-                for (i, p) in peers.iter().enumerate() {
+                for (i, p) in peers.iter_mut().enumerate() {
+                    p.select();
                     let started = Instant::now();
                     let mut n = 0u64;
                     while started.elapsed() < Duration::from_millis(a.ms) {
@@ -173,13 +254,12 @@ pub(crate) fn run(a: Args) -> Result<()> {
                     samples[i].push(n as f64 / started.elapsed().as_secs_f64());
                 }
             }
-            let ours_median = median(&mut samples[0].clone());
-            for (row, s) in rows.iter().zip(samples.iter_mut()) {
+            let medians: Vec<f64> = samples.iter().map(|s| median(&mut s.clone())).collect();
+            for ((row, s), m) in rows.iter().zip(&samples).zip(&medians) {
                 let (min, max) = (
                     s.iter().copied().fold(f64::MAX, f64::min),
                     s.iter().copied().fold(0.0, f64::max),
                 );
-                let m = median(s);
                 println!(
                     "| {set} | {} | {burst} | {} | {:.2} M [{:.2}-{:.2}] | {:.0} | {:.2} ms | {} KiB | {:.2} | {} / {} |",
                     rules.len(),
@@ -190,12 +270,46 @@ pub(crate) fn run(a: Args) -> Result<()> {
                     1e9 / m,
                     row.build_ms,
                     row.memory / 1024,
-                    ours_median / m,
+                    medians[0] / m,
                     row.agree,
                     keys.len()
                 );
             }
+            for (name, why) in &absent {
+                println!(
+                    "| {set} | {} | {burst} | {name} | not run: {why} | | | | | |",
+                    rules.len()
+                );
+            }
+            // Against rte_acl's best method at this burst, and its memory.
+            if let Some((i, m)) = medians
+                .iter()
+                .enumerate()
+                .skip(2)
+                .max_by(|x, y| x.1.total_cmp(y.1))
+            {
+                summary.push(format!(
+                    "| {set} | {burst} | {:.2} M | {} {:.2} M | {:.2} | {:.1} % | {:.1} % |",
+                    medians[0] / 1e6,
+                    rows[i].name,
+                    m / 1e6,
+                    medians[0] / m,
+                    100.0 * rows[0].build_ms / rows[i].build_ms,
+                    100.0 * rows[0].memory as f64 / rows[i].memory as f64
+                ));
+            }
         }
+    }
+    if !summary.is_empty() {
+        println!();
+        println!("| set | burst | forest | rte_acl's best method here | forest ÷ best | build, % of rte_acl's | memory, % of rte_acl's |");
+        println!("|---|---|---|---|---|---|---|");
+        for l in &summary {
+            println!("{l}");
+        }
+    }
+    if !failures.is_empty() {
+        bail!("{}", failures.join("; "));
     }
     Ok(())
 }
@@ -210,7 +324,8 @@ pub(crate) struct PassesArgs {
     set: String,
     #[arg(long, default_value = "../shared/data/classbench")]
     data: PathBuf,
-    /// `ours`, or `rte_acl:METHOD` (default, scalar, sse, avx2, avx512x16, avx512x32).
+    /// `ours` (the forest), `tuple-space`, or `rte_acl:METHOD` (default, scalar, sse, avx2,
+    /// avx512x16, avx512x32).
     #[arg(long)]
     peer: String,
     #[arg(long, default_value_t = 64)]
@@ -226,15 +341,25 @@ pub(crate) fn passes(a: PassesArgs) -> Result<()> {
     let rules = read_filters(&a.data.join(format!("{}.filters", a.set)))?;
     let keys = read_trace(&a.data.join(format!("{}.trace", a.set)))?;
     let mut out = vec![0u32; keys.len()];
-    let ours;
+    let forest;
+    let tuples;
     #[cfg(has_dpdk)]
-    let tuples: Vec<crate::dpdk::Tuple5> = keys.iter().map(crate::dpdk::Tuple5::from_key).collect();
-    let peer: Box<dyn Peer + '_>;
+    let tuple5: Vec<crate::dpdk::Tuple5> = keys.iter().map(crate::dpdk::Tuple5::from_key).collect();
+    let mut peer: Box<dyn Peer + '_>;
     match a.peer.split_once(':') {
         None if a.peer == "ours" => {
-            ours = TupleSpace::build(&rules);
+            forest = Forest::build(&rules);
             peer = Box::new(Ours {
-                c: &ours,
+                name: "portcullis forest",
+                c: &forest,
+                keys: &keys,
+            });
+        }
+        None if a.peer == "tuple-space" => {
+            tuples = TupleSpace::build(&rules);
+            peer = Box::new(Ours {
+                name: "portcullis tuple-space",
+                c: &tuples,
                 keys: &keys,
             });
         }
@@ -244,17 +369,19 @@ pub(crate) fn passes(a: PassesArgs) -> Result<()> {
                 .into_iter()
                 .find(|x| x.name() == m)
                 .with_context(|| format!("unknown rte_acl method `{m}`"))?;
+            crate::dpdk::eal_init(dpdk_mem_for(rules.len())).map_err(anyhow::Error::msg)?;
             let mut acl =
                 crate::dpdk::Acl::build("pc-passes", &rules).map_err(anyhow::Error::msg)?;
             acl.set_method(method).map_err(anyhow::Error::msg)?;
             peer = Box::new(Dpdk {
-                acl,
+                acl: std::rc::Rc::new(std::cell::RefCell::new(acl)),
                 method,
-                keys: &tuples,
+                keys: &tuple5,
             });
         }
-        _ => bail!("--peer must be `ours` or `rte_acl:METHOD` (rte_acl needs a build with DPDK)"),
+        _ => bail!("--peer must be `ours`, `tuple-space` or `rte_acl:METHOD` (rte_acl needs a build with DPDK)"),
     }
+    peer.select();
     for _ in 0..a.passes {
         peer.run(a.burst, &mut out);
     }

@@ -82,6 +82,15 @@ impl Method {
         Method::Avx512x32,
     ];
 
+    /// The methods one can select explicitly; `Default` is whichever rte_acl picked at create.
+    pub(crate) const EXPLICIT: [Method; 5] = [
+        Method::Scalar,
+        Method::Sse,
+        Method::Avx2,
+        Method::Avx512x16,
+        Method::Avx512x32,
+    ];
+
     pub(crate) fn name(self) -> &'static str {
         match self {
             Method::Default => "default",
@@ -99,16 +108,18 @@ fn err_string(buf: &[u8]) -> String {
     String::from_utf8_lossy(&buf[..end]).into_owned()
 }
 
-/// Starts DPDK's EAL once for the process, for a VM: no hugepages, no PCI, one lcore, in memory,
-/// SIMD up to 512 bits so the AVX-512 methods can be chosen.
-pub(crate) fn eal_init() -> Result<(), String> {
+/// Starts DPDK's EAL once for the process, for a VM: no hugepages (`mem_mib` of ordinary
+/// memory, the first caller's size), no PCI, one lcore, in memory, SIMD up to 512 bits so the
+/// AVX-512 methods can be chosen.
+pub(crate) fn eal_init(mem_mib: usize) -> Result<(), String> {
     static INIT: OnceLock<Result<(), String>> = OnceLock::new();
     INIT.get_or_init(|| {
+        let mem = mem_mib.to_string();
         let args = [
             "portcullis-bench",
             "--no-huge",
             "-m",
-            "512",
+            mem.as_str(),
             "--no-pci",
             "--no-shconf",
             "-l",
@@ -167,7 +178,6 @@ fn prefix_of(m: &policy::rule::AddrSet) -> Result<(u32, u32), String> {
 impl Acl {
     /// Builds a context from IPv4 5-tuple matches; index order is priority order.
     pub(crate) fn build(name: &str, matches: &[Match]) -> Result<Acl, String> {
-        eal_init()?;
         let mut rules = Vec::with_capacity(matches.len());
         for m in matches {
             let (src, src_len) = prefix_of(&m.src)?;

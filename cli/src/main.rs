@@ -457,8 +457,17 @@ fn check(src: &PolicySource) -> Result<()> {
     let stats = table.classifier_stats();
     println!("compiled rules: {}", table.rules().len());
     println!(
-        "classifier: {} atoms in {} tuples, {} buckets (longest {})",
-        stats.atoms, stats.tuples, stats.buckets, stats.max_bucket
+        "classifier: {} atoms; IPv4 in {} trees ({} nodes, {} leaf entries, depth {}, longest leaf {}) and {} atoms in tables; tuple space: {} tuples, {} buckets (longest {})",
+        stats.atoms,
+        stats.trees,
+        stats.tree_nodes,
+        stats.leaf_entries,
+        stats.max_depth,
+        stats.max_leaf,
+        stats.table_atoms,
+        stats.tuples.tuples,
+        stats.tuples.buckets,
+        stats.tuples.max_bucket
     );
     println!(
         "load+compile: {:.2} ms, classifier build: {:.2} ms, table memory: {} bytes",

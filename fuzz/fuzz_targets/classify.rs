@@ -1,9 +1,9 @@
-//! The datapath classifier (tuple space) against the linear reference, for random rule sets and
+//! The datapath classifier (the forest) and the tuple space against the linear reference, for random rule sets and
 //! keys: the first matching rule must be the same, from every starting index.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use policy::classify::{Classifier, Linear, TupleSpace};
+use policy::classify::{Classifier, Forest, Linear, TupleSpace};
 use policy::key::FlowKey;
 use policy::rule::{AddrSet, Direction, Match, PortRange, Prefix};
 use portcullis_fuzz::Bytes;
@@ -75,8 +75,10 @@ fuzz_target!(|data: &[u8]| {
             },
         })
         .collect();
-    let fast = TupleSpace::build(&matches);
+    let forest = Forest::build(&matches);
+    let tuples = TupleSpace::build(&matches);
     let slow = Linear::build(&matches);
+    let mut keys = Vec::new();
     while !b.is_empty() {
         let s = prefix(&mut b);
         let d = prefix(&mut b);
@@ -101,10 +103,18 @@ fuzz_target!(|data: &[u8]| {
             },
         };
         let from = b.u8() as u32 % (n as u32 + 1);
-        assert_eq!(
-            fast.first_match(&key, from),
-            slow.first_match(&key, from),
-            "{key} from {from} over {matches:#?}"
-        );
+        for fast in [&forest as &dyn Classifier, &tuples] {
+            assert_eq!(
+                fast.first_match(&key, from),
+                slow.first_match(&key, from),
+                "{key} from {from} over {matches:#?}"
+            );
+        }
+        keys.push(key);
+    }
+    let mut out = vec![0u32; keys.len()];
+    forest.classify_batch(&keys, &mut out);
+    for (k, o) in keys.iter().zip(&out) {
+        assert_eq!(*o, slow.first_match(k, 0), "{k} in a burst over {matches:#?}");
     }
 });

@@ -8,7 +8,7 @@
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
-use crate::classify::{Classifier, Linear, TupleSpace, TupleStats, NO_MATCH};
+use crate::classify::{Classifier, Forest, ForestStats, Linear, NO_MATCH};
 use crate::key::FlowKey;
 use crate::rule::{Action, DenyReason, Layer, Match, Rule, RuleSet, Verdict};
 
@@ -89,7 +89,7 @@ pub struct Explanation {
 pub struct Table {
     generation: u64,
     rules: RuleSet,
-    classifier: TupleSpace,
+    classifier: Forest,
     steps: Box<[Step]>,
     hits: Box<[HitRow]>,
     build_time: Duration,
@@ -101,7 +101,7 @@ impl Table {
     pub fn build(rules: RuleSet, generation: u64, workers: usize) -> Table {
         let started = Instant::now();
         let matches: Vec<Match> = rules.rules().iter().map(|r| r.matcher.clone()).collect();
-        let classifier = TupleSpace::build(&matches);
+        let classifier = Forest::build(&matches);
         let steps = rules
             .rules()
             .iter()
@@ -146,7 +146,7 @@ impl Table {
             + self.hits.len() * self.rules.len() * std::mem::size_of::<AtomicU64>()
     }
 
-    pub fn classifier_stats(&self) -> TupleStats {
+    pub fn classifier_stats(&self) -> ForestStats {
         self.classifier.stats()
     }
 

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use policy::classbench::{read_expected, read_filters, read_trace};
-use policy::classify::{Classifier, Linear, TupleSpace, NO_MATCH};
+use policy::classify::{Classifier, Forest, Linear, TupleSpace, NO_MATCH};
 
 fn data_dir() -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/classbench");
@@ -41,7 +41,7 @@ fn as_index(v: u32) -> i64 {
 }
 
 #[test]
-fn tuple_space_agrees_with_expected_on_every_header() {
+fn forest_and_tuple_space_agree_with_expected_on_every_header() {
     let dir = data_dir();
     for set in sets() {
         let rules = read_filters(&dir.join(format!("{set}.filters"))).unwrap();
@@ -52,28 +52,41 @@ fn tuple_space_agrees_with_expected_on_every_header() {
             expected.len(),
             "{set}: trace and expected differ in length"
         );
-        let fast = TupleSpace::build(&rules);
-        let mut out = vec![0u32; trace.len()];
-        for (keys, res) in trace.chunks(64).zip(out.chunks_mut(64)) {
-            fast.classify_batch(keys, res);
-        }
-        let wrong: Vec<usize> = (0..trace.len())
-            .filter(|&i| as_index(out[i]) != expected[i])
-            .collect();
-        assert!(
+        let forest = Forest::build(&rules);
+        let tuples = TupleSpace::build(&rules);
+        // Bursts of 64, bursts of 5 (the small-burst path) and one key at a time.
+        for (name, c, burst) in [
+            ("forest", &forest as &dyn Classifier, 64),
+            ("forest", &forest, 5),
+            ("forest", &forest, 1),
+            ("tuple space", &tuples, 64),
+        ] {
+            let mut out = vec![0u32; trace.len()];
+            for (keys, res) in trace.chunks(burst).zip(out.chunks_mut(burst)) {
+                if burst == 1 {
+                    res[0] = c.first_match(&keys[0], 0);
+                } else {
+                    c.classify_batch(keys, res);
+                }
+            }
+            let wrong: Vec<usize> = (0..trace.len())
+                .filter(|&i| as_index(out[i]) != expected[i])
+                .collect();
+            assert!(
             wrong.is_empty(),
-            "{set}: {} of {} headers disagree, first at line {} (got {}, expected {})",
+            "{set}: {name} at burst {burst}: {} of {} headers disagree, first at line {} (got {}, expected {})",
             wrong.len(),
             trace.len(),
             wrong[0] + 1,
             as_index(out[wrong[0]]),
             expected[wrong[0]]
         );
+        }
         eprintln!(
             "{set}: {} rules, {} headers agree, {:?}",
             rules.len(),
             trace.len(),
-            fast.stats()
+            forest.stats()
         );
     }
 }

@@ -3,16 +3,23 @@
 //!
 //! - [`Linear`] is the reference oracle: it evaluates [`Match::matches`] rule by rule. Tests and
 //!   `explain` use it; the datapath never does.
-//! - [`TupleSpace`] is the datapath classifier, a priority-sorted tuple-space search in the
-//!   TupleMerge family. See `tuple.rs` for the structure.
+//! - [`Forest`] is the datapath classifier: range-splitting decision trees (HyperSplit family)
+//!   over partitions of the IPv4 atoms, walked a burst at a time, with tuple-space tables for
+//!   the atoms a tree would copy too often. See `forest.rs` and `tree.rs`.
+//! - [`TupleSpace`] is a priority-sorted tuple-space search in the TupleMerge family
+//!   (`tuple.rs`): the forest's IPv6 and continuation path, and a classifier of its own.
 //!
 //! Both are built from the same `&[Match]` slice (index = priority), so they can be compared on
 //! any input.
 
+mod forest;
 mod linear;
+mod tree;
 mod tuple;
 
+pub use forest::{Forest, ForestStats};
 pub use linear::Linear;
+pub use tree::TreeStats;
 pub use tuple::{TupleSpace, TupleStats};
 
 use crate::key::FlowKey;

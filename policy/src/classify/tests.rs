@@ -174,14 +174,23 @@ proptest! {
         keys in prop::collection::vec(arb_key(), 64),
         from in 0u32..8,
     ) {
-        let fast = TupleSpace::build(&rules);
         let oracle = Linear::build(&rules);
-        let mut batch = vec![0u32; keys.len()];
-        fast.classify_batch(&keys, &mut batch);
-        for (k, b) in keys.iter().zip(&batch) {
-            prop_assert_eq!(fast.first_match(k, 0), oracle.first_match(k, 0), "key {}", k);
-            prop_assert_eq!(*b, oracle.first_match(k, 0));
-            prop_assert_eq!(fast.first_match(k, from), oracle.first_match(k, from));
+        let tuples = TupleSpace::build(&rules);
+        let forest = Forest::build(&rules);
+        let tables = Forest::build_with(&rules, 0);
+        for fast in [&tuples as &dyn Classifier, &forest, &tables] {
+            let mut batch = vec![0u32; keys.len()];
+            fast.classify_batch(&keys, &mut batch);
+            let mut small = vec![0u32; keys.len()];
+            for (k, o) in keys.chunks(3).zip(small.chunks_mut(3)) {
+                fast.classify_batch(k, o);
+            }
+            for ((k, b), s) in keys.iter().zip(&batch).zip(&small) {
+                prop_assert_eq!(fast.first_match(k, 0), oracle.first_match(k, 0), "key {}", k);
+                prop_assert_eq!(*b, oracle.first_match(k, 0));
+                prop_assert_eq!(*s, oracle.first_match(k, 0));
+                prop_assert_eq!(fast.first_match(k, from), oracle.first_match(k, from));
+            }
         }
     }
 }

@@ -51,9 +51,25 @@ fn round(len: u8, v6: bool) -> u8 {
     }
 }
 
+/// The 64-bit finaliser of MurmurHash3: every input bit reaches every output bit, so the low
+/// bits that pick a slot depend on the whole address pair. (A bare multiply does not: the low
+/// bits of a product depend only on the low bits of its input, so pairs that differ only in the
+/// high source bits, such as /24 sources with a wildcard destination, all hashed to one slot and
+/// turned the table into a linear scan.)
+#[inline(always)]
+fn mix(mut h: u64) -> u64 {
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^ (h >> 33)
+}
+
 /// An address width: IPv4 spaces store `u32`, IPv6 spaces `u128`, so an IPv4 entry is 40
 /// bytes instead of 96 and more of a bucket fits in a cache line.
-trait Addr: Copy + Eq + Default + std::fmt::Debug + std::ops::BitAnd<Output = Self> {
+pub(super) trait Addr:
+    Copy + Eq + Default + std::fmt::Debug + std::ops::BitAnd<Output = Self>
+{
     fn from_bits(b: u128) -> Self;
     fn hash_pair(src: Self, dst: Self) -> u64;
 }
@@ -65,8 +81,7 @@ impl Addr for u32 {
     }
     #[inline(always)]
     fn hash_pair(src: u32, dst: u32) -> u64 {
-        let h = (((src as u64) << 32) | dst as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        h ^ (h >> 29)
+        mix(((src as u64) << 32) | dst as u64)
     }
 }
 
@@ -79,18 +94,17 @@ impl Addr for u128 {
     fn hash_pair(src: u128, dst: u128) -> u64 {
         let a = (src as u64) ^ ((src >> 64) as u64).rotate_left(23);
         let b = (dst as u64) ^ ((dst >> 64) as u64).rotate_left(41);
-        let h = (a.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ b).wrapping_mul(0xc2b2_ae3d_27d4_eb4f);
-        h ^ (h >> 29)
+        mix(a.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ b)
     }
 }
 
 #[derive(Debug, Clone, Copy)]
-struct Entry<A> {
+pub(super) struct Entry<A> {
     src: A,
     src_mask: A,
     dst: A,
     dst_mask: A,
-    prio: u32,
+    pub(super) prio: u32,
     vlan: u32,
     proto: u16,
     sport_lo: u16,
@@ -101,7 +115,7 @@ struct Entry<A> {
 }
 
 impl<A: Addr> Entry<A> {
-    fn from_atom(a: &Atom) -> Entry<A> {
+    pub(super) fn from_atom(a: &Atom) -> Entry<A> {
         Entry {
             src: A::from_bits(a.src.bits),
             src_mask: A::from_bits(mask(a.src.v6, a.src.len)),
@@ -119,7 +133,7 @@ impl<A: Addr> Entry<A> {
     }
 
     #[inline(always)]
-    fn matches(&self, src: A, dst: A, k: &FlowKey) -> bool {
+    pub(super) fn matches(&self, src: A, dst: A, k: &FlowKey) -> bool {
         (src & self.src_mask) == self.src
             && (dst & self.dst_mask) == self.dst
             && (self.proto == ANY_PROTO || self.proto == k.proto as u16)
@@ -143,11 +157,11 @@ struct Slot<A> {
 }
 
 #[derive(Debug)]
-struct Tuple<A> {
+pub(super) struct Tuple<A> {
     src_mask: A,
     dst_mask: A,
     /// The best (lowest) priority of any entry here.
-    best: u32,
+    pub(super) best: u32,
     slot_mask: usize,
     slots: Box<[Slot<A>]>,
     entries: Box<[Entry<A>]>,
@@ -188,22 +202,40 @@ impl<A: Addr> Tuple<A> {
         }
     }
 
+    /// The slot a masked address pair hashes to.
     #[inline(always)]
-    fn bucket(&self, src: A, dst: A) -> &[Entry<A>] {
+    fn home(&self, src: A, dst: A) -> usize {
+        A::hash_pair(src & self.src_mask, dst & self.dst_mask) as usize & self.slot_mask
+    }
+
+    /// The bucket (start, length) for an address pair, given the content of its home slot; a
+    /// pair that collided further on is found by probing on from there.
+    #[inline(always)]
+    fn resolve_range(&self, home: Slot<A>, src: A, dst: A) -> (u32, u32) {
         let s = src & self.src_mask;
         let d = dst & self.dst_mask;
+        if home.len == 0 || (home.src == s && home.dst == d) {
+            return (home.start, home.len);
+        }
         let mut i = A::hash_pair(s, d) as usize & self.slot_mask;
         loop {
-            let slot = &self.slots[i];
-            if slot.len == 0 {
-                return &[];
-            }
-            if slot.src == s && slot.dst == d {
-                let start = slot.start as usize;
-                return &self.entries[start..start + slot.len as usize];
-            }
             i = (i + 1) & self.slot_mask;
+            let slot = &self.slots[i];
+            if slot.len == 0 || (slot.src == s && slot.dst == d) {
+                return (slot.start, slot.len);
+            }
         }
+    }
+
+    #[inline(always)]
+    fn resolve(&self, home: Slot<A>, src: A, dst: A) -> &[Entry<A>] {
+        let (start, len) = self.resolve_range(home, src, dst);
+        &self.entries[start as usize..(start + len) as usize]
+    }
+
+    #[inline(always)]
+    fn bucket(&self, src: A, dst: A) -> &[Entry<A>] {
+        self.resolve(self.slots[self.home(src, dst)], src, dst)
     }
 
     fn memory(&self) -> usize {
@@ -213,15 +245,42 @@ impl<A: Addr> Tuple<A> {
     }
 }
 
+/// The most tuples whose slots a single lookup loads up front; a space with more loads the rest
+/// as it reaches them.
+const AHEAD: usize = 32;
+
 /// First match at or after `from` in one space (tuples sorted by their best priority).
+///
+/// The slots of every tuple are loaded first, before any is used: the loads do not depend on each
+/// other, so their cache misses overlap instead of queueing one probe behind the last. Only then
+/// are the buckets walked in priority order, stopping as soon as no later tuple can win.
+/// `best` is a match already found elsewhere: only a better one is looked for, and it is
+/// returned when there is none.
 #[inline(always)]
-fn lookup<A: Addr>(space: &[Tuple<A>], src: A, dst: A, key: &FlowKey, from: u32) -> u32 {
-    let mut best = NO_MATCH;
-    for t in space {
+pub(super) fn lookup<A: Addr>(
+    space: &[Tuple<A>],
+    src: A,
+    dst: A,
+    key: &FlowKey,
+    from: u32,
+    mut best: u32,
+) -> u32 {
+    let mut slots = [Slot::<A>::default(); AHEAD];
+    for (t, s) in space.iter().zip(slots.iter_mut()) {
         if t.best >= best {
             break;
         }
-        for e in t.bucket(src, dst) {
+        *s = t.slots[t.home(src, dst)];
+    }
+    for (j, t) in space.iter().enumerate() {
+        if t.best >= best {
+            break;
+        }
+        let bucket = match slots.get(j) {
+            Some(s) => t.resolve(*s, src, dst),
+            None => t.bucket(src, dst),
+        };
+        for e in bucket {
             if e.prio >= best {
                 break;
             }
@@ -269,7 +328,31 @@ fn build_space<A: Addr>(
     built
 }
 
-/// The datapath classifier. Immutable once built; lookups take `&self`.
+/// Tuple tables over IPv4 atoms of one direction: what the forest uses for atoms whose tree
+/// would replicate too much.
+pub(super) fn v4_tables(atoms: &[Atom], stats: &mut TupleStats) -> Vec<Tuple<u32>> {
+    let mut grouped: HashMap<(u8, u8), Buckets> = HashMap::new();
+    for a in atoms {
+        let (sl, dl) = (round(a.src.len, false), round(a.dst.len, false));
+        let (sm, dm) = (mask(false, sl), mask(false, dl));
+        grouped
+            .entry((sl, dl))
+            .or_default()
+            .entry((a.src.bits & sm, a.dst.bits & dm))
+            .or_default()
+            .push(*a);
+    }
+    build_space(grouped, false, stats)
+}
+
+/// Bytes held by a list of tuple tables.
+pub(super) fn tables_memory<A: Addr>(tables: &[Tuple<A>]) -> usize {
+    tables.iter().map(Tuple::memory).sum()
+}
+
+/// A tuple-space classifier over every atom. The datapath's [`super::Forest`] uses it for IPv6
+/// and for lookups that continue past a rule; it is also a classifier of its own, for the
+/// benchmarks. Immutable once built; lookups take `&self`.
 #[derive(Debug)]
 pub struct TupleSpace {
     /// Indexed by direction.
@@ -324,9 +407,16 @@ impl Classifier for TupleSpace {
     fn first_match(&self, key: &FlowKey, from: u32) -> u32 {
         let dir = key.dir as usize & 1;
         if key.v6 {
-            lookup(&self.v6[dir], key.src, key.dst, key, from)
+            lookup(&self.v6[dir], key.src, key.dst, key, from, NO_MATCH)
         } else {
-            lookup(&self.v4[dir], key.src as u32, key.dst as u32, key, from)
+            lookup(
+                &self.v4[dir],
+                key.src as u32,
+                key.dst as u32,
+                key,
+                from,
+                NO_MATCH,
+            )
         }
     }
 

@@ -1,0 +1,258 @@
+//! The datapath classifier: range-splitting trees for IPv4, tuple-space tables for what trees do
+//! badly.
+//!
+//! The IPv4 atoms of each direction are partitioned by which address is specific (a prefix of
+//! /16 or longer): a specific source, a specific destination, or neither. Each part gets its own
+//! [`Tree`], which then mostly splits on the address its atoms are narrow in, so few atoms
+//! straddle a split and few are copied. A part whose tree would still hold more than
+//! [`REPLICATION`] copies per atom (wide ranges on every dimension do that) is put in tuple-space
+//! tables instead, which never copy. IPv6 keys go to the tuple space.
+//!
+//! A lookup visits the trees in order of their best priority, then the tables, and skips any
+//! whose best cannot beat the match found so far. Bursts are walked [`GROUP`] packets at a time,
+//! tree by tree, level by level.
+//!
+//! Leaves stop at a covering atom, so a lookup that continues *after* a match (`from` > 0, how
+//! Pass, Log and audit rules go on) may need atoms a leaf dropped; those go to the full tuple
+//! space, which the forest keeps for IPv6 anyway.
+
+use super::tree::{Tree, GROUP};
+use super::tuple::{lookup, tables_memory, v4_tables, Tuple, TupleSpace, TupleStats};
+use super::{lower, Atom, Classifier, NO_MATCH};
+use crate::key::FlowKey;
+use crate::rule::Match;
+
+/// Prefixes at least this long make an address specific when partitioning.
+const SPECIFIC: u8 = 16;
+/// A tree may hold this many leaf entries per atom (plus [`SLACK`]) before its part goes to
+/// tuple-space tables instead. Measured on the ClassBench sets: the parts that stay under it
+/// copy each atom 1.5-5 times; the broad part of ipc1_100k would copy each over 400 times.
+const REPLICATION: usize = 8;
+const SLACK: usize = 4096;
+
+/// Leaf entries a tree over `atoms` may hold.
+fn budget(atoms: usize, replication: usize) -> usize {
+    if replication == 0 {
+        0
+    } else {
+        atoms * replication + SLACK
+    }
+}
+
+/// One direction's IPv4 atoms.
+#[derive(Debug, Default)]
+struct Part {
+    /// Sorted by their best priority.
+    trees: Vec<Tree>,
+    /// Atoms whose tree went over budget.
+    tables: Vec<Tuple<u32>>,
+    tables_best: u32,
+    /// Some leaf dropped atoms after a covering one.
+    truncated: bool,
+}
+
+impl Part {
+    fn build(atoms: &[Atom], stats: &mut ForestStats, replication: usize) -> Part {
+        let mut groups: [Vec<Atom>; 3] = Default::default();
+        for a in atoms {
+            let g = if a.src.len >= SPECIFIC && a.src.len >= a.dst.len {
+                0
+            } else if a.dst.len >= SPECIFIC {
+                1
+            } else {
+                2
+            };
+            groups[g].push(*a);
+        }
+        let mut part = Part {
+            tables_best: NO_MATCH,
+            ..Part::default()
+        };
+        let mut rest = Vec::new();
+        for g in groups.iter_mut().filter(|g| !g.is_empty()) {
+            g.sort_by_key(|a| a.prio);
+            g.dedup();
+            match Tree::build(g, budget(g.len(), replication)) {
+                Ok(t) => {
+                    stats.trees += 1;
+                    stats.tree_nodes += t.stats.nodes;
+                    stats.leaf_entries += t.stats.leaf_entries;
+                    stats.max_depth = stats.max_depth.max(t.stats.max_depth);
+                    stats.max_leaf = stats.max_leaf.max(t.stats.max_leaf);
+                    part.truncated |= t.truncated;
+                    part.trees.push(t);
+                }
+                Err(_) => rest.append(g),
+            }
+        }
+        part.trees.sort_by_key(|t| t.best);
+        if !rest.is_empty() {
+            stats.table_atoms += rest.len();
+            part.tables_best = rest.iter().map(|a| a.prio).min().unwrap_or(NO_MATCH);
+            part.tables = v4_tables(&rest, &mut TupleStats::default());
+        }
+        part
+    }
+
+    #[inline]
+    fn first_match(&self, k: &FlowKey) -> u32 {
+        let mut best = NO_MATCH;
+        for t in &self.trees {
+            if t.best >= best {
+                break;
+            }
+            best = t.first_match(k, 0, best);
+        }
+        if self.tables_best < best {
+            best = lookup(&self.tables, k.src as u32, k.dst as u32, k, 0, best);
+        }
+        best
+    }
+
+    #[inline]
+    fn classify_group(&self, keys: &[FlowKey], members: &[u8], out: &mut [u32]) {
+        let n = members.len().min(GROUP);
+        for &m in &members[..n] {
+            out[m as usize] = NO_MATCH;
+        }
+        let mut live = [0u8; GROUP];
+        for t in &self.trees {
+            let mut c = 0;
+            for &m in &members[..n] {
+                live[c] = m;
+                c += (out[m as usize] > t.best) as usize;
+            }
+            if c == 0 {
+                return;
+            }
+            t.classify_group(keys, &live[..c], out);
+        }
+        if !self.tables.is_empty() {
+            for &m in &members[..n] {
+                let (k, o) = (&keys[m as usize], &mut out[m as usize]);
+                if self.tables_best < *o {
+                    *o = lookup(&self.tables, k.src as u32, k.dst as u32, k, 0, *o);
+                }
+            }
+        }
+    }
+
+    fn memory(&self) -> usize {
+        self.trees.iter().map(Tree::memory).sum::<usize>() + tables_memory(&self.tables)
+    }
+}
+
+/// Shape of a built [`Forest`], for `check` and the benchmarks.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct ForestStats {
+    pub atoms: usize,
+    pub trees: usize,
+    pub tree_nodes: usize,
+    /// Atoms in tree leaves, counted once per leaf: `leaf_entries / atoms` is the replication.
+    pub leaf_entries: usize,
+    pub max_depth: usize,
+    pub max_leaf: usize,
+    /// IPv4 atoms in tuple-space tables because their tree would copy them too often.
+    pub table_atoms: usize,
+    /// The tuple space behind it (IPv6, continuations).
+    pub tuples: TupleStats,
+}
+
+/// The datapath classifier. Immutable once built; lookups take `&self`.
+#[derive(Debug)]
+pub struct Forest {
+    /// IPv4, by direction.
+    v4: [Part; 2],
+    /// Every atom: IPv6 keys, and IPv4 lookups that continue past a truncated leaf.
+    all: TupleSpace,
+    stats: ForestStats,
+}
+
+impl Forest {
+    pub fn build(matches: &[Match]) -> Forest {
+        Self::build_with(matches, REPLICATION)
+    }
+
+    /// [`Forest::build`] with another replication limit: tests use 0 to force every part into
+    /// tables.
+    pub(crate) fn build_with(matches: &[Match], replication: usize) -> Forest {
+        let atoms = lower(matches);
+        let mut stats = ForestStats {
+            atoms: atoms.len(),
+            ..ForestStats::default()
+        };
+        let part = |dir: u8, stats: &mut ForestStats| {
+            let v4: Vec<Atom> = atoms
+                .iter()
+                .filter(|a| a.dir == dir && !a.src.v6)
+                .copied()
+                .collect();
+            Part::build(&v4, stats, replication)
+        };
+        let v4 = [part(0, &mut stats), part(1, &mut stats)];
+        let all = TupleSpace::from_atoms(&atoms);
+        stats.tuples = all.stats();
+        Forest { v4, all, stats }
+    }
+
+    pub fn stats(&self) -> ForestStats {
+        self.stats
+    }
+}
+
+impl Classifier for Forest {
+    #[inline]
+    fn first_match(&self, key: &FlowKey, from: u32) -> u32 {
+        let part = &self.v4[key.dir as usize & 1];
+        if key.v6 || (from > 0 && part.truncated) {
+            self.all.first_match(key, from)
+        } else if from > 0 {
+            // No leaf dropped anything, so the trees hold every atom.
+            let mut best = NO_MATCH;
+            for t in &part.trees {
+                best = t.first_match(key, from, best);
+            }
+            lookup(
+                &part.tables,
+                key.src as u32,
+                key.dst as u32,
+                key,
+                from,
+                best,
+            )
+        } else {
+            part.first_match(key)
+        }
+    }
+
+    fn classify_batch(&self, keys: &[FlowKey], out: &mut [u32]) {
+        let n = keys.len().min(out.len());
+        for base in (0..n).step_by(GROUP) {
+            let end = (base + GROUP).min(n);
+            let (chunk, out) = (&keys[base..end], &mut out[base..end]);
+            // Group the burst by direction; IPv6 keys go one by one to the tuple space.
+            let mut members = [[0u8; GROUP]; 2];
+            let mut counts = [0usize; 2];
+            for (i, k) in chunk.iter().enumerate() {
+                if k.v6 {
+                    out[i] = self.all.first_match(k, 0);
+                } else {
+                    let d = k.dir as usize & 1;
+                    members[d][counts[d]] = i as u8;
+                    counts[d] += 1;
+                }
+            }
+            for d in 0..2 {
+                if counts[d] > 0 {
+                    self.v4[d].classify_group(chunk, &members[d][..counts[d]], out);
+                }
+            }
+        }
+    }
+
+    fn memory_bytes(&self) -> usize {
+        std::mem::size_of::<Self>()
+            + self.v4.iter().map(Part::memory).sum::<usize>()
+            + self.all.memory_bytes()
+    }
+}

@@ -1,0 +1,326 @@
+//! A range-splitting decision tree for IPv4 atoms, in the HyperSplit family, walked a burst at a
+//! time.
+//!
+//! Every IPv4 atom is a box over five dimensions: source and destination address ranges, source
+//! and destination port ranges, and protocol. An inner node splits one dimension at a threshold
+//! (`value <= t` goes to the first child, the rest to the second); a leaf holds the atoms that
+//! can still match inside its box, in priority order, and is scanned with the full match (which
+//! also checks VLAN and fragments). A leaf stops at the first atom that covers its whole box on
+//! every dimension and needs nothing else: nothing after it can be the first match there.
+//!
+//! The split is chosen per node among the five dimensions: the threshold is the median of the
+//! range end points of the node's atoms that fall inside the node's box, and the dimension whose
+//! split leaves the larger side smallest wins (HyperSplit's balanced split). An atom that straddles
+//! the threshold goes both ways; that replication is what costs memory, and it is measured by
+//! `TreeStats` and the benchmark.
+//!
+//! A node is 8 bytes and its two children sit side by side, so a step is a load, a compare and
+//! an add, with no branch on the direction taken. The lookup walks up to [`GROUP`] packets in
+//! lock step, one level each round, so one packet's cache miss overlaps the others' work.
+//!
+//! Reference: Qi, Xu, Yang, Li, Li, "Packet classification algorithms: from theory to practice"
+//! (INFOCOM 2009), which introduced HyperSplit.
+
+use super::tuple::Entry;
+use super::{Atom, NO_MATCH};
+use crate::key::FlowKey;
+
+/// Leaves hold at most this many atoms unless no split separates them.
+const BINTH: usize = 8;
+/// Past this depth a node becomes a leaf whatever it holds.
+const MAX_DEPTH: usize = 40;
+/// `meta & 7` of a leaf.
+const LEAF: u32 = 7;
+/// Packets walked together.
+pub(super) const GROUP: usize = 64;
+
+/// An inner node: `meta` is the dimension (low 3 bits) and the index of the first child (the
+/// rest); a leaf: `meta` is [`LEAF`] and the atom count, `thresh` the first atom's index.
+#[derive(Debug, Clone, Copy, Default)]
+struct Node {
+    thresh: u32,
+    meta: u32,
+}
+
+type Box5 = [(u32, u32); 5];
+
+fn ranges(a: &Atom) -> Box5 {
+    let prefix = |p: &crate::rule::Prefix| {
+        let lo = p.bits as u32;
+        let span = u32::MAX.checked_shr(p.len as u32).unwrap_or(0);
+        (lo, lo | span)
+    };
+    let proto = a.proto.map_or((0, 255), |p| (p as u32, p as u32));
+    [
+        prefix(&a.src),
+        prefix(&a.dst),
+        (a.sport.lo as u32, a.sport.hi as u32),
+        (a.dport.lo as u32, a.dport.hi as u32),
+        proto,
+    ]
+}
+
+/// Shape of a built tree.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct TreeStats {
+    pub nodes: usize,
+    pub leaf_entries: usize,
+    pub max_depth: usize,
+    pub max_leaf: usize,
+}
+
+#[derive(Debug, Default)]
+pub(super) struct Tree {
+    nodes: Box<[Node]>,
+    entries: Box<[Entry<u32>]>,
+    /// The best (lowest) priority any atom here has; [`NO_MATCH`] when empty.
+    pub(super) best: u32,
+    /// Whether some leaf stopped at a covering atom, so atoms after it are missing there: a
+    /// lookup that starts after that atom (`from`) cannot use this tree.
+    pub(super) truncated: bool,
+    pub(super) stats: TreeStats,
+}
+
+struct Builder<'a> {
+    atoms: &'a [Atom],
+    boxes: Vec<Box5>,
+    nodes: Vec<Node>,
+    entries: Vec<Entry<u32>>,
+    stats: TreeStats,
+    truncated: bool,
+    scratch: Vec<u32>,
+    /// Leaf entries the tree may hold before the build gives up.
+    budget: usize,
+}
+
+impl Builder<'_> {
+    fn covers(&self, i: u32, b: &Box5) -> bool {
+        let a = &self.atoms[i as usize];
+        a.vlan.is_none()
+            && !a.needs_ports
+            && self.boxes[i as usize]
+                .iter()
+                .zip(b)
+                .all(|(r, x)| r.0 <= x.0 && x.1 <= r.1)
+    }
+
+    fn leaf(&mut self, at: usize, rules: &[u32], depth: usize) -> Result<(), OverBudget> {
+        if self.entries.len() + rules.len() > self.budget {
+            return Err(OverBudget);
+        }
+        let start = self.entries.len() as u32;
+        self.entries.extend(
+            rules
+                .iter()
+                .map(|&i| Entry::from_atom(&self.atoms[i as usize])),
+        );
+        self.nodes[at] = Node {
+            thresh: start,
+            meta: LEAF | (rules.len() as u32) << 3,
+        };
+        self.stats.max_leaf = self.stats.max_leaf.max(rules.len());
+        self.stats.max_depth = self.stats.max_depth.max(depth);
+        Ok(())
+    }
+
+    /// Builds the subtree for `rules` (sorted by priority, all intersecting `b`) into node `at`.
+    fn build(
+        &mut self,
+        at: usize,
+        mut rules: Vec<u32>,
+        b: Box5,
+        depth: usize,
+    ) -> Result<(), OverBudget> {
+        if let Some(c) = rules.iter().position(|&i| self.covers(i, &b)) {
+            if c + 1 < rules.len() {
+                self.truncated = true;
+                rules.truncate(c + 1);
+            }
+        }
+        if rules.len() <= BINTH || depth >= MAX_DEPTH {
+            return self.leaf(at, &rules, depth);
+        }
+        // (largest side, dimension, threshold)
+        let mut choice: Option<(usize, usize, u32)> = None;
+        for (dim, &(blo, bhi)) in b.iter().enumerate() {
+            self.scratch.clear();
+            for &i in &rules {
+                let (lo, hi) = self.boxes[i as usize][dim];
+                if lo > blo {
+                    self.scratch.push(lo - 1);
+                }
+                if hi < bhi {
+                    self.scratch.push(hi);
+                }
+            }
+            if self.scratch.is_empty() {
+                continue;
+            }
+            let mid = self.scratch.len() / 2;
+            let (_, &mut t, _) = self.scratch.select_nth_unstable(mid);
+            let (mut left, mut right) = (0, 0);
+            for &i in &rules {
+                let (lo, hi) = self.boxes[i as usize][dim];
+                left += (lo <= t) as usize;
+                right += (hi > t) as usize;
+            }
+            let worst = left.max(right);
+            // The larger side, plus every copy the split makes: a balanced split that
+            // replicates half the atoms is worse than a lopsided one that replicates none.
+            let cost = worst + (left + right - rules.len());
+            if worst < rules.len() && choice.is_none_or(|(c, _, _)| cost < c) {
+                choice = Some((cost, dim, t));
+            }
+        }
+        let Some((_, dim, t)) = choice else {
+            return self.leaf(at, &rules, depth);
+        };
+        let first = self.nodes.len();
+        self.nodes.push(Node::default());
+        self.nodes.push(Node::default());
+        self.nodes[at] = Node {
+            thresh: t,
+            meta: dim as u32 | (first as u32) << 3,
+        };
+        let (left, right): (Vec<u32>, Vec<u32>) = (
+            rules
+                .iter()
+                .copied()
+                .filter(|&i| self.boxes[i as usize][dim].0 <= t)
+                .collect(),
+            rules
+                .iter()
+                .copied()
+                .filter(|&i| self.boxes[i as usize][dim].1 > t)
+                .collect(),
+        );
+        drop(rules);
+        let mut lb = b;
+        lb[dim].1 = t;
+        let mut rb = b;
+        rb[dim].0 = t + 1;
+        self.build(first, left, lb, depth + 1)?;
+        self.build(first + 1, right, rb, depth + 1)
+    }
+}
+
+/// A tree would hold more leaf entries than it was allowed.
+#[derive(Debug)]
+pub(super) struct OverBudget;
+
+impl Tree {
+    /// Builds a tree over IPv4 atoms of one direction, sorted by priority, unless it would hold
+    /// more than `budget` leaf entries (atoms counted once per leaf they land in).
+    pub(super) fn build(atoms: &[Atom], budget: usize) -> Result<Tree, OverBudget> {
+        let mut b = Builder {
+            budget,
+            atoms,
+            boxes: atoms.iter().map(ranges).collect(),
+            nodes: vec![Node::default()],
+            entries: Vec::new(),
+            stats: TreeStats::default(),
+            truncated: false,
+            scratch: Vec::new(),
+        };
+        let all = [
+            (0, u32::MAX),
+            (0, u32::MAX),
+            (0, 65535),
+            (0, 65535),
+            (0, 255),
+        ];
+        b.build(0, (0..atoms.len() as u32).collect(), all, 0)?;
+        let mut stats = b.stats;
+        stats.nodes = b.nodes.len();
+        stats.leaf_entries = b.entries.len();
+        Ok(Tree {
+            nodes: b.nodes.into_boxed_slice(),
+            entries: b.entries.into_boxed_slice(),
+            best: atoms.first().map_or(NO_MATCH, |a| a.prio),
+            truncated: b.truncated,
+            stats,
+        })
+    }
+
+    pub(super) fn memory(&self) -> usize {
+        std::mem::size_of::<Self>()
+            + self.nodes.len() * std::mem::size_of::<Node>()
+            + self.entries.len() * std::mem::size_of::<Entry<u32>>()
+    }
+
+    #[inline(always)]
+    fn values(k: &FlowKey) -> [u32; 8] {
+        [
+            k.src as u32,
+            k.dst as u32,
+            k.sport as u32,
+            k.dport as u32,
+            k.proto as u32,
+            0,
+            0,
+            0,
+        ]
+    }
+
+    /// The first atom of `leaf` at or after `from` that matches, if it beats `best`; else `best`.
+    #[inline(always)]
+    fn scan(&self, leaf: Node, k: &FlowKey, from: u32, best: u32) -> u32 {
+        let start = leaf.thresh as usize;
+        let len = (leaf.meta >> 3) as usize;
+        let (src, dst) = (k.src as u32, k.dst as u32);
+        for e in &self.entries[start..start + len] {
+            if e.prio >= best {
+                break;
+            }
+            if e.prio >= from && e.matches(src, dst, k) {
+                return e.prio;
+            }
+        }
+        best
+    }
+
+    /// First match at or after `from` if it beats `best`, else `best`. A truncated tree only
+    /// answers for `from` 0.
+    #[inline]
+    pub(super) fn first_match(&self, k: &FlowKey, from: u32, best: u32) -> u32 {
+        let v = Self::values(k);
+        let mut n = self.nodes[0];
+        while n.meta & 7 != LEAF {
+            let c = (n.meta >> 3) + (v[(n.meta & 7) as usize] > n.thresh) as u32;
+            n = self.nodes[c as usize];
+        }
+        self.scan(n, k, from, best)
+    }
+
+    /// For the packets `members` of `keys` (at most [`GROUP`]): the first match from 0 if it
+    /// beats `out[member]`, which is updated. The packets walk the tree level by level together.
+    #[inline]
+    pub(super) fn classify_group(&self, keys: &[FlowKey], members: &[u8], out: &mut [u32]) {
+        let n = members.len().min(GROUP);
+        let mut v = [[0u32; 8]; GROUP];
+        let mut cur = [Node::default(); GROUP];
+        let root = self.nodes[0];
+        for a in 0..n {
+            v[a] = Self::values(&keys[members[a] as usize]);
+            cur[a] = root;
+        }
+        loop {
+            let mut inner = 0;
+            for a in 0..n {
+                let nd = cur[a];
+                if nd.meta & 7 != LEAF {
+                    let c = (nd.meta >> 3) + (v[a][(nd.meta & 7) as usize] > nd.thresh) as u32;
+                    cur[a] = self.nodes[c as usize];
+                    inner += 1;
+                }
+            }
+            if inner == 0 {
+                break;
+            }
+        }
+        for a in 0..n {
+            let m = members[a] as usize;
+            out[m] = self.scan(cur[a], &keys[m], 0, out[m]);
+        }
+    }
+}
