@@ -112,28 +112,29 @@ impl Part {
     #[inline]
     fn classify_group(&self, keys: &[FlowKey], members: &[u8], out: &mut [u32]) {
         let n = members.len().min(GROUP);
-        for &m in &members[..n] {
-            out[m as usize] = NO_MATCH;
+        let mut v = [[0u32; 8]; GROUP];
+        let mut best = [NO_MATCH; GROUP];
+        for (vals, &m) in v.iter_mut().zip(&members[..n]) {
+            *vals = Tree::values(&keys[m as usize]);
         }
         let mut live = [0u8; GROUP];
         for t in &self.trees {
             let mut c = 0;
-            for &m in &members[..n] {
-                live[c] = m;
-                c += (out[m as usize] > t.best) as usize;
+            for (p, &b) in best.iter().enumerate().take(n) {
+                live[c] = p as u8;
+                c += (b > t.best) as usize;
             }
             if c == 0 {
-                return;
+                break;
             }
-            t.classify_group(keys, &live[..c], out);
+            t.classify_group(&v, &live[..c], keys, members, &mut best);
         }
-        if !self.tables.is_empty() {
-            for &m in &members[..n] {
-                let (k, o) = (&keys[m as usize], &mut out[m as usize]);
-                if self.tables_best < *o {
-                    *o = lookup(&self.tables, k.src as u32, k.dst as u32, k, 0, *o);
-                }
+        for (p, &m) in members[..n].iter().enumerate() {
+            let k = &keys[m as usize];
+            if self.tables_best < best[p] {
+                best[p] = lookup(&self.tables, k.src as u32, k.dst as u32, k, 0, best[p]);
             }
+            out[m as usize] = best[p];
         }
     }
 
@@ -227,6 +228,13 @@ impl Classifier for Forest {
 
     fn classify_batch(&self, keys: &[FlowKey], out: &mut [u32]) {
         let n = keys.len().min(out.len());
+        if n < 4 {
+            // Too few to walk together: one at a time, without setting up a group.
+            for (k, o) in keys[..n].iter().zip(out.iter_mut()) {
+                *o = self.first_match(k, 0);
+            }
+            return;
+        }
         for base in (0..n).step_by(GROUP) {
             let end = (base + GROUP).min(n);
             let (chunk, out) = (&keys[base..end], &mut out[base..end]);
@@ -254,5 +262,38 @@ impl Classifier for Forest {
         std::mem::size_of::<Self>()
             + self.v4.iter().map(Part::memory).sum::<usize>()
             + self.all.memory_bytes()
+    }
+}
+
+#[cfg(test)]
+mod probe {
+    #[test]
+    #[ignore]
+    fn forest_stats() {
+        let dir = std::path::Path::new("/work/shared/data/classbench");
+        for set in [
+            "fw1_1k",
+            "acl1_10k",
+            "fw1_10k",
+            "ipc1_10k",
+            "acl1_100k",
+            "fw1_100k",
+            "ipc1_100k",
+        ] {
+            let rules =
+                crate::classbench::read_filters(&dir.join(format!("{set}.filters"))).unwrap();
+            let t = std::time::Instant::now();
+            let f = super::Forest::build(&rules);
+            println!(
+                "{set}: {:?} {:?} {:?}",
+                t.elapsed(),
+                f.stats(),
+                f.v4[0]
+                    .trees
+                    .iter()
+                    .map(|t| (t.best, t.stats))
+                    .collect::<Vec<_>>()
+            );
+        }
     }
 }

@@ -14,6 +14,7 @@
 
 mod forest;
 mod linear;
+mod simd;
 mod tree;
 mod tuple;
 

@@ -26,18 +26,21 @@ use super::{Atom, NO_MATCH};
 use crate::key::FlowKey;
 
 /// Leaves hold at most this many atoms unless no split separates them.
-const BINTH: usize = 8;
+const BINTH: usize = 1;
 /// Past this depth a node becomes a leaf whatever it holds.
 const MAX_DEPTH: usize = 40;
-/// `meta & 7` of a leaf.
-const LEAF: u32 = 7;
+/// `meta & 7` of a leaf: the key's value there is always 0, so a leaf's only child is itself.
+pub(super) const LEAF: u32 = 5;
 /// Packets walked together.
 pub(super) const GROUP: usize = 64;
 
 /// An inner node: `meta` is the dimension (low 3 bits) and the index of the first child (the
-/// rest); a leaf: `meta` is [`LEAF`] and the atom count, `thresh` the first atom's index.
+/// rest). A leaf: `meta` is [`LEAF`] and its own index, so stepping from a leaf stays there and
+/// a burst walks without testing which packets have arrived; `thresh` is its first atom's index
+/// and `Tree::lens` holds the count.
 #[derive(Debug, Clone, Copy, Default)]
-struct Node {
+#[repr(C)]
+pub(super) struct Node {
     thresh: u32,
     meta: u32,
 }
@@ -72,6 +75,8 @@ pub struct TreeStats {
 #[derive(Debug, Default)]
 pub(super) struct Tree {
     nodes: Box<[Node]>,
+    /// Atom count of each leaf, by node index (0 for inner nodes).
+    lens: Box<[u32]>,
     entries: Box<[Entry<u32>]>,
     /// The best (lowest) priority any atom here has; [`NO_MATCH`] when empty.
     pub(super) best: u32,
@@ -85,12 +90,14 @@ struct Builder<'a> {
     atoms: &'a [Atom],
     boxes: Vec<Box5>,
     nodes: Vec<Node>,
+    lens: Vec<u32>,
     entries: Vec<Entry<u32>>,
     stats: TreeStats,
     truncated: bool,
     scratch: Vec<u32>,
     /// Leaf entries the tree may hold before the build gives up.
     budget: usize,
+    binth: usize,
 }
 
 impl Builder<'_> {
@@ -116,8 +123,9 @@ impl Builder<'_> {
         );
         self.nodes[at] = Node {
             thresh: start,
-            meta: LEAF | (rules.len() as u32) << 3,
+            meta: LEAF | (at as u32) << 3,
         };
+        self.lens[at] = rules.len() as u32;
         self.stats.max_leaf = self.stats.max_leaf.max(rules.len());
         self.stats.max_depth = self.stats.max_depth.max(depth);
         Ok(())
@@ -137,7 +145,7 @@ impl Builder<'_> {
                 rules.truncate(c + 1);
             }
         }
-        if rules.len() <= BINTH || depth >= MAX_DEPTH {
+        if rules.len() <= self.binth || depth >= MAX_DEPTH {
             return self.leaf(at, &rules, depth);
         }
         // (largest side, dimension, threshold)
@@ -178,6 +186,7 @@ impl Builder<'_> {
         let first = self.nodes.len();
         self.nodes.push(Node::default());
         self.nodes.push(Node::default());
+        self.lens.extend([0, 0]);
         self.nodes[at] = Node {
             thresh: t,
             meta: dim as u32 | (first as u32) << 3,
@@ -212,11 +221,21 @@ impl Tree {
     /// Builds a tree over IPv4 atoms of one direction, sorted by priority, unless it would hold
     /// more than `budget` leaf entries (atoms counted once per leaf they land in).
     pub(super) fn build(atoms: &[Atom], budget: usize) -> Result<Tree, OverBudget> {
+        Self::build_binth(atoms, budget, BINTH)
+    }
+
+    pub(super) fn build_binth(
+        atoms: &[Atom],
+        budget: usize,
+        binth: usize,
+    ) -> Result<Tree, OverBudget> {
         let mut b = Builder {
+            binth,
             budget,
             atoms,
             boxes: atoms.iter().map(ranges).collect(),
             nodes: vec![Node::default()],
+            lens: vec![0],
             entries: Vec::new(),
             stats: TreeStats::default(),
             truncated: false,
@@ -235,6 +254,7 @@ impl Tree {
         stats.leaf_entries = b.entries.len();
         Ok(Tree {
             nodes: b.nodes.into_boxed_slice(),
+            lens: b.lens.into_boxed_slice(),
             entries: b.entries.into_boxed_slice(),
             best: atoms.first().map_or(NO_MATCH, |a| a.prio),
             truncated: b.truncated,
@@ -244,12 +264,13 @@ impl Tree {
 
     pub(super) fn memory(&self) -> usize {
         std::mem::size_of::<Self>()
-            + self.nodes.len() * std::mem::size_of::<Node>()
+            + self.nodes.len() * (std::mem::size_of::<Node>() + 4)
             + self.entries.len() * std::mem::size_of::<Entry<u32>>()
     }
 
+    /// The key's value on each dimension; slots 5-7 are 0 (a leaf "splits" on slot 5).
     #[inline(always)]
-    fn values(k: &FlowKey) -> [u32; 8] {
+    pub(super) fn values(k: &FlowKey) -> [u32; 8] {
         [
             k.src as u32,
             k.dst as u32,
@@ -262,19 +283,16 @@ impl Tree {
         ]
     }
 
-    /// The first atom of `leaf` at or after `from` that matches, if it beats `best`; else `best`.
+    /// The first atom of leaf `at` at or after `from` that matches, if it beats `best`; else
+    /// `best`. The leaf is short and scanned whole, without a branch on each atom's outcome.
     #[inline(always)]
-    fn scan(&self, leaf: Node, k: &FlowKey, from: u32, best: u32) -> u32 {
-        let start = leaf.thresh as usize;
-        let len = (leaf.meta >> 3) as usize;
+    fn scan(&self, at: usize, k: &FlowKey, from: u32, mut best: u32) -> u32 {
+        let start = self.nodes[at].thresh as usize;
+        let len = self.lens[at] as usize;
         let (src, dst) = (k.src as u32, k.dst as u32);
         for e in &self.entries[start..start + len] {
-            if e.prio >= best {
-                break;
-            }
-            if e.prio >= from && e.matches(src, dst, k) {
-                return e.prio;
-            }
+            let hit = e.matches(src, dst, k) & (e.prio >= from);
+            best = best.min(if hit { e.prio } else { NO_MATCH });
         }
         best
     }
@@ -284,43 +302,131 @@ impl Tree {
     #[inline]
     pub(super) fn first_match(&self, k: &FlowKey, from: u32, best: u32) -> u32 {
         let v = Self::values(k);
+        let mut at = 0usize;
         let mut n = self.nodes[0];
         while n.meta & 7 != LEAF {
-            let c = (n.meta >> 3) + (v[(n.meta & 7) as usize] > n.thresh) as u32;
-            n = self.nodes[c as usize];
+            at = ((n.meta >> 3) + (v[(n.meta & 7) as usize] > n.thresh) as u32) as usize;
+            n = self.nodes[at];
         }
-        self.scan(n, k, from, best)
+        self.scan(at, k, from, best)
     }
 
-    /// For the packets `members` of `keys` (at most [`GROUP`]): the first match from 0 if it
-    /// beats `out[member]`, which is updated. The packets walk the tree level by level together.
+    /// Walks the packets `live` (positions into `v`, `best` and `members`; at most [`GROUP`])
+    /// down the tree together, a level per round for all of them (a packet at its leaf stays
+    /// there) until none moved, then scans their leaves: `best[p]` becomes the first match from
+    /// 0 if it beats `best[p]`.
     #[inline]
-    pub(super) fn classify_group(&self, keys: &[FlowKey], members: &[u8], out: &mut [u32]) {
-        let n = members.len().min(GROUP);
-        let mut v = [[0u32; 8]; GROUP];
-        let mut cur = [Node::default(); GROUP];
+    pub(super) fn classify_group(
+        &self,
+        v: &[[u32; 8]; GROUP],
+        live: &[u8],
+        keys: &[FlowKey],
+        members: &[u8],
+        best: &mut [u32; GROUP],
+    ) {
+        let n = live.len().min(GROUP);
+        let mut at = [0u32; GROUP];
         let root = self.nodes[0];
-        for a in 0..n {
-            v[a] = Self::values(&keys[members[a] as usize]);
-            cur[a] = root;
-        }
-        loop {
-            let mut inner = 0;
-            for a in 0..n {
-                let nd = cur[a];
-                if nd.meta & 7 != LEAF {
-                    let c = (nd.meta >> 3) + (v[a][(nd.meta & 7) as usize] > nd.thresh) as u32;
-                    cur[a] = self.nodes[c as usize];
-                    inner += 1;
+        let mut cur = [root; GROUP];
+        if root.meta & 7 != LEAF && !super::simd::walk(&self.nodes, v, &live[..n], &mut at) {
+            loop {
+                let mut moving = false;
+                for i in 0..n {
+                    let nd = cur[i];
+                    let val = v[live[i] as usize][(nd.meta & 7) as usize];
+                    let c = (nd.meta >> 3) + (val > nd.thresh) as u32;
+                    moving |= nd.meta & 7 != LEAF;
+                    at[i] = c;
+                    cur[i] = self.nodes[c as usize];
+                }
+                if !moving {
+                    break;
                 }
             }
-            if inner == 0 {
-                break;
+        }
+        // Start loading every packet's leaf before scanning any: the scans' first reads then
+        // overlap instead of each waiting in turn.
+        for &a in &at[..n] {
+            if let Some(e) = self.entries.get(self.nodes[a as usize].thresh as usize) {
+                super::simd::prefetch(e);
             }
         }
-        for a in 0..n {
-            let m = members[a] as usize;
-            out[m] = self.scan(cur[a], &keys[m], 0, out[m]);
+        for i in 0..n {
+            let p = live[i] as usize;
+            best[p] = self.scan(at[i] as usize, &keys[members[p] as usize], 0, best[p]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod probe {
+    use super::*;
+    #[test]
+    #[ignore]
+    fn walk_stats() {
+        let dir = std::path::Path::new("/work/shared/data/classbench");
+        for set in ["acl1_10k", "fw1_10k", "ipc1_10k", "fw1_1k"] {
+            let rules =
+                crate::classbench::read_filters(&dir.join(format!("{set}.filters"))).unwrap();
+            let keys = crate::classbench::read_trace(&dir.join(format!("{set}.trace"))).unwrap();
+            let mut atoms = super::super::lower(&rules);
+            atoms.sort_by_key(|a| a.prio);
+            for (single, binth) in [(true, 8), (false, 8), (false, 4), (false, 2), (false, 1)] {
+                let groups: Vec<Vec<Atom>> = if single {
+                    vec![atoms.clone()]
+                } else {
+                    let mut g: [Vec<Atom>; 3] = Default::default();
+                    for a in &atoms {
+                        let i = if a.src.len >= 16 && a.src.len >= a.dst.len {
+                            0
+                        } else if a.dst.len >= 16 {
+                            1
+                        } else {
+                            2
+                        };
+                        g[i].push(*a);
+                    }
+                    g.into_iter().filter(|g| !g.is_empty()).collect()
+                };
+                let trees: Vec<Tree> = groups
+                    .iter()
+                    .map(|g| Tree::build_binth(g, usize::MAX, binth).unwrap())
+                    .collect();
+                let (mut depth, mut scanned, mut walks) = (0u64, 0u64, 0u64);
+                for k in &keys {
+                    let v = Tree::values(k);
+                    let mut best = NO_MATCH;
+                    for t in &trees {
+                        if t.best >= best {
+                            continue;
+                        }
+                        walks += 1;
+                        let mut n = t.nodes[0];
+                        let mut at = 0;
+                        while n.meta & 7 != LEAF {
+                            depth += 1;
+                            let c = (n.meta >> 3) + (v[(n.meta & 7) as usize] > n.thresh) as u32;
+                            at = c as usize;
+                            n = t.nodes[c as usize];
+                        }
+                        let start = n.thresh as usize;
+                        let len = t.lens[at] as usize;
+                        for e in &t.entries[start..start + len] {
+                            if e.prio >= best {
+                                break;
+                            }
+                            scanned += 1;
+                            if e.matches(k.src as u32, k.dst as u32, k) {
+                                best = e.prio;
+                                break;
+                            }
+                        }
+                    }
+                }
+                let n = keys.len() as f64;
+                let mem: usize = trees.iter().map(|t| t.memory()).sum();
+                println!("{set} single={single} binth={binth}: walks {:.2} depth {:.1} scanned {:.1} mem {}K", walks as f64 / n, depth as f64 / n, scanned as f64 / n, mem / 1024);
+            }
         }
     }
 }

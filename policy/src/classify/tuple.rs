@@ -134,15 +134,17 @@ impl<A: Addr> Entry<A> {
 
     #[inline(always)]
     pub(super) fn matches(&self, src: A, dst: A, k: &FlowKey) -> bool {
-        (src & self.src_mask) == self.src
-            && (dst & self.dst_mask) == self.dst
-            && (self.proto == ANY_PROTO || self.proto == k.proto as u16)
-            && self.sport_lo <= k.sport
-            && k.sport <= self.sport_hi
-            && self.dport_lo <= k.dport
-            && k.dport <= self.dport_hi
-            && (self.vlan == ANY_VLAN || self.vlan == k.vlan as u32)
-            && (k.ports_known || !self.needs_ports)
+        // `&`, not `&&`: every test is cheap, and one unpredictable branch per entry costs more
+        // than evaluating them all.
+        ((src & self.src_mask) == self.src)
+            & ((dst & self.dst_mask) == self.dst)
+            & ((self.proto == ANY_PROTO) | (self.proto == k.proto as u16))
+            & (self.sport_lo <= k.sport)
+            & (k.sport <= self.sport_hi)
+            & (self.dport_lo <= k.dport)
+            & (k.dport <= self.dport_hi)
+            & ((self.vlan == ANY_VLAN) | (self.vlan == k.vlan as u32))
+            & (k.ports_known | !self.needs_ports)
     }
 }
 
