@@ -106,14 +106,13 @@ mod avx512 {
         let mut idx = [_mm512_setzero_si512(); GROUP / 16];
         loop {
             let mut moving = 0u16;
-            for c in 0..chunks {
-                let cur = idx[c];
+            for (cur, off) in idx.iter_mut().zip(&offs).take(chunks) {
                 // SAFETY: every lane of `cur` is a node index inside `nodes` (the root, or a
                 // child index the builder wrote); scale 8 is the size of a Node.
                 let (lo, hi) = unsafe {
                     (
-                        _mm512_i32gather_epi64::<8>(_mm512_castsi512_si256(cur), base),
-                        _mm512_i32gather_epi64::<8>(_mm512_extracti64x4_epi64::<1>(cur), base),
+                        _mm512_i32gather_epi64::<8>(_mm512_castsi512_si256(*cur), base),
+                        _mm512_i32gather_epi64::<8>(_mm512_extracti64x4_epi64::<1>(*cur), base),
                     )
                 };
                 let thresh = _mm512_permutex2var_epi32(lo, even, hi);
@@ -121,22 +120,22 @@ mod avx512 {
                 let dim = _mm512_and_si512(meta, seven);
                 // SAFETY: offs + dim < GROUP * 8, the length of `v` in u32s; scale 4 is a u32.
                 let val =
-                    unsafe { _mm512_i32gather_epi32::<4>(_mm512_add_epi32(offs[c], dim), vals) };
+                    unsafe { _mm512_i32gather_epi32::<4>(_mm512_add_epi32(*off, dim), vals) };
                 let first = _mm512_srli_epi32::<3>(meta);
                 let right = _mm512_cmpgt_epu32_mask(val, thresh);
-                idx[c] = _mm512_mask_add_epi32(first, right, first, one);
+                *cur = _mm512_mask_add_epi32(first, right, first, one);
                 moving |= _mm512_cmpneq_epi32_mask(dim, leaf);
             }
             if moving == 0 {
                 break;
             }
         }
-        for c in 0..chunks {
+        for (c, chunk) in idx.iter().enumerate().take(chunks) {
             let i = c * 16;
             let lanes = (n - i).min(16);
             let mut out = [0u32; 16];
             // SAFETY: `out` is 16 u32s, an unaligned 512-bit store writes exactly them.
-            unsafe { _mm512_storeu_si512(out.as_mut_ptr().cast(), idx[c]) };
+            unsafe { _mm512_storeu_si512(out.as_mut_ptr().cast(), *chunk) };
             at[i..i + lanes].copy_from_slice(&out[..lanes]);
         }
     }
