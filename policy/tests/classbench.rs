@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use policy::classbench::{read_expected, read_filters, read_trace};
-use policy::classify::{Classifier, Forest, Linear, TupleSpace, NO_MATCH};
+use policy::classify::{Classifier, Forest, Linear, TupleSpace, Walk, NO_MATCH};
 
 fn data_dir() -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/classbench");
@@ -54,13 +54,26 @@ fn forest_and_tuple_space_agree_with_expected_on_every_header() {
         );
         let forest = Forest::build(&rules);
         let tuples = TupleSpace::build(&rules);
+        // Every walk this CPU runs, other than the detected one.
+        let others: Vec<(Walk, Forest)> = [Walk::Avx2, Walk::Scalar]
+            .into_iter()
+            .filter(|&w| w != forest.walk())
+            .filter_map(|w| {
+                let mut f = Forest::build(&rules);
+                f.set_walk(w).then_some((w, f))
+            })
+            .collect();
         // Bursts of 64, bursts of 5 (the small-burst path) and one key at a time.
-        for (name, c, burst) in [
-            ("forest", &forest as &dyn Classifier, 64),
-            ("forest", &forest, 5),
-            ("forest", &forest, 1),
-            ("tuple space", &tuples, 64),
-        ] {
+        let mut runs: Vec<(String, &dyn Classifier, usize)> = vec![
+            (format!("forest ({})", forest.walk().name()), &forest, 64),
+            ("forest".into(), &forest, 5),
+            ("forest".into(), &forest, 1),
+            ("tuple space".into(), &tuples, 64),
+        ];
+        for (w, f) in &others {
+            runs.push((format!("forest ({})", w.name()), f, 64));
+        }
+        for (name, c, burst) in runs {
             let mut out = vec![0u32; trace.len()];
             for (keys, res) in trace.chunks(burst).zip(out.chunks_mut(burst)) {
                 if burst == 1 {

@@ -16,6 +16,7 @@
 //! Pass, Log and audit rules go on) may need atoms a leaf dropped; those go to the full tuple
 //! space, which the forest keeps for IPv6 anyway.
 
+use super::simd::{detected, supported, Walk};
 use super::tree::{Tree, GROUP};
 use super::tuple::{lookup, tables_memory, v4_tables, Tuple, TupleSpace, TupleStats};
 use super::{lower, Atom, Classifier, NO_MATCH};
@@ -110,7 +111,7 @@ impl Part {
     }
 
     #[inline]
-    fn classify_group(&self, keys: &[FlowKey], members: &[u8], out: &mut [u32]) {
+    fn classify_group(&self, mode: Walk, keys: &[FlowKey], members: &[u8], out: &mut [u32]) {
         let n = members.len().min(GROUP);
         let mut v = [[0u32; 8]; GROUP];
         let mut best = [NO_MATCH; GROUP];
@@ -127,7 +128,7 @@ impl Part {
             if c == 0 {
                 break;
             }
-            t.classify_group(&v, &live[..c], keys, members, &mut best);
+            t.classify_group(mode, &v, &live[..c], keys, members, &mut best);
         }
         for (p, &m) in members[..n].iter().enumerate() {
             let k = &keys[m as usize];
@@ -167,6 +168,8 @@ pub struct Forest {
     /// Every atom: IPv6 keys, and IPv4 lookups that continue past a truncated leaf.
     all: TupleSpace,
     stats: ForestStats,
+    /// How bursts walk the trees: the widest SIMD walk this CPU has.
+    walk: Walk,
 }
 
 impl Forest {
@@ -193,11 +196,30 @@ impl Forest {
         let v4 = [part(0, &mut stats), part(1, &mut stats)];
         let all = TupleSpace::from_atoms(&atoms);
         stats.tuples = all.stats();
-        Forest { v4, all, stats }
+        Forest {
+            v4,
+            all,
+            stats,
+            walk: detected(),
+        }
     }
 
     pub fn stats(&self) -> ForestStats {
         self.stats
+    }
+
+    /// How bursts walk the trees here.
+    pub fn walk(&self) -> Walk {
+        self.walk
+    }
+
+    /// Walks bursts with `mode` instead of the detected one, if this CPU runs it (tests and
+    /// benchmarks measure every path on one machine). Returns whether it took effect.
+    pub fn set_walk(&mut self, mode: Walk) -> bool {
+        if supported(mode) {
+            self.walk = mode;
+        }
+        self.walk == mode
     }
 }
 
@@ -252,7 +274,7 @@ impl Classifier for Forest {
             }
             for d in 0..2 {
                 if counts[d] > 0 {
-                    self.v4[d].classify_group(chunk, &members[d][..counts[d]], out);
+                    self.v4[d].classify_group(self.walk, chunk, &members[d][..counts[d]], out);
                 }
             }
         }

@@ -20,6 +20,7 @@ mod tuple;
 
 pub use forest::{Forest, ForestStats};
 pub use linear::Linear;
+pub use simd::{detected as simd_walk, supported as simd_supported, Walk};
 pub use tree::TreeStats;
 pub use tuple::{TupleSpace, TupleStats};
 

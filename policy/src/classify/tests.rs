@@ -178,7 +178,16 @@ proptest! {
         let tuples = TupleSpace::build(&rules);
         let forest = Forest::build(&rules);
         let tables = Forest::build_with(&rules, 0);
-        for fast in [&tuples as &dyn Classifier, &forest, &tables] {
+        let mut walks = Vec::new();
+        for mode in [Walk::Avx512, Walk::Avx2, Walk::Scalar] {
+            let mut f = Forest::build(&rules);
+            if f.set_walk(mode) {
+                walks.push(f);
+            }
+        }
+        let mut all: Vec<&dyn Classifier> = vec![&tuples, &forest, &tables];
+        all.extend(walks.iter().map(|f| f as &dyn Classifier));
+        for fast in all {
             let mut batch = vec![0u32; keys.len()];
             fast.classify_batch(&keys, &mut batch);
             let mut small = vec![0u32; keys.len()];

@@ -316,8 +316,10 @@ impl Tree {
     /// there) until none moved, then scans their leaves: `best[p]` becomes the first match from
     /// 0 if it beats `best[p]`.
     #[inline]
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn classify_group(
         &self,
+        mode: super::Walk,
         v: &[[u32; 8]; GROUP],
         live: &[u8],
         keys: &[FlowKey],
@@ -328,7 +330,7 @@ impl Tree {
         let mut at = [0u32; GROUP];
         let root = self.nodes[0];
         let mut cur = [root; GROUP];
-        if root.meta & 7 != LEAF && !super::simd::walk(&self.nodes, v, &live[..n], &mut at) {
+        if root.meta & 7 != LEAF && !super::simd::walk(mode, &self.nodes, v, &live[..n], &mut at) {
             loop {
                 let mut moving = false;
                 for i in 0..n {
