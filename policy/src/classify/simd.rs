@@ -156,9 +156,19 @@ mod avx512 {
             *o = unsafe { _mm512_loadu_si512(lane.as_ptr().cast()) };
         }
         let mut idx = [_mm512_setzero_si512(); GROUP / 16];
+        // A chunk whose lanes have all reached their leaves stops gathering.
+        let mut walking = [true; GROUP / 16];
         loop {
             let mut moving = 0u16;
-            for (cur, off) in idx.iter_mut().zip(&offs).take(chunks) {
+            for ((cur, off), w) in idx
+                .iter_mut()
+                .zip(&offs)
+                .zip(walking.iter_mut())
+                .take(chunks)
+            {
+                if !*w {
+                    continue;
+                }
                 // SAFETY: every lane of `cur` is a node index inside `nodes` (the root, or a
                 // child index the builder wrote); scale 8 is the size of a Node.
                 let (lo, hi) = unsafe {
@@ -175,7 +185,9 @@ mod avx512 {
                 let first = _mm512_srli_epi32::<3>(meta);
                 let right = _mm512_cmpgt_epu32_mask(val, thresh);
                 *cur = _mm512_mask_add_epi32(first, right, first, one);
-                moving |= _mm512_cmpneq_epi32_mask(dim, leaf);
+                let m = _mm512_cmpneq_epi32_mask(dim, leaf);
+                *w = m != 0;
+                moving |= m;
             }
             if moving == 0 {
                 break;
@@ -228,9 +240,18 @@ mod avx2 {
             *o = unsafe { _mm256_loadu_si256(lane.as_ptr().cast()) };
         }
         let mut idx = [_mm256_setzero_si256(); GROUP / 8];
+        let mut walking = [true; GROUP / 8];
         loop {
             let mut moving = 0i32;
-            for (cur, off) in idx.iter_mut().zip(&offs).take(chunks) {
+            for ((cur, off), w) in idx
+                .iter_mut()
+                .zip(&offs)
+                .zip(walking.iter_mut())
+                .take(chunks)
+            {
+                if !*w {
+                    continue;
+                }
                 // SAFETY: every lane of `cur` is a node index inside `nodes`; scale 8 is a Node.
                 let (lo, hi) = unsafe {
                     (
@@ -250,7 +271,9 @@ mod avx2 {
                     _mm256_cmpgt_epi32(_mm256_xor_si256(val, bias), _mm256_xor_si256(thresh, bias));
                 // right is -1 where the value is above the threshold: subtracting adds one.
                 *cur = _mm256_sub_epi32(_mm256_srli_epi32::<3>(meta), right);
-                moving |= _mm256_movemask_epi8(_mm256_cmpeq_epi32(dim, leaf)) ^ -1;
+                let m = _mm256_movemask_epi8(_mm256_cmpeq_epi32(dim, leaf)) ^ -1;
+                *w = m != 0;
+                moving |= m;
             }
             if moving == 0 {
                 break;
