@@ -32,9 +32,14 @@ pub(crate) struct Args {
     /// Policy changes per rule count, applied one at a time.
     #[arg(long, default_value_t = 200)]
     pub events: usize,
-    /// The source's debounce (the gateway's default is 50 ms).
+    /// The source's debounce: the least time between two recompiles while events keep coming
+    /// (the gateway's default is 50 ms).
     #[arg(long, default_value_t = 50)]
     pub debounce_ms: u64,
+    /// After the sequential changes, a storm: this many EndpointSlice updates in one second
+    /// (0: none), reported as compiles and event-to-swap quantiles.
+    #[arg(long, default_value_t = 500)]
+    pub storm: usize,
     /// Print a JSON line per rule count instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -76,7 +81,75 @@ pub(crate) struct Row {
     pub end_to_end_ms: [f64; 3],
     pub event_to_swap_ms: [f64; 3],
     pub compile_ms_p50: f64,
+    /// The classifier build (`Table::build`), after the compile.
+    pub build_ms_p50: f64,
     pub initial_sync_ms: f64,
+    pub storm: Option<Storm>,
+}
+
+/// A rollout's churn: EndpointSlice updates as fast as a controller writes them.
+#[derive(Debug, serde::Serialize)]
+pub(crate) struct Storm {
+    pub updates: usize,
+    pub seconds: f64,
+    /// Tables compiled and published for the whole storm.
+    pub compiles: u64,
+    pub event_to_swap_ms: [f64; 3],
+}
+
+fn endpoint_slice(n: usize) -> Value {
+    json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+           "metadata": {"name": "storm-abcde", "namespace": "default",
+                        "labels": {"kubernetes.io/service-name": "storm"}},
+           "addressType": "IPv4",
+           "endpoints": [{"addresses": [format!("10.250.{}.{}", (n / 250) % 250, n % 250 + 1)],
+                          "conditions": {"ready": true}}],
+           "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}]})
+}
+
+/// Applies `updates` EndpointSlice changes spread over one second, waits for the source to
+/// publish them all, and reports how many compiles that took and the event-to-swap quantiles of
+/// the storm's events alone.
+fn storm(
+    api: &ApiServer,
+    source: &KubeSource,
+    reloader: &Mutex<Reloader>,
+    updates: usize,
+) -> Result<Storm> {
+    let lock = || reloader.lock().unwrap_or_else(|p| p.into_inner());
+    let before = lock().swap_latency().clone();
+    let publishes = source.status().publishes;
+    let started = Instant::now();
+    for n in 0..updates {
+        let due = started + Duration::from_secs_f64(n as f64 / updates as f64);
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        api.apply(endpoint_slice(n));
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    // Every storm event is in a swapped table once the histogram holds them all.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut h = lock().swap_latency().clone();
+        h.subtract(&before).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        if h.len() as usize >= updates {
+            return Ok(Storm {
+                updates,
+                seconds,
+                compiles: source.status().publishes - publishes,
+                event_to_swap_ms: quantiles(&h),
+            });
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "only {} of {updates} storm events reached a table: {:#?}",
+                h.len(),
+                source.status()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 fn quantiles(h: &Histogram<u64>) -> [f64; 3] {
@@ -87,7 +160,7 @@ fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 600_000_000, 3).unwrap_or_else(|_| unreachable!())
 }
 
-fn measure(rules: usize, events: usize, debounce: Duration) -> Result<Row> {
+fn measure(rules: usize, events: usize, debounce: Duration, storm_updates: usize) -> Result<Row> {
     let policies = rules.div_ceil(RULES_PER_POLICY).max(1);
     if policies > 65_536 {
         bail!("at most {} rules", 65_536 * RULES_PER_POLICY);
@@ -110,7 +183,7 @@ fn measure(rules: usize, events: usize, debounce: Duration) -> Result<Row> {
         Connection::Config(Box::new(api.kube_config())),
         Options {
             debounce,
-            max_delay: debounce.max(Duration::from_millis(500)),
+            max_delay: debounce.max(Options::default().max_delay),
             ..Options::default()
         },
         Box::new(move |snap, ev| {
@@ -137,6 +210,7 @@ fn measure(rules: usize, events: usize, debounce: Duration) -> Result<Row> {
 
     let mut e2e = histogram();
     let mut compile = histogram();
+    let mut build = histogram();
     let mut state = vec![false; policies]; // false: the first rule denies
     for n in 0..events {
         // Spread the changes over the policies, deterministically.
@@ -169,19 +243,25 @@ fn measure(rules: usize, events: usize, debounce: Duration) -> Result<Row> {
             .status()
             .compile_ms;
         let _ = compile.record(((ms * 1e3) as u64).max(1));
+        let _ = build.record((reader.load().build_time().as_micros() as u64).max(1));
     }
     let r = reloader.lock().unwrap_or_else(|p| p.into_inner());
-    let h = r.swap_latency();
+    let h = r.swap_latency().clone();
+    drop(r);
+    let storm = (storm_updates > 0)
+        .then(|| storm(&api, &source, &reloader, storm_updates))
+        .transpose()?;
     let row = Row {
         rules: compiled,
         objects: policies,
         events,
         end_to_end_ms: quantiles(&e2e),
-        event_to_swap_ms: quantiles(h),
+        event_to_swap_ms: quantiles(&h),
         compile_ms_p50: compile.value_at_quantile(0.5) as f64 / 1e3,
+        build_ms_p50: build.value_at_quantile(0.5) as f64 / 1e3,
         initial_sync_ms,
+        storm,
     };
-    drop(r);
     drop(source);
     Ok(row)
 }
@@ -190,23 +270,35 @@ pub(crate) fn run(a: Args) -> Result<()> {
     let debounce = Duration::from_millis(a.debounce_ms);
     if !a.json {
         println!(
-            "kube-latency: {} sequential policy changes per size through a test API server; debounce {} ms\n",
-            a.events, a.debounce_ms
+            "kube-latency: {} sequential policy changes per size through a test API server, then {} EndpointSlice updates in 1 s; debounce {} ms\n",
+            a.events, a.storm, a.debounce_ms
         );
-        println!("| compiled rules | objects | first sync | compile p50 | event to swap p50 / p99 / max | end to end p50 / p99 / max |");
-        println!("|---|---|---|---|---|---|");
+        println!("| compiled rules | objects | first sync | compile p50 | table build p50 | event to swap p50 / p99 / max | end to end p50 / p99 / max | storm: updates in s, compiles, event to swap p50 / p99 / max |");
+        println!("|---|---|---|---|---|---|---|---|");
     }
     for &n in &a.rules {
-        let r = measure(n, a.events, debounce).with_context(|| format!("{n} rules"))?;
+        let r = measure(n, a.events, debounce, a.storm).with_context(|| format!("{n} rules"))?;
         if a.json {
             println!("{}", serde_json::to_string(&r)?);
         } else {
+            let storm = r.storm.as_ref().map_or("-".into(), |s| {
+                format!(
+                    "{} in {:.2} s, {} compiles, {:.1} / {:.1} / {:.1} ms",
+                    s.updates,
+                    s.seconds,
+                    s.compiles,
+                    s.event_to_swap_ms[0],
+                    s.event_to_swap_ms[1],
+                    s.event_to_swap_ms[2]
+                )
+            });
             println!(
-                "| {} | {} | {:.0} ms | {:.2} ms | {:.1} / {:.1} / {:.1} ms | {:.1} / {:.1} / {:.1} ms |",
+                "| {} | {} | {:.0} ms | {:.2} ms | {:.2} ms | {:.1} / {:.1} / {:.1} ms | {:.1} / {:.1} / {:.1} ms | {storm} |",
                 r.rules,
                 r.objects,
                 r.initial_sync_ms,
                 r.compile_ms_p50,
+                r.build_ms_p50,
                 r.event_to_swap_ms[0],
                 r.event_to_swap_ms[1],
                 r.event_to_swap_ms[2],

@@ -269,7 +269,9 @@ pub struct KubernetesApi {
     /// Give up starting after this many seconds without a first sync (0: wait for ever).
     #[serde(default)]
     pub startup_timeout_s: u64,
-    /// Quiet time after the last event before recompiling.
+    /// The most time between two recompiles while events keep coming (the gap after a compile
+    /// is twice what it cost, up to this); a change after a quiet spell is compiled at once,
+    /// after a 2 ms settle.
     #[serde(default = "default_debounce")]
     pub debounce_ms: u64,
     /// The longest a stream of events may delay a recompile.

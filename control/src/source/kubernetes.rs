@@ -165,8 +165,13 @@ pub enum Connection {
 /// Timing knobs.
 #[derive(Debug, Clone)]
 pub struct Options {
-    /// Quiet time after the last event before recompiling.
+    /// The most time between two recompiles while events keep coming: the gap after a compile
+    /// is twice what it cost, up to this. A change after a quiet spell is not held back at all:
+    /// it is compiled once `settle` has passed.
     pub debounce: Duration,
+    /// How long the first change after a quiet spell waits for the events delivered with it
+    /// (one `kubectl apply` of several objects), so they go into one table.
+    pub settle: Duration,
     /// The longest a continuous stream of events may delay a recompile.
     pub max_delay: Duration,
     /// The cap of the exponential reconnect backoff (it starts at 100 ms).
@@ -184,6 +189,7 @@ impl Default for Options {
     fn default() -> Self {
         Options {
             debounce: Duration::from_millis(50),
+            settle: Duration::from_millis(2),
             max_delay: Duration::from_millis(500),
             retry_max: Duration::from_secs(5),
             probe_interval: Duration::from_secs(2),
@@ -693,15 +699,33 @@ async fn run(
         })
         .collect();
     let mut synced = false;
-    // Events not yet in a published table, and the debounce window.
+    // Events not yet in a published table.
     let mut pending: Vec<Instant> = Vec::new();
     let mut last_event = Instant::now();
     let mut dirty = false;
+    // When the last compile ended and what it cost: the next may start `gap` after it.
+    let mut last_publish: Option<Instant> = None;
+    let mut gap = Duration::ZERO;
+    // Events the last compile took in: more than one means events are coming faster than
+    // tables are built.
+    let mut last_batch = 0usize;
 
     loop {
+        // Leading edge, then a throttle. A change that comes alone (the last compile took one
+        // event and no other is waiting) is compiled as soon as `settle` has passed. While
+        // changes pile up (a rollout's EndpointSlice storm), each compile waits a gap after the
+        // last one: twice what that one cost, at most `debounce`. Compiling so takes at most a
+        // third of the control thread however fast events come, a storm is still batched, and
+        // a lone change waits milliseconds, not a fixed debounce on top of the compile.
         let deadline = if dirty && synced {
             let first = pending.first().copied().unwrap_or(last_event);
-            Some((last_event + opts.debounce).min(first + opts.max_delay))
+            let mut at = first + opts.settle;
+            if let Some(p) = last_publish {
+                if last_batch > 1 || pending.len() > 1 {
+                    at = at.max(p + gap);
+                }
+            }
+            Some(at.min(first + opts.max_delay))
         } else {
             None
         };
@@ -731,6 +755,7 @@ async fn run(
                 }
             }
             _ = sleep_until(deadline) => {
+                let began = Instant::now();
                 let snap = build_snapshot(&stores);
                 let result = publish(snap, &pending);
                 let mut s = lock(&status);
@@ -747,8 +772,12 @@ async fn run(
                         s.last_publish_error = Some(e);
                     }
                 }
+                last_batch = pending.len();
                 pending.clear();
                 dirty = false;
+                let now = Instant::now();
+                gap = ((now - began) * 2).min(opts.debounce);
+                last_publish = Some(now);
             }
         }
     }

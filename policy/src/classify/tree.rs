@@ -27,6 +27,8 @@ use crate::key::FlowKey;
 
 /// Leaves hold at most this many atoms unless no split separates them.
 const BINTH: usize = 1;
+/// Nodes with more than four times this many atoms choose their split on a sample this size.
+const SAMPLE: usize = 64;
 /// Past this depth a node becomes a leaf whatever it holds.
 const MAX_DEPTH: usize = 40;
 /// `meta & 7` of a leaf: the key's value there is always 0, so a leaf's only child is itself.
@@ -46,6 +48,22 @@ pub(super) struct Node {
 }
 
 type Box5 = [(u32, u32); 5];
+
+/// The atoms of `rules` below or at `t` on `dim` (`low`), or above it.
+fn side(boxes: &[Box5], rules: &[u32], dim: usize, t: u32, low: bool) -> Vec<u32> {
+    rules
+        .iter()
+        .copied()
+        .filter(|&i| {
+            let (lo, hi) = boxes[i as usize][dim];
+            if low {
+                lo <= t
+            } else {
+                hi > t
+            }
+        })
+        .collect()
+}
 
 fn ranges(a: &Atom) -> Box5 {
     let prefix = |p: &crate::rule::Prefix| {
@@ -111,6 +129,45 @@ impl Builder<'_> {
                 .all(|(r, x)| r.0 <= x.0 && x.1 <= r.1)
     }
 
+    /// The split for `rules` inside `b`: per dimension, the median of the atoms' range ends
+    /// inside the box; the dimension whose larger side plus copies is smallest wins, if some
+    /// split leaves both sides smaller than `rules`.
+    fn choose(&mut self, rules: &[u32], b: &Box5) -> Option<(usize, u32)> {
+        // (cost, dimension, threshold)
+        let mut choice: Option<(usize, usize, u32)> = None;
+        for (dim, &(blo, bhi)) in b.iter().enumerate() {
+            self.scratch.clear();
+            for &i in rules {
+                let (lo, hi) = self.boxes[i as usize][dim];
+                if lo > blo {
+                    self.scratch.push(lo - 1);
+                }
+                if hi < bhi {
+                    self.scratch.push(hi);
+                }
+            }
+            if self.scratch.is_empty() {
+                continue;
+            }
+            let mid = self.scratch.len() / 2;
+            let (_, &mut t, _) = self.scratch.select_nth_unstable(mid);
+            let (mut left, mut right) = (0, 0);
+            for &i in rules {
+                let (lo, hi) = self.boxes[i as usize][dim];
+                left += (lo <= t) as usize;
+                right += (hi > t) as usize;
+            }
+            let worst = left.max(right);
+            // The larger side, plus every copy the split makes: a balanced split that
+            // replicates half the atoms is worse than a lopsided one that replicates none.
+            let cost = worst + (left + right - rules.len());
+            if worst < rules.len() && choice.is_none_or(|(c, _, _)| cost < c) {
+                choice = Some((cost, dim, t));
+            }
+        }
+        choice.map(|(_, dim, t)| (dim, t))
+    }
+
     fn leaf(&mut self, at: usize, rules: &[u32], depth: usize) -> Result<(), OverBudget> {
         if self.entries.len() + rules.len() > self.budget {
             return Err(OverBudget);
@@ -148,40 +205,36 @@ impl Builder<'_> {
         if rules.len() <= self.binth || depth >= MAX_DEPTH {
             return self.leaf(at, &rules, depth);
         }
-        // (largest side, dimension, threshold)
-        let mut choice: Option<(usize, usize, u32)> = None;
-        for (dim, &(blo, bhi)) in b.iter().enumerate() {
-            self.scratch.clear();
-            for &i in &rules {
-                let (lo, hi) = self.boxes[i as usize][dim];
-                if lo > blo {
-                    self.scratch.push(lo - 1);
-                }
-                if hi < bhi {
-                    self.scratch.push(hi);
-                }
-            }
-            if self.scratch.is_empty() {
-                continue;
-            }
-            let mid = self.scratch.len() / 2;
-            let (_, &mut t, _) = self.scratch.select_nth_unstable(mid);
-            let (mut left, mut right) = (0, 0);
-            for &i in &rules {
-                let (lo, hi) = self.boxes[i as usize][dim];
-                left += (lo <= t) as usize;
-                right += (hi > t) as usize;
-            }
-            let worst = left.max(right);
-            // The larger side, plus every copy the split makes: a balanced split that
-            // replicates half the atoms is worse than a lopsided one that replicates none.
-            let cost = worst + (left + right - rules.len());
-            if worst < rules.len() && choice.is_none_or(|(c, _, _)| cost < c) {
-                choice = Some((cost, dim, t));
-            }
-        }
-        let Some((_, dim, t)) = choice else {
+        // Large nodes choose the split on a sample of their atoms (the threshold only has to
+        // be a good one, not the exact median); the partition below is exact either way.
+        let sampled: Vec<u32>;
+        let pick = if rules.len() > 4 * SAMPLE {
+            let step = rules.len() / SAMPLE;
+            sampled = rules.iter().step_by(step).copied().collect();
+            self.choose(&sampled, &b)
+        } else {
+            self.choose(&rules, &b)
+        };
+        let Some((dim, t)) = pick else {
             return self.leaf(at, &rules, depth);
+        };
+        let (left, right) = (
+            side(&self.boxes, &rules, dim, t, true),
+            side(&self.boxes, &rules, dim, t, false),
+        );
+        let (dim, t, left, right) = if left.len().max(right.len()) < rules.len() {
+            (dim, t, left, right)
+        } else {
+            // The sample misled: choose on every atom.
+            let Some((dim, t)) = self.choose(&rules, &b) else {
+                return self.leaf(at, &rules, depth);
+            };
+            (
+                dim,
+                t,
+                side(&self.boxes, &rules, dim, t, true),
+                side(&self.boxes, &rules, dim, t, false),
+            )
         };
         let first = self.nodes.len();
         self.nodes.push(Node::default());
@@ -191,18 +244,6 @@ impl Builder<'_> {
             thresh: t,
             meta: dim as u32 | (first as u32) << 3,
         };
-        let (left, right): (Vec<u32>, Vec<u32>) = (
-            rules
-                .iter()
-                .copied()
-                .filter(|&i| self.boxes[i as usize][dim].0 <= t)
-                .collect(),
-            rules
-                .iter()
-                .copied()
-                .filter(|&i| self.boxes[i as usize][dim].1 > t)
-                .collect(),
-        );
         drop(rules);
         let mut lb = b;
         lb[dim].1 = t;
