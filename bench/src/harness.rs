@@ -42,6 +42,77 @@ pub(crate) struct Args {
     out: PathBuf,
     #[arg(long, default_value = "configs/lab/gateway.yaml")]
     config: PathBuf,
+    /// Run a ClassBench set instead of the deny list: Portcullis gets its filters as
+    /// GatewayPolicy rules (Allow, in order), nftables and iptables-legacy the same rules
+    /// linearly (accept, then drop), and the generator replays the set's trace (its TCP and UDP
+    /// headers). Peers that cannot express 5-tuple rules (nft-set, xdp-filter) are left out.
+    #[arg(long)]
+    classbench: Option<String>,
+    /// Where the ClassBench sets are.
+    #[arg(long, default_value = "../shared/data/classbench")]
+    data: PathBuf,
+    /// Filled in by `run` from --rules or --classbench.
+    #[arg(skip)]
+    source: RuleSource,
+}
+
+impl Default for RuleSource {
+    fn default() -> Self {
+        RuleSource::DenyList(0)
+    }
+}
+
+/// The rules every peer gets.
+enum RuleSource {
+    /// N client addresses to deny, then allow.
+    DenyList(usize),
+    /// A ClassBench filter set, every filter an Allow, then the default deny.
+    ClassBench {
+        name: String,
+        rules: Vec<policy::rule::Match>,
+        trace: PathBuf,
+    },
+}
+
+impl RuleSource {
+    fn count(&self) -> usize {
+        match self {
+            RuleSource::DenyList(n) => *n,
+            RuleSource::ClassBench { rules, .. } => rules.len(),
+        }
+    }
+}
+
+/// A ClassBench filter as one rule per protocol it can carry ports for: a filter on any
+/// protocol with port ranges matches TCP and UDP (the replayed traffic) with those ports.
+/// Returns (protocol number or none, source CIDR, destination CIDR, source ports, destination
+/// ports) with ports `None` for any.
+type Flat = (
+    Option<u8>,
+    String,
+    String,
+    Option<(u16, u16)>,
+    Option<(u16, u16)>,
+);
+
+fn flatten(m: &policy::rule::Match) -> Vec<Flat> {
+    let cidr = |a: &policy::rule::AddrSet| {
+        a.include
+            .first()
+            .map_or("0.0.0.0/0".to_string(), |p| p.to_string())
+    };
+    let ports =
+        |r: policy::rule::PortRange| (!(r.lo == 0 && r.hi == u16::MAX)).then_some((r.lo, r.hi));
+    let (sp, dp) = (ports(m.sport), ports(m.dport));
+    let protos: Vec<Option<u8>> = match m.proto {
+        Some(p) => vec![Some(p)],
+        None if sp.is_some() || dp.is_some() => vec![Some(6), Some(17)],
+        None => vec![None],
+    };
+    protos
+        .into_iter()
+        .map(|p| (p, cidr(&m.src), cidr(&m.dst), sp, dp))
+        .collect()
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -93,6 +164,41 @@ struct Sample {
     mpps: f64,
     p50_ns: u64,
     p99_ns: u64,
+    /// CPU time used on core 1 (the forwarding core: busy pollers, RPS, softirq) per forwarded
+    /// packet, from /proc/stat.
+    core_ns_per_packet: f64,
+    /// Portcullis only: the workers' own busy time (turns that moved frames) per forwarded
+    /// packet, which busy polling does not inflate.
+    worker_ns_per_packet: Option<f64>,
+}
+
+/// Core 1's (busy, total) time in USER_HZ ticks, from /proc/stat.
+fn core1_ticks() -> Result<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let line = stat
+        .lines()
+        .find(|l| l.starts_with("cpu1 "))
+        .context("no cpu1 line in /proc/stat")?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let total: u64 = v.iter().take(8).sum();
+    // idle and iowait are the 4th and 5th fields.
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    Ok((total - idle, total))
+}
+
+/// The sum of `portcullis_busy_nanoseconds_total` over the workers.
+fn worker_busy_ns(gw: &GatewayProcess) -> Option<u64> {
+    let (code, text) = gw.get("/metrics").ok()?;
+    (code == 200).then(|| {
+        text.lines()
+            .filter(|l| l.starts_with("portcullis_busy_nanoseconds_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    })
 }
 
 #[derive(Debug, Serialize)]
@@ -106,6 +212,8 @@ struct PeerResult {
     p50_ns: u64,
     p99_ns: u64,
     loss_pct: f64,
+    core_ns_per_packet: f64,
+    worker_ns_per_packet: Option<f64>,
 }
 
 fn netns(ns: &str, args: &[&str]) -> Result<String> {
@@ -173,6 +281,24 @@ fn route(lab: &Lab) -> Result<()> {
         "permanent",
     ])?;
     netns(&g, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+    // ClassBench traffic has any addresses: route them all to the server, and take sources
+    // from anywhere on ext.
+    sh(&[
+        "ip",
+        "-n",
+        &g,
+        "route",
+        "add",
+        "default",
+        "via",
+        "10.98.2.1",
+    ])?;
+    for k in ["all", "default", ext.as_str()] {
+        netns(
+            &g,
+            &["sysctl", "-qw", &format!("net.ipv4.conf.{k}.rp_filter=0")],
+        )?;
+    }
     netns(
         &g,
         &[
@@ -208,6 +334,29 @@ fn setup(
         s.push_str("    - {action: Allow, protocol: UDP, destination: {ports: [9]}}\n");
         s
     };
+    let classbench_policy = |rules: &[policy::rule::Match]| -> String {
+        let mut s = String::from("apiVersion: portcullis.io/v1alpha1\nkind: GatewayPolicy\nmetadata: {name: classbench}\nspec:\n  ingress:\n");
+        let ports = |p: Option<(u16, u16)>| {
+            p.map_or(String::new(), |(lo, hi)| {
+                if lo == hi {
+                    format!(", ports: [{lo}]")
+                } else {
+                    format!(", ports: [\"{lo}-{hi}\"]")
+                }
+            })
+        };
+        for m in rules {
+            for (proto, src, dst, sp, dp) in flatten(m) {
+                let proto = proto.map_or(String::new(), |p| format!(", protocol: {p}"));
+                s.push_str(&format!(
+                    "    - {{action: Allow{proto}, source: {{nets: [{src}]{}}}, destination: {{nets: [{dst}]{}}}}}\n",
+                    ports(sp),
+                    ports(dp)
+                ));
+            }
+        }
+        s
+    };
     match peer {
         Peer::Plain => {
             let mut child = lab::netns_command(&g, bench)
@@ -233,7 +382,11 @@ fn setup(
         Peer::Portcullis(n) | Peer::PortcullisStateless(n) => {
             let policies = dir.join("policies");
             std::fs::create_dir_all(&policies)?;
-            write(&policies.join("bench.yaml"), &deny_policy(*n))?;
+            let text = match &a.source {
+                RuleSource::ClassBench { rules, .. } if *n > 0 => classbench_policy(rules),
+                _ => deny_policy(*n),
+            };
+            write(&policies.join("bench.yaml"), &text)?;
             let cfg = dir.join("gateway.yaml");
             lab.write_config(&a.config, &policies, &cfg)?;
             let mut v: serde_norway::Value =
@@ -263,7 +416,29 @@ fn setup(
         Peer::Kernel => Ok((None, None)),
         Peer::NftLinear(n) | Peer::NftSet(n) => {
             let mut s = String::from("table inet pcbench {\n");
-            if matches!(peer, Peer::NftSet(_)) {
+            if let RuleSource::ClassBench { rules, .. } = &a.source {
+                s.push_str(
+                    "  chain pc_forward { type filter hook forward priority 0; policy drop;\n",
+                );
+                let range = |p: Option<(u16, u16)>, what: &str, l4: &str| {
+                    p.map_or(String::new(), |(lo, hi)| format!(" {l4} {what} {lo}-{hi}"))
+                };
+                for m in rules {
+                    for (proto, src, dst, sp, dp) in flatten(m) {
+                        let l4 = match proto {
+                            Some(6) => "tcp",
+                            Some(17) => "udp",
+                            _ => "",
+                        };
+                        let p = proto.map_or(String::new(), |p| format!(" meta l4proto {p}"));
+                        s.push_str(&format!(
+                            "    ip saddr {src} ip daddr {dst}{p}{}{} accept\n",
+                            range(sp, "sport", l4),
+                            range(dp, "dport", l4)
+                        ));
+                    }
+                }
+            } else if matches!(peer, Peer::NftSet(_)) {
                 s.push_str("  set deny { type ipv4_addr; elements = { ");
                 s.push_str(&(0..*n).map(denied).collect::<Vec<_>>().join(", "));
                 s.push_str(" } }\n  chain pc_forward { type filter hook forward priority 0; policy accept;\n    ip saddr @deny drop\n");
@@ -282,9 +457,27 @@ fn setup(
             Ok((None, None))
         }
         Peer::Iptables(n) => {
-            let mut s = String::from("*filter\n:FORWARD ACCEPT [0:0]\n");
-            for i in 0..*n {
-                s.push_str(&format!("-A FORWARD -s {} -j DROP\n", denied(i)));
+            let mut s = String::new();
+            if let RuleSource::ClassBench { rules, .. } = &a.source {
+                s.push_str("*filter\n:FORWARD DROP [0:0]\n");
+                let range = |p: Option<(u16, u16)>, what: &str| {
+                    p.map_or(String::new(), |(lo, hi)| format!(" --{what} {lo}:{hi}"))
+                };
+                for m in rules {
+                    for (proto, src, dst, sp, dp) in flatten(m) {
+                        let p = proto.map_or(String::new(), |p| format!(" -p {p}"));
+                        s.push_str(&format!(
+                            "-A FORWARD -s {src} -d {dst}{p}{}{} -j ACCEPT\n",
+                            range(sp, "sport"),
+                            range(dp, "dport")
+                        ));
+                    }
+                }
+            } else {
+                s.push_str("*filter\n:FORWARD ACCEPT [0:0]\n");
+                for i in 0..*n {
+                    s.push_str(&format!("-A FORWARD -s {} -j DROP\n", denied(i)));
+                }
             }
             s.push_str("COMMIT\n");
             let f = dir.join("rules.iptables");
@@ -300,7 +493,27 @@ fn setup(
             Ok((None, None))
         }
         Peer::XdpFilter(n) => {
-            netns(&g, &["sh", "-c", &format!("mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf; xdp-filter load --mode native {} && for ip in {}; do xdp-filter ip $ip --mode src || exit 1; done", lab.ext(), (0..*n).map(denied).collect::<Vec<_>>().join(" "))])?;
+            // One `xdp-filter ip` per address, from a script sourced by the shell that mounted
+            // bpffs (each `ip netns exec` gets its own mount namespace), never one long argv.
+            let f = dir.join("rules.xdp-filter");
+            let mut script = String::new();
+            for i in 0..*n {
+                script.push_str(&format!("xdp-filter ip {} --mode src\n", denied(i)));
+            }
+            write(&f, &script)?;
+            netns(
+                &g,
+                &[
+                    "sh",
+                    "-ec",
+                    &format!(
+                        "mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf; xdp-filter load --mode native {}; . {}",
+                        lab.ext(),
+                        f.display()
+                    ),
+                ],
+            )
+            .with_context(|| format!("xdp-filter with {n} addresses (script {})", f.display()))?;
             Ok((None, None))
         }
     }
@@ -368,6 +581,14 @@ fn sample(peer: &Peer, a: &Args, bench: &Path) -> Result<Sample> {
     } else {
         (SERVER_MAC, "10.99.0.1", "10.99.0.2")
     };
+    let trace: Vec<String> = match &a.source {
+        RuleSource::ClassBench { trace, .. } => {
+            vec!["--trace".into(), trace.to_string_lossy().into_owned()]
+        }
+        RuleSource::DenyList(_) => Vec::new(),
+    };
+    let core_before = core1_ticks()?;
+    let busy_before = gw.as_ref().and_then(worker_busy_ns);
     let out = Command::new("taskset")
         .args([
             "-c",
@@ -396,7 +617,10 @@ fn sample(peer: &Peer, a: &Args, bench: &Path) -> Result<Sample> {
             "16",
         ])
         .args(["--seconds", &format!("{}", a.seconds)])
+        .args(&trace)
         .output()?;
+    let core_after = core1_ticks()?;
+    let busy_after = gw.as_ref().and_then(worker_busy_ns);
     if !out.status.success() {
         bail!("gen failed: {}", String::from_utf8_lossy(&out.stderr));
     }
@@ -422,14 +646,31 @@ fn sample(peer: &Peer, a: &Args, bench: &Path) -> Result<Sample> {
     }
     drop(gw);
     drop(guard);
-    let received = rep["per_dport"]["9"].as_u64().unwrap_or(0);
+    let received = match &a.source {
+        RuleSource::DenyList(_) => rep["per_dport"]["9"].as_u64().unwrap_or(0),
+        // Every replayed header matches a filter, so all of it should arrive.
+        RuleSource::ClassBench { .. } => rep["received"].as_u64().unwrap_or(0),
+    };
     let gen_secs = gen["seconds"].as_f64().unwrap_or(a.seconds);
+    // USER_HZ is 100 on Linux.
+    let core_ns = (core_after.0 - core_before.0) as f64 * 1e7;
+    let per = |ns: f64| {
+        if received == 0 {
+            f64::NAN
+        } else {
+            ns / received as f64
+        }
+    };
     Ok(Sample {
         sent: gen["sent"].as_u64().unwrap_or(0),
         received,
         mpps: received as f64 / gen_secs / 1e6,
         p50_ns: rep["latency"]["p50_ns"].as_u64().unwrap_or(0),
         p99_ns: rep["latency"]["p99_ns"].as_u64().unwrap_or(0),
+        core_ns_per_packet: per(core_ns),
+        worker_ns_per_packet: busy_before
+            .zip(busy_after)
+            .map(|(b, e)| per(e.saturating_sub(b) as f64)),
     })
 }
 
@@ -474,21 +715,39 @@ fn svg(results: &[PeerResult]) -> String {
     s
 }
 
-pub(crate) fn run(a: Args) -> Result<()> {
+pub(crate) fn run(mut a: Args) -> Result<()> {
     if a.repeats == 0 || a.seconds <= 0.0 {
         bail!("--repeats and --seconds must be positive");
     }
+    a.source = match &a.classbench {
+        None => RuleSource::DenyList(a.rules),
+        Some(set) => {
+            let filters = a.data.join(format!("{set}.filters"));
+            let trace = a.data.join(format!("{set}.trace"));
+            let rules = policy::classbench::read_filters(&filters)
+                .with_context(|| format!("--classbench {set}"))?;
+            if !trace.is_file() {
+                bail!("--classbench {set}: no trace at {}", trace.display());
+            }
+            RuleSource::ClassBench {
+                name: set.clone(),
+                rules,
+                trace,
+            }
+        }
+    };
+    let n = a.source.count();
     let bench = std::env::current_exe()?;
     let all = vec![
         Peer::Plain,
         Peer::Portcullis(0),
-        Peer::Portcullis(a.rules),
-        Peer::PortcullisStateless(a.rules),
+        Peer::Portcullis(n),
+        Peer::PortcullisStateless(n),
         Peer::Kernel,
-        Peer::NftLinear(a.rules),
-        Peer::NftSet(a.rules),
-        Peer::Iptables(a.rules),
-        Peer::XdpFilter(a.rules),
+        Peer::NftLinear(n),
+        Peer::NftSet(n),
+        Peer::Iptables(n),
+        Peer::XdpFilter(n),
     ];
     let keys = [
         "plain",
@@ -501,37 +760,74 @@ pub(crate) fn run(a: Args) -> Result<()> {
         "iptables-legacy",
         "xdp-filter",
     ];
-    let peers: Vec<Peer> = match &a.peers {
-        None => all,
-        Some(list) => list
-            .iter()
-            .map(|k| {
-                keys.iter()
-                    .position(|x| x == k)
-                    .map(|i| all[i].clone())
-                    .with_context(|| format!("unknown peer `{k}` (expected one of {keys:?})"))
-            })
-            .collect::<Result<_>>()?,
+    // With ClassBench rules: the peers that can hold 5-tuple rules, and the two baselines.
+    let classbench_keys = [
+        "plain",
+        "portcullis",
+        "portcullis-stateless",
+        "kernel",
+        "nft-linear",
+        "iptables-legacy",
+    ];
+    let chosen: Vec<String> = match (&a.peers, &a.source) {
+        (Some(list), _) => list.clone(),
+        (None, RuleSource::ClassBench { .. }) => {
+            classbench_keys.iter().map(|k| k.to_string()).collect()
+        }
+        (None, RuleSource::DenyList(_)) => keys.iter().map(|k| k.to_string()).collect(),
     };
+    let peers: Vec<Peer> = chosen
+        .iter()
+        .map(|k| {
+            if matches!(a.source, RuleSource::ClassBench { .. })
+                && !classbench_keys.contains(&k.as_str())
+            {
+                bail!("peer `{k}` cannot take ClassBench 5-tuple rules (expected one of {classbench_keys:?})");
+            }
+            keys.iter()
+                .position(|x| x == k)
+                .map(|i| all[i].clone())
+                .with_context(|| format!("unknown peer `{k}` (expected one of {keys:?})"))
+        })
+        .collect::<Result<_>>()?;
+    if let RuleSource::ClassBench { name, rules, .. } = &a.source {
+        eprintln!(
+            "ClassBench {name}: {} filters, every one an Allow, then deny; the generator replays its trace's TCP and UDP headers",
+            rules.len()
+        );
+    }
     let total = peers.len() * a.repeats;
     let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); peers.len()];
+    // A peer that fails is reported with why, and the others go on.
+    let mut failed: Vec<Option<String>> = vec![None; peers.len()];
     let mut done = 0;
     let started = Instant::now();
     // Interleave peers within each repeat, so drifts of this shared machine hit all alike.
     for _ in 0..a.repeats {
         for (i, p) in peers.iter().enumerate() {
             done += 1;
-            let s = sample(p, &a, &bench).with_context(|| p.name())?;
+            if failed[i].is_some() {
+                continue;
+            }
+            let s = match sample(p, &a, &bench) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("{}: failed: {e:#}", p.name());
+                    failed[i] = Some(format!("{e:#}"));
+                    continue;
+                }
+            };
             let bar: String = (0..20)
                 .map(|k| if k * total < done * 20 { '#' } else { '.' })
                 .collect();
             eprintln!(
-                "[{bar}] {done:>3}/{total} {:>6.1}s  {:<45} {:.3} Mpps ({} of {} arrived)",
+                "[{bar}] {done:>3}/{total} {:>6.1}s  {:<45} {:.3} Mpps ({} of {} arrived), core 1: {:.0} ns/packet",
                 started.elapsed().as_secs_f64(),
                 p.name(),
                 s.mpps,
                 s.received,
-                s.sent
+                s.sent,
+                s.core_ns_per_packet
             );
             samples[i].push(s);
         }
@@ -539,11 +835,14 @@ pub(crate) fn run(a: Args) -> Result<()> {
     let plain = peers
         .iter()
         .position(|p| *p == Peer::Plain)
+        .filter(|&i| !samples[i].is_empty())
         .map(|i| median(&samples[i].iter().map(|s| s.mpps).collect::<Vec<_>>()));
     let results: Vec<PeerResult> = peers
         .iter()
         .zip(samples)
-        .map(|(p, s)| {
+        .zip(&failed)
+        .filter(|((_, s), _)| !s.is_empty())
+        .map(|((p, s), _)| {
             let mpps: Vec<f64> = s.iter().map(|x| x.mpps).collect();
             let m = median(&mpps);
             let loss: Vec<f64> = s
@@ -556,6 +855,7 @@ pub(crate) fn run(a: Args) -> Result<()> {
                     }
                 })
                 .collect();
+            let worker: Vec<f64> = s.iter().filter_map(|x| x.worker_ns_per_packet).collect();
             PeerResult {
                 peer: p.name(),
                 median_mpps: m,
@@ -565,24 +865,46 @@ pub(crate) fn run(a: Args) -> Result<()> {
                 p50_ns: median(&s.iter().map(|x| x.p50_ns).collect::<Vec<_>>()),
                 p99_ns: median(&s.iter().map(|x| x.p99_ns).collect::<Vec<_>>()),
                 loss_pct: median(&loss),
+                core_ns_per_packet: median(
+                    &s.iter().map(|x| x.core_ns_per_packet).collect::<Vec<_>>(),
+                ),
+                worker_ns_per_packet: (!worker.is_empty()).then(|| median(&worker)),
                 samples: s,
             }
         })
         .collect();
-    println!("| peer | Mpps median [min-max] | ratio to plain forwarder | latency p50 / p99 | loss (generator offered more than the path carries) |");
-    println!("|---|---|---|---|---|");
+    let rules = match &a.source {
+        RuleSource::DenyList(n) => format!("{n} deny rules"),
+        RuleSource::ClassBench { name, rules, .. } => {
+            format!("ClassBench {name}, {} filters", rules.len())
+        }
+    };
+    println!(
+        "{rules}; {} repeats of {} s, interleaved\n",
+        a.repeats, a.seconds
+    );
+    println!("| peer | Mpps median [min-max] | ratio to plain forwarder | core 1 CPU ns/packet | worker busy ns/packet | latency p50 / p99 | loss (generator offered more than the path carries) |");
+    println!("|---|---|---|---|---|---|---|");
     for r in &results {
         println!(
-            "| {} | {:.3} [{:.3}-{:.3}] | {:.2} | {:.0} / {:.0} µs | {:.1} % |",
+            "| {} | {:.3} [{:.3}-{:.3}] | {:.2} | {:.0} | {} | {:.0} / {:.0} µs | {:.1} % |",
             r.peer,
             r.median_mpps,
             r.min_mpps,
             r.max_mpps,
             r.ratio_to_plain,
+            r.core_ns_per_packet,
+            r.worker_ns_per_packet
+                .map_or("-".to_string(), |w| format!("{w:.0}")),
             r.p50_ns as f64 / 1e3,
             r.p99_ns as f64 / 1e3,
             r.loss_pct
         );
+    }
+    for (p, why) in peers.iter().zip(&failed) {
+        if let Some(why) = why {
+            println!("| {} | not run: {why} | | | | | |", p.name());
+        }
     }
     std::fs::create_dir_all(&a.out)?;
     let mut f = std::fs::File::create(a.out.join("compare.json"))?;
@@ -594,5 +916,8 @@ pub(crate) fn run(a: Args) -> Result<()> {
         a.out.join("compare.svg").display(),
         started.elapsed().as_secs_f64()
     );
+    if failed.iter().any(Option::is_some) {
+        bail!("some peers could not run (see the table)");
+    }
     Ok(())
 }

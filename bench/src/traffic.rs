@@ -21,6 +21,47 @@ use serde::Serialize;
 const MAGIC: [u8; 4] = *b"PCB1";
 /// Ethernet (14) + IPv4 (20) + UDP (8).
 const PAYLOAD: usize = 42;
+/// Ethernet (14) + IPv4 (20) + TCP (20): the marker's place in a TCP frame.
+const PAYLOAD_TCP: usize = 54;
+
+/// Where the marker starts in a frame of IP protocol `proto`.
+fn payload_at(proto: u8) -> usize {
+    if proto == 6 {
+        PAYLOAD_TCP
+    } else {
+        PAYLOAD
+    }
+}
+
+/// Rewrites a template frame as the trace header `k`: addresses, protocol (TCP with ACK set, or
+/// UDP), ports, the IP checksum, and the marker at that protocol's payload offset. The frame must
+/// be long enough for a TCP marker (see [`TRACE_FRAME`]).
+fn stamp_trace(buf: &mut [u8], k: &policy::key::FlowKey, stride: u16) {
+    let tcp = k.proto == 6;
+    buf[23] = if tcp { 6 } else { 17 };
+    buf[26..30].copy_from_slice(&(k.src as u32).to_be_bytes());
+    buf[30..34].copy_from_slice(&(k.dst as u32).to_be_bytes());
+    buf[24..26].fill(0);
+    let c = checksum(&buf[14..34]);
+    buf[24..26].copy_from_slice(&c.to_be_bytes());
+    let l4_len = u16::from_be_bytes([buf[16], buf[17]]).saturating_sub(20);
+    buf[34..PAYLOAD_TCP].fill(0);
+    buf[34..36].copy_from_slice(&k.sport.to_be_bytes());
+    buf[36..38].copy_from_slice(&k.dport.to_be_bytes());
+    if tcp {
+        buf[46] = 5 << 4; // data offset: 20 bytes
+        buf[47] = 0x10; // ACK
+        buf[48..50].copy_from_slice(&8192u16.to_be_bytes()); // window
+    } else {
+        buf[38..40].copy_from_slice(&l4_len.to_be_bytes());
+    }
+    let at = payload_at(buf[23]);
+    buf[at..at + 4].copy_from_slice(&MAGIC);
+    buf[at + 20..at + 22].copy_from_slice(&stride.to_be_bytes());
+}
+
+/// Frame size for trace replay: a TCP header and the marker (sequence, timestamp, stride) fit.
+const TRACE_FRAME: usize = PAYLOAD_TCP + 22 + 4;
 
 fn now_ns() -> u64 {
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| {
@@ -131,8 +172,9 @@ pub(crate) struct GenArgs {
     seconds: f64,
     #[arg(long, default_value = "native")]
     xdp_mode: String,
-    /// Take the flows' addresses and ports from a ClassBench trace (one per packet, round-robin),
-    /// instead of --src-ip/--dst-ip/--sport/--dport and --flows. Sent as UDP.
+    /// Take the flows' addresses, ports and protocol from a ClassBench trace (one per packet,
+    /// round-robin), instead of --src-ip/--dst-ip/--sport/--dport and --flows. TCP headers go as
+    /// TCP (ACK), UDP as UDP; others have no ports to replay and are left out (and counted).
     #[arg(long)]
     trace: Option<std::path::PathBuf>,
 }
@@ -143,6 +185,10 @@ struct GenReport {
     seconds: f64,
     mpps: f64,
     copy_mode: bool,
+    /// Trace headers replayed (TCP and UDP).
+    trace_headers: usize,
+    /// Trace headers left out (no ports: ICMP, GRE, ...).
+    trace_skipped: usize,
 }
 
 fn checksum(b: &[u8]) -> u16 {
@@ -192,9 +238,23 @@ pub(crate) fn gen(a: GenArgs) -> Result<()> {
     if !a.q.cores.is_empty() && a.q.cores.len() != a.q.queues as usize {
         bail!("--cores needs one core per queue");
     }
-    let trace: Vec<policy::key::FlowKey> = match &a.trace {
-        Some(t) => policy::classbench::read_trace(t)?,
-        None => Vec::new(),
+    // A trace replays its TCP and UDP headers; other protocols (ICMP, GRE) carry no ports to
+    // replay and are left out, and counted.
+    let (trace, skipped): (Vec<policy::key::FlowKey>, usize) = match &a.trace {
+        Some(t) => {
+            let all = policy::classbench::read_trace(t)?;
+            let n = all.len();
+            let kept: Vec<_> = all
+                .into_iter()
+                .filter(|k| k.proto == 6 || k.proto == 17)
+                .collect();
+            if kept.is_empty() {
+                bail!("{}: no TCP or UDP header to replay", t.display());
+            }
+            let skipped = n - kept.len();
+            (kept, skipped)
+        }
+        None => (Vec::new(), 0),
     };
     let o = options(&a.xdp_mode)?;
     let _detach = Detach(ifindex(&a.q.iface)?, o.xdp_mode);
@@ -227,6 +287,8 @@ pub(crate) fn gen(a: GenArgs) -> Result<()> {
         seconds: secs,
         mpps: sent as f64 / secs / 1e6,
         copy_mode,
+        trace_headers: trace.len(),
+        trace_skipped: skipped,
     };
     println!("{}", serde_json::to_string(&r)?);
     Ok(())
@@ -251,6 +313,13 @@ fn gen_queue(
     let mut len = 0;
     ep.write_frames(|i, buf| {
         len = template(a, src, dst, (i % a.flows as usize) as u16, buf);
+        if !trace.is_empty() && len < TRACE_FRAME {
+            // Room for a TCP header before the marker.
+            let ip_len = (TRACE_FRAME - 14) as u16;
+            buf[len..TRACE_FRAME].fill(0);
+            buf[16..18].copy_from_slice(&ip_len.to_be_bytes());
+            len = TRACE_FRAME;
+        }
         // Trace mode has no per-flow stride (0: the sink does not count gaps).
         let stride = if trace.is_empty() { a.flows } else { 0 };
         buf[STRIDE..STRIDE + 2].copy_from_slice(&stride.to_be_bytes());
@@ -287,17 +356,12 @@ fn gen_queue(
                 buf[34..36].copy_from_slice(&flow_base.wrapping_add(flow).to_be_bytes());
             } else {
                 let k = &trace[(local % trace.len() as u64) as usize];
-                buf[26..30].copy_from_slice(&(k.src as u32).to_be_bytes());
-                buf[30..34].copy_from_slice(&(k.dst as u32).to_be_bytes());
-                buf[24..26].fill(0);
-                let c = checksum(&buf[14..34]);
-                buf[24..26].copy_from_slice(&c.to_be_bytes());
-                buf[34..36].copy_from_slice(&k.sport.to_be_bytes());
-                buf[36..38].copy_from_slice(&k.dport.to_be_bytes());
+                stamp_trace(buf, k, 0);
             }
+            let at = payload_at(buf[23]);
             let seq = ((idx as u64) << 48) | local;
-            buf[PAYLOAD + 4..PAYLOAD + 12].copy_from_slice(&seq.to_be_bytes());
-            buf[PAYLOAD + 12..PAYLOAD + 20].copy_from_slice(&now_ns().to_be_bytes());
+            buf[at + 4..at + 12].copy_from_slice(&seq.to_be_bytes());
+            buf[at + 12..at + 20].copy_from_slice(&now_ns().to_be_bytes());
             local += 1;
         }) as u64;
         ep.service_tx();
@@ -495,10 +559,15 @@ fn sink_queue(
     let limit = Duration::from_secs_f64(a.seconds);
     while started.elapsed() < limit {
         let n = ep.receive(|f| {
-            if f.len() < STRIDE + 2
+            let at = if f.len() > 23 {
+                payload_at(f[23])
+            } else {
+                PAYLOAD
+            };
+            if f.len() < at + 22
                 || f[12..14] != [0x08, 0x00]
-                || f[23] != 17
-                || f[PAYLOAD..PAYLOAD + 4] != MAGIC
+                || (f[23] != 17 && f[23] != 6)
+                || f[at..at + 4] != MAGIC
             {
                 st.other += 1;
                 return;
@@ -506,14 +575,12 @@ fn sink_queue(
             st.received += 1;
             let sport = u16::from_be_bytes([f[34], f[35]]);
             let dport = u16::from_be_bytes([f[36], f[37]]);
-            let seq =
-                u64::from_be_bytes(f[PAYLOAD + 4..PAYLOAD + 12].try_into().unwrap_or_default());
-            let ts =
-                u64::from_be_bytes(f[PAYLOAD + 12..PAYLOAD + 20].try_into().unwrap_or_default());
+            let seq = u64::from_be_bytes(f[at + 4..at + 12].try_into().unwrap_or_default());
+            let ts = u64::from_be_bytes(f[at + 12..at + 20].try_into().unwrap_or_default());
             st.hist.saturating_record(now_ns().saturating_sub(ts));
             let fl = st.flows.entry((dport, sport)).or_default();
             fl.received += 1;
-            fl.stride = u16::from_be_bytes([f[STRIDE], f[STRIDE + 1]]);
+            fl.stride = u16::from_be_bytes([f[at + 20], f[at + 21]]);
             if fl.max_seq.is_some_and(|m| seq < m) {
                 fl.reordered += 1;
             }

@@ -167,6 +167,8 @@ pub struct Tally {
     pub fill_starved: u64,
     pub idle_sleeps: u64,
     pub bursts: u64,
+    /// Nanoseconds spent in turns that moved frames.
+    pub busy_ns: u64,
     pub ct: [u64; CtEvent::COUNT],
 }
 
@@ -194,6 +196,7 @@ pub struct WorkerCounters {
     fill_starved: AtomicU64,
     idle_sleeps: AtomicU64,
     bursts: AtomicU64,
+    busy_ns: AtomicU64,
     ct: [AtomicU64; CtEvent::COUNT],
 }
 
@@ -221,6 +224,7 @@ impl WorkerCounters {
         bump(&self.fill_starved, t.fill_starved);
         bump(&self.idle_sleeps, t.idle_sleeps);
         bump(&self.bursts, t.bursts);
+        bump(&self.busy_ns, t.busy_ns);
         for (c, n) in self.ct.iter().zip(t.ct.iter()) {
             bump(c, *n);
         }
@@ -243,6 +247,7 @@ impl WorkerCounters {
             fill_starved: l(&self.fill_starved),
             idle_sleeps: l(&self.idle_sleeps),
             bursts: l(&self.bursts),
+            busy_ns: l(&self.busy_ns),
             conntrack: CtEvent::ALL
                 .iter()
                 .map(|e| (e.as_str().to_string(), l(&self.ct[*e as usize])))
@@ -265,6 +270,10 @@ pub struct CounterSnapshot {
     pub fill_starved: u64,
     pub idle_sleeps: u64,
     pub bursts: u64,
+    /// Nanoseconds the worker spent in turns that moved frames: its CPU cost, where busy
+    /// polling keeps the core at 100 % whatever the load.
+    #[serde(default)]
+    pub busy_ns: u64,
     /// Connection tracker events by name (`CtEvent`).
     #[serde(default)]
     pub conntrack: Vec<(String, u64)>,
@@ -288,6 +297,7 @@ impl CounterSnapshot {
         self.fill_starved += o.fill_starved;
         self.idle_sleeps += o.idle_sleeps;
         self.bursts += o.bursts;
+        self.busy_ns += o.busy_ns;
         if self.conntrack.is_empty() {
             self.conntrack = o.conntrack.clone();
         } else {

@@ -483,6 +483,7 @@ impl<R: Rings> Worker<R> {
     /// One turn of the loop: one burst each way, TX and fill kicks, counters. Returns the frames
     /// received. In idle poll mode, a turn after `idle_after` empty ones sleeps in poll(2).
     pub fn turn(&mut self) -> usize {
+        let began = Instant::now();
         // One table version for the whole turn; the reader's cache keeps it alive.
         let table: &Table = self.reader.load();
         let dp = &mut self.dp;
@@ -497,6 +498,7 @@ impl<R: Rings> Worker<R> {
             let now = Instant::now();
             let started = dp.burst_start.unwrap_or(now);
             dp.tally.bursts += 1;
+            dp.tally.busy_ns += now.duration_since(began).as_nanos() as u64;
             self.hist
                 .saturating_record(now.duration_since(started).as_nanos() as u64);
             // Under load the next burst starts where this one ended.

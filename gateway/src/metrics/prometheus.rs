@@ -85,6 +85,11 @@ pub fn prometheus(s: &Status) -> String {
             "Non-empty bursts processed.",
             |w| w.bursts,
         ),
+        (
+            "portcullis_busy_nanoseconds_total",
+            "Time spent in turns that moved frames (the work, where busy polling keeps the core at 100 %).",
+            |w| w.busy_ns,
+        ),
     ] {
         family(name, "counter", help, &mut o);
         for (i, w) in s.workers.iter().enumerate() {
