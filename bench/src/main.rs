@@ -1,4 +1,4 @@
-//! `portcullis-bench`: benchmarks. Today: `classify`, the classifier on ClassBench data.
+//! `portcullis-bench`: benchmarks of the classifier, the datapath, forwarding, policy latency.
 
 /// mimalloc: the control thread's compile and classifier build allocate many small vectors, and
 /// glibc's malloc and free were a quarter of that time (`perf` on `kube-latency` at 10k rules).
@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
 use policy::classbench::{read_expected, read_filters, read_trace};
-use policy::classify::{Classifier, Linear, TupleSpace, NO_MATCH};
+use policy::classify::{Classifier, Forest, Linear, NO_MATCH};
 use policy::key::FlowKey;
 
 #[derive(Parser)]
@@ -24,8 +24,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Classify a ClassBench trace against a filter set: prints the first-matching rule index for
-    /// each header (0-based, -1 for none), then lookups/s and build time for the tuple-space
-    /// classifier and the linear reference, and the agreement with `--expected`.
+    /// each header (0-based, -1 for none), then lookups/s and build time for the datapath
+    /// classifier (the forest) and the linear reference, and the agreement with `--expected`.
     Classify {
         #[arg(long)]
         rules: PathBuf,
@@ -138,7 +138,7 @@ fn main() -> Result<()> {
             let keys = read_trace(&trace)?;
             let expected = expected.map(|p| read_expected(&p)).transpose()?;
             let t = Instant::now();
-            let fast = TupleSpace::build(&matches);
+            let fast = Forest::build(&matches);
             let build_fast = t.elapsed();
             let t = Instant::now();
             let linear = Linear::build(&matches);
@@ -161,16 +161,19 @@ fn main() -> Result<()> {
                 keys.len()
             );
             println!(
-                "# tuple-space: {:.2} M lookups/s ({:.0} ns/lookup), build {:.2} ms, {} bytes, {} tuples, longest bucket {}",
+                "# forest ({} walk): {:.2} M lookups/s ({:.0} ns/lookup), build {:.2} ms, {} bytes, {} trees of {} nodes (depth {}), {} atoms in tables",
+                fast.walk().name(),
                 fast_rate / 1e6,
                 1e9 / fast_rate,
                 build_fast.as_secs_f64() * 1e3,
                 fast.memory_bytes(),
-                stats.tuples,
-                stats.max_bucket
+                stats.trees,
+                stats.tree_nodes,
+                stats.max_depth,
+                stats.table_atoms
             );
             println!(
-                "# linear reference: {:.3} M lookups/s ({:.0} ns/lookup), build {:.2} ms; tuple-space is {:.0}x faster",
+                "# linear reference: {:.3} M lookups/s ({:.0} ns/lookup), build {:.2} ms; the forest is {:.0}x faster",
                 linear_rate / 1e6,
                 1e9 / linear_rate,
                 build_linear.as_secs_f64() * 1e3,
@@ -182,7 +185,7 @@ fn main() -> Result<()> {
                 .filter(|(a, b)| a != b)
                 .count();
             println!(
-                "# tuple-space vs linear: {} of {} disagree",
+                "# forest vs linear: {} of {} disagree",
                 disagree_linear,
                 keys.len()
             );

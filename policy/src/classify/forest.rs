@@ -286,36 +286,3 @@ impl Classifier for Forest {
             + self.all.memory_bytes()
     }
 }
-
-#[cfg(test)]
-mod probe {
-    #[test]
-    #[ignore]
-    fn forest_stats() {
-        let dir = std::path::Path::new("/work/shared/data/classbench");
-        for set in [
-            "fw1_1k",
-            "acl1_10k",
-            "fw1_10k",
-            "ipc1_10k",
-            "acl1_100k",
-            "fw1_100k",
-            "ipc1_100k",
-        ] {
-            let rules =
-                crate::classbench::read_filters(&dir.join(format!("{set}.filters"))).unwrap();
-            let t = std::time::Instant::now();
-            let f = super::Forest::build(&rules);
-            println!(
-                "{set}: {:?} {:?} {:?}",
-                t.elapsed(),
-                f.stats(),
-                f.v4[0]
-                    .trees
-                    .iter()
-                    .map(|t| (t.best, t.stats))
-                    .collect::<Vec<_>>()
-            );
-        }
-    }
-}

@@ -58,10 +58,9 @@ pub fn detected() -> Walk {
         let cap = std::env::var("PORTCULLIS_CLASSIFIER_SIMD").unwrap_or_default();
         #[cfg(target_arch = "x86_64")]
         {
-            if cap.is_empty() || cap == "avx512" {
-                if std::arch::is_x86_feature_detected!("avx512f") {
-                    return Walk::Avx512;
-                }
+            if (cap.is_empty() || cap == "avx512") && std::arch::is_x86_feature_detected!("avx512f")
+            {
+                return Walk::Avx512;
             }
             if cap != "scalar" && std::arch::is_x86_feature_detected!("avx2") {
                 return Walk::Avx2;

@@ -262,16 +262,8 @@ impl Tree {
     /// Builds a tree over IPv4 atoms of one direction, sorted by priority, unless it would hold
     /// more than `budget` leaf entries (atoms counted once per leaf they land in).
     pub(super) fn build(atoms: &[Atom], budget: usize) -> Result<Tree, OverBudget> {
-        Self::build_binth(atoms, budget, BINTH)
-    }
-
-    pub(super) fn build_binth(
-        atoms: &[Atom],
-        budget: usize,
-        binth: usize,
-    ) -> Result<Tree, OverBudget> {
         let mut b = Builder {
-            binth,
+            binth: BINTH,
             budget,
             atoms,
             boxes: atoms.iter().map(ranges).collect(),
@@ -397,79 +389,6 @@ impl Tree {
         for i in 0..n {
             let p = live[i] as usize;
             best[p] = self.scan(at[i] as usize, &keys[members[p] as usize], 0, best[p]);
-        }
-    }
-}
-
-#[cfg(test)]
-mod probe {
-    use super::*;
-    #[test]
-    #[ignore]
-    fn walk_stats() {
-        let dir = std::path::Path::new("/work/shared/data/classbench");
-        for set in ["acl1_10k", "fw1_10k", "ipc1_10k", "fw1_1k"] {
-            let rules =
-                crate::classbench::read_filters(&dir.join(format!("{set}.filters"))).unwrap();
-            let keys = crate::classbench::read_trace(&dir.join(format!("{set}.trace"))).unwrap();
-            let mut atoms = super::super::lower(&rules);
-            atoms.sort_by_key(|a| a.prio);
-            for (single, binth) in [(true, 8), (false, 8), (false, 4), (false, 2), (false, 1)] {
-                let groups: Vec<Vec<Atom>> = if single {
-                    vec![atoms.clone()]
-                } else {
-                    let mut g: [Vec<Atom>; 3] = Default::default();
-                    for a in &atoms {
-                        let i = if a.src.len >= 16 && a.src.len >= a.dst.len {
-                            0
-                        } else if a.dst.len >= 16 {
-                            1
-                        } else {
-                            2
-                        };
-                        g[i].push(*a);
-                    }
-                    g.into_iter().filter(|g| !g.is_empty()).collect()
-                };
-                let trees: Vec<Tree> = groups
-                    .iter()
-                    .map(|g| Tree::build_binth(g, usize::MAX, binth).unwrap())
-                    .collect();
-                let (mut depth, mut scanned, mut walks) = (0u64, 0u64, 0u64);
-                for k in &keys {
-                    let v = Tree::values(k);
-                    let mut best = NO_MATCH;
-                    for t in &trees {
-                        if t.best >= best {
-                            continue;
-                        }
-                        walks += 1;
-                        let mut n = t.nodes[0];
-                        let mut at = 0;
-                        while n.meta & 7 != LEAF {
-                            depth += 1;
-                            let c = (n.meta >> 3) + (v[(n.meta & 7) as usize] > n.thresh) as u32;
-                            at = c as usize;
-                            n = t.nodes[c as usize];
-                        }
-                        let start = n.thresh as usize;
-                        let len = t.lens[at] as usize;
-                        for e in &t.entries[start..start + len] {
-                            if e.prio >= best {
-                                break;
-                            }
-                            scanned += 1;
-                            if e.matches(k.src as u32, k.dst as u32, k) {
-                                best = e.prio;
-                                break;
-                            }
-                        }
-                    }
-                }
-                let n = keys.len() as f64;
-                let mem: usize = trees.iter().map(|t| t.memory()).sum();
-                println!("{set} single={single} binth={binth}: walks {:.2} depth {:.1} scanned {:.1} mem {}K", walks as f64 / n, depth as f64 / n, scanned as f64 / n, mem / 1024);
-            }
         }
     }
 }
