@@ -713,10 +713,12 @@ async fn run(
     loop {
         // Leading edge, then a throttle. A change that comes alone (the last compile took one
         // event and no other is waiting) is compiled as soon as `settle` has passed. While
-        // changes pile up (a rollout's EndpointSlice storm), each compile waits a gap after the
-        // last one: twice what that one cost, at most `debounce`. Compiling so takes at most a
-        // third of the control thread however fast events come, a storm is still batched, and
-        // a lone change waits milliseconds, not a fixed debounce on top of the compile.
+        // changes pile up (more than one per compile: a rollout's EndpointSlice storm), each
+        // compile waits a gap after the last one: twice what that one cost, at most `debounce`.
+        // A storm is so batched, compiling takes at most a third of the control thread while a
+        // compile costs under half of `debounce`, and a lone change waits milliseconds, not a
+        // fixed debounce on top of the compile. (A steady stream of exactly one change per
+        // compile is compiled change by change: each is alone when it comes.)
         let deadline = if dirty && synced {
             let first = pending.first().copied().unwrap_or(last_event);
             let mut at = first + opts.settle;

@@ -11,7 +11,7 @@
 
 #![allow(unsafe_code)]
 
-use super::tree::{Node, GROUP, LEAF};
+use super::tree::{Node, Tree, GROUP, LEAF};
 
 /// Asks the CPU to start loading the cache line holding `r`, so a later read finds it there.
 /// A hint only: it changes no value and never faults.
@@ -90,11 +90,15 @@ pub fn supported(mode: Walk) -> bool {
 #[inline]
 pub(super) fn walk(
     mode: Walk,
-    nodes: &[Node],
+    tree: &Tree,
     v: &[[u32; 8]; GROUP],
     live: &[u8],
     at: &mut [u32; GROUP],
 ) -> bool {
+    // Taking a built `Tree`, not a slice of nodes, is what makes this safe to call: only
+    // `Tree::build` makes nodes, and it keeps every child index in bounds and every path ending
+    // at a leaf (a `Tree::default()` has no nodes, and is refused here).
+    let nodes = tree.nodes();
     if !supported(mode)
         || nodes.is_empty()
         || live.len() > GROUP
@@ -105,9 +109,9 @@ pub(super) fn walk(
     match mode {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: AVX-512F is present (`supported`). The walk reads `nodes` only at indices
-        // taken from the tree itself, which the builder keeps in bounds (a child index is always
-        // a pushed node), and `v` at `position * 8 + dim` with positions below GROUP (checked
-        // above) and dim below 8.
+        // taken from the tree itself, which `Tree::build` keeps in bounds (a child index is
+        // always a pushed node, and the node count stays below 2^29 so it fits `meta`), and `v`
+        // at `position * 8 + dim` with positions below GROUP (checked above) and dim below 8.
         Walk::Avx512 => unsafe { avx512::walk(nodes, v, live, at) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above, with AVX2 present (`supported`).

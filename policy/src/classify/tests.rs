@@ -203,3 +203,35 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+    /// Sets large enough for the tree builder's sampled split choice (over 256 atoms in a node)
+    /// and deep trees; bursts of 64 and of 17 (one full and one partial SIMD chunk).
+    #[test]
+    fn forest_agrees_with_linear_on_large_sets(
+        rules in prop::collection::vec(arb_match(), 300..700),
+        keys in prop::collection::vec(arb_key(), 128),
+        from in 0u32..64,
+    ) {
+        let oracle = Linear::build(&rules);
+        for mode in [Walk::Avx512, Walk::Avx2, Walk::Scalar] {
+            let mut forest = Forest::build(&rules);
+            if !forest.set_walk(mode) {
+                continue;
+            }
+            for burst in [64, 17] {
+                let mut out = vec![0u32; keys.len()];
+                for (k, o) in keys.chunks(burst).zip(out.chunks_mut(burst)) {
+                    forest.classify_batch(k, o);
+                }
+                for (k, o) in keys.iter().zip(&out) {
+                    prop_assert_eq!(*o, oracle.first_match(k, 0), "key {} walk {:?}", k, mode);
+                }
+            }
+            for k in &keys {
+                prop_assert_eq!(forest.first_match(k, from), oracle.first_match(k, from));
+            }
+        }
+    }
+}

@@ -27,6 +27,8 @@ use crate::key::FlowKey;
 
 /// Leaves hold at most this many atoms unless no split separates them.
 const BINTH: usize = 1;
+/// Node indices live in the 29 high bits of `Node::meta`.
+const MAX_NODES: usize = 1 << 29;
 /// Nodes with more than four times this many atoms choose their split on a sample this size.
 const SAMPLE: usize = 64;
 /// Past this depth a node becomes a leaf whatever it holds.
@@ -160,7 +162,8 @@ impl Builder<'_> {
             let worst = left.max(right);
             // The larger side, plus every copy the split makes: a balanced split that
             // replicates half the atoms is worse than a lopsided one that replicates none.
-            let cost = worst + (left + right - rules.len());
+            // (Saturating: an atom with an empty range lands on neither side.)
+            let cost = worst + (left + right).saturating_sub(rules.len());
             if worst < rules.len() && choice.is_none_or(|(c, _, _)| cost < c) {
                 choice = Some((cost, dim, t));
             }
@@ -237,6 +240,10 @@ impl Builder<'_> {
             )
         };
         let first = self.nodes.len();
+        if first + 2 >= MAX_NODES {
+            // Child indices must fit the 29 bits of `meta`.
+            return Err(OverBudget);
+        }
         self.nodes.push(Node::default());
         self.nodes.push(Node::default());
         self.lens.extend([0, 0]);
@@ -293,6 +300,11 @@ impl Tree {
             truncated: b.truncated,
             stats,
         })
+    }
+
+    /// The nodes, for the SIMD walk.
+    pub(super) fn nodes(&self) -> &[Node] {
+        &self.nodes
     }
 
     pub(super) fn memory(&self) -> usize {
@@ -363,7 +375,7 @@ impl Tree {
         let mut at = [0u32; GROUP];
         let root = self.nodes[0];
         let mut cur = [root; GROUP];
-        if root.meta & 7 != LEAF && !super::simd::walk(mode, &self.nodes, v, &live[..n], &mut at) {
+        if root.meta & 7 != LEAF && !super::simd::walk(mode, self, v, &live[..n], &mut at) {
             loop {
                 let mut moving = false;
                 for i in 0..n {
