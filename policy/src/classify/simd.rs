@@ -121,11 +121,31 @@ pub(super) fn walk(
     true
 }
 
+/// Chunk `c`'s lane offsets into the value array (`position * 8`), `W` lanes; spare lanes past
+/// the end of `live` repeat the chunk's first packet (they walk harmlessly and are not stored).
+#[cfg(target_arch = "x86_64")]
+fn lane_offsets<const W: usize>(live: &[u8], c: usize) -> [i32; W] {
+    let i = c * W;
+    let mut lane = [live[i] as i32 * 8; W];
+    for (x, &p) in lane.iter_mut().zip(&live[i..]) {
+        *x = p as i32 * 8;
+    }
+    lane
+}
+
+/// Writes chunk `c`'s leaf indices (`W` lanes) to `at`, the live lanes only.
+#[cfg(target_arch = "x86_64")]
+fn store_leaves<const W: usize>(leaves: &[u32; W], n: usize, c: usize, at: &mut [u32; GROUP]) {
+    let i = c * W;
+    let lanes = (n - i).min(W);
+    at[i..i + lanes].copy_from_slice(&leaves[..lanes]);
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{Node, GROUP, LEAF};
+    use super::{lane_offsets, store_leaves, Node, GROUP, LEAF};
 
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn walk(
@@ -148,13 +168,7 @@ mod avx512 {
         let chunks = n.div_ceil(16);
         let mut offs = [_mm512_setzero_si512(); GROUP / 16];
         for (c, o) in offs.iter_mut().enumerate().take(chunks) {
-            let i = c * 16;
-            let lanes = (n - i).min(16);
-            // Each lane's offset into `v` (position * 8); spare lanes repeat the chunk's first.
-            let mut lane = [live[i] as i32 * 8; 16];
-            for (l, x) in lane.iter_mut().enumerate().take(lanes) {
-                *x = live[i + l] as i32 * 8;
-            }
+            let lane = lane_offsets::<16>(&live[..n], c);
             // SAFETY: `lane` is 16 i32s, an unaligned 512-bit load reads exactly them.
             *o = unsafe { _mm512_loadu_si512(lane.as_ptr().cast()) };
         }
@@ -197,12 +211,10 @@ mod avx512 {
             }
         }
         for (c, chunk) in idx.iter().enumerate().take(chunks) {
-            let i = c * 16;
-            let lanes = (n - i).min(16);
             let mut out = [0u32; 16];
             // SAFETY: `out` is 16 u32s, an unaligned 512-bit store writes exactly them.
             unsafe { _mm512_storeu_si512(out.as_mut_ptr().cast(), *chunk) };
-            at[i..i + lanes].copy_from_slice(&out[..lanes]);
+            store_leaves(&out, n, c, at);
         }
     }
 }
@@ -211,7 +223,7 @@ mod avx512 {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{Node, GROUP, LEAF};
+    use super::{lane_offsets, store_leaves, Node, GROUP, LEAF};
 
     /// The same walk as the AVX-512 one on 8 lanes, eight chunks in flight. AVX2 compares only
     /// signed integers, so values and thresholds are compared with their top bit flipped.
@@ -233,12 +245,7 @@ mod avx2 {
         let chunks = n.div_ceil(8);
         let mut offs = [_mm256_setzero_si256(); GROUP / 8];
         for (c, o) in offs.iter_mut().enumerate().take(chunks) {
-            let i = c * 8;
-            let lanes = (n - i).min(8);
-            let mut lane = [live[i] as i32 * 8; 8];
-            for (l, x) in lane.iter_mut().enumerate().take(lanes) {
-                *x = live[i + l] as i32 * 8;
-            }
+            let lane = lane_offsets::<8>(&live[..n], c);
             // SAFETY: `lane` is 8 i32s, an unaligned 256-bit load reads exactly them.
             *o = unsafe { _mm256_loadu_si256(lane.as_ptr().cast()) };
         }
@@ -283,12 +290,10 @@ mod avx2 {
             }
         }
         for (c, chunk) in idx.iter().enumerate().take(chunks) {
-            let i = c * 8;
-            let lanes = (n - i).min(8);
             let mut out = [0u32; 8];
             // SAFETY: `out` is 8 u32s, an unaligned 256-bit store writes exactly them.
             unsafe { _mm256_storeu_si256(out.as_mut_ptr().cast(), *chunk) };
-            at[i..i + lanes].copy_from_slice(&out[..lanes]);
+            store_leaves(&out, n, c, at);
         }
     }
 }
