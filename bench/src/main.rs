@@ -161,7 +161,7 @@ fn main() -> Result<()> {
                 keys.len()
             );
             println!(
-                "# forest ({} walk): {:.2} M lookups/s ({:.0} ns/lookup), build {:.2} ms, {} bytes, {} trees of {} nodes (depth {}), {} atoms in tables",
+                "# forest ({} walk): {:.2} M lookups/s ({:.0} ns/lookup), build {:.2} ms, {} bytes, {} trees of {} nodes (depth {}), {} leaves ({} with several atoms), {} atoms in tables",
                 fast.walk().name(),
                 fast_rate / 1e6,
                 1e9 / fast_rate,
@@ -170,6 +170,8 @@ fn main() -> Result<()> {
                 stats.trees,
                 stats.tree_nodes,
                 stats.max_depth,
+                stats.leaves,
+                stats.multi_leaves,
                 stats.table_atoms
             );
             println!(

@@ -36,6 +36,10 @@ impl Default for Decision {
     }
 }
 
+/// Keys looked up together by [`Table::decide_batch`]: the classifier's burst walk groups this
+/// many.
+const BURST: usize = 64;
+
 /// What the hot loop needs of a rule, packed.
 #[derive(Debug, Clone, Copy)]
 struct Step {
@@ -159,11 +163,16 @@ impl Table {
     /// included). Never fails: a key no rule matches (impossible for a valid [`RuleSet`]) is
     /// denied, so the table fails closed.
     #[inline(always)]
-    fn evaluate(&self, key: &FlowKey, mut on_hit: impl FnMut(u32)) -> Decision {
-        let mut from = 0;
+    fn evaluate(&self, key: &FlowKey, on_hit: impl FnMut(u32)) -> Decision {
+        self.evaluate_from(key, self.classifier.first_match(key, 0), on_hit)
+    }
+
+    /// [`Table::evaluate`] with the key's first match already found (by a burst lookup).
+    #[inline(always)]
+    fn evaluate_from(&self, key: &FlowKey, first: u32, mut on_hit: impl FnMut(u32)) -> Decision {
+        let mut i = first;
         let mut log_rule = NO_MATCH;
         loop {
-            let i = self.classifier.first_match(key, from);
             let Some(step) = self.steps.get(i as usize) else {
                 return Decision {
                     verdict: Verdict::Deny(DenyReason::Default),
@@ -185,7 +194,9 @@ impl Table {
                         log_rule,
                     }
                 }
-                Action::Pass | Action::Log | Action::Audit(_) => from = step.next,
+                Action::Pass | Action::Log | Action::Audit(_) => {
+                    i = self.classifier.first_match(key, step.next)
+                }
             }
         }
     }
@@ -195,12 +206,19 @@ impl Table {
     #[inline]
     pub fn decide_batch(&self, worker: usize, keys: &[FlowKey], out: &mut [Decision]) {
         let row = &self.hits[worker.min(self.hits.len() - 1)];
-        for (k, o) in keys.iter().zip(out.iter_mut()) {
-            *o = self.evaluate(k, |i| {
-                // Single writer per row: a relaxed load+store is enough and avoids a locked RMW.
-                let c = row.get(i as usize);
-                c.store(c.load(Relaxed) + 1, Relaxed);
-            });
+        // The first lookup of the whole burst goes through the classifier's burst walk; only
+        // keys that hit a rule which continues (Pass, Log, audit) look up again, one by one.
+        let mut first = [NO_MATCH; BURST];
+        for (keys, out) in keys.chunks(BURST).zip(out.chunks_mut(BURST)) {
+            let first = &mut first[..keys.len()];
+            self.classifier.classify_batch(keys, first);
+            for ((k, o), &f) in keys.iter().zip(out.iter_mut()).zip(first.iter()) {
+                *o = self.evaluate_from(k, f, |i| {
+                    // Single writer per row: a relaxed load+store is enough and avoids a locked RMW.
+                    let c = row.get(i as usize);
+                    c.store(c.load(Relaxed) + 1, Relaxed);
+                });
+            }
         }
     }
 
@@ -322,6 +340,20 @@ mod tests {
             k("192.0.2.1", 443),
         ] {
             assert_eq!(t.decide(&key).verdict, t.reference_decision(&key));
+        }
+        // A burst longer than one classifier walk (64), with keys that continue past Log and
+        // Pass rules: the same decisions as one key at a time.
+        let keys: Vec<FlowKey> = (0..150u16)
+            .map(|i| match i % 3 {
+                0 => k("192.0.2.1", 22),
+                1 => k(&format!("198.51.100.{}", i % 250), 80),
+                _ => k(&format!("192.0.2.{}", i % 250), 443 + i),
+            })
+            .collect();
+        let mut out = vec![Decision::default(); keys.len()];
+        t.decide_batch(1, &keys, &mut out);
+        for (key, d) in keys.iter().zip(&out) {
+            assert_eq!(*d, t.decide(key), "{key}");
         }
     }
 

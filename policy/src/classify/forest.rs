@@ -13,8 +13,10 @@
 //! tree by tree, level by level.
 //!
 //! Leaves stop at a covering atom, so a lookup that continues *after* a match (`from` > 0, how
-//! Pass, Log and audit rules go on) may need atoms a leaf dropped; those go to the full tuple
-//! space, which the forest keeps for IPv6 anyway.
+//! Pass, Log and audit rules go on) may need atoms a leaf dropped. Only those atoms go to a
+//! second tuple space, beside the IPv6 atoms: a lookup from `from` takes the best of the trees'
+//! leaves (scanned from `from`), the tables and that tuple space. An atom no leaf dropped is
+//! in every leaf whose box it meets, so the leaves answer for it.
 
 use super::simd::{detected, supported, Walk};
 use super::tree::{Tree, GROUP};
@@ -50,6 +52,8 @@ struct Part {
     tables_best: u32,
     /// Some leaf dropped atoms after a covering one.
     truncated: bool,
+    /// The atoms leaves dropped, for lookups from past a covering atom.
+    dropped: Vec<Atom>,
 }
 
 impl Part {
@@ -77,10 +81,14 @@ impl Part {
                 Ok(t) => {
                     stats.trees += 1;
                     stats.tree_nodes += t.stats.nodes;
+                    stats.leaves += t.stats.leaves;
+                    stats.multi_leaves += t.stats.multi_leaves;
                     stats.leaf_entries += t.stats.leaf_entries;
                     stats.max_depth = stats.max_depth.max(t.stats.max_depth);
                     stats.max_leaf = stats.max_leaf.max(t.stats.max_leaf);
                     part.truncated |= t.truncated;
+                    part.dropped
+                        .extend(t.dropped.iter().map(|&i| g[i as usize]));
                     part.trees.push(t);
                 }
                 Err(_) => rest.append(g),
@@ -150,13 +158,15 @@ pub struct ForestStats {
     pub atoms: usize,
     pub trees: usize,
     pub tree_nodes: usize,
+    pub leaves: usize,
+    pub multi_leaves: usize,
     /// Atoms in tree leaves, counted once per leaf: `leaf_entries / atoms` is the replication.
     pub leaf_entries: usize,
     pub max_depth: usize,
     pub max_leaf: usize,
     /// IPv4 atoms in tuple-space tables because their tree would copy them too often.
     pub table_atoms: usize,
-    /// The tuple space behind it (IPv6, continuations).
+    /// The tuple space beside it (IPv6, and the atoms leaves dropped, for continuations).
     pub tuples: TupleStats,
 }
 
@@ -165,8 +175,9 @@ pub struct ForestStats {
 pub struct Forest {
     /// IPv4, by direction.
     v4: [Part; 2],
-    /// Every atom: IPv6 keys, and IPv4 lookups that continue past a truncated leaf.
-    all: TupleSpace,
+    /// The IPv6 atoms, and the IPv4 atoms some leaf dropped (lookups that continue past a
+    /// truncated leaf).
+    rest: TupleSpace,
     stats: ForestStats,
     /// How bursts walk the trees: the widest SIMD walk this CPU has.
     walk: Walk,
@@ -193,12 +204,16 @@ impl Forest {
                 .collect();
             Part::build(&v4, stats, replication)
         };
-        let v4 = [part(0, &mut stats), part(1, &mut stats)];
-        let all = TupleSpace::from_atoms(&atoms);
-        stats.tuples = all.stats();
+        let mut v4 = [part(0, &mut stats), part(1, &mut stats)];
+        let mut rest: Vec<Atom> = atoms.iter().filter(|a| a.src.v6).copied().collect();
+        for p in &mut v4 {
+            rest.append(&mut p.dropped);
+        }
+        let rest = TupleSpace::from_atoms(&rest);
+        stats.tuples = rest.stats();
         Forest {
             v4,
-            all,
+            rest,
             stats,
             walk: detected(),
         }
@@ -227,22 +242,25 @@ impl Classifier for Forest {
     #[inline]
     fn first_match(&self, key: &FlowKey, from: u32) -> u32 {
         let part = &self.v4[key.dir as usize & 1];
-        if key.v6 || (from > 0 && part.truncated) {
-            self.all.first_match(key, from)
+        if key.v6 {
+            self.rest.first_match(key, from)
         } else if from > 0 {
-            // No leaf dropped anything, so the trees hold every atom.
             let mut best = NO_MATCH;
             for t in &part.trees {
                 best = t.first_match(key, from, best);
             }
-            lookup(
+            best = lookup(
                 &part.tables,
                 key.src as u32,
                 key.dst as u32,
                 key,
                 from,
                 best,
-            )
+            );
+            if part.truncated {
+                best = best.min(self.rest.first_match(key, from));
+            }
+            best
         } else {
             part.first_match(key)
         }
@@ -265,7 +283,7 @@ impl Classifier for Forest {
             let mut counts = [0usize; 2];
             for (i, k) in chunk.iter().enumerate() {
                 if k.v6 {
-                    out[i] = self.all.first_match(k, 0);
+                    out[i] = self.rest.first_match(k, 0);
                 } else {
                     let d = k.dir as usize & 1;
                     members[d][counts[d]] = i as u8;
@@ -283,6 +301,6 @@ impl Classifier for Forest {
     fn memory_bytes(&self) -> usize {
         std::mem::size_of::<Self>()
             + self.v4.iter().map(Part::memory).sum::<usize>()
-            + self.all.memory_bytes()
+            + self.rest.memory_bytes()
     }
 }

@@ -85,22 +85,26 @@ pub fn supported(mode: Walk) -> bool {
 }
 
 /// Walks the packets `live` (positions into `v`) from the root of `nodes` to their leaves and
-/// writes each one's leaf index to `at[i]`, with the SIMD walk `mode`. Returns false, having
-/// done nothing, for [`Walk::Scalar`] or a mode this CPU lacks: the caller walks them itself.
+/// tests their leaves' records, with the SIMD walk `mode`: `hit[i]` becomes the `i`th packet's
+/// first match in its leaf, or [`NO_MATCH`]. Returns false, having done nothing, for [`Walk::Scalar`] or a mode this CPU lacks: the caller
+/// walks them itself.
 #[inline]
 pub(super) fn walk(
     mode: Walk,
     tree: &Tree,
     v: &[[u32; 8]; GROUP],
     live: &[u8],
-    at: &mut [u32; GROUP],
+    hit: &mut [u32; GROUP],
 ) -> bool {
     // Taking a built `Tree`, not a slice of nodes, is what makes this safe to call: only
-    // `Tree::build` makes nodes, and it keeps every child index in bounds and every path ending
-    // at a leaf (a `Tree::default()` has no nodes, and is refused here).
+    // `Tree::build` makes nodes and records, and it keeps every child index in bounds, every
+    // path ending at a leaf, and every leaf's record index in bounds (an empty leaf gets a
+    // record that matches nothing). A `Tree::default()` has no nodes, and is refused here.
     let nodes = tree.nodes();
+    let recs = tree.recs();
     if !supported(mode)
         || nodes.is_empty()
+        || recs.is_empty()
         || live.len() > GROUP
         || live.iter().any(|&p| p as usize >= GROUP)
     {
@@ -110,12 +114,15 @@ pub(super) fn walk(
         #[cfg(target_arch = "x86_64")]
         // SAFETY: AVX-512F is present (`supported`). The walk reads `nodes` only at indices
         // taken from the tree itself, which `Tree::build` keeps in bounds (a child index is
-        // always a pushed node, and the node count stays below 2^29 so it fits `meta`), and `v`
-        // at `position * 8 + dim` with positions below GROUP (checked above) and dim below 8.
-        Walk::Avx512 => unsafe { avx512::walk(nodes, v, live, at) },
+        // always a pushed node, and the node count stays below 2^29 so it fits `meta`); `recs`
+        // only at a leaf's records (the builder points a leaf at its first record and sets
+        // MORE on each one but the last);
+        // and `v` at `position * 8 + slot` with positions below GROUP (checked above) and slot
+        // below 8.
+        Walk::Avx512 => unsafe { avx512::walk(nodes, recs, v, live, hit) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above, with AVX2 present (`supported`).
-        Walk::Avx2 => unsafe { avx2::walk(nodes, v, live, at) },
+        Walk::Avx2 => unsafe { avx2::walk(nodes, recs, v, live, hit) },
         _ => return false,
     }
     true
@@ -133,26 +140,126 @@ fn lane_offsets<const W: usize>(live: &[u8], c: usize) -> [i32; W] {
     lane
 }
 
-/// Writes chunk `c`'s leaf indices (`W` lanes) to `at`, the live lanes only.
+/// Writes chunk `c`'s `W` lanes to `out`, the live lanes only.
 #[cfg(target_arch = "x86_64")]
-fn store_leaves<const W: usize>(leaves: &[u32; W], n: usize, c: usize, at: &mut [u32; GROUP]) {
+fn store_lanes<const W: usize>(lanes: &[u32; W], n: usize, c: usize, out: &mut [u32; GROUP]) {
     let i = c * W;
-    let lanes = (n - i).min(W);
-    at[i..i + lanes].copy_from_slice(&leaves[..lanes]);
+    let live = (n - i).min(W);
+    out[i..i + live].copy_from_slice(&lanes[..live]);
+}
+
+/// Slots of the key values (`Tree::values`) and `u32` offsets of the record fields (`Rec`)
+/// that the leaf tests read.
+#[cfg(target_arch = "x86_64")]
+mod slot {
+    pub(super) const SRC: i32 = 0;
+    pub(super) const DST: i32 = 1;
+    pub(super) const SPORT: i32 = 2;
+    pub(super) const DPORT: i32 = 3;
+    pub(super) const PROTO: i32 = 4;
+    pub(super) const VLAN: i32 = 6;
+    pub(super) const PORTS_KNOWN: i32 = 7;
+    pub(super) const REC_SRC: usize = 0;
+    pub(super) const REC_SRC_MASK: usize = 1;
+    pub(super) const REC_DST: usize = 2;
+    pub(super) const REC_DST_MASK: usize = 3;
+    pub(super) const REC_PRIO: usize = 4;
+    pub(super) const REC_SPORT: usize = 5;
+    pub(super) const REC_DPORT: usize = 6;
+    pub(super) const REC_META: usize = 7;
+
+    use super::super::tree::Rec;
+    use std::mem::offset_of;
+    const _: () = assert!(offset_of!(Rec, src) == REC_SRC * 4);
+    const _: () = assert!(offset_of!(Rec, src_mask) == REC_SRC_MASK * 4);
+    const _: () = assert!(offset_of!(Rec, dst) == REC_DST * 4);
+    const _: () = assert!(offset_of!(Rec, dst_mask) == REC_DST_MASK * 4);
+    const _: () = assert!(offset_of!(Rec, prio) == REC_PRIO * 4);
+    const _: () = assert!(offset_of!(Rec, sport) == REC_SPORT * 4);
+    const _: () = assert!(offset_of!(Rec, dport) == REC_DPORT * 4);
+    const _: () = assert!(offset_of!(Rec, meta) == REC_META * 4);
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{lane_offsets, store_leaves, Node, GROUP, LEAF};
+    use super::super::tree::{Rec, ANY_PROTO, ANY_VLAN, MORE, NEEDS_PORTS};
+    use super::{lane_offsets, slot, store_lanes, Node, GROUP, LEAF};
+    use crate::classify::NO_MATCH;
+
+    /// Tests 16 lanes' leaves (`rec`: each leaf's first record index) against their keys
+    /// (`off`: each lane's offset into `vals`): the priority of the first record that matches,
+    /// else [`NO_MATCH`]. Records are in priority order, so a lane stops at its first hit or at
+    /// its leaf's last record ([`MORE`] clear).
+    ///
+    /// # Safety
+    /// AVX-512F must be present; every lane of `rec` must index `recs`, and so must the records
+    /// after it while [`MORE`] is set; every lane of `off` plus 7 must index the `GROUP * 8`
+    /// values at `vals`.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn test(recs: *const Rec, rec: __m512i, vals: *const i32, off: __m512i) -> __m512i {
+        let r = recs.cast::<i32>();
+        // SAFETY: the caller's contract; `s` is a slot below 8.
+        let key = |s: i32| unsafe {
+            _mm512_i32gather_epi32::<4>(_mm512_add_epi32(off, _mm512_set1_epi32(s)), vals)
+        };
+        let (src, dst, sport, dport) = (
+            key(slot::SRC),
+            key(slot::DST),
+            key(slot::SPORT),
+            key(slot::DPORT),
+        );
+        let (proto, vlan, known) = (key(slot::PROTO), key(slot::VLAN), key(slot::PORTS_KNOWN));
+        let known = _mm512_test_epi32_mask(known, known);
+        let low16 = _mm512_set1_epi32(0xffff);
+        let flag = |m: __m512i, f: u32| _mm512_test_epi32_mask(m, _mm512_set1_epi32(f as i32));
+        let mut best = _mm512_set1_epi32(NO_MATCH as i32);
+        // A record is 32 bytes: index * 4, scaled by 8.
+        let mut r4 = _mm512_slli_epi32::<2>(rec);
+        let mut active: __mmask16 = 0xffff;
+        loop {
+            // SAFETY: the caller's contract: each active lane's `r4 / 4` is a record of its
+            // leaf (the first, or one after a record with MORE set); `f` is a field offset
+            // inside a Rec. Inactive lanes read nothing.
+            let field = |f: usize| unsafe {
+                _mm512_mask_i32gather_epi32::<8>(_mm512_setzero_si512(), active, r4, r.add(f))
+            };
+            let meta = field(slot::REC_META);
+            let (sr, dr) = (field(slot::REC_SPORT), field(slot::REC_DPORT));
+            let addr = _mm512_cmpeq_epi32_mask(
+                _mm512_and_si512(src, field(slot::REC_SRC_MASK)),
+                field(slot::REC_SRC),
+            ) & _mm512_cmpeq_epi32_mask(
+                _mm512_and_si512(dst, field(slot::REC_DST_MASK)),
+                field(slot::REC_DST),
+            );
+            let ports = _mm512_cmple_epu32_mask(_mm512_and_si512(sr, low16), sport)
+                & _mm512_cmple_epu32_mask(sport, _mm512_srli_epi32::<16>(sr))
+                & _mm512_cmple_epu32_mask(_mm512_and_si512(dr, low16), dport)
+                & _mm512_cmple_epu32_mask(dport, _mm512_srli_epi32::<16>(dr));
+            let proto_ok = flag(meta, ANY_PROTO)
+                | _mm512_cmpeq_epi32_mask(_mm512_and_si512(meta, _mm512_set1_epi32(0xff)), proto);
+            let vlan_ok =
+                flag(meta, ANY_VLAN) | _mm512_cmpeq_epi32_mask(_mm512_srli_epi32::<16>(meta), vlan);
+            let frag = known | !flag(meta, NEEDS_PORTS);
+            let hit = active & addr & ports & proto_ok & vlan_ok & frag;
+            best = _mm512_mask_mov_epi32(best, hit, field(slot::REC_PRIO));
+            active &= !hit & flag(meta, MORE);
+            if active == 0 {
+                return best;
+            }
+            r4 = _mm512_add_epi32(r4, _mm512_set1_epi32(4));
+        }
+    }
 
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn walk(
         nodes: &[Node],
+        recs: &[Rec],
         v: &[[u32; 8]; GROUP],
         live: &[u8],
-        at: &mut [u32; GROUP],
+        hit: &mut [u32; GROUP],
     ) {
         let n = live.len().min(GROUP);
         let base = nodes.as_ptr().cast::<i64>();
@@ -173,15 +280,17 @@ mod avx512 {
             *o = unsafe { _mm512_loadu_si512(lane.as_ptr().cast()) };
         }
         let mut idx = [_mm512_setzero_si512(); GROUP / 16];
-        // A chunk whose lanes have all reached their leaves stops gathering.
+        // A chunk whose lanes have all reached their leaves stops gathering, and tests them.
         let mut walking = [true; GROUP / 16];
+        let mut out = [0u32; 16];
         loop {
             let mut moving = 0u16;
-            for ((cur, off), w) in idx
+            for (c, ((cur, off), w)) in idx
                 .iter_mut()
                 .zip(&offs)
                 .zip(walking.iter_mut())
                 .take(chunks)
+                .enumerate()
             {
                 if !*w {
                     continue;
@@ -201,20 +310,24 @@ mod avx512 {
                 let val = unsafe { _mm512_i32gather_epi32::<4>(_mm512_add_epi32(*off, dim), vals) };
                 let first = _mm512_srli_epi32::<3>(meta);
                 let right = _mm512_cmpgt_epu32_mask(val, thresh);
-                *cur = _mm512_mask_add_epi32(first, right, first, one);
                 let m = _mm512_cmpneq_epi32_mask(dim, leaf);
-                *w = m != 0;
+                if m == 0 {
+                    // Every lane's node is its leaf, and `thresh` its first record.
+                    *w = false;
+                    // SAFETY: a leaf's `thresh` is one of its records (see `walk`); `off` as
+                    // above.
+                    let prio = unsafe { test(recs.as_ptr(), thresh, vals, *off) };
+                    // SAFETY: `out` is 16 u32s, an unaligned 512-bit store writes exactly them.
+                    unsafe { _mm512_storeu_si512(out.as_mut_ptr().cast(), prio) };
+                    store_lanes(&out, n, c, hit);
+                    continue;
+                }
+                *cur = _mm512_mask_add_epi32(first, right, first, one);
                 moving |= m;
             }
             if moving == 0 {
                 break;
             }
-        }
-        for (c, chunk) in idx.iter().enumerate().take(chunks) {
-            let mut out = [0u32; 16];
-            // SAFETY: `out` is 16 u32s, an unaligned 512-bit store writes exactly them.
-            unsafe { _mm512_storeu_si512(out.as_mut_ptr().cast(), *chunk) };
-            store_leaves(&out, n, c, at);
         }
     }
 }
@@ -223,16 +336,107 @@ mod avx512 {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{lane_offsets, store_leaves, Node, GROUP, LEAF};
+    use super::super::tree::{Rec, ANY_PROTO, ANY_VLAN, MORE, NEEDS_PORTS};
+    use super::{lane_offsets, slot, store_lanes, Node, GROUP, LEAF};
+    use crate::classify::NO_MATCH;
 
-    /// The same walk as the AVX-512 one on 8 lanes, eight chunks in flight. AVX2 compares only
-    /// signed integers, so values and thresholds are compared with their top bit flipped.
+    /// [`super::avx512`]'s leaf test on 8 lanes. AVX2 compares only signed integers, so
+    /// unsigned ones flip the top bit of both sides; masks are vectors of all-ones lanes.
+    ///
+    /// # Safety
+    /// As for the AVX-512 test, with AVX2 present.
+    #[target_feature(enable = "avx2")]
+    unsafe fn test(recs: *const Rec, rec: __m256i, vals: *const i32, off: __m256i) -> __m256i {
+        let r = recs.cast::<i32>();
+        // SAFETY: the caller's contract; `s` is a slot below 8.
+        let key = |s: i32| unsafe {
+            _mm256_i32gather_epi32::<4>(vals, _mm256_add_epi32(off, _mm256_set1_epi32(s)))
+        };
+        let (src, dst, sport, dport) = (
+            key(slot::SRC),
+            key(slot::DST),
+            key(slot::SPORT),
+            key(slot::DPORT),
+        );
+        let (proto, vlan) = (key(slot::PROTO), key(slot::VLAN));
+        let zero = _mm256_setzero_si256();
+        let ones = _mm256_set1_epi32(-1);
+        let known = _mm256_xor_si256(_mm256_cmpeq_epi32(key(slot::PORTS_KNOWN), zero), ones);
+        let bias = _mm256_set1_epi32(i32::MIN);
+        // a <= b, unsigned: not (a > b).
+        let le = |a: __m256i, b: __m256i| {
+            _mm256_xor_si256(
+                _mm256_cmpgt_epi32(_mm256_xor_si256(a, bias), _mm256_xor_si256(b, bias)),
+                ones,
+            )
+        };
+        let flag = |m: __m256i, f: u32| {
+            _mm256_xor_si256(
+                _mm256_cmpeq_epi32(_mm256_and_si256(m, _mm256_set1_epi32(f as i32)), zero),
+                ones,
+            )
+        };
+        let low16 = _mm256_set1_epi32(0xffff);
+        let mut best = _mm256_set1_epi32(NO_MATCH as i32);
+        let mut r4 = _mm256_slli_epi32::<2>(rec);
+        let mut active = ones;
+        loop {
+            // SAFETY: as in the AVX-512 test: active lanes index records of their leaf,
+            // inactive lanes read nothing.
+            let field =
+                |f: usize| unsafe { _mm256_mask_i32gather_epi32::<8>(zero, r.add(f), r4, active) };
+            let meta = field(slot::REC_META);
+            let (sr, dr) = (field(slot::REC_SPORT), field(slot::REC_DPORT));
+            let addr = _mm256_and_si256(
+                _mm256_cmpeq_epi32(
+                    _mm256_and_si256(src, field(slot::REC_SRC_MASK)),
+                    field(slot::REC_SRC),
+                ),
+                _mm256_cmpeq_epi32(
+                    _mm256_and_si256(dst, field(slot::REC_DST_MASK)),
+                    field(slot::REC_DST),
+                ),
+            );
+            let ports = _mm256_and_si256(
+                _mm256_and_si256(
+                    le(_mm256_and_si256(sr, low16), sport),
+                    le(sport, _mm256_srli_epi32::<16>(sr)),
+                ),
+                _mm256_and_si256(
+                    le(_mm256_and_si256(dr, low16), dport),
+                    le(dport, _mm256_srli_epi32::<16>(dr)),
+                ),
+            );
+            let proto_ok = _mm256_or_si256(
+                flag(meta, ANY_PROTO),
+                _mm256_cmpeq_epi32(_mm256_and_si256(meta, _mm256_set1_epi32(0xff)), proto),
+            );
+            let vlan_ok = _mm256_or_si256(
+                flag(meta, ANY_VLAN),
+                _mm256_cmpeq_epi32(_mm256_srli_epi32::<16>(meta), vlan),
+            );
+            let frag = _mm256_or_si256(known, _mm256_xor_si256(flag(meta, NEEDS_PORTS), ones));
+            let hit = _mm256_and_si256(
+                _mm256_and_si256(_mm256_and_si256(active, addr), ports),
+                _mm256_and_si256(_mm256_and_si256(proto_ok, vlan_ok), frag),
+            );
+            best = _mm256_blendv_epi8(best, field(slot::REC_PRIO), hit);
+            active = _mm256_andnot_si256(hit, _mm256_and_si256(active, flag(meta, MORE)));
+            if _mm256_testz_si256(active, active) != 0 {
+                return best;
+            }
+            r4 = _mm256_add_epi32(r4, _mm256_set1_epi32(4));
+        }
+    }
+
+    /// The same walk as the AVX-512 one on 8 lanes, eight chunks in flight.
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn walk(
         nodes: &[Node],
+        recs: &[Rec],
         v: &[[u32; 8]; GROUP],
         live: &[u8],
-        at: &mut [u32; GROUP],
+        hit: &mut [u32; GROUP],
     ) {
         let n = live.len().min(GROUP);
         let base = nodes.as_ptr().cast::<i64>();
@@ -251,13 +455,15 @@ mod avx2 {
         }
         let mut idx = [_mm256_setzero_si256(); GROUP / 8];
         let mut walking = [true; GROUP / 8];
+        let mut out = [0u32; 8];
         loop {
             let mut moving = 0i32;
-            for ((cur, off), w) in idx
+            for (c, ((cur, off), w)) in idx
                 .iter_mut()
                 .zip(&offs)
                 .zip(walking.iter_mut())
                 .take(chunks)
+                .enumerate()
             {
                 if !*w {
                     continue;
@@ -275,25 +481,28 @@ mod avx2 {
                 let thresh = _mm256_permute2x128_si256::<0x20>(lo, hi);
                 let meta = _mm256_permute2x128_si256::<0x31>(lo, hi);
                 let dim = _mm256_and_si256(meta, seven);
+                let m = _mm256_movemask_epi8(_mm256_cmpeq_epi32(dim, leaf)) ^ -1;
+                if m == 0 {
+                    *w = false;
+                    // SAFETY: a leaf's `thresh` is one of its records (see `walk`); `off` as
+                    // in the gather below.
+                    let prio = unsafe { test(recs.as_ptr(), thresh, vals, *off) };
+                    // SAFETY: `out` is 8 u32s, an unaligned 256-bit store writes exactly them.
+                    unsafe { _mm256_storeu_si256(out.as_mut_ptr().cast(), prio) };
+                    store_lanes(&out, n, c, hit);
+                    continue;
+                }
                 // SAFETY: off + dim < GROUP * 8, the length of `v` in u32s; scale 4 is a u32.
                 let val = unsafe { _mm256_i32gather_epi32::<4>(vals, _mm256_add_epi32(*off, dim)) };
                 let right =
                     _mm256_cmpgt_epi32(_mm256_xor_si256(val, bias), _mm256_xor_si256(thresh, bias));
                 // right is -1 where the value is above the threshold: subtracting adds one.
                 *cur = _mm256_sub_epi32(_mm256_srli_epi32::<3>(meta), right);
-                let m = _mm256_movemask_epi8(_mm256_cmpeq_epi32(dim, leaf)) ^ -1;
-                *w = m != 0;
                 moving |= m;
             }
             if moving == 0 {
                 break;
             }
-        }
-        for (c, chunk) in idx.iter().enumerate().take(chunks) {
-            let mut out = [0u32; 8];
-            // SAFETY: `out` is 8 u32s, an unaligned 256-bit store writes exactly them.
-            unsafe { _mm256_storeu_si256(out.as_mut_ptr().cast(), *chunk) };
-            store_leaves(&out, n, c, at);
         }
     }
 }

@@ -21,9 +21,9 @@
 //! Reference: Qi, Xu, Yang, Li, Li, "Packet classification algorithms: from theory to practice"
 //! (INFOCOM 2009), which introduced HyperSplit.
 
-use super::tuple::Entry;
 use super::{Atom, NO_MATCH};
 use crate::key::FlowKey;
+use crate::rule::mask;
 
 /// Leaves hold at most this many atoms unless no split separates them.
 const BINTH: usize = 1;
@@ -40,8 +40,8 @@ pub(super) const GROUP: usize = 64;
 
 /// An inner node: `meta` is the dimension (low 3 bits) and the index of the first child (the
 /// rest). A leaf: `meta` is [`LEAF`] and its own index, so stepping from a leaf stays there and
-/// a burst walks without testing which packets have arrived; `thresh` is its first atom's index
-/// and `Tree::lens` holds the count.
+/// a burst walks without testing which packets have arrived; `thresh` is the index of its first
+/// [`Rec`], and the leaf's records run on while [`MORE`] is set.
 #[derive(Debug, Clone, Copy, Default)]
 #[repr(C)]
 pub(super) struct Node {
@@ -50,6 +50,75 @@ pub(super) struct Node {
 }
 
 type Box5 = [(u32, u32); 5];
+
+/// `Rec::meta`: the protocol (low 8 bits) is not tested.
+pub(super) const ANY_PROTO: u32 = 1 << 8;
+/// `Rec::meta`: the atom matches only frames whose ports are known (not a later fragment).
+pub(super) const NEEDS_PORTS: u32 = 1 << 9;
+/// `Rec::meta`: another record of the same leaf follows this one.
+pub(super) const MORE: u32 = 1 << 10;
+/// `Rec::meta`: the VLAN (high 16 bits) is not tested.
+pub(super) const ANY_VLAN: u32 = 1 << 11;
+
+/// One atom of a leaf, packed for the match test: 32 bytes, aligned, so a record is one load
+/// and never straddles a cache line, and the SIMD check gathers its fields at fixed offsets
+/// (`simd.rs` relies on this layout).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[repr(C, align(32))]
+pub(super) struct Rec {
+    pub(super) src: u32,
+    pub(super) src_mask: u32,
+    pub(super) dst: u32,
+    pub(super) dst_mask: u32,
+    pub(super) prio: u32,
+    /// Low 16 bits the lowest port, high 16 the highest.
+    pub(super) sport: u32,
+    pub(super) dport: u32,
+    /// Protocol, [`ANY_PROTO`], [`NEEDS_PORTS`], [`MORE`], [`ANY_VLAN`], VLAN << 16.
+    pub(super) meta: u32,
+}
+
+const _: () = assert!(std::mem::size_of::<Rec>() == 32);
+
+impl Rec {
+    fn from_atom(a: &Atom, more: bool) -> Rec {
+        let mut meta = a.proto.map_or(ANY_PROTO, u32::from);
+        meta |= a.vlan.map_or(ANY_VLAN, |v| (v as u32) << 16);
+        if a.needs_ports {
+            meta |= NEEDS_PORTS;
+        }
+        if more {
+            meta |= MORE;
+        }
+        Rec {
+            src: a.src.bits as u32,
+            src_mask: mask(false, a.src.len) as u32,
+            dst: a.dst.bits as u32,
+            dst_mask: mask(false, a.dst.len) as u32,
+            prio: a.prio,
+            sport: a.sport.lo as u32 | (a.sport.hi as u32) << 16,
+            dport: a.dport.lo as u32 | (a.dport.hi as u32) << 16,
+            meta,
+        }
+    }
+
+    /// Whether the atom matches `k` (IPv4). `&`, not `&&`: every test is cheap, and a branch
+    /// per test costs more than evaluating them all.
+    #[inline(always)]
+    fn matches(&self, k: &FlowKey) -> bool {
+        let (src, dst) = (k.src as u32, k.dst as u32);
+        let (sport, dport) = (k.sport as u32, k.dport as u32);
+        ((src & self.src_mask) == self.src)
+            & ((dst & self.dst_mask) == self.dst)
+            & ((self.meta & ANY_PROTO != 0) | (self.meta & 0xff == k.proto as u32))
+            & (self.sport & 0xffff <= sport)
+            & (sport <= self.sport >> 16)
+            & (self.dport & 0xffff <= dport)
+            & (dport <= self.dport >> 16)
+            & ((self.meta & ANY_VLAN != 0) | (self.meta >> 16 == k.vlan as u32))
+            & (k.ports_known | (self.meta & NEEDS_PORTS == 0))
+    }
+}
 
 /// The atoms of `rules` below or at `t` on `dim` (`low`), or above it.
 fn side(boxes: &[Box5], rules: &[u32], dim: usize, t: u32, low: bool) -> Vec<u32> {
@@ -87,6 +156,9 @@ fn ranges(a: &Atom) -> Box5 {
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
 pub struct TreeStats {
     pub nodes: usize,
+    pub leaves: usize,
+    /// Leaves holding more than one atom (the SIMD test takes the first, the rest are scanned).
+    pub multi_leaves: usize,
     pub leaf_entries: usize,
     pub max_depth: usize,
     pub max_leaf: usize,
@@ -95,14 +167,16 @@ pub struct TreeStats {
 #[derive(Debug, Default)]
 pub(super) struct Tree {
     nodes: Box<[Node]>,
-    /// Atom count of each leaf, by node index (0 for inner nodes).
-    lens: Box<[u32]>,
-    entries: Box<[Entry<u32>]>,
+    /// The leaves' atoms, each leaf's in a run.
+    recs: Box<[Rec]>,
     /// The best (lowest) priority any atom here has; [`NO_MATCH`] when empty.
     pub(super) best: u32,
     /// Whether some leaf stopped at a covering atom, so atoms after it are missing there: a
-    /// lookup that starts after that atom (`from`) cannot use this tree.
+    /// lookup that starts after that atom (`from`) must also search `dropped`.
     pub(super) truncated: bool,
+    /// Indices (into the atoms it was built from) of the atoms some leaf dropped: a lookup
+    /// from past a leaf's covering atom must find them elsewhere.
+    pub(super) dropped: Vec<u32>,
     pub(super) stats: TreeStats,
 }
 
@@ -110,11 +184,12 @@ struct Builder<'a> {
     atoms: &'a [Atom],
     boxes: Vec<Box5>,
     nodes: Vec<Node>,
-    lens: Vec<u32>,
-    entries: Vec<Entry<u32>>,
+    recs: Vec<Rec>,
     stats: TreeStats,
     truncated: bool,
     scratch: Vec<u32>,
+    /// Atoms some leaf dropped after a covering atom.
+    dropped: Vec<bool>,
     /// Leaf entries the tree may hold before the build gives up.
     budget: usize,
     binth: usize,
@@ -172,21 +247,35 @@ impl Builder<'_> {
     }
 
     fn leaf(&mut self, at: usize, rules: &[u32], depth: usize) -> Result<(), OverBudget> {
-        if self.entries.len() + rules.len() > self.budget {
+        if self.recs.len() + rules.len() > self.budget {
             return Err(OverBudget);
         }
-        let start = self.entries.len() as u32;
-        self.entries.extend(
+        let start = self.recs.len() as u32;
+        if rules.is_empty() {
+            // An empty leaf still points at a record, one that matches nothing: the checks
+            // then need no test for emptiness.
+            self.recs.push(Rec {
+                src_mask: u32::MAX,
+                dst: 1,
+                dst_mask: 0,
+                prio: NO_MATCH,
+                ..Rec::default()
+            });
+        }
+        let last = rules.len().saturating_sub(1);
+        self.recs.extend(
             rules
                 .iter()
-                .map(|&i| Entry::from_atom(&self.atoms[i as usize])),
+                .enumerate()
+                .map(|(n, &i)| Rec::from_atom(&self.atoms[i as usize], n < last)),
         );
         self.nodes[at] = Node {
             thresh: start,
             meta: LEAF | (at as u32) << 3,
         };
-        self.lens[at] = rules.len() as u32;
         self.stats.max_leaf = self.stats.max_leaf.max(rules.len());
+        self.stats.leaves += 1;
+        self.stats.multi_leaves += (rules.len() > 1) as usize;
         self.stats.max_depth = self.stats.max_depth.max(depth);
         Ok(())
     }
@@ -202,6 +291,9 @@ impl Builder<'_> {
         if let Some(c) = rules.iter().position(|&i| self.covers(i, &b)) {
             if c + 1 < rules.len() {
                 self.truncated = true;
+                for &i in &rules[c + 1..] {
+                    self.dropped[i as usize] = true;
+                }
                 rules.truncate(c + 1);
             }
         }
@@ -246,7 +338,6 @@ impl Builder<'_> {
         }
         self.nodes.push(Node::default());
         self.nodes.push(Node::default());
-        self.lens.extend([0, 0]);
         self.nodes[at] = Node {
             thresh: t,
             meta: dim as u32 | (first as u32) << 3,
@@ -275,11 +366,11 @@ impl Tree {
             atoms,
             boxes: atoms.iter().map(ranges).collect(),
             nodes: vec![Node::default()],
-            lens: vec![0],
-            entries: Vec::new(),
+            recs: Vec::new(),
             stats: TreeStats::default(),
             truncated: false,
             scratch: Vec::new(),
+            dropped: vec![false; atoms.len()],
         };
         let all = [
             (0, u32::MAX),
@@ -291,13 +382,15 @@ impl Tree {
         b.build(0, (0..atoms.len() as u32).collect(), all, 0)?;
         let mut stats = b.stats;
         stats.nodes = b.nodes.len();
-        stats.leaf_entries = b.entries.len();
+        stats.leaf_entries = b.recs.len();
         Ok(Tree {
             nodes: b.nodes.into_boxed_slice(),
-            lens: b.lens.into_boxed_slice(),
-            entries: b.entries.into_boxed_slice(),
+            recs: b.recs.into_boxed_slice(),
             best: atoms.first().map_or(NO_MATCH, |a| a.prio),
             truncated: b.truncated,
+            dropped: (0..atoms.len() as u32)
+                .filter(|&i| b.dropped[i as usize])
+                .collect(),
             stats,
         })
     }
@@ -307,13 +400,19 @@ impl Tree {
         &self.nodes
     }
 
-    pub(super) fn memory(&self) -> usize {
-        std::mem::size_of::<Self>()
-            + self.nodes.len() * (std::mem::size_of::<Node>() + 4)
-            + self.entries.len() * std::mem::size_of::<Entry<u32>>()
+    /// The leaf records, for the SIMD check.
+    pub(super) fn recs(&self) -> &[Rec] {
+        &self.recs
     }
 
-    /// The key's value on each dimension; slots 5-7 are 0 (a leaf "splits" on slot 5).
+    pub(super) fn memory(&self) -> usize {
+        std::mem::size_of::<Self>()
+            + self.nodes.len() * std::mem::size_of::<Node>()
+            + self.recs.len() * std::mem::size_of::<Rec>()
+    }
+
+    /// The key's value on each dimension (slots 0-4), 0 in slot 5 (a leaf "splits" on it), and
+    /// the VLAN and whether the ports are known in slots 6 and 7, for the SIMD check.
     #[inline(always)]
     pub(super) fn values(k: &FlowKey) -> [u32; 8] {
         [
@@ -323,27 +422,30 @@ impl Tree {
             k.dport as u32,
             k.proto as u32,
             0,
-            0,
-            0,
+            k.vlan as u32,
+            k.ports_known as u32,
         ]
     }
 
     /// The first atom of leaf `at` at or after `from` that matches, if it beats `best`; else
-    /// `best`. The leaf is short and scanned whole, without a branch on each atom's outcome.
+    /// `best`. Leaves are short; each record is tested without a branch on its outcome.
     #[inline(always)]
     fn scan(&self, at: usize, k: &FlowKey, from: u32, mut best: u32) -> u32 {
-        let start = self.nodes[at].thresh as usize;
-        let len = self.lens[at] as usize;
-        let (src, dst) = (k.src as u32, k.dst as u32);
-        for e in &self.entries[start..start + len] {
-            let hit = e.matches(src, dst, k) & (e.prio >= from);
+        let mut r = self.nodes[at].thresh as usize;
+        while let Some(e) = self.recs.get(r) {
+            let hit = e.matches(k) & (e.prio >= from);
             best = best.min(if hit { e.prio } else { NO_MATCH });
+            if e.meta & MORE == 0 {
+                break;
+            }
+            r += 1;
         }
         best
     }
 
-    /// First match at or after `from` if it beats `best`, else `best`. A truncated tree only
-    /// answers for `from` 0.
+    /// First match at or after `from` among the atoms the key's leaf holds, if it beats `best`;
+    /// else `best`. For `from` past the leaf's covering atom, the atoms the leaf dropped
+    /// (`dropped`) must be searched too.
     #[inline]
     pub(super) fn first_match(&self, k: &FlowKey, from: u32, best: u32) -> u32 {
         let v = Self::values(k);
@@ -374,8 +476,16 @@ impl Tree {
         let n = live.len().min(GROUP);
         let mut at = [0u32; GROUP];
         let root = self.nodes[0];
-        let mut cur = [root; GROUP];
-        if root.meta & 7 != LEAF && !super::simd::walk(mode, self, v, &live[..n], &mut at) {
+        if root.meta & 7 != LEAF {
+            // The SIMD walk also tests the leaves: `hit` is each packet's match there.
+            let mut hit = [NO_MATCH; GROUP];
+            if super::simd::walk(mode, self, v, &live[..n], &mut hit) {
+                for (&p, &h) in live[..n].iter().zip(&hit) {
+                    best[p as usize] = best[p as usize].min(h);
+                }
+                return;
+            }
+            let mut cur = [root; GROUP];
             loop {
                 let mut moving = false;
                 for i in 0..n {
@@ -394,7 +504,7 @@ impl Tree {
         // Start loading every packet's leaf before scanning any: the scans' first reads then
         // overlap instead of each waiting in turn.
         for &a in &at[..n] {
-            if let Some(e) = self.entries.get(self.nodes[a as usize].thresh as usize) {
+            if let Some(e) = self.recs.get(self.nodes[a as usize].thresh as usize) {
                 super::simd::prefetch(e);
             }
         }
