@@ -1,13 +1,19 @@
-//! `compare-classifiers` on every shared ClassBench set: the forest (with every walk this CPU
-//! has), the tuple space and every rte_acl method this CPU supports must agree with `.expected`
-//! on every header (the command fails otherwise), and every row must say so; in CI, with DPDK
-//! present (scripts/deps installs it), there is a summary row against rte_acl per set and burst.
+//! `compare-classifiers` on the shared 1k and 10k ClassBench sets: the forest (with every walk
+//! this CPU has), the tuple space and every rte_acl method this CPU supports must agree with
+//! `.expected` on every header (the command fails otherwise), and every row must say so; in CI,
+//! with DPDK present (scripts/deps installs it), there is a summary row against rte_acl per set
+//! and burst. The 100k sets are left to the benchmark run: rte_acl alone takes most of a minute
+//! to build them, and `policy/tests/classbench.rs` checks our classifiers on all nine.
 
 use std::path::PathBuf;
 use std::process::Command;
 
+const SETS: [&str; 6] = [
+    "acl1_1k", "fw1_1k", "ipc1_1k", "acl1_10k", "fw1_10k", "ipc1_10k",
+];
+
 #[test]
-fn both_classifiers_agree_with_expected_on_every_set() {
+fn both_classifiers_agree_with_expected_on_the_1k_and_10k_sets() {
     let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/classbench");
     let out = Command::new(env!("CARGO_BIN_EXE_portcullis-bench"))
         .args([
@@ -20,6 +26,8 @@ fn both_classifiers_agree_with_expected_on_every_set() {
             "5",
             "--bursts",
             "1,64",
+            "--sets",
+            &SETS.join(","),
         ])
         .output()
         .unwrap();
@@ -38,17 +46,7 @@ fn both_classifiers_agree_with_expected_on_every_set() {
         .lines()
         .filter(|l| l.starts_with("| ") && !l.starts_with("| set") && l.matches(" | ").count() == 7)
         .collect();
-    for set in [
-        "acl1_1k",
-        "fw1_1k",
-        "ipc1_1k",
-        "acl1_10k",
-        "fw1_10k",
-        "ipc1_10k",
-        "acl1_100k",
-        "fw1_100k",
-        "ipc1_100k",
-    ] {
+    for set in SETS {
         assert!(
             rows.iter()
                 .any(|r| r.starts_with(&format!("| {set} |")) && r.contains("portcullis forest")),
@@ -71,10 +69,10 @@ fn both_classifiers_agree_with_expected_on_every_set() {
         .filter(|r| r.contains("rte_acl") && !r.contains("not run:"))
         .count();
     if std::env::var_os("CI").is_some() {
-        assert!(dpdk_rows >= 9 * 2 * 2, "CI must compare against rte_acl (at least scalar and SSE, per set and burst):\n{stdout}");
+        assert!(dpdk_rows >= SETS.len() * 2 * 2, "CI must compare against rte_acl (at least scalar and SSE, per set and burst):\n{stdout}");
         assert_eq!(
             summary.len(),
-            9 * 2,
+            SETS.len() * 2,
             "one summary row per set and burst:\n{stdout}"
         );
     }
