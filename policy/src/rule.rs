@@ -227,6 +227,24 @@ impl AddrSet {
     /// [`AddrSet::lower`], giving up (`None`) as soon as more than `max` prefixes are in play:
     /// each exception can split every prefix it falls in into up to 128 pieces, so a few long
     /// IPv6 exceptions would otherwise cost time and memory before any budget could say no.
+    /// `lower_bounded(v6, max)`'s length, without building the prefixes when there are no
+    /// exceptions (the common case, and the compiler asks for every rule).
+    pub fn count(&self, v6: bool, max: usize) -> Option<usize> {
+        if !self.except.is_empty() || self.include.len() > 64 {
+            return self.lower_bounded(v6, max).map(|p| p.len());
+        }
+        if self.include.is_empty() {
+            return (max >= 1).then_some(1);
+        }
+        let n = self
+            .include
+            .iter()
+            .enumerate()
+            .filter(|(i, p)| p.v6 == v6 && !self.include[..*i].contains(p))
+            .count();
+        (n <= max).then_some(n)
+    }
+
     pub fn lower_bounded(&self, v6: bool, max: usize) -> Option<Vec<Prefix>> {
         let include: Vec<Prefix> = if self.include.is_empty() {
             vec![Prefix::any(v6)]
@@ -457,11 +475,11 @@ impl Match {
         let cap = usize::try_from(max).unwrap_or(usize::MAX);
         let mut total = 0u64;
         for v6 in [false, true] {
-            let s = self.src.lower_bounded(v6, cap)?.len() as u64;
+            let s = self.src.count(v6, cap)? as u64;
             if s == 0 {
                 continue;
             }
-            let d = self.dst.lower_bounded(v6, cap)?.len() as u64;
+            let d = self.dst.count(v6, cap)? as u64;
             total = total.saturating_add(s.saturating_mul(d));
             if total > max {
                 return None;

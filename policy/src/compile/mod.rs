@@ -128,7 +128,7 @@ pub fn compile(snap: &Snapshot, ctx: &GatewayContext) -> Result<Compiled, Compil
     let mut rules = Vec::new();
     let mut warnings = Vec::new();
     let budget = ctx.budget;
-    let mut warn_empty = |m: &Match, what: &str| {
+    let mut warn_empty = |m: &Match, what: &dyn std::fmt::Display| {
         if m.atoms(budget.atoms_per_object) == Some(0) {
             warnings.push(format!(
                 "{what}: matches no packet (its source and destination share no address family, or its exceptions cover everything)"
@@ -205,7 +205,7 @@ pub fn compile(snap: &Snapshot, ctx: &GatewayContext) -> Result<Compiled, Compil
         };
         let object = format!("GatewayPolicy/{}", p.object.name);
         for (dir, pos, r) in &p.object.rules {
-            warn_empty(&r.matcher, &format!("{object} {dir}[{pos}]"));
+            warn_empty(&r.matcher, &format_args!("{object} {dir}[{pos}]"));
             let why = r.description.clone().unwrap_or_else(|| {
                 format!(
                     "{}{} rule {pos} of {object} (priority {})",
