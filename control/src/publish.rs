@@ -103,11 +103,17 @@ impl Publisher {
             if Arc::strong_count(t) > 1 {
                 return true;
             }
+            // Only rules that were hit carry anything (most of a large table never is).
             for (r, c) in t.rules().iter().zip(t.hit_counts()) {
-                *carried.entry(r.id).or_default() += c;
+                if c > 0 {
+                    *carried.entry(r.id).or_default() += c;
+                }
             }
             false
         });
+        if self.carried.is_empty() {
+            return;
+        }
         let current = self.shared.load();
         let live: HashSet<RuleId> = current
             .rules()

@@ -171,19 +171,21 @@ impl Reloader {
         Ok(r)
     }
 
-    /// Files plus the Kubernetes snapshot, as one.
-    fn merged(&self) -> Snapshot {
-        let mut snap = self.files.clone();
-        if let Some(k) = &self.kube {
-            snap.extend_from(k);
-        }
-        snap
-    }
-
     /// Compiles the merged sources and publishes; on error nothing changes but the status.
     fn recompile(&mut self, started: Instant) -> Result<u64, LoadError> {
-        let snap = self.merged();
-        match compile(&snap, &self.ctx) {
+        // The Kubernetes objects are moved in behind a copy of the files' (small) and moved
+        // back after, instead of being copied whole for every compile.
+        let mut snap = self.files.clone();
+        let kube = self.kube.as_mut().map(|k| snap.append(k));
+        let result = self.compile_merged(&snap, started);
+        if let (Some(at), Some(k)) = (kube, self.kube.as_mut()) {
+            *k = snap.split_off(at);
+        }
+        result
+    }
+
+    fn compile_merged(&mut self, snap: &Snapshot, started: Instant) -> Result<u64, LoadError> {
+        match compile(snap, &self.ctx) {
             Ok(compiled) => {
                 let (from_files, from_api) = split_rejected(&compiled.rejected);
                 if !from_files.is_empty() {
@@ -194,7 +196,7 @@ impl Reloader {
                 }
                 let compile_ms = started.elapsed().as_secs_f64() * 1e3;
                 self.publisher.publish(compiled.rules);
-                self.record_ok(&snap, compiled.warnings, compile_ms);
+                self.record_ok(snap, compiled.warnings, compile_ms);
                 self.status.rejected = from_api;
                 self.objects = snap.cluster_objects();
                 Ok(self.status.generation)

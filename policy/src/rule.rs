@@ -224,9 +224,6 @@ impl AddrSet {
         self.lower_bounded(v6, usize::MAX).unwrap_or_default()
     }
 
-    /// [`AddrSet::lower`], giving up (`None`) as soon as more than `max` prefixes are in play:
-    /// each exception can split every prefix it falls in into up to 128 pieces, so a few long
-    /// IPv6 exceptions would otherwise cost time and memory before any budget could say no.
     /// `lower_bounded(v6, max)`'s length, without building the prefixes when there are no
     /// exceptions (the common case, and the compiler asks for every rule).
     pub fn count(&self, v6: bool, max: usize) -> Option<usize> {
@@ -245,7 +242,28 @@ impl AddrSet {
         (n <= max).then_some(n)
     }
 
+    /// [`AddrSet::lower`], giving up (`None`) as soon as more than `max` prefixes are in play:
+    /// each exception can split every prefix it falls in into up to 128 pieces, so a few long
+    /// IPv6 exceptions would otherwise cost time and memory before any budget could say no.
     pub fn lower_bounded(&self, v6: bool, max: usize) -> Option<Vec<Prefix>> {
+        if self.except.is_empty() {
+            // Nothing to cut out: the family's prefixes as they are.
+            let mut parts: Vec<Prefix> = if self.include.is_empty() {
+                vec![Prefix::any(v6)]
+            } else {
+                self.include
+                    .iter()
+                    .filter(|p| p.v6 == v6)
+                    .copied()
+                    .collect()
+            };
+            if parts.len() > max {
+                return None;
+            }
+            parts.sort();
+            parts.dedup();
+            return Some(parts);
+        }
         let include: Vec<Prefix> = if self.include.is_empty() {
             vec![Prefix::any(v6)]
         } else {

@@ -79,6 +79,47 @@ impl Snapshot {
             .extend_from_slice(&other.security_groups);
     }
 
+    /// Moves every object of `other` to the end of this snapshot's lists (no copies), and
+    /// returns where they start: [`Snapshot::split_off`] gives them back.
+    pub fn append(&mut self, other: &mut Snapshot) -> [usize; 9] {
+        let at = [
+            self.gateway_policies.len(),
+            self.calico_policies.len(),
+            self.namespaces.len(),
+            self.workloads.len(),
+            self.nodes.len(),
+            self.services.len(),
+            self.endpoint_slices.len(),
+            self.network_policies.len(),
+            self.security_groups.len(),
+        ];
+        self.gateway_policies.append(&mut other.gateway_policies);
+        self.calico_policies.append(&mut other.calico_policies);
+        self.namespaces.append(&mut other.namespaces);
+        self.workloads.append(&mut other.workloads);
+        self.nodes.append(&mut other.nodes);
+        self.services.append(&mut other.services);
+        self.endpoint_slices.append(&mut other.endpoint_slices);
+        self.network_policies.append(&mut other.network_policies);
+        self.security_groups.append(&mut other.security_groups);
+        at
+    }
+
+    /// Takes back what [`Snapshot::append`] moved in at `at`.
+    pub fn split_off(&mut self, at: [usize; 9]) -> Snapshot {
+        Snapshot {
+            gateway_policies: self.gateway_policies.split_off(at[0]),
+            calico_policies: self.calico_policies.split_off(at[1]),
+            namespaces: self.namespaces.split_off(at[2]),
+            workloads: self.workloads.split_off(at[3]),
+            nodes: self.nodes.split_off(at[4]),
+            services: self.services.split_off(at[5]),
+            endpoint_slices: self.endpoint_slices.split_off(at[6]),
+            network_policies: self.network_policies.split_off(at[7]),
+            security_groups: self.security_groups.split_off(at[8]),
+        }
+    }
+
     /// Object counts per kind, for `check` and status.
     pub fn counts(&self) -> Vec<(&'static str, usize)> {
         let pods = self

@@ -104,8 +104,7 @@ impl Table {
     /// for control-side lookups such as `explain`).
     pub fn build(rules: RuleSet, generation: u64, workers: usize) -> Table {
         let started = Instant::now();
-        let matches: Vec<Match> = rules.rules().iter().map(|r| r.matcher.clone()).collect();
-        let classifier = Forest::build(&matches);
+        let classifier = Forest::build_from(rules.rules().iter().map(|r| &r.matcher));
         let steps = rules
             .rules()
             .iter()

@@ -188,9 +188,18 @@ impl Forest {
         Self::build_with(matches, REPLICATION)
     }
 
+    /// [`Forest::build`] from borrowed matches, in priority order (`Table::build` passes its
+    /// rules' matches without copying them).
+    pub fn build_from<'a>(matches: impl IntoIterator<Item = &'a Match>) -> Forest {
+        Self::build_with(matches, REPLICATION)
+    }
+
     /// [`Forest::build`] with another replication limit: tests use 0 to force every part into
     /// tables.
-    pub(crate) fn build_with(matches: &[Match], replication: usize) -> Forest {
+    pub(crate) fn build_with<'a>(
+        matches: impl IntoIterator<Item = &'a Match>,
+        replication: usize,
+    ) -> Forest {
         let atoms = lower(matches);
         let mut stats = ForestStats {
             atoms: atoms.len(),

@@ -64,9 +64,10 @@ pub struct Atom {
 
 /// Lowers matches into atoms. A match whose address sets leave nothing for a family contributes
 /// no atom for that family.
-pub fn lower(matches: &[Match]) -> Vec<Atom> {
-    let mut atoms = Vec::with_capacity(matches.len());
-    for (prio, m) in matches.iter().enumerate() {
+pub fn lower<'a>(matches: impl IntoIterator<Item = &'a Match>) -> Vec<Atom> {
+    let matches = matches.into_iter();
+    let mut atoms = Vec::with_capacity(matches.size_hint().0);
+    for (prio, m) in matches.enumerate() {
         for v6 in [false, true] {
             let srcs = m.src.lower(v6);
             let dsts = m.dst.lower(v6);
