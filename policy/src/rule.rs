@@ -246,24 +246,6 @@ impl AddrSet {
     /// each exception can split every prefix it falls in into up to 128 pieces, so a few long
     /// IPv6 exceptions would otherwise cost time and memory before any budget could say no.
     pub fn lower_bounded(&self, v6: bool, max: usize) -> Option<Vec<Prefix>> {
-        if self.except.is_empty() {
-            // Nothing to cut out: the family's prefixes as they are.
-            let mut parts: Vec<Prefix> = if self.include.is_empty() {
-                vec![Prefix::any(v6)]
-            } else {
-                self.include
-                    .iter()
-                    .filter(|p| p.v6 == v6)
-                    .copied()
-                    .collect()
-            };
-            if parts.len() > max {
-                return None;
-            }
-            parts.sort();
-            parts.dedup();
-            return Some(parts);
-        }
         let include: Vec<Prefix> = if self.include.is_empty() {
             vec![Prefix::any(v6)]
         } else {
@@ -273,6 +255,16 @@ impl AddrSet {
                 .copied()
                 .collect()
         };
+        if self.except.is_empty() {
+            // Nothing to cut out: the family's prefixes as they are.
+            if include.len() > max {
+                return None;
+            }
+            let mut parts = include;
+            parts.sort();
+            parts.dedup();
+            return Some(parts);
+        }
         let mut holes: Vec<Prefix> = self.except.iter().filter(|p| p.v6 == v6).copied().collect();
         holes.sort();
         let mut parts = Vec::new();
