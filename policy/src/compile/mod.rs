@@ -13,7 +13,8 @@ use std::collections::{BTreeSet, HashMap};
 
 use crate::gateway_policy::{PolicyRule, RuleAction};
 use crate::rule::{
-    Action, DenyReason, Direction, Layer, Match, Origin, Rule, RuleSet, RuleSetError, Verdict,
+    Action, DenyReason, Direction, Layer, Match, Origin, Rule, RuleId, RuleSet, RuleSetError,
+    Verdict,
 };
 use crate::snapshot::Snapshot;
 
@@ -249,17 +250,41 @@ pub fn compile(snap: &Snapshot, ctx: &GatewayContext) -> Result<Compiled, Compil
             },
         ));
     }
-    // A rule with the same origin and match as an earlier one (a port listed twice, a VMI and its
-    // virt-launcher pod sharing an address, a LoadBalancer IP also listed in externalIPs) can never
-    // decide anything the first did not: keep the first.
-    let mut seen_ids = std::collections::HashSet::new();
-    rules.retain(|r| seen_ids.insert(r.id));
+    let mut rules = dedup(rules);
     let rejected = enforce_budget(&mut rules, budget)?;
     Ok(Compiled {
         rules: RuleSet::new(rules)?,
         warnings,
         rejected,
     })
+}
+
+/// Drops a rule with the same origin and match as an earlier one (a port listed twice, a VMI and
+/// its virt-launcher pod sharing an address, a LoadBalancer IP also listed in externalIPs): it
+/// can never decide anything the first did not. Ids are hashes of origin and match, so an equal
+/// id is only a candidate: a different rule whose id collides (by chance, or by an object written
+/// to collide) is kept under the next free id, never dropped.
+fn dedup(rules: Vec<Rule>) -> Vec<Rule> {
+    let mut seen: HashMap<RuleId, usize> = HashMap::with_capacity(rules.len());
+    let mut kept: Vec<Rule> = Vec::with_capacity(rules.len());
+    for mut r in rules {
+        if let Some(&i) = seen.get(&r.id) {
+            let k = &kept[i];
+            let same = k.origin.layer == r.origin.layer
+                && k.origin.object == r.origin.object
+                && k.origin.index == r.origin.index
+                && k.matcher == r.matcher;
+            if same {
+                continue;
+            }
+            while seen.contains_key(&r.id) {
+                r.id = RuleId(r.id.0.wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(29) ^ 1);
+            }
+        }
+        seen.insert(r.id, kept.len());
+        kept.push(r);
+    }
+    kept
 }
 
 /// Leaves out every object whose rules lower to more atoms than the budget allows, and refuses a
@@ -335,6 +360,57 @@ mod tests {
             source: format!("{name}.yaml#0"),
             object: GatewayPolicy::from_yaml(serde_norway::from_str(&y).unwrap()).unwrap(),
         }
+    }
+
+    #[test]
+    fn dedup_drops_true_duplicates_and_keeps_colliding_rules() {
+        let rule = |object: &str, index: usize, dir: Direction| {
+            Rule::new(
+                Match::any(dir),
+                Action::Decide(Verdict::Deny(DenyReason::Policy)),
+                false,
+                Origin {
+                    layer: Layer::Gateway,
+                    object: object.into(),
+                    index: Some(index),
+                    source: "t".into(),
+                    why: "t".into(),
+                },
+            )
+        };
+        let a = rule("GatewayPolicy/a", 0, Direction::Ingress);
+        // The same rule again (a port listed twice): dropped.
+        let twin = rule("GatewayPolicy/a", 0, Direction::Ingress);
+        // A different rule made to collide with `a`'s id: kept, under another id.
+        let mut other = rule("GatewayPolicy/b", 3, Direction::Egress);
+        other.id = a.id;
+        // And one that collides with the id `other` will move to, too.
+        let mut third = rule("GatewayPolicy/c", 1, Direction::Egress);
+        third.id = a.id;
+        let kept = dedup(vec![a.clone(), twin, other, third]);
+        assert_eq!(kept.len(), 3, "{kept:#?}");
+        assert_eq!(kept[0], a);
+        assert_eq!(kept[1].origin.object, "GatewayPolicy/b");
+        assert_eq!(kept[2].origin.object, "GatewayPolicy/c");
+        let ids: BTreeSet<RuleId> = kept.iter().map(|r| r.id).collect();
+        assert_eq!(ids.len(), 3, "every kept rule has its own id");
+        // The result is a valid rule set (ids unique) once the defaults close it.
+        let mut rules = kept;
+        for dir in [Direction::Ingress, Direction::Egress] {
+            rules.push(Rule::new(
+                Match::any(dir),
+                Action::Decide(Verdict::Allow),
+                false,
+                Origin {
+                    layer: Layer::Default,
+                    object: format!("default/{dir}"),
+                    index: None,
+                    source: "t".into(),
+                    why: "t".into(),
+                },
+            ));
+        }
+        assert!(RuleSet::new(rules).is_ok());
     }
 
     #[test]
