@@ -275,6 +275,8 @@ impl Builder<'_> {
         };
         self.stats.max_leaf = self.stats.max_leaf.max(rules.len());
         self.stats.leaves += 1;
+        // Atoms only: an empty leaf's no-match record is not a copy of anything.
+        self.stats.leaf_entries += rules.len();
         self.stats.multi_leaves += (rules.len() > 1) as usize;
         self.stats.max_depth = self.stats.max_depth.max(depth);
         Ok(())
@@ -382,7 +384,6 @@ impl Tree {
         b.build(0, (0..atoms.len() as u32).collect(), all, 0)?;
         let mut stats = b.stats;
         stats.nodes = b.nodes.len();
-        stats.leaf_entries = b.recs.len();
         Ok(Tree {
             nodes: b.nodes.into_boxed_slice(),
             recs: b.recs.into_boxed_slice(),
