@@ -2,7 +2,9 @@
 //!
 //! A test API server (`testkit::apiserver`) serves N compiled rules' worth of GatewayPolicies
 //! (10 rules each). The real Kubernetes source watches it and publishes into a real reloader.
-//! Then, one at a time, a policy's first rule is flipped between Deny and Allow through the API,
+//! Then, one at a time, a policy's first rule is flipped between Deny and Allow through the API
+//! (its Allow form also widens its source, so every change edits a match and rebuilds the
+//! classifier),
 //! and a worker-side `TableReader` (what the datapath uses) is polled until a probe flow's verdict
 //! flips. Two latencies per event:
 //!
@@ -50,8 +52,16 @@ const RULES_PER_POLICY: usize = 10;
 fn policy(i: usize, first_action: &str) -> Value {
     let rules: Vec<Value> = (0..RULES_PER_POLICY)
         .map(|j| {
+            // The first rule's Allow form also widens its source to a /31, so every change
+            // edits a match and the classifier is rebuilt: the worst case, not the reuse of
+            // the classifier that an action-only change gets.
+            let len = if j == 0 && first_action == "Allow" {
+                31
+            } else {
+                32
+            };
             json!({"action": if j == 0 { first_action } else { "Deny" }, "protocol": "TCP",
-                   "source": {"nets": [format!("10.{}.{}.{j}/32", i / 256, i % 256)]},
+                   "source": {"nets": [format!("10.{}.{}.{j}/{len}", i / 256, i % 256)]},
                    "destination": {"ports": [1000 + j]}})
         })
         .collect();
@@ -83,6 +93,8 @@ pub(crate) struct Row {
     pub compile_ms_p50: f64,
     /// The classifier build (`Table::build`), after the compile.
     pub build_ms_p50: f64,
+    /// Changes whose table rebuilt its classifier (each edits a match, so all of them should).
+    pub classifier_rebuilt: usize,
     pub initial_sync_ms: f64,
     pub storm: Option<Storm>,
 }
@@ -211,6 +223,7 @@ fn measure(rules: usize, events: usize, debounce: Duration, storm_updates: usize
     let mut e2e = histogram();
     let mut compile = histogram();
     let mut build = histogram();
+    let mut rebuilt = 0;
     let mut state = vec![false; policies]; // false: the first rule denies
     for n in 0..events {
         // Spread the changes over the policies, deterministically.
@@ -243,7 +256,9 @@ fn measure(rules: usize, events: usize, debounce: Duration, storm_updates: usize
             .status()
             .compile_ms;
         let _ = compile.record(((ms * 1e3) as u64).max(1));
-        let _ = build.record((reader.load().build_time().as_micros() as u64).max(1));
+        let table = reader.load();
+        let _ = build.record((table.build_time().as_micros() as u64).max(1));
+        rebuilt += usize::from(!table.classifier_reused());
     }
     let r = reloader.lock().unwrap_or_else(|p| p.into_inner());
     let h = r.swap_latency().clone();
@@ -259,6 +274,7 @@ fn measure(rules: usize, events: usize, debounce: Duration, storm_updates: usize
         event_to_swap_ms: quantiles(&h),
         compile_ms_p50: compile.value_at_quantile(0.5) as f64 / 1e3,
         build_ms_p50: build.value_at_quantile(0.5) as f64 / 1e3,
+        classifier_rebuilt: rebuilt,
         initial_sync_ms,
         storm,
     };
@@ -273,7 +289,7 @@ pub(crate) fn run(a: Args) -> Result<()> {
             "kube-latency: {} sequential policy changes per size through a test API server, then {} EndpointSlice updates in 1 s; debounce {} ms\n",
             a.events, a.storm, a.debounce_ms
         );
-        println!("| compiled rules | objects | first sync | compile p50 | table build p50 | event to swap p50 / p99 / max | end to end p50 / p99 / max | storm: updates in s, compiles, event to swap p50 / p99 / max |");
+        println!("| compiled rules | objects | first sync | compile p50 | table build p50 (classifier rebuilt) | event to swap p50 / p99 / max | end to end p50 / p99 / max | storm: updates in s, compiles, event to swap p50 / p99 / max |");
         println!("|---|---|---|---|---|---|---|---|");
     }
     for &n in &a.rules {
@@ -293,12 +309,14 @@ pub(crate) fn run(a: Args) -> Result<()> {
                 )
             });
             println!(
-                "| {} | {} | {:.0} ms | {:.2} ms | {:.2} ms | {:.1} / {:.1} / {:.1} ms | {:.1} / {:.1} / {:.1} ms | {storm} |",
+                "| {} | {} | {:.0} ms | {:.2} ms | {:.2} ms ({} of {}) | {:.1} / {:.1} / {:.1} ms | {:.1} / {:.1} / {:.1} ms | {storm} |",
                 r.rules,
                 r.objects,
                 r.initial_sync_ms,
                 r.compile_ms_p50,
                 r.build_ms_p50,
+                r.classifier_rebuilt,
+                r.events,
                 r.event_to_swap_ms[0],
                 r.event_to_swap_ms[1],
                 r.event_to_swap_ms[2],

@@ -76,7 +76,12 @@ impl Publisher {
     /// Builds a table from `rules` (here, off the datapath) and swaps it in.
     pub fn publish(&mut self, rules: RuleSet) -> Arc<Table> {
         let generation = self.shared.load().generation() + 1;
-        let table = Arc::new(Table::build(rules, generation, self.workers));
+        let table = Arc::new(Table::build_after(
+            rules,
+            generation,
+            self.workers,
+            Some(&self.shared.load()),
+        ));
         let old = self.shared.swap(Arc::clone(&table));
         self.last_swap = std::time::Instant::now();
         self.retired.push(old);

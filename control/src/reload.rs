@@ -9,7 +9,7 @@ use hdrhistogram::Histogram;
 
 use crate::publish::{Publisher, RuleHits};
 use crate::source::{load_dir, Fingerprint, SourceError};
-use policy::compile::{compile, CompileError, GatewayContext, Rejected};
+use policy::compile::{compile, compile_with, CompileError, GatewayContext, Memo, Rejected};
 use policy::rule::RuleSet;
 use policy::snapshot::{ClusterObjects, Snapshot};
 
@@ -115,6 +115,8 @@ pub struct Reloader {
     files_errors: Vec<String>,
     /// The warnings (and rejected objects) already logged: each is logged when it appears.
     logged: std::collections::BTreeSet<String>,
+    /// What the last compiles made of each object: a change recompiles only what it touched.
+    memo: Memo,
 }
 
 /// What changed in the warnings since they were last logged.
@@ -164,6 +166,7 @@ impl Reloader {
             files_errors: Vec::new(),
             swap_sum_us: 0,
             logged: Default::default(),
+            memo: Memo::default(),
         };
         r.record_ok(&snap, warnings, compile_ms);
         r.objects = snap.cluster_objects();
@@ -185,7 +188,7 @@ impl Reloader {
     }
 
     fn compile_merged(&mut self, snap: &Snapshot, started: Instant) -> Result<u64, LoadError> {
-        match compile(snap, &self.ctx) {
+        match compile_with(snap, &self.ctx, &mut self.memo) {
             Ok(compiled) => {
                 let (from_files, from_api) = split_rejected(&compiled.rejected);
                 if !from_files.is_empty() {

@@ -623,7 +623,7 @@ impl RuleSet {
                 return Err(RuleSetError::NoCatchAll(d));
             }
         }
-        let mut seen = std::collections::HashMap::new();
+        let mut seen = foldhash::HashMap::with_capacity_and_hasher(rules.len(), Default::default());
         for r in &rules {
             if let Some(prev) = seen.insert(r.id, &r.origin) {
                 return Err(RuleSetError::DuplicateId {

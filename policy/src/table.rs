@@ -6,6 +6,7 @@
 //! sharing), and the control thread sums rows whenever it likes.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::classify::{Classifier, Forest, ForestStats, Linear, NO_MATCH};
@@ -93,18 +94,46 @@ pub struct Explanation {
 pub struct Table {
     generation: u64,
     rules: RuleSet,
-    classifier: Forest,
+    /// Shared with the previous table when no rule's match changed.
+    classifier: Arc<Forest>,
     steps: Box<[Step]>,
     hits: Box<[HitRow]>,
     build_time: Duration,
+    classifier_reused: bool,
 }
 
 impl Table {
     /// Builds the classifier for `rules` with one hit-counter row per worker (plus one spare row
     /// for control-side lookups such as `explain`).
     pub fn build(rules: RuleSet, generation: u64, workers: usize) -> Table {
+        Self::build_after(rules, generation, workers, None)
+    }
+
+    /// [`Table::build`], sharing `prev`'s classifier when every rule's match is the one at the
+    /// same position in `prev`: the classifier depends on the matches and their order only, so
+    /// a change of actions, logging or descriptions (or an EndpointSlice update that changed no
+    /// match) swaps in a new table without rebuilding it.
+    pub fn build_after(
+        rules: RuleSet,
+        generation: u64,
+        workers: usize,
+        prev: Option<&Table>,
+    ) -> Table {
         let started = Instant::now();
-        let classifier = Forest::build_from(rules.rules().iter().map(|r| &r.matcher));
+        let same = |p: &&Table| {
+            p.rules.len() == rules.len()
+                && p.rules()
+                    .iter()
+                    .zip(rules.rules())
+                    .all(|(a, b)| a.matcher == b.matcher)
+        };
+        let (classifier, classifier_reused) = match prev.filter(same) {
+            Some(p) => (Arc::clone(&p.classifier), true),
+            None => (
+                Arc::new(Forest::build_from(rules.rules().iter().map(|r| &r.matcher))),
+                false,
+            ),
+        };
         let steps = rules
             .rules()
             .iter()
@@ -127,7 +156,13 @@ impl Table {
             steps,
             hits,
             build_time: started.elapsed(),
+            classifier_reused,
         }
+    }
+
+    /// Whether this table shares its predecessor's classifier (no match changed).
+    pub fn classifier_reused(&self) -> bool {
+        self.classifier_reused
     }
 
     pub fn generation(&self) -> u64 {
@@ -353,6 +388,42 @@ mod tests {
         t.decide_batch(1, &keys, &mut out);
         for (key, d) in keys.iter().zip(&out) {
             assert_eq!(*d, t.decide(key), "{key}");
+        }
+    }
+
+    #[test]
+    fn a_table_shares_the_classifier_only_when_no_match_changed() {
+        let rules = |spec: &str| {
+            let t = table(spec);
+            RuleSet::new(t.rules().to_vec()).unwrap()
+        };
+        let deny = "{ingress: [{action: Deny, source: {nets: [192.0.2.0/24]}}, {action: Allow, protocol: TCP}]}";
+        let first = Table::build(rules(deny), 1, 1);
+        assert!(!first.classifier_reused());
+        // Only the actions changed: the classifier is shared, and the verdicts are the new ones.
+        let flipped = Table::build_after(
+            rules("{ingress: [{action: Allow, source: {nets: [192.0.2.0/24]}}, {action: Deny, protocol: TCP}]}"),
+            2,
+            1,
+            Some(&first),
+        );
+        assert!(flipped.classifier_reused());
+        assert!(Arc::ptr_eq(&first.classifier, &flipped.classifier));
+        assert_eq!(flipped.decide(&k("192.0.2.1", 80)).verdict, Verdict::Allow);
+        assert_eq!(
+            flipped.decide(&k("198.51.100.1", 80)).verdict,
+            Verdict::Deny(DenyReason::Policy)
+        );
+        // A changed match, or one rule more, rebuilds it.
+        for spec in [
+            "{ingress: [{action: Deny, source: {nets: [192.0.2.0/25]}}, {action: Allow, protocol: TCP}]}",
+            "{ingress: [{action: Deny, source: {nets: [192.0.2.0/24]}}, {action: Allow, protocol: TCP}, {action: Allow, protocol: UDP}]}",
+        ] {
+            let t = Table::build_after(rules(spec), 2, 1, Some(&first));
+            assert!(!t.classifier_reused(), "{spec}");
+            for key in [k("192.0.2.1", 80), k("192.0.2.200", 80), k("198.51.100.1", 80)] {
+                assert_eq!(t.decide(&key).verdict, t.reference_decision(&key), "{spec} {key}");
+            }
         }
     }
 

@@ -9,9 +9,11 @@
 mod calico;
 mod kubernetes;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 
-use crate::gateway_policy::{PolicyRule, RuleAction};
+use foldhash::{HashMap, HashMapExt};
+
+use crate::gateway_policy::{GatewayPolicy, PolicyRule, RuleAction};
 use crate::rule::{
     Action, DenyReason, Direction, Layer, Match, Origin, Rule, RuleId, RuleSet, RuleSetError,
     Verdict,
@@ -124,22 +126,103 @@ fn action_of(a: RuleAction, audit: bool) -> Action {
     }
 }
 
+/// What one GatewayPolicy compiled to, kept for the next compile.
+#[derive(Debug)]
+struct Compiled1 {
+    policy: GatewayPolicy,
+    source: String,
+    rules: Vec<Rule>,
+    warnings: Vec<String>,
+    /// The compile that last used it: entries no compile used are dropped.
+    epoch: u64,
+}
+
+/// Per-object results of earlier compiles, so that a recompile redoes only the objects an event
+/// changed (a reloader keeps one across compiles). A GatewayPolicy's rules depend on nothing but
+/// the policy, where it was read and the budget, so an unchanged policy's rules are reused as
+/// they were; everything after (ordering, de-duplication, budgets, validation) runs on the whole
+/// rule list every time, so the result is exactly what [`compile`] gives.
+#[derive(Debug, Default)]
+pub struct Memo {
+    budget: Option<Budget>,
+    gateway: HashMap<String, Compiled1>,
+    epoch: u64,
+    /// GatewayPolicies compiled afresh and reused by the last compile, for status and tests.
+    pub last_compiled: usize,
+    pub last_reused: usize,
+}
+
+fn empty_warning(m: &Match, budget: Budget, what: &dyn std::fmt::Display) -> Option<String> {
+    (m.atoms(budget.atoms_per_object) == Some(0)).then(|| {
+        format!(
+            "{what}: matches no packet (its source and destination share no address family, or its exceptions cover everything)"
+        )
+    })
+}
+
+/// One GatewayPolicy's rules, in its written order, with the warnings about them.
+fn gateway_rules(
+    p: &crate::snapshot::Located<GatewayPolicy>,
+    budget: Budget,
+    rules: &mut Vec<Rule>,
+    warnings: &mut Vec<String>,
+) {
+    let object = format!("GatewayPolicy/{}", p.object.name);
+    for (dir, pos, r) in &p.object.rules {
+        warnings.extend(empty_warning(
+            &r.matcher,
+            budget,
+            &format_args!("{object} {dir}[{pos}]"),
+        ));
+        let why = r.description.clone().unwrap_or_else(|| {
+            format!(
+                "{}{} rule {pos} of {object} (priority {})",
+                if p.object.audit { "audit-mode " } else { "" },
+                dir,
+                p.object.priority
+            )
+        });
+        rules.push(Rule::new(
+            r.matcher.clone(),
+            action_of(r.action, p.object.audit),
+            r.log,
+            Origin {
+                layer: Layer::Gateway,
+                object: object.clone(),
+                index: Some(*pos),
+                source: p.source.clone(),
+                why,
+            },
+        ));
+    }
+}
+
 /// Compiles a snapshot. Pure: no I/O, no clock.
 pub fn compile(snap: &Snapshot, ctx: &GatewayContext) -> Result<Compiled, CompileError> {
+    compile_with(snap, ctx, &mut Memo::default())
+}
+
+/// [`compile`], reusing what `memo` kept of unchanged objects and keeping this compile's for
+/// the next. The result is the same as [`compile`]'s for any memo.
+pub fn compile_with(
+    snap: &Snapshot,
+    ctx: &GatewayContext,
+    memo: &mut Memo,
+) -> Result<Compiled, CompileError> {
     let mut rules = Vec::new();
     let mut warnings = Vec::new();
     let budget = ctx.budget;
-    let mut warn_empty = |m: &Match, what: &dyn std::fmt::Display| {
-        if m.atoms(budget.atoms_per_object) == Some(0) {
-            warnings.push(format!(
-                "{what}: matches no packet (its source and destination share no address family, or its exceptions cover everything)"
-            ));
-        }
-    };
+    if memo.budget != Some(budget) {
+        memo.gateway.clear();
+        memo.budget = Some(budget);
+    }
+    memo.epoch += 1;
+    memo.last_compiled = 0;
+    memo.last_reused = 0;
 
     for (i, r) in &ctx.failsafe {
         let what = format!("failsafe[{i}]");
-        warn_empty(&r.matcher, &what);
+        warnings.extend(empty_warning(&r.matcher, budget, &what));
         rules.push(Rule::new(
             r.matcher.clone(),
             action_of(r.action, false),
@@ -204,31 +287,32 @@ pub fn compile(snap: &Snapshot, ctx: &GatewayContext) -> Result<Compiled, Compil
             }
             Item::Gateway(p) => p,
         };
-        let object = format!("GatewayPolicy/{}", p.object.name);
-        for (dir, pos, r) in &p.object.rules {
-            warn_empty(&r.matcher, &format_args!("{object} {dir}[{pos}]"));
-            let why = r.description.clone().unwrap_or_else(|| {
-                format!(
-                    "{}{} rule {pos} of {object} (priority {})",
-                    if p.object.audit { "audit-mode " } else { "" },
-                    dir,
-                    p.object.priority
-                )
-            });
-            rules.push(Rule::new(
-                r.matcher.clone(),
-                action_of(r.action, p.object.audit),
-                r.log,
-                Origin {
-                    layer: Layer::Gateway,
-                    object: object.clone(),
-                    index: Some(*pos),
-                    source: p.source.clone(),
-                    why,
-                },
-            ));
+        match memo.gateway.get_mut(&p.object.name) {
+            Some(m) if m.source == p.source && m.policy == p.object => {
+                rules.extend_from_slice(&m.rules);
+                warnings.extend_from_slice(&m.warnings);
+                m.epoch = memo.epoch;
+                memo.last_reused += 1;
+            }
+            _ => {
+                let (r0, w0) = (rules.len(), warnings.len());
+                gateway_rules(p, budget, &mut rules, &mut warnings);
+                memo.gateway.insert(
+                    p.object.name.clone(),
+                    Compiled1 {
+                        policy: p.object.clone(),
+                        source: p.source.clone(),
+                        rules: rules[r0..].to_vec(),
+                        warnings: warnings[w0..].to_vec(),
+                        epoch: memo.epoch,
+                    },
+                );
+                memo.last_compiled += 1;
+            }
         }
     }
+    let epoch = memo.epoch;
+    memo.gateway.retain(|_, m| m.epoch == epoch);
     calico::end_of_tier(calico_covered, &mut rules);
     kubernetes::compile(snap, ctx, &mut rules, &mut notes);
     warnings.extend(notes);
@@ -460,6 +544,68 @@ mod tests {
         assert_eq!(actions[5], Action::Decide(Verdict::Allow));
         // Pass continues after the gateway layer, i.e. at the defaults.
         assert_eq!(c.rules.next_layer_start(Layer::Gateway), 4);
+    }
+
+    #[test]
+    fn a_memo_reuses_unchanged_policies_and_changes_no_result() {
+        let ctx = GatewayContext::default();
+        let mut memo = Memo::default();
+        let same = |snap: &Snapshot, ctx: &GatewayContext, memo: &mut Memo| {
+            let fresh = compile(snap, ctx).unwrap();
+            let kept = compile_with(snap, ctx, memo).unwrap();
+            assert_eq!(fresh.rules.rules(), kept.rules.rules());
+            assert_eq!(fresh.warnings, kept.warnings);
+            assert_eq!(fresh.rejected, kept.rejected);
+            (memo.last_compiled, memo.last_reused)
+        };
+        let mut snap = Snapshot {
+            gateway_policies: vec![
+                policy(
+                    "a",
+                    1,
+                    false,
+                    "[{action: Allow, source: {nets: [10.0.0.0/8]}}]",
+                ),
+                policy(
+                    "b",
+                    2,
+                    false,
+                    "[{action: Deny, source: {nets: [10.0.0.0/8], notNets: [10.0.0.0/8]}}]",
+                ),
+                policy("c", 3, false, "[{action: Deny}]"),
+            ],
+            ..Snapshot::default()
+        };
+        assert_eq!(same(&snap, &ctx, &mut memo), (3, 0));
+        assert_eq!(same(&snap, &ctx, &mut memo), (0, 3));
+        // An edit recompiles that policy alone; so does a new priority (its `why` names it).
+        snap.gateway_policies[0] = policy(
+            "a",
+            1,
+            false,
+            "[{action: Deny, source: {nets: [10.0.0.0/8]}}]",
+        );
+        assert_eq!(same(&snap, &ctx, &mut memo), (1, 2));
+        snap.gateway_policies[2] = policy("c", 0, false, "[{action: Deny}]");
+        assert_eq!(same(&snap, &ctx, &mut memo), (1, 2));
+        // The same policy read from elsewhere is recompiled (its rules name their source).
+        snap.gateway_policies[1].source = "moved.yaml#0".into();
+        assert_eq!(same(&snap, &ctx, &mut memo), (1, 2));
+        // A deleted policy leaves the memo; it comes back compiled afresh.
+        let c = snap.gateway_policies.pop().unwrap();
+        assert_eq!(same(&snap, &ctx, &mut memo), (0, 2));
+        assert_eq!(memo.gateway.len(), 2);
+        snap.gateway_policies.push(c);
+        assert_eq!(same(&snap, &ctx, &mut memo), (1, 2));
+        // Another budget changes the warnings: everything is recompiled.
+        let tight = GatewayContext {
+            budget: Budget {
+                atoms_per_object: 10,
+                atoms_per_table: 1000,
+            },
+            ..GatewayContext::default()
+        };
+        assert_eq!(same(&snap, &tight, &mut memo), (3, 0));
     }
 
     #[test]
