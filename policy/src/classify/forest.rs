@@ -19,7 +19,7 @@
 //! in every leaf whose box it meets, so the leaves answer for it.
 
 use super::simd::{detected, supported, Walk};
-use super::tree::{Tree, GROUP};
+use super::tree::{Keys, Tree, GROUP};
 use super::tuple::{lookup, tables_memory, v4_tables, Tuple, TupleSpace, TupleStats};
 use super::{lower, Atom, Classifier, NO_MATCH};
 use crate::key::FlowKey;
@@ -119,27 +119,45 @@ impl Part {
     }
 
     #[inline]
-    fn classify_group(&self, mode: Walk, keys: &[FlowKey], members: &[u8], out: &mut [u32]) {
+    fn classify_group(&self, mode: Walk, flows: &[FlowKey], members: &[u8], out: &mut [u32]) {
         let n = members.len().min(GROUP);
-        let mut v = [[0u32; 8]; GROUP];
+        let keys = Keys::new(flows, &members[..n]);
         let mut best = [NO_MATCH; GROUP];
-        for (vals, &m) in v.iter_mut().zip(&members[..n]) {
-            *vals = Tree::values(&keys[m as usize]);
-        }
-        let mut live = [0u8; GROUP];
         for t in &self.trees {
+            // The packets whose match so far does not beat every atom of this tree. Trees are
+            // in order of their best atom: once there are none, no later tree has any either.
+            let mut open = [0u8; GROUP];
             let mut c = 0;
-            for (p, &b) in best.iter().enumerate().take(n) {
-                live[c] = p as u8;
+            for (p, &b) in best[..n].iter().enumerate() {
+                open[c] = p as u8;
                 c += (b > t.best) as usize;
             }
             if c == 0 {
                 break;
             }
-            t.classify_group(mode, &v, &live[..c], keys, members, &mut best);
+            if c * 4 > n * 3 {
+                t.classify_group(mode, &keys, n, flows, members, &mut best);
+                continue;
+            }
+            // Few are: walk them packed together, so fewer chunks walk.
+            let mut sub = Keys([[0; GROUP]; 8]);
+            let mut sub_members = [0u8; GROUP];
+            let mut sub_best = [NO_MATCH; GROUP];
+            for (i, &p) in open[..c].iter().enumerate() {
+                let p = p as usize;
+                for (to, from) in sub.0.iter_mut().zip(&keys.0) {
+                    to[i] = from[p];
+                }
+                sub_members[i] = members[p];
+                sub_best[i] = best[p];
+            }
+            t.classify_group(mode, &sub, c, flows, &sub_members[..c], &mut sub_best);
+            for (&p, &b) in open[..c].iter().zip(&sub_best) {
+                best[p as usize] = b;
+            }
         }
         for (p, &m) in members[..n].iter().enumerate() {
-            let k = &keys[m as usize];
+            let k = &flows[m as usize];
             if self.tables_best < best[p] {
                 best[p] = lookup(&self.tables, k.src as u32, k.dst as u32, k, 0, best[p]);
             }

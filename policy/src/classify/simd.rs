@@ -14,7 +14,7 @@
 
 #![allow(unsafe_code)]
 
-use super::tree::{Node, Tree, GROUP, LEAF};
+use super::tree::{Keys, Node, Tree, GROUP, LEAF};
 
 /// Asks the CPU to start loading the cache line holding `r`, so a later read finds it there.
 /// A hint only: it changes no value and never faults.
@@ -87,17 +87,18 @@ pub fn supported(mode: Walk) -> bool {
     }
 }
 
-/// Walks the packets `live` (positions into `v`) from the root of `nodes` to their leaves and
-/// tests their leaves' records, with the SIMD walk `mode`: `hit[i]` becomes the `i`th packet's
-/// first match in its leaf, or [`NO_MATCH`]. Returns false, having done nothing, for [`Walk::Scalar`] or a mode this CPU lacks: the caller
-/// walks them itself.
+/// Walks the group's packets (positions `0..n` of `keys`) from the root of `tree` to their
+/// leaves and tests their leaves' records, with the SIMD walk `mode`: `best[p]` becomes the
+/// first match there if it beats `best[p]` (packets whose `best` beats every atom of the tree
+/// are not tested). Returns false, having done nothing, for [`Walk::Scalar`] or a mode this CPU
+/// lacks: the caller walks them itself.
 #[inline]
 pub(super) fn walk(
     mode: Walk,
     tree: &Tree,
-    v: &[[u32; 8]; GROUP],
-    live: &[u8],
-    hit: &mut [u32; GROUP],
+    keys: &Keys,
+    n: usize,
+    best: &mut [u32; GROUP],
 ) -> bool {
     // Taking a built `Tree`, not a slice of nodes, is what makes this safe to call: only
     // `Tree::build` makes nodes and records, and it keeps every child index in bounds, every
@@ -105,12 +106,7 @@ pub(super) fn walk(
     // record that matches nothing). A `Tree::default()` has no nodes, and is refused here.
     let nodes = tree.nodes();
     let recs = tree.recs();
-    if !supported(mode)
-        || nodes.is_empty()
-        || recs.is_empty()
-        || live.len() > GROUP
-        || live.iter().any(|&p| p as usize >= GROUP)
-    {
+    if !supported(mode) || nodes.is_empty() || recs.is_empty() || n > GROUP {
         return false;
     }
     match mode {
@@ -119,49 +115,32 @@ pub(super) fn walk(
         // taken from the tree itself, which `Tree::build` keeps in bounds (a child index is
         // always a pushed node, and the node count stays below 2^29 so it fits `meta`); `recs`
         // only at a leaf's records (the builder points a leaf at its first record and sets
-        // MORE on each one but the last);
-        // and `v` at `position * 8 + slot` with positions below GROUP (checked above) and slot
-        // below 8.
-        Walk::Avx512 => unsafe { avx512::walk(nodes, recs, v, live, hit) },
+        // MORE on each one but the last); `keys` and `best` in whole chunks below GROUP, a
+        // multiple of both widths.
+        Walk::Avx512 => unsafe { avx512::walk(nodes, recs, keys, n, tree.best, best) },
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: as above, with AVX2 present (`supported`).
-        Walk::Avx2 => unsafe { avx2::walk(nodes, recs, v, live, hit) },
+        // SAFETY: as above, with AVX2 present (`supported`); the value gather reads `keys` at
+        // slot * GROUP + position, slot below 8 (a node's dimension, or LEAF) and position
+        // below GROUP.
+        Walk::Avx2 => unsafe { avx2::walk(nodes, recs, keys, n, tree.best, best) },
         _ => return false,
     }
     true
 }
 
-/// Chunk `c`'s lane offsets into the value array (`position * 8`), `W` lanes; spare lanes past
-/// the end of `live` repeat the chunk's first packet (they walk harmlessly and are not stored).
-#[cfg(target_arch = "x86_64")]
-fn lane_offsets<const W: usize>(live: &[u8], c: usize) -> [i32; W] {
-    let i = c * W;
-    let mut lane = [live[i] as i32 * 8; W];
-    for (x, &p) in lane.iter_mut().zip(&live[i..]) {
-        *x = p as i32 * 8;
-    }
-    lane
-}
-
-/// Writes chunk `c`'s `W` lanes to `out`, the live lanes only.
-#[cfg(target_arch = "x86_64")]
-fn store_lanes<const W: usize>(lanes: &[u32; W], n: usize, c: usize, out: &mut [u32; GROUP]) {
-    let i = c * W;
-    let live = (n - i).min(W);
-    out[i..i + live].copy_from_slice(&lanes[..live]);
-}
+const _: () = assert!(GROUP == 64 && LEAF < 8);
 
 /// Slots of the key values (`Tree::values`) and `u32` offsets of the record fields (`Rec`)
 /// that the leaf tests read.
 #[cfg(target_arch = "x86_64")]
 mod slot {
-    pub(super) const SRC: i32 = 0;
-    pub(super) const DST: i32 = 1;
-    pub(super) const SPORT: i32 = 2;
-    pub(super) const DPORT: i32 = 3;
-    pub(super) const PROTO: i32 = 4;
-    pub(super) const VLAN: i32 = 6;
-    pub(super) const PORTS_KNOWN: i32 = 7;
+    pub(super) const SRC: usize = 0;
+    pub(super) const DST: usize = 1;
+    pub(super) const SPORT: usize = 2;
+    pub(super) const DPORT: usize = 3;
+    pub(super) const PROTO: usize = 4;
+    pub(super) const VLAN: usize = 6;
+    pub(super) const PORTS_KNOWN: usize = 7;
     pub(super) const REC_SRC: usize = 0;
     pub(super) const REC_SRC_MASK: usize = 1;
     pub(super) const REC_DST: usize = 2;
@@ -187,8 +166,8 @@ mod slot {
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::super::tree::{Rec, ANY_PROTO, ANY_VLAN, MORE, NEEDS_PORTS};
-    use super::{lane_offsets, slot, store_lanes, Node, GROUP, LEAF};
+    use super::super::tree::{Keys, Rec, ANY_PROTO, ANY_VLAN, MORE, NEEDS_PORTS};
+    use super::{slot, Node, GROUP, LEAF};
     use crate::classify::NO_MATCH;
 
     /// Gathers 16 lanes' 64-bit words at `base` + `idx` * 8 bytes (lanes outside `active` read
@@ -226,44 +205,47 @@ mod avx512 {
         )
     }
 
-    /// Tests 16 lanes' leaves (`rec`: each leaf's first record index) against their keys
-    /// (`k`: their values on the five dimensions; `off`: each lane's offset into `vals`, for
-    /// the rest): the priority of the first record that matches,
-    /// else [`NO_MATCH`]. Records are in priority order, so a lane stops at its first hit or at
-    /// its leaf's last record ([`MORE`] clear). Keys and records are read as pairs of fields.
+    /// Chunk `c`'s 16 values in slot `s`.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn row(keys: &Keys, s: usize, c: usize) -> __m512i {
+        let lanes = &keys.0[s][c * 16..c * 16 + 16];
+        // SAFETY: `lanes` is 16 u32s (the slice above would have panicked otherwise); an
+        // unaligned 512-bit load reads exactly them.
+        unsafe { _mm512_loadu_si512(lanes.as_ptr().cast()) }
+    }
+
+    /// Tests the lanes `active` of a chunk against their leaves (`rec`: each leaf's first
+    /// record index): the priority of each lane's first record that matches its key (`k`: the
+    /// values on the five dimensions; `vlan`; `known`: whether the ports are), else
+    /// [`NO_MATCH`]. Records are in priority order, so a lane stops at its first hit or at its
+    /// leaf's last record ([`MORE`] clear). Records are read as pairs of fields.
     ///
     /// # Safety
-    /// AVX-512F must be present; every lane of `rec` must index `recs`, and so must the records
-    /// after it while [`MORE`] is set; every lane of `off` plus 7 must index the `GROUP * 8`
-    /// values at `vals`.
+    /// AVX-512F must be present; every active lane of `rec` must index `recs`, and so must the
+    /// records after it while [`MORE`] is set.
     #[target_feature(enable = "avx512f")]
     unsafe fn test(
         recs: *const Rec,
         rec: __m512i,
         k: &[__m512i; 5],
-        vals: *const i32,
-        off: __m512i,
+        vlan: __m512i,
+        known: __m512i,
+        mut active: __mmask16,
     ) -> __m512i {
         let r = recs.cast::<i64>();
         let [src, dst, sport, dport, proto] = *k;
-        // A lane's values are 8 u32 at `off`, so 4 pairs at `off / 2`; the last is the VLAN
-        // and whether the ports are known.
-        const _: () = assert!(slot::VLAN == 6 && slot::PORTS_KNOWN == 7);
-        let koff = _mm512_add_epi32(_mm512_srli_epi32::<1>(off), _mm512_set1_epi32(3));
-        // SAFETY: the caller's contract: `off + 7` is inside `vals`.
-        let (vlan, known) = unsafe { pairs(vals.cast(), koff, !0) };
         let known = _mm512_test_epi32_mask(known, known);
         let low16 = _mm512_set1_epi32(0xffff);
         let flag = |m: __m512i, f: u32| _mm512_test_epi32_mask(m, _mm512_set1_epi32(f as i32));
         let mut best = _mm512_set1_epi32(NO_MATCH as i32);
         // A record is 32 bytes, four 8-byte pairs: index * 4, scaled by 8.
         let mut r4 = _mm512_slli_epi32::<2>(rec);
-        let mut active: __mmask16 = 0xffff;
         const _: () = assert!(slot::REC_SRC == 0 && slot::REC_SRC_MASK == 1);
         const _: () = assert!(slot::REC_DST == 2 && slot::REC_DST_MASK == 3);
         const _: () = assert!(slot::REC_PRIO == 4 && slot::REC_SPORT == 5);
         const _: () = assert!(slot::REC_DPORT == 6 && slot::REC_META == 7);
-        loop {
+        while active != 0 {
             // SAFETY: the caller's contract: each active lane's `r4 / 4` is a record of its
             // leaf (the first, or one after a record with MORE set); `p` is a pair inside a
             // Rec. Inactive lanes read nothing.
@@ -286,105 +268,107 @@ mod avx512 {
             let hit = active & addr & ports & proto_ok & vlan_ok & frag;
             best = _mm512_mask_mov_epi32(best, hit, prio);
             active &= !hit & flag(meta, MORE);
-            if active == 0 {
-                return best;
-            }
             r4 = _mm512_add_epi32(r4, _mm512_set1_epi32(4));
         }
+        best
     }
 
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn walk(
         nodes: &[Node],
         recs: &[Rec],
-        v: &[[u32; 8]; GROUP],
-        live: &[u8],
-        hit: &mut [u32; GROUP],
+        keys: &Keys,
+        n: usize,
+        tree_best: u32,
+        best: &mut [u32; GROUP],
     ) {
-        let n = live.len().min(GROUP);
+        const CHUNKS: usize = GROUP / 16;
+        let n = n.min(GROUP);
         let base = nodes.as_ptr().cast::<i64>();
-        let vals = v.as_ptr().cast::<i32>();
         // Even and odd 32-bit halves of 16 nodes held in two vectors of 8 u64.
         let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
         let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
         let seven = _mm512_set1_epi32(7);
         let leaf = _mm512_set1_epi32(LEAF as i32);
         let one = _mm512_set1_epi32(1);
-        // Four chunks of 16 lanes walk together: each round's gathers for one chunk do not
-        // wait for another's, so their latencies overlap.
-        let chunks = n.div_ceil(16);
-        let mut offs = [_mm512_setzero_si512(); GROUP / 16];
-        for (c, o) in offs.iter_mut().enumerate().take(chunks) {
-            let lane = lane_offsets::<16>(&live[..n], c);
-            // SAFETY: `lane` is 16 i32s, an unaligned 512-bit load reads exactly them.
-            *o = unsafe { _mm512_loadu_si512(lane.as_ptr().cast()) };
-        }
-        let mut idx = [_mm512_setzero_si512(); GROUP / 16];
-        // A chunk whose lanes have all reached their leaves stops gathering, and tests them.
-        let mut walking = [true; GROUP / 16];
-        let mut out = [0u32; 16];
-        // Each chunk's key values on the five dimensions, one vector per dimension: a round
-        // picks each lane's value on its node's dimension with compares and blends, not a
-        // gather.
+        let dims = [1, 2, 3, 4].map(|d| _mm512_set1_epi32(d));
+        let tb = _mm512_set1_epi32(tree_best as i32);
         const _: () = assert!(slot::SRC == 0 && slot::DST == 1 && slot::SPORT == 2);
         const _: () = assert!(slot::DPORT == 3 && slot::PROTO == 4);
-        let mut keys = [[_mm512_setzero_si512(); 5]; GROUP / 16];
-        for (k, off) in keys.iter_mut().zip(&offs).take(chunks) {
-            let koff = _mm512_srli_epi32::<1>(*off);
-            let v = vals.cast::<i64>();
-            // SAFETY: pairs 0-2 of each lane's 8 values, inside `v` as in the gather below.
-            unsafe {
-                (k[0], k[1]) = pairs(v, koff, !0);
-                (k[2], k[3]) = pairs(v, _mm512_add_epi32(koff, one), !0);
-                (k[4], _) = pairs(v, _mm512_add_epi32(koff, _mm512_set1_epi32(2)), !0);
+        // Four chunks of 16 lanes walk together: each round's gathers for one chunk do not
+        // wait for another's, so their latencies overlap. Each chunk's key values on the five
+        // dimensions are one vector per dimension: a round picks each lane's value on its
+        // node's dimension with compares and blends, not a gather.
+        let chunks = n.div_ceil(16);
+        let mut k = [[_mm512_setzero_si512(); 5]; CHUNKS];
+        let mut was = [_mm512_setzero_si512(); CHUNKS];
+        // The lanes to test: packets (not spare lanes past `n`) whose match so far does not
+        // beat every atom here. A chunk with none does not walk.
+        let mut open = [0 as __mmask16; CHUNKS];
+        let mut walking = [false; CHUNKS];
+        for c in 0..chunks {
+            for (d, v) in k[c].iter_mut().enumerate() {
+                *v = row(keys, d, c);
             }
+            let b = &best[c * 16..c * 16 + 16];
+            // SAFETY: `b` is 16 u32s; an unaligned 512-bit load reads exactly them.
+            was[c] = unsafe { _mm512_loadu_si512(b.as_ptr().cast()) };
+            let packets = (n - c * 16).min(16);
+            let lanes = (((1u32 << packets) - 1) & 0xffff) as __mmask16;
+            open[c] = _mm512_mask_cmpgt_epu32_mask(lanes, was[c], tb);
+            walking[c] = open[c] != 0;
         }
-        let dims = [1, 2, 3, 4].map(|d| _mm512_set1_epi32(d));
+        let mut idx = [_mm512_setzero_si512(); CHUNKS];
         loop {
             let mut moving = 0u16;
-            for (c, (((cur, off), w), k)) in idx
-                .iter_mut()
-                .zip(&offs)
-                .zip(walking.iter_mut())
-                .zip(&keys)
-                .take(chunks)
-                .enumerate()
-            {
-                if !*w {
+            for c in 0..chunks {
+                if !walking[c] {
                     continue;
                 }
+                let cur = idx[c];
                 // SAFETY: every lane of `cur` is a node index inside `nodes` (the root, or a
                 // child index the builder wrote); scale 8 is the size of a Node.
                 let (lo, hi) = unsafe {
                     (
-                        _mm512_i32gather_epi64::<8>(_mm512_castsi512_si256(*cur), base),
-                        _mm512_i32gather_epi64::<8>(_mm512_extracti64x4_epi64::<1>(*cur), base),
+                        _mm512_i32gather_epi64::<8>(_mm512_castsi512_si256(cur), base),
+                        _mm512_i32gather_epi64::<8>(_mm512_extracti64x4_epi64::<1>(cur), base),
                     )
                 };
                 let thresh = _mm512_permutex2var_epi32(lo, even, hi);
                 let meta = _mm512_permutex2var_epi32(lo, odd, hi);
                 let dim = _mm512_and_si512(meta, seven);
-                let mut val = k[0];
-                for (d, kd) in dims.iter().zip(&k[1..]) {
+                let m = _mm512_cmpneq_epi32_mask(dim, leaf);
+                if m == 0 {
+                    // Every lane's node is its leaf, and `thresh` its first record.
+                    walking[c] = false;
+                    // SAFETY: a leaf's `thresh` is one of its records (see `walk`).
+                    let prio = unsafe {
+                        test(
+                            recs.as_ptr(),
+                            thresh,
+                            &k[c],
+                            row(keys, slot::VLAN, c),
+                            row(keys, slot::PORTS_KNOWN, c),
+                            open[c],
+                        )
+                    };
+                    let b = &mut best[c * 16..c * 16 + 16];
+                    // SAFETY: `b` is 16 u32s; an unaligned 512-bit store writes exactly them
+                    // (spare lanes past `n` keep NO_MATCH: they are never tested).
+                    unsafe {
+                        _mm512_storeu_si512(b.as_mut_ptr().cast(), _mm512_min_epu32(was[c], prio))
+                    };
+                    continue;
+                }
+                let mut val = k[c][0];
+                for (d, kd) in dims.iter().zip(&k[c][1..]) {
                     val = _mm512_mask_mov_epi32(val, _mm512_cmpeq_epi32_mask(dim, *d), *kd);
                 }
                 let first = _mm512_srli_epi32::<3>(meta);
-                let m = _mm512_cmpneq_epi32_mask(dim, leaf);
                 // A leaf's lane stays where it is (the blends give it the source address, not
-                // the 0 a gather of its dimension would read).
+                // the 0 its dimension's slot holds).
                 let right = _mm512_cmpgt_epu32_mask(val, thresh) & m;
-                if m == 0 {
-                    // Every lane's node is its leaf, and `thresh` its first record.
-                    *w = false;
-                    // SAFETY: a leaf's `thresh` is one of its records (see `walk`); `off` as
-                    // above.
-                    let prio = unsafe { test(recs.as_ptr(), thresh, k, vals, *off) };
-                    // SAFETY: `out` is 16 u32s, an unaligned 512-bit store writes exactly them.
-                    unsafe { _mm512_storeu_si512(out.as_mut_ptr().cast(), prio) };
-                    store_lanes(&out, n, c, hit);
-                    continue;
-                }
-                *cur = _mm512_mask_add_epi32(first, right, first, one);
+                idx[c] = _mm512_mask_add_epi32(first, right, first, one);
                 moving |= m;
             }
             if moving == 0 {
@@ -398,9 +382,18 @@ mod avx512 {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::super::tree::{Rec, ANY_PROTO, ANY_VLAN, MORE, NEEDS_PORTS};
-    use super::{lane_offsets, slot, store_lanes, Node, GROUP, LEAF};
+    use super::super::tree::{Keys, Rec, ANY_PROTO, ANY_VLAN, MORE, NEEDS_PORTS};
+    use super::{slot, Node, GROUP, LEAF};
     use crate::classify::NO_MATCH;
+
+    /// Chunk `c`'s 8 values in slot `s`.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    fn row(keys: &Keys, s: usize, c: usize) -> __m256i {
+        let lanes = &keys.0[s][c * 8..c * 8 + 8];
+        // SAFETY: `lanes` is 8 u32s; an unaligned 256-bit load reads exactly them.
+        unsafe { _mm256_loadu_si256(lanes.as_ptr().cast()) }
+    }
 
     /// [`super::avx512`]'s leaf test on 8 lanes. AVX2 compares only signed integers, so
     /// unsigned ones flip the top bit of both sides; masks are vectors of all-ones lanes.
@@ -408,22 +401,19 @@ mod avx2 {
     /// # Safety
     /// As for the AVX-512 test, with AVX2 present.
     #[target_feature(enable = "avx2")]
-    unsafe fn test(recs: *const Rec, rec: __m256i, vals: *const i32, off: __m256i) -> __m256i {
+    unsafe fn test(
+        recs: *const Rec,
+        rec: __m256i,
+        k: &[__m256i; 5],
+        vlan: __m256i,
+        known: __m256i,
+        mut active: __m256i,
+    ) -> __m256i {
         let r = recs.cast::<i32>();
-        // SAFETY: the caller's contract; `s` is a slot below 8.
-        let key = |s: i32| unsafe {
-            _mm256_i32gather_epi32::<4>(vals, _mm256_add_epi32(off, _mm256_set1_epi32(s)))
-        };
-        let (src, dst, sport, dport) = (
-            key(slot::SRC),
-            key(slot::DST),
-            key(slot::SPORT),
-            key(slot::DPORT),
-        );
-        let (proto, vlan) = (key(slot::PROTO), key(slot::VLAN));
+        let [src, dst, sport, dport, proto] = *k;
         let zero = _mm256_setzero_si256();
         let ones = _mm256_set1_epi32(-1);
-        let known = _mm256_xor_si256(_mm256_cmpeq_epi32(key(slot::PORTS_KNOWN), zero), ones);
+        let known = _mm256_xor_si256(_mm256_cmpeq_epi32(known, zero), ones);
         let bias = _mm256_set1_epi32(i32::MIN);
         // a <= b, unsigned: not (a > b).
         let le = |a: __m256i, b: __m256i| {
@@ -441,8 +431,7 @@ mod avx2 {
         let low16 = _mm256_set1_epi32(0xffff);
         let mut best = _mm256_set1_epi32(NO_MATCH as i32);
         let mut r4 = _mm256_slli_epi32::<2>(rec);
-        let mut active = ones;
-        loop {
+        while _mm256_testz_si256(active, active) == 0 {
             // SAFETY: as in the AVX-512 test: active lanes index records of their leaf,
             // inactive lanes read nothing.
             let field =
@@ -484,57 +473,62 @@ mod avx2 {
             );
             best = _mm256_blendv_epi8(best, field(slot::REC_PRIO), hit);
             active = _mm256_andnot_si256(hit, _mm256_and_si256(active, flag(meta, MORE)));
-            if _mm256_testz_si256(active, active) != 0 {
-                return best;
-            }
             r4 = _mm256_add_epi32(r4, _mm256_set1_epi32(4));
         }
+        best
     }
 
-    /// The same walk as the AVX-512 one on 8 lanes, eight chunks in flight.
+    /// The same walk as the AVX-512 one on 8 lanes, eight chunks in flight; the key's value on
+    /// a node's dimension is gathered from `keys` (slot * GROUP + position).
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn walk(
         nodes: &[Node],
         recs: &[Rec],
-        v: &[[u32; 8]; GROUP],
-        live: &[u8],
-        hit: &mut [u32; GROUP],
+        keys: &Keys,
+        n: usize,
+        tree_best: u32,
+        best: &mut [u32; GROUP],
     ) {
-        let n = live.len().min(GROUP);
+        const CHUNKS: usize = GROUP / 8;
+        let n = n.min(GROUP);
         let base = nodes.as_ptr().cast::<i64>();
-        let vals = v.as_ptr().cast::<i32>();
+        let vals = keys.0.as_ptr().cast::<i32>();
         // Gathered as 4 u64 each: (thresh, meta) pairs; these pick the evens and the odds.
         let pick = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+        let iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
         let seven = _mm256_set1_epi32(7);
         let leaf = _mm256_set1_epi32(LEAF as i32);
         let bias = _mm256_set1_epi32(i32::MIN);
+        let tb = _mm256_xor_si256(_mm256_set1_epi32(tree_best as i32), bias);
         let chunks = n.div_ceil(8);
-        let mut offs = [_mm256_setzero_si256(); GROUP / 8];
-        for (c, o) in offs.iter_mut().enumerate().take(chunks) {
-            let lane = lane_offsets::<8>(&live[..n], c);
-            // SAFETY: `lane` is 8 i32s, an unaligned 256-bit load reads exactly them.
-            *o = unsafe { _mm256_loadu_si256(lane.as_ptr().cast()) };
+        let mut pos = [_mm256_setzero_si256(); CHUNKS];
+        let mut was = [_mm256_setzero_si256(); CHUNKS];
+        let mut open = [_mm256_setzero_si256(); CHUNKS];
+        let mut walking = [false; CHUNKS];
+        for c in 0..chunks {
+            pos[c] = _mm256_add_epi32(_mm256_set1_epi32((c * 8) as i32), iota);
+            let b = &best[c * 8..c * 8 + 8];
+            // SAFETY: `b` is 8 u32s; an unaligned 256-bit load reads exactly them.
+            was[c] = unsafe { _mm256_loadu_si256(b.as_ptr().cast()) };
+            // Packets (positions below n) whose match so far does not beat every atom here.
+            let packets = _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), pos[c]);
+            let worse = _mm256_cmpgt_epi32(_mm256_xor_si256(was[c], bias), tb);
+            open[c] = _mm256_and_si256(packets, worse);
+            walking[c] = _mm256_testz_si256(open[c], open[c]) == 0;
         }
-        let mut idx = [_mm256_setzero_si256(); GROUP / 8];
-        let mut walking = [true; GROUP / 8];
-        let mut out = [0u32; 8];
+        let mut idx = [_mm256_setzero_si256(); CHUNKS];
         loop {
             let mut moving = 0i32;
-            for (c, ((cur, off), w)) in idx
-                .iter_mut()
-                .zip(&offs)
-                .zip(walking.iter_mut())
-                .take(chunks)
-                .enumerate()
-            {
-                if !*w {
+            for c in 0..chunks {
+                if !walking[c] {
                     continue;
                 }
+                let cur = idx[c];
                 // SAFETY: every lane of `cur` is a node index inside `nodes`; scale 8 is a Node.
                 let (lo, hi) = unsafe {
                     (
-                        _mm256_i32gather_epi64::<8>(base, _mm256_castsi256_si128(*cur)),
-                        _mm256_i32gather_epi64::<8>(base, _mm256_extracti128_si256::<1>(*cur)),
+                        _mm256_i32gather_epi64::<8>(base, _mm256_castsi256_si128(cur)),
+                        _mm256_i32gather_epi64::<8>(base, _mm256_extracti128_si256::<1>(cur)),
                     )
                 };
                 // lo = t0 m0 t1 m1 t2 m2 t3 m3 → t0 t1 t2 t3 | m0 m1 m2 m3, same for hi.
@@ -545,21 +539,37 @@ mod avx2 {
                 let dim = _mm256_and_si256(meta, seven);
                 let m = _mm256_movemask_epi8(_mm256_cmpeq_epi32(dim, leaf)) ^ -1;
                 if m == 0 {
-                    *w = false;
-                    // SAFETY: a leaf's `thresh` is one of its records (see `walk`); `off` as
-                    // in the gather below.
-                    let prio = unsafe { test(recs.as_ptr(), thresh, vals, *off) };
-                    // SAFETY: `out` is 8 u32s, an unaligned 256-bit store writes exactly them.
-                    unsafe { _mm256_storeu_si256(out.as_mut_ptr().cast(), prio) };
-                    store_lanes(&out, n, c, hit);
+                    walking[c] = false;
+                    let k = [0, 1, 2, 3, 4].map(|s| row(keys, s, c));
+                    // SAFETY: a leaf's `thresh` is one of its records (see `walk`).
+                    let prio = unsafe {
+                        test(
+                            recs.as_ptr(),
+                            thresh,
+                            &k,
+                            row(keys, slot::VLAN, c),
+                            row(keys, slot::PORTS_KNOWN, c),
+                            open[c],
+                        )
+                    };
+                    let b = &mut best[c * 8..c * 8 + 8];
+                    // SAFETY: `b` is 8 u32s; an unaligned 256-bit store writes exactly them
+                    // (spare lanes past `n` keep NO_MATCH: they are never tested).
+                    unsafe {
+                        _mm256_storeu_si256(b.as_mut_ptr().cast(), _mm256_min_epu32(was[c], prio))
+                    };
                     continue;
                 }
-                // SAFETY: off + dim < GROUP * 8, the length of `v` in u32s; scale 4 is a u32.
-                let val = unsafe { _mm256_i32gather_epi32::<4>(vals, _mm256_add_epi32(*off, dim)) };
+                // Slot `dim` of each lane's position; a leaf's dimension reads slot 5, always 0,
+                // so its lane stays.
+                let at = _mm256_add_epi32(pos[c], _mm256_slli_epi32::<6>(dim));
+                // SAFETY: dim * GROUP + position < 8 * GROUP, the u32s of `keys`; scale 4 is
+                // a u32.
+                let val = unsafe { _mm256_i32gather_epi32::<4>(vals, at) };
                 let right =
                     _mm256_cmpgt_epi32(_mm256_xor_si256(val, bias), _mm256_xor_si256(thresh, bias));
                 // right is -1 where the value is above the threshold: subtracting adds one.
-                *cur = _mm256_sub_epi32(_mm256_srli_epi32::<3>(meta), right);
+                idx[c] = _mm256_sub_epi32(_mm256_srli_epi32::<3>(meta), right);
                 moving |= m;
             }
             if moving == 0 {

@@ -459,43 +459,39 @@ impl Tree {
         self.scan(at, k, from, best)
     }
 
-    /// Walks the packets `live` (positions into `v`, `best` and `members`; at most [`GROUP`])
-    /// down the tree together, a level per round for all of them (a packet at its leaf stays
-    /// there) until none moved, then scans their leaves: `best[p]` becomes the first match from
-    /// 0 if it beats `best[p]`.
+    /// Walks the group's packets (positions `0..n` of `keys`, `best` and `members`; at most
+    /// [`GROUP`]) down the tree together, a level per round for all of them (a packet at its
+    /// leaf stays there) until none moved, then tests their leaves: `best[p]` becomes the first
+    /// match from 0 if it beats `best[p]`. Packets whose `best` already beats every atom here
+    /// need nothing from this tree.
     #[inline]
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn classify_group(
         &self,
         mode: super::Walk,
-        v: &[[u32; 8]; GROUP],
-        live: &[u8],
-        keys: &[FlowKey],
+        keys: &Keys,
+        n: usize,
+        flows: &[FlowKey],
         members: &[u8],
         best: &mut [u32; GROUP],
     ) {
-        let n = live.len().min(GROUP);
-        let mut at = [0u32; GROUP];
+        let n = n.min(GROUP);
         let root = self.nodes[0];
+        // The SIMD walk also tests the leaves, and keeps `best` itself.
+        if root.meta & 7 != LEAF && super::simd::walk(mode, self, keys, n, best) {
+            return;
+        }
+        let mut at = [0u32; GROUP];
         if root.meta & 7 != LEAF {
-            // The SIMD walk also tests the leaves: `hit` is each packet's match there.
-            let mut hit = [NO_MATCH; GROUP];
-            if super::simd::walk(mode, self, v, &live[..n], &mut hit) {
-                for (&p, &h) in live[..n].iter().zip(&hit) {
-                    best[p as usize] = best[p as usize].min(h);
-                }
-                return;
-            }
             let mut cur = [root; GROUP];
             loop {
                 let mut moving = false;
-                for i in 0..n {
-                    let nd = cur[i];
-                    let val = v[live[i] as usize][(nd.meta & 7) as usize];
+                for p in 0..n {
+                    let nd = cur[p];
+                    let val = keys.0[(nd.meta & 7) as usize][p];
                     let c = (nd.meta >> 3) + (val > nd.thresh) as u32;
                     moving |= nd.meta & 7 != LEAF;
-                    at[i] = c;
-                    cur[i] = self.nodes[c as usize];
+                    at[p] = c;
+                    cur[p] = self.nodes[c as usize];
                 }
                 if !moving {
                     break;
@@ -509,9 +505,32 @@ impl Tree {
                 super::simd::prefetch(e);
             }
         }
-        for i in 0..n {
-            let p = live[i] as usize;
-            best[p] = self.scan(at[i] as usize, &keys[members[p] as usize], 0, best[p]);
+        for p in 0..n {
+            if best[p] > self.best {
+                best[p] = self.scan(at[p] as usize, &flows[members[p] as usize], 0, best[p]);
+            }
         }
+    }
+}
+
+/// A group's key values by slot (the slots of [`Tree::values`]), structure of arrays: `0[s][p]`
+/// is packet `p`'s value in slot `s`, so the SIMD walks load a chunk's values on one dimension
+/// with one aligned load. Positions past the group's packets, and slot 5 (what a leaf's
+/// dimension reads), stay 0.
+#[repr(C, align(64))]
+pub(super) struct Keys(pub(super) [[u32; GROUP]; 8]);
+
+impl Keys {
+    /// The values of `flows[members[p]]` at position `p`.
+    #[inline]
+    pub(super) fn new(flows: &[FlowKey], members: &[u8]) -> Keys {
+        let mut k = Keys([[0; GROUP]; 8]);
+        for (p, &m) in members.iter().enumerate().take(GROUP) {
+            let v = Tree::values(&flows[m as usize]);
+            for (row, x) in k.0.iter_mut().zip(v) {
+                row[p] = x;
+            }
+        }
+        k
     }
 }
