@@ -19,7 +19,7 @@
 //! in every leaf whose box it meets, so the leaves answer for it.
 
 use super::simd::{detected, supported, Walk};
-use super::tree::{Keys, Tree, GROUP};
+use super::tree::{Keys, Tree, TreeStats, GROUP};
 use super::tuple::{lookup, tables_memory, v4_tables, Tuple, TupleSpace, TupleStats};
 use super::{lower, Atom, Classifier, NO_MATCH};
 use crate::key::FlowKey;
@@ -131,6 +131,7 @@ impl Part {
             stats.leaf_entries += t.stats.leaf_entries;
             stats.max_depth = stats.max_depth.max(t.stats.max_depth);
             stats.max_leaf = stats.max_leaf.max(t.stats.max_leaf);
+            stats.cut_trees += usize::from(t.stats.cut_slices > 1);
             part.truncated |= t.truncated;
             part.dropped
                 .extend(t.dropped.iter().map(|&i| g[i as usize]));
@@ -224,6 +225,8 @@ pub struct ForestStats {
     pub leaf_entries: usize,
     pub max_depth: usize,
     pub max_leaf: usize,
+    /// Trees whose walk starts with a cut table.
+    pub cut_trees: usize,
     /// IPv4 atoms in tuple-space tables because their tree would copy them too often.
     pub table_atoms: usize,
     /// The tuple space beside it (IPv6, and the atoms leaves dropped, for continuations).
@@ -290,6 +293,14 @@ impl Forest {
 
     pub fn stats(&self) -> ForestStats {
         self.stats
+    }
+
+    /// Each tree's shape, both directions.
+    pub fn tree_stats(&self) -> Vec<TreeStats> {
+        self.v4
+            .iter()
+            .flat_map(|p| p.trees.iter().map(|t| t.stats))
+            .collect()
     }
 
     /// How bursts walk the trees here.

@@ -14,7 +14,7 @@
 
 #![allow(unsafe_code)]
 
-use super::tree::{Keys, Node, Tree, GROUP, LEAF};
+use super::tree::{Cut, Keys, Node, Tree, GROUP, LEAF};
 
 /// Asks the CPU to start loading the cache line holding `r`, so a later read finds it there.
 /// A hint only: it changes no value and never faults.
@@ -116,13 +116,14 @@ pub(super) fn walk(
         // always a pushed node, and the node count stays below 2^29 so it fits `meta`); `recs`
         // only at a leaf's records (the builder points a leaf at its first record and sets
         // MORE on each one but the last); `keys` and `best` in whole chunks below GROUP, a
-        // multiple of both widths.
-        Walk::Avx512 => unsafe { avx512::walk(nodes, recs, keys, n, tree.best, best) },
+        // multiple of both widths; the cut's roots at a value shifted right by `shift`, which
+        // the builder sized the table for (32: one root; the shift then gives 0).
+        Walk::Avx512 => unsafe { avx512::walk(tree.cut(), nodes, recs, keys, n, tree.best, best) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above, with AVX2 present (`supported`); the value gather reads `keys` at
         // slot * GROUP + position, slot below 8 (a node's dimension, or LEAF) and position
         // below GROUP.
-        Walk::Avx2 => unsafe { avx2::walk(nodes, recs, keys, n, tree.best, best) },
+        Walk::Avx2 => unsafe { avx2::walk(tree.cut(), nodes, recs, keys, n, tree.best, best) },
         _ => return false,
     }
     true
@@ -167,7 +168,7 @@ mod avx512 {
     use std::arch::x86_64::*;
 
     use super::super::tree::{Keys, Rec, ANY_PROTO, ANY_VLAN, MORE, NEEDS_PORTS};
-    use super::{slot, Node, GROUP, LEAF};
+    use super::{slot, Cut, Node, GROUP, LEAF};
     use crate::classify::NO_MATCH;
 
     /// Gathers 16 lanes' 64-bit words at `base` + `idx` * 8 bytes (lanes outside `active` read
@@ -275,6 +276,7 @@ mod avx512 {
 
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn walk(
+        cut: &Cut,
         nodes: &[Node],
         recs: &[Rec],
         keys: &Keys,
@@ -318,7 +320,15 @@ mod avx512 {
             open[c] = _mm512_mask_cmpgt_epu32_mask(lanes, was[c], tb);
             walking[c] = open[c] != 0;
         }
+        // Each lane starts at its slice's root.
         let mut idx = [_mm512_setzero_si512(); CHUNKS];
+        let shift = _mm512_set1_epi32(cut.shift as i32);
+        for c in 0..chunks {
+            let slice = _mm512_srlv_epi32(row(keys, cut.dim, c), shift);
+            // SAFETY: the value shifted right by `shift` indexes `roots` (see `walk`); a shift
+            // of 32 gives 0. Scale 4 is a u32.
+            idx[c] = unsafe { _mm512_i32gather_epi32::<4>(slice, cut.roots.as_ptr().cast()) };
+        }
         loop {
             let mut moving = 0u16;
             for c in 0..chunks {
@@ -383,7 +393,7 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     use super::super::tree::{Keys, Rec, ANY_PROTO, ANY_VLAN, MORE, NEEDS_PORTS};
-    use super::{slot, Node, GROUP, LEAF};
+    use super::{slot, Cut, Node, GROUP, LEAF};
     use crate::classify::NO_MATCH;
 
     /// Chunk `c`'s 8 values in slot `s`.
@@ -482,6 +492,7 @@ mod avx2 {
     /// a node's dimension is gathered from `keys` (slot * GROUP + position).
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn walk(
+        cut: &Cut,
         nodes: &[Node],
         recs: &[Rec],
         keys: &Keys,
@@ -516,7 +527,15 @@ mod avx2 {
             open[c] = _mm256_and_si256(packets, worse);
             walking[c] = _mm256_testz_si256(open[c], open[c]) == 0;
         }
+        // Each lane starts at its slice's root.
         let mut idx = [_mm256_setzero_si256(); CHUNKS];
+        let shift = _mm256_set1_epi32(cut.shift as i32);
+        for c in 0..chunks {
+            let slice = _mm256_srlv_epi32(row(keys, cut.dim, c), shift);
+            // SAFETY: the value shifted right by `shift` indexes `roots` (see `walk`); a shift
+            // of 32 gives 0. Scale 4 is a u32.
+            idx[c] = unsafe { _mm256_i32gather_epi32::<4>(cut.roots.as_ptr().cast(), slice) };
+        }
         loop {
             let mut moving = 0i32;
             for c in 0..chunks {

@@ -156,6 +156,8 @@ fn ranges(a: &Atom) -> Box5 {
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
 pub struct TreeStats {
     pub nodes: usize,
+    /// Slices of the table the walk starts with (1: no cut).
+    pub cut_slices: usize,
     pub leaves: usize,
     /// Leaves holding more than one atom (the SIMD test takes the first, the rest are scanned).
     pub multi_leaves: usize,
@@ -166,6 +168,8 @@ pub struct TreeStats {
 
 #[derive(Debug, Default)]
 pub(super) struct Tree {
+    /// Where a walk starts: `roots[value >> shift]`, the value on dimension `cut_dim`.
+    cut: Cut,
     nodes: Box<[Node]>,
     /// The leaves' atoms, each leaf's in a run.
     recs: Box<[Rec]>,
@@ -358,6 +362,77 @@ impl Builder<'_> {
 #[derive(Debug)]
 pub(super) struct OverBudget;
 
+/// The first step of a walk, by table instead of by levels of nodes: the key's value on an
+/// address dimension, shifted right, indexes the node the walk starts at. An address part's
+/// atoms are narrow in that address (a /16 or longer), so cutting its top bits into equal
+/// slices copies almost none of them, and one load replaces the several levels of splits that
+/// would tell the slices apart. (HiCuts' equal-size cuts, at the root only, where they are
+/// cheap.) Without a cut, `shift` is 32 and `roots` is `[0]`: every walk starts at node 0.
+#[derive(Debug)]
+pub(super) struct Cut {
+    pub(super) dim: usize,
+    pub(super) shift: u32,
+    /// `1 << (32 - shift)` node indices (one without a cut).
+    pub(super) roots: Box<[u32]>,
+}
+
+impl Default for Cut {
+    fn default() -> Self {
+        Cut {
+            dim: 0,
+            shift: 32,
+            roots: Box::new([0]),
+        }
+    }
+}
+
+impl Cut {
+    #[inline(always)]
+    pub(super) fn root(&self, v: &[u32; 8]) -> u32 {
+        self.roots[(u64::from(v[self.dim]) >> self.shift) as usize]
+    }
+}
+
+/// The most bits a cut takes (a table of 4096 roots), and the fewest slices worth one.
+const CUT_MAX_BITS: u32 = 12;
+const CUT_MIN_SLICES: usize = 4;
+
+/// The cut for atoms with these boxes, if one pays: on the source or destination address, the
+/// number of top bits that tells the most atoms apart while copying at most one atom in eight
+/// and keeping the table at most two roots per atom.
+fn choose_cut(boxes: &[Box5]) -> Option<(usize, u32)> {
+    let n = boxes.len();
+    let mut best: Option<(usize, usize, u32)> = None; // (slices, dim, bits)
+    for dim in 0..2 {
+        for bits in 4..=CUT_MAX_BITS {
+            if (1usize << bits) > 2 * n {
+                break;
+            }
+            let shift = 32 - bits;
+            let mut used = vec![false; 1 << bits];
+            let mut copies = 0usize;
+            for b in boxes {
+                let (lo, hi) = (b[dim].0 >> shift, b[dim].1 >> shift);
+                copies += (hi - lo + 1) as usize;
+                if copies > n + n / 8 {
+                    break;
+                }
+                for u in &mut used[lo as usize..=hi as usize] {
+                    *u = true;
+                }
+            }
+            if copies > n + n / 8 {
+                continue;
+            }
+            let slices = used.iter().filter(|&&u| u).count();
+            if slices >= CUT_MIN_SLICES && best.is_none_or(|(s, _, _)| slices > s) {
+                best = Some((slices, dim, bits));
+            }
+        }
+    }
+    best.map(|(_, dim, bits)| (dim, bits))
+}
+
 impl Tree {
     /// Builds a tree over IPv4 atoms of one direction, sorted by priority, unless it would hold
     /// more than `budget` leaf entries (atoms counted once per leaf they land in).
@@ -367,7 +442,7 @@ impl Tree {
             budget,
             atoms,
             boxes: atoms.iter().map(ranges).collect(),
-            nodes: vec![Node::default()],
+            nodes: Vec::new(),
             recs: Vec::new(),
             stats: TreeStats::default(),
             truncated: false,
@@ -381,10 +456,62 @@ impl Tree {
             (0, 65535),
             (0, 255),
         ];
-        b.build(0, (0..atoms.len() as u32).collect(), all, 0)?;
+        let cut = match choose_cut(&b.boxes) {
+            None => {
+                b.nodes.push(Node::default());
+                b.build(0, (0..atoms.len() as u32).collect(), all, 0)?;
+                Cut::default()
+            }
+            Some((dim, bits)) => {
+                let shift = 32 - bits;
+                let mut slices: Vec<Vec<u32>> = vec![Vec::new(); 1 << bits];
+                for (i, bx) in b.boxes.iter().enumerate() {
+                    for s in
+                        &mut slices[(bx[dim].0 >> shift) as usize..=(bx[dim].1 >> shift) as usize]
+                    {
+                        s.push(i as u32);
+                    }
+                }
+                let mut roots = vec![0u32; slices.len()];
+                let mut empty: Option<u32> = None;
+                let mut s = 0;
+                while s < slices.len() {
+                    // A run of slices with the same atoms shares one subtree, built over the
+                    // run's whole range (a leaf stops at an atom covering that range).
+                    let mut e = s + 1;
+                    while e < slices.len() && slices[e] == slices[s] {
+                        e += 1;
+                    }
+                    let none = slices[s].is_empty();
+                    let root = match (none, empty) {
+                        (true, Some(r)) => r,
+                        _ => {
+                            let at = b.nodes.len();
+                            b.nodes.push(Node::default());
+                            let mut bx = all;
+                            bx[dim] = ((s as u32) << shift, (((e as u64) << shift) - 1) as u32);
+                            b.build(at, std::mem::take(&mut slices[s]), bx, 0)?;
+                            if none {
+                                empty = Some(at as u32);
+                            }
+                            at as u32
+                        }
+                    };
+                    roots[s..e].fill(root);
+                    s = e;
+                }
+                Cut {
+                    dim,
+                    shift,
+                    roots: roots.into_boxed_slice(),
+                }
+            }
+        };
         let mut stats = b.stats;
         stats.nodes = b.nodes.len();
+        stats.cut_slices = cut.roots.len();
         Ok(Tree {
+            cut,
             nodes: b.nodes.into_boxed_slice(),
             recs: b.recs.into_boxed_slice(),
             best: atoms.first().map_or(NO_MATCH, |a| a.prio),
@@ -394,6 +521,11 @@ impl Tree {
                 .collect(),
             stats,
         })
+    }
+
+    /// Where walks start, for the SIMD walk.
+    pub(super) fn cut(&self) -> &Cut {
+        &self.cut
     }
 
     /// The nodes, for the SIMD walk.
@@ -408,6 +540,7 @@ impl Tree {
 
     pub(super) fn memory(&self) -> usize {
         std::mem::size_of::<Self>()
+            + self.cut.roots.len() * std::mem::size_of::<u32>()
             + self.nodes.len() * std::mem::size_of::<Node>()
             + self.recs.len() * std::mem::size_of::<Rec>()
     }
@@ -450,8 +583,8 @@ impl Tree {
     #[inline]
     pub(super) fn first_match(&self, k: &FlowKey, from: u32, best: u32) -> u32 {
         let v = Self::values(k);
-        let mut at = 0usize;
-        let mut n = self.nodes[0];
+        let mut at = self.cut.root(&v) as usize;
+        let mut n = self.nodes[at];
         while n.meta & 7 != LEAF {
             at = ((n.meta >> 3) + (v[(n.meta & 7) as usize] > n.thresh) as u32) as usize;
             n = self.nodes[at];
@@ -475,27 +608,29 @@ impl Tree {
         best: &mut [u32; GROUP],
     ) {
         let n = n.min(GROUP);
-        let root = self.nodes[0];
         // The SIMD walk also tests the leaves, and keeps `best` itself.
-        if root.meta & 7 != LEAF && super::simd::walk(mode, self, keys, n, best) {
+        if super::simd::walk(mode, self, keys, n, best) {
             return;
         }
         let mut at = [0u32; GROUP];
-        if root.meta & 7 != LEAF {
-            let mut cur = [root; GROUP];
-            loop {
-                let mut moving = false;
-                for p in 0..n {
-                    let nd = cur[p];
-                    let val = keys.0[(nd.meta & 7) as usize][p];
-                    let c = (nd.meta >> 3) + (val > nd.thresh) as u32;
-                    moving |= nd.meta & 7 != LEAF;
-                    at[p] = c;
-                    cur[p] = self.nodes[c as usize];
-                }
-                if !moving {
-                    break;
-                }
+        let mut cur = [Node::default(); GROUP];
+        for p in 0..n {
+            let v = u64::from(keys.0[self.cut.dim][p]);
+            at[p] = self.cut.roots[(v >> self.cut.shift) as usize];
+            cur[p] = self.nodes[at[p] as usize];
+        }
+        loop {
+            let mut moving = false;
+            for p in 0..n {
+                let nd = cur[p];
+                let val = keys.0[(nd.meta & 7) as usize][p];
+                let c = (nd.meta >> 3) + (val > nd.thresh) as u32;
+                moving |= nd.meta & 7 != LEAF;
+                at[p] = c;
+                cur[p] = self.nodes[c as usize];
+            }
+            if !moving {
+                break;
             }
         }
         // Start loading every packet's leaf before scanning any: the scans' first reads then
