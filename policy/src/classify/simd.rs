@@ -323,11 +323,11 @@ mod avx512 {
         // Each lane starts at its slice's root.
         let mut idx = [_mm512_setzero_si512(); CHUNKS];
         let shift = _mm512_set1_epi32(cut.shift as i32);
-        for c in 0..chunks {
+        for (c, at) in idx.iter_mut().enumerate().take(chunks) {
             let slice = _mm512_srlv_epi32(row(keys, cut.dim, c), shift);
             // SAFETY: the value shifted right by `shift` indexes `roots` (see `walk`); a shift
             // of 32 gives 0. Scale 4 is a u32.
-            idx[c] = unsafe { _mm512_i32gather_epi32::<4>(slice, cut.roots.as_ptr().cast()) };
+            *at = unsafe { _mm512_i32gather_epi32::<4>(slice, cut.roots.as_ptr().cast()) };
         }
         loop {
             let mut moving = 0u16;
@@ -530,11 +530,11 @@ mod avx2 {
         // Each lane starts at its slice's root.
         let mut idx = [_mm256_setzero_si256(); CHUNKS];
         let shift = _mm256_set1_epi32(cut.shift as i32);
-        for c in 0..chunks {
+        for (c, at) in idx.iter_mut().enumerate().take(chunks) {
             let slice = _mm256_srlv_epi32(row(keys, cut.dim, c), shift);
             // SAFETY: the value shifted right by `shift` indexes `roots` (see `walk`); a shift
             // of 32 gives 0. Scale 4 is a u32.
-            idx[c] = unsafe { _mm256_i32gather_epi32::<4>(cut.roots.as_ptr().cast(), slice) };
+            *at = unsafe { _mm256_i32gather_epi32::<4>(cut.roots.as_ptr().cast(), slice) };
         }
         loop {
             let mut moving = 0i32;
