@@ -209,7 +209,16 @@ pub fn compile_with(
     ctx: &GatewayContext,
     memo: &mut Memo,
 ) -> Result<Compiled, CompileError> {
-    let mut rules = Vec::new();
+    // Sized for the gateway layer up front: growing a list of 10k rules copied it a dozen times.
+    let mut rules = Vec::with_capacity(
+        ctx.failsafe.len()
+            + 2
+            + snap
+                .gateway_policies
+                .iter()
+                .map(|p| p.object.rules.len())
+                .sum::<usize>(),
+    );
     let mut warnings = Vec::new();
     let budget = ctx.budget;
     if memo.budget != Some(budget) {
@@ -348,12 +357,13 @@ pub fn compile_with(
 /// can never decide anything the first did not. Ids are hashes of origin and match, so an equal
 /// id is only a candidate: a different rule whose id collides (by chance, or by an object written
 /// to collide) is kept under the next free id, never dropped.
-fn dedup(rules: Vec<Rule>) -> Vec<Rule> {
+fn dedup(mut rules: Vec<Rule>) -> Vec<Rule> {
+    // In place: the kept rules move to the front, so no second list of every rule is made.
     let mut seen: HashMap<RuleId, usize> = HashMap::with_capacity(rules.len());
-    let mut kept: Vec<Rule> = Vec::with_capacity(rules.len());
-    for mut r in rules {
-        if let Some(&i) = seen.get(&r.id) {
-            let k = &kept[i];
+    let mut kept = 0;
+    for i in 0..rules.len() {
+        if let Some(&j) = seen.get(&rules[i].id) {
+            let (k, r) = (&rules[j], &rules[i]);
             let same = k.origin.layer == r.origin.layer
                 && k.origin.object == r.origin.object
                 && k.origin.index == r.origin.index
@@ -361,14 +371,17 @@ fn dedup(rules: Vec<Rule>) -> Vec<Rule> {
             if same {
                 continue;
             }
+            let r = &mut rules[i];
             while seen.contains_key(&r.id) {
                 r.id = RuleId(r.id.0.wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(29) ^ 1);
             }
         }
-        seen.insert(r.id, kept.len());
-        kept.push(r);
+        seen.insert(rules[i].id, kept);
+        rules.swap(kept, i);
+        kept += 1;
     }
-    kept
+    rules.truncate(kept);
+    rules
 }
 
 /// Leaves out every object whose rules lower to more atoms than the budget allows, and refuses a
