@@ -487,6 +487,10 @@ impl Tree {
                         (true, Some(r)) => r,
                         _ => {
                             let at = b.nodes.len();
+                            if at + 1 >= MAX_NODES {
+                                // Node indices must fit the 29 bits of `meta`.
+                                return Err(OverBudget);
+                            }
                             b.nodes.push(Node::default());
                             let mut bx = all;
                             bx[dim] = ((s as u32) << shift, (((e as u64) << shift) - 1) as u32);
