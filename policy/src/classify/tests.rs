@@ -205,6 +205,54 @@ proptest! {
     }
 }
 
+/// Every walk this CPU runs, against the linear reference: bursts of each size in `bursts`, and
+/// one key at a time from 0 and from `from`.
+fn every_walk_agrees(
+    rules: &[Match],
+    keys: &[FlowKey],
+    from: u32,
+    bursts: &[usize],
+) -> Result<(), TestCaseError> {
+    let oracle = Linear::build(rules);
+    for mode in [Walk::Avx512, Walk::Avx2, Walk::Scalar] {
+        let mut forest = Forest::build(rules);
+        if !forest.set_walk(mode) {
+            continue;
+        }
+        for &burst in bursts {
+            let mut out = vec![0u32; keys.len()];
+            for (k, o) in keys.chunks(burst).zip(out.chunks_mut(burst)) {
+                forest.classify_batch(k, o);
+            }
+            for (k, o) in keys.iter().zip(&out) {
+                prop_assert_eq!(
+                    *o,
+                    oracle.first_match(k, 0),
+                    "key {} walk {:?} burst {}",
+                    k,
+                    mode,
+                    burst
+                );
+            }
+        }
+        for k in keys {
+            prop_assert_eq!(
+                forest.first_match(k, 0),
+                oracle.first_match(k, 0),
+                "key {}",
+                k
+            );
+            prop_assert_eq!(
+                forest.first_match(k, from),
+                oracle.first_match(k, from),
+                "key {}",
+                k
+            );
+        }
+    }
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(24))]
     /// Sets large enough for the tree builder's sampled split choice (over 256 atoms in a node)
@@ -215,25 +263,7 @@ proptest! {
         keys in prop::collection::vec(arb_key(), 128),
         from in 0u32..64,
     ) {
-        let oracle = Linear::build(&rules);
-        for mode in [Walk::Avx512, Walk::Avx2, Walk::Scalar] {
-            let mut forest = Forest::build(&rules);
-            if !forest.set_walk(mode) {
-                continue;
-            }
-            for burst in [64, 17] {
-                let mut out = vec![0u32; keys.len()];
-                for (k, o) in keys.chunks(burst).zip(out.chunks_mut(burst)) {
-                    forest.classify_batch(k, o);
-                }
-                for (k, o) in keys.iter().zip(&out) {
-                    prop_assert_eq!(*o, oracle.first_match(k, 0), "key {} walk {:?}", k, mode);
-                }
-            }
-            for k in &keys {
-                prop_assert_eq!(forest.first_match(k, from), oracle.first_match(k, from));
-            }
-        }
+        every_walk_agrees(&rules, &keys, from, &[64, 17])?;
     }
 }
 
@@ -300,22 +330,7 @@ proptest! {
         keys in prop::collection::vec(arb_spread_key(), 128),
         from in 0u32..64,
     ) {
-        let oracle = Linear::build(&rules);
-        for mode in [Walk::Avx512, Walk::Avx2, Walk::Scalar] {
-            let mut forest = Forest::build(&rules);
-            if !forest.set_walk(mode) {
-                continue;
-            }
-            let mut out = vec![0u32; keys.len()];
-            for (k, o) in keys.chunks(64).zip(out.chunks_mut(64)) {
-                forest.classify_batch(k, o);
-            }
-            for (k, o) in keys.iter().zip(&out) {
-                prop_assert_eq!(*o, oracle.first_match(k, 0), "key {} walk {:?}", k, mode);
-                prop_assert_eq!(forest.first_match(k, 0), oracle.first_match(k, 0));
-                prop_assert_eq!(forest.first_match(k, from), oracle.first_match(k, from));
-            }
-        }
+        every_walk_agrees(&rules, &keys, from, &[64])?;
     }
 }
 
