@@ -147,7 +147,8 @@ pub struct Memo {
     budget: Option<Budget>,
     gateway: HashMap<String, Compiled1>,
     epoch: u64,
-    /// GatewayPolicies compiled afresh and reused by the last compile, for status and tests.
+    /// GatewayPolicies compiled afresh and reused by the last compile (what a test or a profile
+    /// asks of the memo).
     pub last_compiled: usize,
     pub last_reused: usize,
 }
