@@ -183,7 +183,7 @@ impl Part {
                 continue;
             }
             // Few are: walk them packed together, so fewer chunks walk.
-            let mut sub = Keys([[0; GROUP]; 8]);
+            let mut sub = Keys::zeroed();
             let mut sub_members = [0u8; GROUP];
             let mut sub_best = [NO_MATCH; GROUP];
             for (i, &p) in open[..c].iter().enumerate() {

@@ -389,7 +389,13 @@ impl Default for Cut {
 impl Cut {
     #[inline(always)]
     pub(super) fn root(&self, v: &[u32; 8]) -> u32 {
-        self.roots[(u64::from(v[self.dim]) >> self.shift) as usize]
+        self.root_of(v[self.dim])
+    }
+
+    /// The root for a key whose value on the cut's dimension is `value`.
+    #[inline(always)]
+    pub(super) fn root_of(&self, value: u32) -> u32 {
+        self.roots[(u64::from(value) >> self.shift) as usize]
     }
 }
 
@@ -619,8 +625,7 @@ impl Tree {
         let mut at = [0u32; GROUP];
         let mut cur = [Node::default(); GROUP];
         for p in 0..n {
-            let v = u64::from(keys.0[self.cut.dim][p]);
-            at[p] = self.cut.roots[(v >> self.cut.shift) as usize];
+            at[p] = self.cut.root_of(keys.0[self.cut.dim][p]);
             cur[p] = self.nodes[at[p] as usize];
         }
         loop {
@@ -660,10 +665,16 @@ impl Tree {
 pub(super) struct Keys(pub(super) [[u32; GROUP]; 8]);
 
 impl Keys {
+    /// Every value 0.
+    #[inline]
+    pub(super) fn zeroed() -> Keys {
+        Keys([[0; GROUP]; 8])
+    }
+
     /// The values of `flows[members[p]]` at position `p`.
     #[inline]
     pub(super) fn new(flows: &[FlowKey], members: &[u8]) -> Keys {
-        let mut k = Keys([[0; GROUP]; 8]);
+        let mut k = Keys::zeroed();
         for (p, &m) in members.iter().enumerate().take(GROUP) {
             let v = Tree::values(&flows[m as usize]);
             for (row, x) in k.0.iter_mut().zip(v) {
