@@ -161,28 +161,42 @@ impl Part {
         best
     }
 
+    /// Classifies one direction's packets of a burst: `keys` holds their values (position `p`
+    /// is `flows[members[p]]`), and each one's first match goes to `out[members[p]]`.
     #[inline]
-    fn classify_group(&self, mode: Walk, flows: &[FlowKey], members: &[u8], out: &mut [u32]) {
+    fn classify_group(
+        &self,
+        mode: Walk,
+        flows: &[FlowKey],
+        keys: &Keys,
+        members: &[u8],
+        out: &mut [u32],
+    ) {
         let n = members.len().min(GROUP);
-        let keys = Keys::new(flows, &members[..n]);
         let mut best = [NO_MATCH; GROUP];
-        for t in &self.trees {
+        for (i, t) in self.trees.iter().enumerate() {
             // The packets whose match so far does not beat every atom of this tree. Trees are
             // in order of their best atom: once there are none, no later tree has any either.
+            // Before the first tree every packet is.
+            let c = if i == 0 {
+                n
+            } else {
+                best[..n].iter().filter(|&&b| b > t.best).count()
+            };
+            if c == 0 {
+                break;
+            }
+            if c * 4 > n * 3 {
+                t.classify_group(mode, keys, n, flows, members, &mut best);
+                continue;
+            }
+            // Few are: walk them packed together, so fewer chunks walk.
             let mut open = [0u8; GROUP];
             let mut c = 0;
             for (p, &b) in best[..n].iter().enumerate() {
                 open[c] = p as u8;
                 c += (b > t.best) as usize;
             }
-            if c == 0 {
-                break;
-            }
-            if c * 4 > n * 3 {
-                t.classify_group(mode, &keys, n, flows, members, &mut best);
-                continue;
-            }
-            // Few are: walk them packed together, so fewer chunks walk.
             let mut sub = Keys::zeroed();
             let mut sub_members = [0u8; GROUP];
             let mut sub_best = [NO_MATCH; GROUP];
@@ -198,6 +212,12 @@ impl Part {
             for (&p, &b) in open[..c].iter().zip(&sub_best) {
                 best[p as usize] = b;
             }
+        }
+        if self.tables.is_empty() {
+            for (&m, &b) in members[..n].iter().zip(&best) {
+                out[m as usize] = b;
+            }
+            return;
         }
         for (p, &m) in members[..n].iter().enumerate() {
             let k = &flows[m as usize];
@@ -358,9 +378,11 @@ impl Classifier for Forest {
         for base in (0..n).step_by(GROUP) {
             let end = (base + GROUP).min(n);
             let (chunk, out) = (&keys[base..end], &mut out[base..end]);
-            // Group the burst by direction; IPv6 keys go one by one to the tuple space.
-            // Both lists are written every time and their counts kept in registers: an
-            // indexed count in memory made each key wait for the last one's store.
+            // Group the burst by direction, writing each IPv4 key's values straight into its
+            // direction's key block; IPv6 keys go one by one to the tuple space. The counts
+            // stay in registers: an indexed count in memory made each key wait for the last
+            // one's store.
+            let mut values = [Keys::zeroed(), Keys::zeroed()];
             let mut members = [[0u8; GROUP]; 2];
             let (mut n0, mut n1) = (0usize, 0usize);
             for (i, k) in chunk.iter().enumerate() {
@@ -369,15 +391,16 @@ impl Classifier for Forest {
                     continue;
                 }
                 let egress = k.dir as usize & 1;
-                members[0][n0 & (GROUP - 1)] = i as u8;
-                members[1][n1 & (GROUP - 1)] = i as u8;
+                let at = if egress == 0 { n0 } else { n1 } & (GROUP - 1);
+                values[egress].set(at, k);
+                members[egress][at] = i as u8;
                 n0 += 1 - egress;
                 n1 += egress;
             }
-            let counts = [n0, n1];
-            for d in 0..2 {
-                if counts[d] > 0 {
-                    self.v4[d].classify_group(self.walk, chunk, &members[d][..counts[d]], out);
+            for (d, count) in [n0, n1].into_iter().enumerate() {
+                if count > 0 {
+                    let members = &members[d][..count];
+                    self.v4[d].classify_group(self.walk, chunk, &values[d], members, out);
                 }
             }
         }

@@ -671,16 +671,11 @@ impl Keys {
         Keys([[0; GROUP]; 8])
     }
 
-    /// The values of `flows[members[p]]` at position `p`.
-    #[inline]
-    pub(super) fn new(flows: &[FlowKey], members: &[u8]) -> Keys {
-        let mut k = Keys::zeroed();
-        for (p, &m) in members.iter().enumerate().take(GROUP) {
-            let v = Tree::values(&flows[m as usize]);
-            for (row, x) in k.0.iter_mut().zip(v) {
-                row[p] = x;
-            }
+    /// Puts `k`'s values at position `p`.
+    #[inline(always)]
+    pub(super) fn set(&mut self, p: usize, k: &FlowKey) {
+        for (row, x) in self.0.iter_mut().zip(Tree::values(k)) {
+            row[p] = x;
         }
-        k
     }
 }
