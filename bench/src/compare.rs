@@ -29,6 +29,13 @@ pub(crate) struct Args {
     /// Length of one sample, in milliseconds.
     #[arg(long, default_value_t = 200)]
     ms: u64,
+    /// Alternating pairs of short samples in each head-to-head (ours against rte_acl's best
+    /// method, and AVX2 against AVX2); 0 skips them.
+    #[arg(long, default_value_t = 40)]
+    pairs: usize,
+    /// Length of one head-to-head sample, in milliseconds.
+    #[arg(long, default_value_t = 20)]
+    pair_ms: u64,
     /// Memory for DPDK's EAL, in MiB (`--no-huge -m`). The default sizes it to the largest set:
     /// rte_acl needs about 2 KiB per rule at 10k rules and more per rule above.
     #[arg(long)]
@@ -95,6 +102,47 @@ fn walk_name(w: Walk) -> &'static str {
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
+}
+
+/// Lookups per second of one sample of about `ms` milliseconds.
+fn rate(p: &mut dyn Peer, burst: usize, out: &mut [u32], ms: u64) -> f64 {
+    p.select();
+    let started = Instant::now();
+    let mut n = 0u64;
+    while started.elapsed() < Duration::from_millis(ms) {
+        p.run(burst, out);
+        n += out.len() as u64;
+    }
+    n as f64 / started.elapsed().as_secs_f64()
+}
+
+/// Peer `a`'s speed over peer `b`'s, head to head: `pairs` pairs of short samples, one of each
+/// back to back (in turn which goes first). Both samples of a pair run under the same machine
+/// conditions, so a pair's ratio is free of the swings (up to 2x on a shared VM, over seconds)
+/// that move whole samples apart. Returns the median ratio and the quartiles.
+fn head_to_head(
+    peers: &mut [Box<dyn Peer + '_>],
+    a: usize,
+    b: usize,
+    burst: usize,
+    out: &mut [u32],
+    pairs: usize,
+    ms: u64,
+) -> (f64, f64, f64) {
+    let mut ratios = Vec::with_capacity(pairs);
+    for i in 0..pairs {
+        let (x, y) = if i % 2 == 0 {
+            let x = rate(&mut *peers[a], burst, out, ms);
+            (x, rate(&mut *peers[b], burst, out, ms))
+        } else {
+            let y = rate(&mut *peers[b], burst, out, ms);
+            (rate(&mut *peers[a], burst, out, ms), y)
+        };
+        ratios.push(x / y);
+    }
+    ratios.sort_by(f64::total_cmp);
+    let q = |f: usize| ratios[(ratios.len() - 1) * f / 4];
+    (q(2), q(1), q(3))
 }
 
 struct Row {
@@ -276,14 +324,7 @@ pub(crate) fn run(a: Args) -> Result<()> {
             let mut samples = vec![Vec::new(); peers.len()];
             for _ in 0..a.repeats {
                 for (i, p) in peers.iter_mut().enumerate() {
-                    p.select();
-                    let started = Instant::now();
-                    let mut n = 0u64;
-                    while started.elapsed() < Duration::from_millis(a.ms) {
-                        p.run(burst, &mut out);
-                        n += keys.len() as u64;
-                    }
-                    samples[i].push(n as f64 / started.elapsed().as_secs_f64());
+                    samples[i].push(rate(&mut **p, burst, &mut out, a.ms));
                 }
             }
             let medians: Vec<f64> = samples.iter().map(|s| median(&mut s.clone())).collect();
@@ -322,12 +363,27 @@ pub(crate) fn run(a: Args) -> Result<()> {
             {
                 // Our AVX2 walk against rte_acl's AVX2 method: the comparison on AVX2-only CPUs.
                 let find = |name: &str| rows.iter().position(|r| r.name == name);
-                let avx2 = match (find(walk_name(Walk::Avx2)), find("rte_acl avx2")) {
-                    (Some(a), Some(b)) => format!("{:.2}", medians[a] / medians[b]),
-                    _ => "n/a".into(),
+                let avx2 = find(walk_name(Walk::Avx2)).zip(find("rte_acl avx2"));
+                let pair = |peers: &mut Vec<Box<dyn Peer + '_>>,
+                            x: usize,
+                            y: usize,
+                            out: &mut Vec<u32>| {
+                    if a.pairs == 0 {
+                        return "-".to_string();
+                    }
+                    let (m, lo, hi) = head_to_head(peers, x, y, burst, out, a.pairs, a.pair_ms);
+                    format!("{m:.2} [{lo:.2}-{hi:.2}]")
+                };
+                let best_paired = pair(&mut peers, 0, i, &mut out);
+                let (avx2_medians, avx2_paired) = match avx2 {
+                    Some((x, y)) => (
+                        format!("{:.2}", medians[x] / medians[y]),
+                        pair(&mut peers, x, y, &mut out),
+                    ),
+                    None => ("n/a".into(), "n/a".into()),
                 };
                 summary.push(format!(
-                    "| {set} | {burst} | {:.2} M | {} {:.2} M | {:.2} | {avx2} | {:.1} % | {:.1} % |",
+                    "| {set} | {burst} | {:.2} M | {} {:.2} M | {:.2} | {best_paired} | {avx2_medians} | {avx2_paired} | {:.1} % | {:.1} % |",
                     medians[0] / 1e6,
                     rows[i].name,
                     m / 1e6,
@@ -340,8 +396,8 @@ pub(crate) fn run(a: Args) -> Result<()> {
     }
     if !summary.is_empty() {
         println!();
-        println!("| set | burst | forest | rte_acl's best method here | forest ÷ best | forest avx2 ÷ rte_acl avx2 | build, % of rte_acl's | memory, % of rte_acl's |");
-        println!("|---|---|---|---|---|---|---|---|");
+        println!("| set | burst | forest | rte_acl's best method here | forest ÷ best (medians) | forest ÷ best, head to head: median [quartiles] | forest avx2 ÷ rte_acl avx2 (medians) | avx2 ÷ avx2, head to head | build, % of rte_acl's | memory, % of rte_acl's |");
+        println!("|---|---|---|---|---|---|---|---|---|---|");
         for l in &summary {
             println!("{l}");
         }
