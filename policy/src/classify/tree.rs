@@ -102,21 +102,27 @@ impl Rec {
         }
     }
 
-    /// Whether the atom matches `k` (IPv4). `&`, not `&&`: every test is cheap, and a branch
-    /// per test costs more than evaluating them all.
+    /// Whether the atom matches `k` (IPv4).
     #[inline(always)]
     fn matches(&self, k: &FlowKey) -> bool {
-        let (src, dst) = (k.src as u32, k.dst as u32);
-        let (sport, dport) = (k.sport as u32, k.dport as u32);
+        self.matches_values(&Tree::values(k))
+    }
+
+    /// Whether the atom matches the key with these values (the slots of [`Tree::values`]).
+    /// `&`, not `&&`: every test is cheap, and a branch per test costs more than evaluating
+    /// them all.
+    #[inline(always)]
+    fn matches_values(&self, v: &[u32; 8]) -> bool {
+        let [src, dst, sport, dport, proto, _, vlan, ports_known] = *v;
         ((src & self.src_mask) == self.src)
             & ((dst & self.dst_mask) == self.dst)
-            & ((self.meta & ANY_PROTO != 0) | (self.meta & 0xff == k.proto as u32))
+            & ((self.meta & ANY_PROTO != 0) | (self.meta & 0xff == proto))
             & (self.sport & 0xffff <= sport)
             & (sport <= self.sport >> 16)
             & (self.dport & 0xffff <= dport)
             & (dport <= self.dport >> 16)
-            & ((self.meta & ANY_VLAN != 0) | (self.meta >> 16 == k.vlan as u32))
-            & (k.ports_known | (self.meta & NEEDS_PORTS == 0))
+            & ((self.meta & ANY_VLAN != 0) | (self.meta >> 16 == vlan))
+            & ((ports_known != 0) | (self.meta & NEEDS_PORTS == 0))
     }
 }
 
@@ -669,6 +675,24 @@ impl Keys {
     #[inline]
     pub(super) fn zeroed() -> Keys {
         Keys([[0; GROUP]; 8])
+    }
+
+    /// The priority of packet `p`'s first match among `recs` from record `r` to the end of its
+    /// leaf, or [`NO_MATCH`]. The SIMD tests finish a chunk's last few lanes with this: a
+    /// gather costs the same for one lane as for all of them.
+    #[inline]
+    pub(super) fn scan(&self, recs: &[Rec], mut r: usize, p: usize) -> u32 {
+        let v: [u32; 8] = std::array::from_fn(|s| self.0[s][p]);
+        while let Some(e) = recs.get(r) {
+            if e.matches_values(&v) {
+                return e.prio;
+            }
+            if e.meta & MORE == 0 {
+                break;
+            }
+            r += 1;
+        }
+        NO_MATCH
     }
 
     /// Puts `k`'s values at position `p`.
