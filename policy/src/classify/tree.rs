@@ -57,48 +57,75 @@ pub(super) const ANY_PROTO: u32 = 1 << 8;
 pub(super) const NEEDS_PORTS: u32 = 1 << 9;
 /// `Rec::meta`: another record of the same leaf follows this one.
 pub(super) const MORE: u32 = 1 << 10;
-/// `Rec::meta`: the VLAN (high 16 bits) is not tested.
+/// `Rec::meta`: the VLAN (`Rec::vlan`) is not tested.
 pub(super) const ANY_VLAN: u32 = 1 << 11;
+/// `Rec::meta`: where the source's and the destination's shifts start (6 bits each): 32 minus
+/// the prefix length, so an address `a` is in the prefix when `(a ^ prefix) >> shift` is 0 (a
+/// shift of 32 leaves nothing: every address is in a /0).
+pub(super) const SRC_SHIFT: u32 = 12;
+pub(super) const DST_SHIFT: u32 = 18;
 
 /// One atom of a leaf, packed for the match test: 32 bytes, aligned, so a record is one load
 /// and never straddles a cache line, and the SIMD check gathers its fields at fixed offsets
-/// (`simd.rs` relies on this layout).
+/// (`simd.rs` relies on this layout). The fields every test reads come first, as three 8-byte
+/// pairs; the VLAN, which almost no atom has, is read only for records that test it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[repr(C, align(32))]
 pub(super) struct Rec {
     pub(super) src: u32,
-    pub(super) src_mask: u32,
     pub(super) dst: u32,
-    pub(super) dst_mask: u32,
-    pub(super) prio: u32,
     /// Low 16 bits the lowest port, high 16 the highest.
     pub(super) sport: u32,
     pub(super) dport: u32,
-    /// Protocol, [`ANY_PROTO`], [`NEEDS_PORTS`], [`MORE`], [`ANY_VLAN`], VLAN << 16.
+    pub(super) prio: u32,
+    /// Protocol, [`ANY_PROTO`], [`NEEDS_PORTS`], [`MORE`], [`ANY_VLAN`], and the address shifts
+    /// at [`SRC_SHIFT`] and [`DST_SHIFT`].
     pub(super) meta: u32,
+    pub(super) vlan: u32,
+    pad: u32,
 }
 
 const _: () = assert!(std::mem::size_of::<Rec>() == 32);
 
+/// Whether `a` is in the prefix `p` whose shift (32 minus its length) is `shift`.
+#[inline(always)]
+fn in_prefix(a: u32, p: u32, shift: u32) -> bool {
+    u64::from(a ^ p) >> shift == 0
+}
+
 impl Rec {
     fn from_atom(a: &Atom, more: bool) -> Rec {
         let mut meta = a.proto.map_or(ANY_PROTO, u32::from);
-        meta |= a.vlan.map_or(ANY_VLAN, |v| (v as u32) << 16);
+        if a.vlan.is_none() {
+            meta |= ANY_VLAN;
+        }
         if a.needs_ports {
             meta |= NEEDS_PORTS;
         }
         if more {
             meta |= MORE;
         }
+        meta |= (32 - u32::from(a.src.len.min(32))) << SRC_SHIFT;
+        meta |= (32 - u32::from(a.dst.len.min(32))) << DST_SHIFT;
         Rec {
-            src: a.src.bits as u32,
-            src_mask: mask(false, a.src.len) as u32,
-            dst: a.dst.bits as u32,
-            dst_mask: mask(false, a.dst.len) as u32,
+            src: a.src.bits as u32 & mask(false, a.src.len) as u32,
+            dst: a.dst.bits as u32 & mask(false, a.dst.len) as u32,
             prio: a.prio,
             sport: a.sport.lo as u32 | (a.sport.hi as u32) << 16,
             dport: a.dport.lo as u32 | (a.dport.hi as u32) << 16,
             meta,
+            vlan: a.vlan.map_or(0, u32::from),
+            pad: 0,
+        }
+    }
+
+    /// A record that matches nothing (its source-port range is empty), for an empty leaf.
+    fn nothing() -> Rec {
+        Rec {
+            sport: 1,
+            prio: NO_MATCH,
+            meta: ANY_PROTO | ANY_VLAN,
+            ..Rec::default()
         }
     }
 
@@ -114,14 +141,14 @@ impl Rec {
     #[inline(always)]
     fn matches_values(&self, v: &[u32; 8]) -> bool {
         let [src, dst, sport, dport, proto, _, vlan, ports_known] = *v;
-        ((src & self.src_mask) == self.src)
-            & ((dst & self.dst_mask) == self.dst)
+        in_prefix(src, self.src, (self.meta >> SRC_SHIFT) & 63)
+            & in_prefix(dst, self.dst, (self.meta >> DST_SHIFT) & 63)
             & ((self.meta & ANY_PROTO != 0) | (self.meta & 0xff == proto))
             & (self.sport & 0xffff <= sport)
             & (sport <= self.sport >> 16)
             & (self.dport & 0xffff <= dport)
             & (dport <= self.dport >> 16)
-            & ((self.meta & ANY_VLAN != 0) | (self.meta >> 16 == vlan))
+            & ((self.meta & ANY_VLAN != 0) | (self.vlan == vlan))
             & ((ports_known != 0) | (self.meta & NEEDS_PORTS == 0))
     }
 }
@@ -264,13 +291,7 @@ impl Builder<'_> {
         if rules.is_empty() {
             // An empty leaf still points at a record, one that matches nothing: the checks
             // then need no test for emptiness.
-            self.recs.push(Rec {
-                src_mask: u32::MAX,
-                dst: 1,
-                dst_mask: 0,
-                prio: NO_MATCH,
-                ..Rec::default()
-            });
+            self.recs.push(Rec::nothing());
         }
         let last = rules.len().saturating_sub(1);
         self.recs.extend(
