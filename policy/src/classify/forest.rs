@@ -233,6 +233,17 @@ impl Part {
     }
 }
 
+/// Positions `0..GROUP`: the members of a group that is a whole burst.
+const IN_ORDER: [u8; GROUP] = {
+    let mut a = [0u8; GROUP];
+    let mut i = 0;
+    while i < GROUP {
+        a[i] = i as u8;
+        i += 1;
+    }
+    a
+};
+
 /// Shape of a built [`Forest`], for `check` and the benchmarks.
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
 pub struct ForestStats {
@@ -378,6 +389,17 @@ impl Classifier for Forest {
         for base in (0..n).step_by(GROUP) {
             let end = (base + GROUP).min(n);
             let (chunk, out) = (&keys[base..end], &mut out[base..end]);
+            // A burst from one receive queue is all one direction, and nearly always IPv4:
+            // then its keys go to one block in order, with nothing to sort.
+            let d = chunk[0].dir as usize & 1;
+            if chunk.iter().all(|k| !k.v6 & (k.dir as usize & 1 == d)) {
+                let mut values = Keys::zeroed();
+                for (p, k) in chunk.iter().enumerate() {
+                    values.set(p, k);
+                }
+                self.v4[d].classify_group(self.walk, chunk, &values, &IN_ORDER[..chunk.len()], out);
+                continue;
+            }
             // Group the burst by direction, writing each IPv4 key's values straight into its
             // direction's key block; IPv6 keys go one by one to the tuple space. The counts
             // stay in registers: an indexed count in memory made each key wait for the last
