@@ -256,7 +256,8 @@ fn every_walk_agrees(
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(24))]
     /// Sets large enough for the tree builder's sampled split choice (over 256 atoms in a node)
-    /// and deep trees; bursts of 64 and of 17 (one full and one partial SIMD chunk).
+    /// and deep trees; bursts of 64 and of 17 (one full and one partial SIMD chunk), mixed and
+    /// one-way.
     #[test]
     fn forest_agrees_with_linear_on_large_sets(
         rules in prop::collection::vec(arb_match(), 300..700),
@@ -264,6 +265,14 @@ proptest! {
         from in 0u32..64,
     ) {
         every_walk_agrees(&rules, &keys, from, &[64, 17])?;
+        // Bursts all IPv4 and one direction, as one receive queue gives them, take a path of
+        // their own.
+        let one_way: Vec<FlowKey> = keys
+            .iter()
+            .filter(|k| !k.v6)
+            .map(|k| FlowKey { dir: Direction::Egress, ..*k })
+            .collect();
+        every_walk_agrees(&rules, &one_way, from, &[64])?;
     }
 }
 
