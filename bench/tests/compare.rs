@@ -28,6 +28,10 @@ fn both_classifiers_agree_with_expected_on_the_1k_and_10k_sets() {
             "1,64",
             "--sets",
             &SETS.join(","),
+            "--pairs",
+            "2",
+            "--pair-ms",
+            "2",
         ])
         .output()
         .unwrap();
@@ -37,15 +41,23 @@ fn both_classifiers_agree_with_expected_on_the_1k_and_10k_sets() {
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    // The per-classifier table (10 columns, agreement last), then the summary table.
-    let rows: Vec<&str> = stdout
-        .lines()
-        .filter(|l| l.starts_with("| ") && !l.starts_with("| set") && l.matches(" | ").count() == 9)
-        .collect();
-    let summary: Vec<&str> = stdout
-        .lines()
-        .filter(|l| l.starts_with("| ") && !l.starts_with("| set") && l.matches(" | ").count() == 7)
-        .collect();
+    // The per-classifier table (agreement last), then the summary table; each starts with
+    // its header line.
+    let (mut rows, mut summary) = (Vec::new(), Vec::new());
+    let mut table = None;
+    for l in stdout.lines() {
+        if l.starts_with("| set | rules |") {
+            table = Some(&mut rows);
+        } else if l.starts_with("| set | burst |") {
+            table = Some(&mut summary);
+        } else if l.starts_with("|---") {
+            continue;
+        } else if !l.starts_with("| ") {
+            table = None;
+        } else if let Some(t) = table.as_mut() {
+            t.push(l);
+        }
+    }
     for set in SETS {
         assert!(
             rows.iter()
@@ -75,5 +87,13 @@ fn both_classifiers_agree_with_expected_on_the_1k_and_10k_sets() {
             SETS.len() * 2,
             "one summary row per set and burst:\n{stdout}"
         );
+        // The head-to-head ratios: a median and its quartiles for ours against the best, and
+        // for AVX2 against AVX2 where both run.
+        for r in &summary {
+            assert!(
+                r.contains(" [") && r.contains("-"),
+                "no head-to-head ratio in {r}"
+            );
+        }
     }
 }
