@@ -129,17 +129,12 @@ impl Rec {
         }
     }
 
-    /// Whether the atom matches `k` (IPv4).
-    #[inline(always)]
-    fn matches(&self, k: &FlowKey) -> bool {
-        self.matches_values(&Tree::values(k))
-    }
-
-    /// Whether the atom matches the key with these values (the slots of [`Tree::values`]).
+    /// Whether the atom matches the (IPv4) key with these values (the slots of
+    /// [`Tree::values`]).
     /// `&`, not `&&`: every test is cheap, and a branch per test costs more than evaluating
     /// them all.
     #[inline(always)]
-    fn matches_values(&self, v: &[u32; 8]) -> bool {
+    fn matches(&self, v: &[u32; 8]) -> bool {
         let [src, dst, sport, dport, proto, _, vlan, ports_known] = *v;
         in_prefix(src, self.src, (self.meta >> SRC_SHIFT) & 63)
             & in_prefix(dst, self.dst, (self.meta >> DST_SHIFT) & 63)
@@ -151,6 +146,22 @@ impl Rec {
             & ((self.meta & ANY_VLAN != 0) | (self.vlan == vlan))
             & ((ports_known != 0) | (self.meta & NEEDS_PORTS == 0))
     }
+}
+
+/// The first record of a leaf's run, from record `r` to the leaf's last, that matches the key
+/// with values `v` (the slots of [`Tree::values`]) and is at or after `from`, if it beats
+/// `best`; else `best`. Each record is tested without a branch on its outcome: leaves are short.
+#[inline(always)]
+fn scan_records(recs: &[Rec], mut r: usize, v: &[u32; 8], from: u32, mut best: u32) -> u32 {
+    while let Some(e) = recs.get(r) {
+        let hit = e.matches(v) & (e.prio >= from);
+        best = best.min(if hit { e.prio } else { NO_MATCH });
+        if e.meta & MORE == 0 {
+            break;
+        }
+        r += 1;
+    }
+    best
 }
 
 /// The atoms of `rules` below or at `t` on `dim` (`low`), or above it.
@@ -601,17 +612,9 @@ impl Tree {
     /// The first atom of leaf `at` at or after `from` that matches, if it beats `best`; else
     /// `best`. Leaves are short; each record is tested without a branch on its outcome.
     #[inline(always)]
-    fn scan(&self, at: usize, k: &FlowKey, from: u32, mut best: u32) -> u32 {
-        let mut r = self.nodes[at].thresh as usize;
-        while let Some(e) = self.recs.get(r) {
-            let hit = e.matches(k) & (e.prio >= from);
-            best = best.min(if hit { e.prio } else { NO_MATCH });
-            if e.meta & MORE == 0 {
-                break;
-            }
-            r += 1;
-        }
-        best
+    fn scan(&self, at: usize, k: &FlowKey, from: u32, best: u32) -> u32 {
+        let r = self.nodes[at].thresh as usize;
+        scan_records(&self.recs, r, &Self::values(k), from, best)
     }
 
     /// First match at or after `from` among the atoms the key's leaf holds, if it beats `best`;
@@ -702,18 +705,9 @@ impl Keys {
     /// leaf, or [`NO_MATCH`]. The SIMD tests finish a chunk's last few lanes with this: a
     /// gather costs the same for one lane as for all of them.
     #[inline]
-    pub(super) fn scan(&self, recs: &[Rec], mut r: usize, p: usize) -> u32 {
+    pub(super) fn scan(&self, recs: &[Rec], r: usize, p: usize) -> u32 {
         let v: [u32; 8] = std::array::from_fn(|s| self.0[s][p]);
-        while let Some(e) = recs.get(r) {
-            if e.matches_values(&v) {
-                return e.prio;
-            }
-            if e.meta & MORE == 0 {
-                break;
-            }
-            r += 1;
-        }
-        NO_MATCH
+        scan_records(recs, r, &v, 0, NO_MATCH)
     }
 
     /// Puts `k`'s values at position `p`.
