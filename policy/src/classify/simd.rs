@@ -232,8 +232,8 @@ mod avx512 {
     /// record index): the priority of each lane's first record that matches its key (`k`: the
     /// values on the five dimensions; the VLAN and whether the ports are known come from chunk
     /// `c` of `keys`), else [`NO_MATCH`]. Records are in priority order, so a lane stops at its
-    /// first hit or at its leaf's last record ([`MORE`] clear). Records are read as pairs of fields; once at most
-    /// [`TAIL`] lanes are left, they finish scalar ([`tail`]).
+    /// first hit or at its leaf's last record ([`MORE`] clear). Records are read as pairs of
+    /// fields; once at most [`TAIL`] lanes are left, they finish scalar ([`tail`]).
     ///
     /// # Safety
     /// AVX-512F must be present; every active lane of `rec` must index `recs`, and so must the
