@@ -213,15 +213,10 @@ impl Part {
                 best[p as usize] = b;
             }
         }
-        if self.tables.is_empty() {
-            for (&m, &b) in members[..n].iter().zip(&best) {
-                out[m as usize] = b;
-            }
-            return;
-        }
+        // Without tables, `tables_best` is NO_MATCH and no packet looks there.
         for (p, &m) in members[..n].iter().enumerate() {
-            let k = &flows[m as usize];
             if self.tables_best < best[p] {
+                let k = &flows[m as usize];
                 best[p] = lookup(&self.tables, k.src as u32, k.dst as u32, k, 0, best[p]);
             }
             out[m as usize] = best[p];
