@@ -32,6 +32,10 @@ const SPECIFIC: u8 = 16;
 /// copy each atom 1.5-5 times; the broad part of ipc1_100k would copy each over 400 times.
 const REPLICATION: usize = 8;
 const SLACK: usize = 4096;
+/// A later tree that at most this many packets of a group still need walks them one at a time
+/// (acl1_1k's second tree, about three packets a burst: 1.08 times faster than a packed SIMD
+/// walk; no different on ipc1 and fw1).
+const SCALAR_MAX: usize = 4;
 /// Two trees merge when the merged one holds at most this fraction (numerator, denominator)
 /// of their leaf entries together.
 const MERGE_GROWTH: (usize, usize) = (5, 4);
@@ -188,6 +192,16 @@ impl Part {
             }
             if c * 4 > n * 3 {
                 t.classify_group(mode, keys, n, flows, members, &mut best);
+                continue;
+            }
+            if c <= SCALAR_MAX {
+                // A handful: one at a time. A SIMD walk of even one lane waits on each level's
+                // gather; scalar walks of a few packets overlap.
+                for (p, b) in best[..n].iter_mut().enumerate() {
+                    if *b > t.best {
+                        *b = t.first_match(&flows[members[p] as usize], 0, *b);
+                    }
+                }
                 continue;
             }
             // Few are: walk them packed together, so fewer chunks walk.

@@ -244,6 +244,7 @@ mod avx512 {
         rec: __m512i,
         k: &[__m512i; 5],
         mut active: __mmask16,
+        was: __m512i,
         keys: &Keys,
         c: usize,
     ) -> __m512i {
@@ -270,7 +271,7 @@ mod avx512 {
         };
         while active != 0 {
             if active.count_ones() <= TAIL {
-                return tail(recs, r4, best, active, keys, c * 16);
+                return tail(recs, r4, best, active, was, keys, c * 16);
             }
             // SAFETY: the caller's contract: each active lane's `r4 / 4` is a record of its
             // leaf (the first, or one after a record with MORE set); `p` is a pair inside a
@@ -303,9 +304,12 @@ mod avx512 {
             let proto_ok = flag(meta, ANY_PROTO)
                 | _mm512_cmpeq_epi32_mask(_mm512_and_si512(meta, _mm512_set1_epi32(0xff)), proto);
             let frag = known | !flag(meta, NEEDS_PORTS);
-            let hit = active & addr & ports & proto_ok & vlan_ok & frag;
+            // Records are in priority order: once a lane's record cannot beat what the lane
+            // already has, neither can any after it.
+            let useful = _mm512_cmplt_epu32_mask(prio, was);
+            let hit = active & useful & addr & ports & proto_ok & vlan_ok & frag;
             best = _mm512_mask_mov_epi32(best, hit, prio);
-            active &= !hit & flag(meta, MORE);
+            active &= !hit & flag(meta, MORE) & useful;
             r4 = _mm512_add_epi32(r4, _mm512_set1_epi32(4));
         }
         best
@@ -321,24 +325,28 @@ mod avx512 {
         r4: __m512i,
         best: __m512i,
         active: __mmask16,
+        was: __m512i,
         keys: &Keys,
         first: usize,
     ) -> __m512i {
         let mut at = [0u32; 16];
-        let mut found = [0u32; 16];
-        // SAFETY: both arrays are 16 u32s; unaligned 512-bit stores write exactly them.
+        let mut bound = [0u32; 16];
+        // SAFETY: `at` and `bound` are 16 u32s; unaligned 512-bit stores write exactly them.
         unsafe {
             _mm512_storeu_si512(at.as_mut_ptr().cast(), _mm512_srli_epi32::<2>(r4));
-            _mm512_storeu_si512(found.as_mut_ptr().cast(), best);
+            _mm512_storeu_si512(bound.as_mut_ptr().cast(), was);
         }
+        // Each lane's result goes into its lane of `best` directly: writing them to memory and
+        // loading the vector back made the load wait for the stores.
+        let mut best = best;
         let mut lanes = active;
         while lanes != 0 {
             let lane = lanes.trailing_zeros() as usize;
             lanes &= lanes - 1;
-            found[lane] = keys.scan(recs, at[lane] as usize, first + lane);
+            let found = keys.scan(recs, at[lane] as usize, first + lane, bound[lane]);
+            best = _mm512_mask_set1_epi32(best, 1 << lane, found as i32);
         }
-        // SAFETY: `found` is 16 u32s; an unaligned 512-bit load reads exactly them.
-        unsafe { _mm512_loadu_si512(found.as_ptr().cast()) }
+        best
     }
 
     #[target_feature(enable = "avx512f")]
@@ -374,7 +382,9 @@ mod avx512 {
         // The lanes to test: packets (not spare lanes past `n`) whose match so far does not
         // beat every atom here. A chunk with none does not walk.
         let mut open = [0 as __mmask16; CHUNKS];
+        // Chunks past `n` never walk: `round!` below is written out for each of the four.
         let mut walking = [false; CHUNKS];
+        const _: () = assert!(CHUNKS == 4);
         for c in 0..chunks {
             for (d, v) in k[c].iter_mut().enumerate() {
                 *v = row(keys, d, c);
@@ -396,49 +406,60 @@ mod avx512 {
             // of 32 gives 0. Scale 4 is a u32.
             *at = unsafe { _mm512_i32gather_epi32::<4>(slice, cut.roots.as_ptr().cast()) };
         }
+        // One round for chunk `c`, written out for each chunk so its state stays in registers
+        // (a loop over chunks kept it on the stack).
+        macro_rules! round {
+            ($c:expr, $moving:ident) => {{
+                let c = $c;
+                if walking[c] {
+                    let cur = idx[c];
+                    // SAFETY: every lane of `cur` is a node index inside `nodes` (the root, or
+                    // a child index the builder wrote); scale 8 is the size of a Node.
+                    let (lo, hi) = unsafe {
+                        (
+                            _mm512_i32gather_epi64::<8>(_mm512_castsi512_si256(cur), base),
+                            _mm512_i32gather_epi64::<8>(_mm512_extracti64x4_epi64::<1>(cur), base),
+                        )
+                    };
+                    let thresh = _mm512_permutex2var_epi32(lo, even, hi);
+                    let meta = _mm512_permutex2var_epi32(lo, odd, hi);
+                    let dim = _mm512_and_si512(meta, seven);
+                    let m = _mm512_cmpneq_epi32_mask(dim, leaf);
+                    if m == 0 {
+                        // Every lane's node is its leaf, and `thresh` its first record.
+                        walking[c] = false;
+                        // SAFETY: a leaf's `thresh` is one of its records (see `walk`).
+                        let prio = unsafe { test(recs, thresh, &k[c], open[c], was[c], keys, c) };
+                        let b = &mut best[c * 16..c * 16 + 16];
+                        // SAFETY: `b` is 16 u32s; an unaligned 512-bit store writes exactly
+                        // them (spare lanes past `n` keep NO_MATCH: they are never tested).
+                        unsafe {
+                            _mm512_storeu_si512(
+                                b.as_mut_ptr().cast(),
+                                _mm512_min_epu32(was[c], prio),
+                            )
+                        };
+                    } else {
+                        let mut val = k[c][0];
+                        for (d, kd) in dims.iter().zip(&k[c][1..]) {
+                            val = _mm512_mask_mov_epi32(val, _mm512_cmpeq_epi32_mask(dim, *d), *kd);
+                        }
+                        let first = _mm512_srli_epi32::<3>(meta);
+                        // A leaf's lane stays where it is (the blends give it the source
+                        // address, not the 0 its dimension's slot holds).
+                        let right = _mm512_cmpgt_epu32_mask(val, thresh) & m;
+                        idx[c] = _mm512_mask_add_epi32(first, right, first, one);
+                        $moving |= m;
+                    }
+                }
+            }};
+        }
         loop {
             let mut moving = 0u16;
-            for c in 0..chunks {
-                if !walking[c] {
-                    continue;
-                }
-                let cur = idx[c];
-                // SAFETY: every lane of `cur` is a node index inside `nodes` (the root, or a
-                // child index the builder wrote); scale 8 is the size of a Node.
-                let (lo, hi) = unsafe {
-                    (
-                        _mm512_i32gather_epi64::<8>(_mm512_castsi512_si256(cur), base),
-                        _mm512_i32gather_epi64::<8>(_mm512_extracti64x4_epi64::<1>(cur), base),
-                    )
-                };
-                let thresh = _mm512_permutex2var_epi32(lo, even, hi);
-                let meta = _mm512_permutex2var_epi32(lo, odd, hi);
-                let dim = _mm512_and_si512(meta, seven);
-                let m = _mm512_cmpneq_epi32_mask(dim, leaf);
-                if m == 0 {
-                    // Every lane's node is its leaf, and `thresh` its first record.
-                    walking[c] = false;
-                    // SAFETY: a leaf's `thresh` is one of its records (see `walk`).
-                    let prio = unsafe { test(recs, thresh, &k[c], open[c], keys, c) };
-                    let b = &mut best[c * 16..c * 16 + 16];
-                    // SAFETY: `b` is 16 u32s; an unaligned 512-bit store writes exactly them
-                    // (spare lanes past `n` keep NO_MATCH: they are never tested).
-                    unsafe {
-                        _mm512_storeu_si512(b.as_mut_ptr().cast(), _mm512_min_epu32(was[c], prio))
-                    };
-                    continue;
-                }
-                let mut val = k[c][0];
-                for (d, kd) in dims.iter().zip(&k[c][1..]) {
-                    val = _mm512_mask_mov_epi32(val, _mm512_cmpeq_epi32_mask(dim, *d), *kd);
-                }
-                let first = _mm512_srli_epi32::<3>(meta);
-                // A leaf's lane stays where it is (the blends give it the source address, not
-                // the 0 its dimension's slot holds).
-                let right = _mm512_cmpgt_epu32_mask(val, thresh) & m;
-                idx[c] = _mm512_mask_add_epi32(first, right, first, one);
-                moving |= m;
-            }
+            round!(0, moving);
+            round!(1, moving);
+            round!(2, moving);
+            round!(3, moving);
             if moving == 0 {
                 break;
             }
@@ -478,6 +499,7 @@ mod avx2 {
         vlan: __m256i,
         known: __m256i,
         mut active: __m256i,
+        was: __m256i,
     ) -> __m256i {
         let r = recs.cast::<i32>();
         let [src, dst, sport, dport, proto] = *k;
@@ -556,12 +578,23 @@ mod avx2 {
                 )
             };
             let frag = _mm256_or_si256(known, _mm256_xor_si256(flag(meta, NEEDS_PORTS), ones));
+            // Records are in priority order: once a lane's record cannot beat what the lane
+            // already has, neither can any after it.
+            let prio = field(slot::REC_PRIO, active);
+            let useful =
+                _mm256_cmpgt_epi32(_mm256_xor_si256(was, bias), _mm256_xor_si256(prio, bias));
             let hit = _mm256_and_si256(
-                _mm256_and_si256(_mm256_and_si256(active, addr), ports),
+                _mm256_and_si256(
+                    _mm256_and_si256(active, addr),
+                    _mm256_and_si256(ports, useful),
+                ),
                 _mm256_and_si256(_mm256_and_si256(proto_ok, vlan_ok), frag),
             );
-            best = _mm256_blendv_epi8(best, field(slot::REC_PRIO, hit), hit);
-            active = _mm256_andnot_si256(hit, _mm256_and_si256(active, flag(meta, MORE)));
+            best = _mm256_blendv_epi8(best, prio, hit);
+            active = _mm256_andnot_si256(
+                hit,
+                _mm256_and_si256(_mm256_and_si256(active, useful), flag(meta, MORE)),
+            );
             r4 = _mm256_add_epi32(r4, _mm256_set1_epi32(4));
         }
         best
@@ -648,6 +681,7 @@ mod avx2 {
                             row(keys, slot::VLAN, c),
                             row(keys, slot::PORTS_KNOWN, c),
                             open[c],
+                            was[c],
                         )
                     };
                     let b = &mut best[c * 8..c * 8 + 8];

@@ -154,6 +154,10 @@ impl Rec {
 #[inline(always)]
 fn scan_records(recs: &[Rec], mut r: usize, v: &[u32; 8], from: u32, mut best: u32) -> u32 {
     while let Some(e) = recs.get(r) {
+        // Records are in priority order: none from here on beats `best`.
+        if e.prio >= best {
+            break;
+        }
         let hit = e.matches(v) & (e.prio >= from);
         best = best.min(if hit { e.prio } else { NO_MATCH });
         if e.meta & MORE == 0 {
@@ -705,9 +709,9 @@ impl Keys {
     /// leaf, or [`NO_MATCH`]. The SIMD tests finish a chunk's last few lanes with this: a
     /// gather costs the same for one lane as for all of them.
     #[inline]
-    pub(super) fn scan(&self, recs: &[Rec], r: usize, p: usize) -> u32 {
+    pub(super) fn scan(&self, recs: &[Rec], r: usize, p: usize, best: u32) -> u32 {
         let v: [u32; 8] = std::array::from_fn(|s| self.0[s][p]);
-        scan_records(recs, r, &v, 0, NO_MATCH)
+        scan_records(recs, r, &v, 0, best)
     }
 
     /// Puts `k`'s values at position `p`.
