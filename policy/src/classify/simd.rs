@@ -627,7 +627,9 @@ mod avx2 {
         let mut pos = [_mm256_setzero_si256(); CHUNKS];
         let mut was = [_mm256_setzero_si256(); CHUNKS];
         let mut open = [_mm256_setzero_si256(); CHUNKS];
+        // Chunks past `n` never walk: `round!` below is written out for each of the eight.
         let mut walking = [false; CHUNKS];
+        const _: () = assert!(CHUNKS == 8);
         for c in 0..chunks {
             pos[c] = _mm256_add_epi32(_mm256_set1_epi32((c * 8) as i32), iota);
             let b = &best[c * 8..c * 8 + 8];
@@ -648,62 +650,80 @@ mod avx2 {
             // of 32 gives 0. Scale 4 is a u32.
             *at = unsafe { _mm256_i32gather_epi32::<4>(cut.roots.as_ptr().cast(), slice) };
         }
-        loop {
-            let mut moving = 0i32;
-            for c in 0..chunks {
-                if !walking[c] {
-                    continue;
-                }
-                let cur = idx[c];
-                // SAFETY: every lane of `cur` is a node index inside `nodes`; scale 8 is a Node.
-                let (lo, hi) = unsafe {
-                    (
-                        _mm256_i32gather_epi64::<8>(base, _mm256_castsi256_si128(cur)),
-                        _mm256_i32gather_epi64::<8>(base, _mm256_extracti128_si256::<1>(cur)),
-                    )
-                };
-                // lo = t0 m0 t1 m1 t2 m2 t3 m3 → t0 t1 t2 t3 | m0 m1 m2 m3, same for hi.
-                let lo = _mm256_permutevar8x32_epi32(lo, pick);
-                let hi = _mm256_permutevar8x32_epi32(hi, pick);
-                let thresh = _mm256_permute2x128_si256::<0x20>(lo, hi);
-                let meta = _mm256_permute2x128_si256::<0x31>(lo, hi);
-                let dim = _mm256_and_si256(meta, seven);
-                let m = _mm256_movemask_epi8(_mm256_cmpeq_epi32(dim, leaf)) ^ -1;
-                if m == 0 {
-                    walking[c] = false;
-                    let k = [0, 1, 2, 3, 4].map(|s| row(keys, s, c));
-                    // SAFETY: a leaf's `thresh` is one of its records (see `walk`).
-                    let prio = unsafe {
-                        test(
-                            recs.as_ptr(),
-                            thresh,
-                            &k,
-                            row(keys, slot::VLAN, c),
-                            row(keys, slot::PORTS_KNOWN, c),
-                            open[c],
-                            was[c],
+        // One round for chunk `c`, written out for each chunk (as in the AVX-512 walk).
+        macro_rules! round {
+            ($c:expr, $moving:ident) => {{
+                let c = $c;
+                if walking[c] {
+                    let cur = idx[c];
+                    // SAFETY: every lane of `cur` is a node index inside `nodes`; scale 8 is
+                    // a Node.
+                    let (lo, hi) = unsafe {
+                        (
+                            _mm256_i32gather_epi64::<8>(base, _mm256_castsi256_si128(cur)),
+                            _mm256_i32gather_epi64::<8>(base, _mm256_extracti128_si256::<1>(cur)),
                         )
                     };
-                    let b = &mut best[c * 8..c * 8 + 8];
-                    // SAFETY: `b` is 8 u32s; an unaligned 256-bit store writes exactly them
-                    // (spare lanes past `n` keep NO_MATCH: they are never tested).
-                    unsafe {
-                        _mm256_storeu_si256(b.as_mut_ptr().cast(), _mm256_min_epu32(was[c], prio))
-                    };
-                    continue;
+                    // lo = t0 m0 t1 m1 t2 m2 t3 m3 → t0 t1 t2 t3 | m0 m1 m2 m3, same for hi.
+                    let lo = _mm256_permutevar8x32_epi32(lo, pick);
+                    let hi = _mm256_permutevar8x32_epi32(hi, pick);
+                    let thresh = _mm256_permute2x128_si256::<0x20>(lo, hi);
+                    let meta = _mm256_permute2x128_si256::<0x31>(lo, hi);
+                    let dim = _mm256_and_si256(meta, seven);
+                    let m = _mm256_movemask_epi8(_mm256_cmpeq_epi32(dim, leaf)) ^ -1;
+                    if m == 0 {
+                        walking[c] = false;
+                        let k = [0, 1, 2, 3, 4].map(|s| row(keys, s, c));
+                        // SAFETY: a leaf's `thresh` is one of its records (see `walk`).
+                        let prio = unsafe {
+                            test(
+                                recs.as_ptr(),
+                                thresh,
+                                &k,
+                                row(keys, slot::VLAN, c),
+                                row(keys, slot::PORTS_KNOWN, c),
+                                open[c],
+                                was[c],
+                            )
+                        };
+                        let b = &mut best[c * 8..c * 8 + 8];
+                        // SAFETY: `b` is 8 u32s; an unaligned 256-bit store writes exactly
+                        // them (spare lanes past `n` keep NO_MATCH: they are never tested).
+                        unsafe {
+                            _mm256_storeu_si256(
+                                b.as_mut_ptr().cast(),
+                                _mm256_min_epu32(was[c], prio),
+                            )
+                        };
+                    } else {
+                        // Slot `dim` of each lane's position; a leaf's dimension reads slot 5,
+                        // always 0, so its lane stays.
+                        let at = _mm256_add_epi32(pos[c], _mm256_slli_epi32::<6>(dim));
+                        // SAFETY: dim * GROUP + position < 8 * GROUP, the u32s of `keys`;
+                        // scale 4 is a u32.
+                        let val = unsafe { _mm256_i32gather_epi32::<4>(vals, at) };
+                        let right = _mm256_cmpgt_epi32(
+                            _mm256_xor_si256(val, bias),
+                            _mm256_xor_si256(thresh, bias),
+                        );
+                        // right is -1 where the value is above the threshold: subtracting adds
+                        // one.
+                        idx[c] = _mm256_sub_epi32(_mm256_srli_epi32::<3>(meta), right);
+                        $moving |= m;
+                    }
                 }
-                // Slot `dim` of each lane's position; a leaf's dimension reads slot 5, always 0,
-                // so its lane stays.
-                let at = _mm256_add_epi32(pos[c], _mm256_slli_epi32::<6>(dim));
-                // SAFETY: dim * GROUP + position < 8 * GROUP, the u32s of `keys`; scale 4 is
-                // a u32.
-                let val = unsafe { _mm256_i32gather_epi32::<4>(vals, at) };
-                let right =
-                    _mm256_cmpgt_epi32(_mm256_xor_si256(val, bias), _mm256_xor_si256(thresh, bias));
-                // right is -1 where the value is above the threshold: subtracting adds one.
-                idx[c] = _mm256_sub_epi32(_mm256_srli_epi32::<3>(meta), right);
-                moving |= m;
-            }
+            }};
+        }
+        loop {
+            let mut moving = 0i32;
+            round!(0, moving);
+            round!(1, moving);
+            round!(2, moving);
+            round!(3, moving);
+            round!(4, moving);
+            round!(5, moving);
+            round!(6, moving);
+            round!(7, moving);
             if moving == 0 {
                 break;
             }
