@@ -401,11 +401,15 @@ impl Classifier for Forest {
             // A burst from one receive queue is all one direction, and nearly always IPv4:
             // then its keys go to one block in order, with nothing to sort.
             let d = chunk[0].dir as usize & 1;
-            if chunk.iter().all(|k| !k.v6 & (k.dir as usize & 1 == d)) {
-                let mut values = Keys::zeroed();
-                for (p, k) in chunk.iter().enumerate() {
-                    values.set(p, k);
-                }
+            // The keys go into one block as they are checked, in one pass: a mixed burst (rare)
+            // is then done again below.
+            let mut values = Keys::zeroed();
+            let mut mixed = false;
+            for (p, k) in chunk.iter().enumerate() {
+                values.set(p, k);
+                mixed |= k.v6 | (k.dir as usize & 1 != d);
+            }
+            if !mixed {
                 self.v4[d].classify_group(self.walk, chunk, &values, &IN_ORDER[..chunk.len()], out);
                 continue;
             }

@@ -717,8 +717,10 @@ impl Keys {
     /// Puts `k`'s values at position `p`.
     #[inline(always)]
     pub(super) fn set(&mut self, p: usize, k: &FlowKey) {
-        for (row, x) in self.0.iter_mut().zip(Tree::values(k)) {
-            row[p] = x;
+        // Slot 5 stays 0 (see `Keys`): seven stores, not eight.
+        let v = Tree::values(k);
+        for s in [0, 1, 2, 3, 4, 6, 7] {
+            self.0[s][p] = v[s];
         }
     }
 }
