@@ -19,7 +19,7 @@
 
 #![allow(unsafe_code)]
 
-use super::tree::{Cut, Keys, Node, Tree, GROUP, LEAF};
+use super::tree::{Keys, Tree, GROUP, LEAF};
 
 /// Asks the CPU to start loading the cache line holding `r`, so a later read finds it there.
 /// A hint only: it changes no value and never faults.
@@ -109,9 +109,12 @@ pub(super) fn walk(
     // `Tree::build` makes nodes and records, and it keeps every child index in bounds, every
     // path ending at a leaf, and every leaf's record index in bounds (an empty leaf gets a
     // record that matches nothing). A `Tree::default()` has no nodes, and is refused here.
-    let nodes = tree.nodes();
-    let recs = tree.recs();
-    if !supported(mode) || nodes.is_empty() || recs.is_empty() || n > GROUP {
+    if !supported(mode)
+        || tree.nodes().is_empty()
+        || tree.recs().is_empty()
+        || tree.leaf().is_empty()
+        || n > GROUP
+    {
         return false;
     }
     match mode {
@@ -123,12 +126,12 @@ pub(super) fn walk(
         // MORE on each one but the last); `keys` and `best` in whole chunks below GROUP, a
         // multiple of both widths; the cut's roots at a value shifted right by `shift`, which
         // the builder sized the table for (32: one root; the shift then gives 0).
-        Walk::Avx512 => unsafe { avx512::walk(tree.cut(), nodes, recs, keys, n, tree.best, best) },
+        Walk::Avx512 => unsafe { avx512::walk(tree, keys, n, best) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above, with AVX2 present (`supported`); the value gather reads `keys` at
         // slot * GROUP + position, slot below 8 (a node's dimension, or LEAF) and position
         // below GROUP.
-        Walk::Avx2 => unsafe { avx2::walk(tree.cut(), nodes, recs, keys, n, tree.best, best) },
+        Walk::Avx2 => unsafe { avx2::walk(tree, keys, n, best) },
         _ => return false,
     }
     true
@@ -178,9 +181,9 @@ mod avx512 {
     use std::arch::x86_64::*;
 
     use super::super::tree::{
-        Keys, Rec, ANY_PROTO, ANY_VLAN, DST_SHIFT, MORE, NEEDS_PORTS, SRC_SHIFT,
+        Keys, Rec, ANY_PROTO, ANY_VLAN, DST_SHIFT, ENTRY, MORE, NEEDS_PORTS, SRC_SHIFT,
     };
-    use super::{slot, Cut, Node, GROUP, LEAF, TAIL};
+    use super::{slot, Tree, GROUP, LEAF, TAIL};
     use crate::classify::NO_MATCH;
 
     /// Gathers 16 lanes' 64-bit words at `base` + `idx` * 8 bytes (lanes outside `active` read
@@ -239,9 +242,11 @@ mod avx512 {
     /// AVX-512F must be present; every active lane of `rec` must index `recs`, and so must the
     /// records after it while [`MORE`] is set.
     #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
     unsafe fn test(
         recs: &[Rec],
-        rec: __m512i,
+        leaf: &[u32],
+        mut at: __m512i,
         k: &[__m512i; 5],
         mut active: __mmask16,
         was: __m512i,
@@ -249,6 +254,7 @@ mod avx512 {
         c: usize,
     ) -> __m512i {
         let r = recs.as_ptr().cast::<i64>();
+        let entries = leaf.as_ptr().cast::<i32>();
         let [src, dst, sport, dport, proto] = *k;
         let vlan = row(keys, slot::VLAN, c);
         let known = row(keys, slot::PORTS_KNOWN, c);
@@ -256,9 +262,6 @@ mod avx512 {
         let low16 = _mm512_set1_epi32(0xffff);
         let flag = |m: __m512i, f: u32| _mm512_test_epi32_mask(m, _mm512_set1_epi32(f as i32));
         let mut best = _mm512_set1_epi32(NO_MATCH as i32);
-        // A record is 32 bytes, four 8-byte pairs (the fourth is the VLAN): index * 4, scaled
-        // by 8.
-        let mut r4 = _mm512_slli_epi32::<2>(rec);
         const _: () = assert!(slot::REC_SRC == 0 && slot::REC_DST == 1);
         const _: () = assert!(slot::REC_SPORT == 2 && slot::REC_DPORT == 3);
         const _: () = assert!(slot::REC_PRIO == 4 && slot::REC_META == 5 && slot::REC_VLAN == 6);
@@ -271,11 +274,19 @@ mod avx512 {
         };
         while active != 0 {
             if active.count_ones() <= TAIL {
-                return tail(recs, r4, best, active, was, keys, c * 16);
+                return tail(recs, leaf, at, best, active, was, keys, c * 16);
             }
-            // SAFETY: the caller's contract: each active lane's `r4 / 4` is a record of its
-            // leaf (the first, or one after a record with MORE set); `p` is a pair inside a
-            // Rec. Inactive lanes read nothing.
+            // SAFETY: the caller's contract: each active lane's `at` is an entry of its leaf
+            // (the first, or one after an entry with MORE set). Inactive lanes read nothing.
+            let entry = unsafe {
+                _mm512_mask_i32gather_epi32::<4>(_mm512_setzero_si512(), active, at, entries)
+            };
+            // A record is 32 bytes, four 8-byte pairs (the fourth is the VLAN): index * 4,
+            // scaled by 8.
+            let r4 =
+                _mm512_slli_epi32::<2>(_mm512_and_si512(entry, _mm512_set1_epi32(ENTRY as i32)));
+            // SAFETY: the builder's entries index `recs`; `p` is a pair inside a Rec. Inactive
+            // lanes read nothing.
             let field = |p: usize, lanes: __mmask16| unsafe { pairs(r.add(p), r4, lanes) };
             let (rsrc, rdst) = field(0, active);
             let (sr, dr) = field(1, active);
@@ -309,20 +320,22 @@ mod avx512 {
             let useful = _mm512_cmplt_epu32_mask(prio, was);
             let hit = active & useful & addr & ports & proto_ok & vlan_ok & frag;
             best = _mm512_mask_mov_epi32(best, hit, prio);
-            active &= !hit & flag(meta, MORE) & useful;
-            r4 = _mm512_add_epi32(r4, _mm512_set1_epi32(4));
+            active &= !hit & flag(entry, MORE) & useful;
+            at = _mm512_add_epi32(at, _mm512_set1_epi32(1));
         }
         best
     }
 
-    /// Finishes the leaf test of the lanes `active` one at a time (`r4`: their next records
-    /// times four; `best`: what the chunk has found so far): a gather costs as much for one
-    /// lane as for sixteen, so the last few lanes of a leaf test scan their records scalar.
+    /// Finishes the leaf test of the lanes `active` one at a time (`at`: their next entries;
+    /// `best`: what the chunk has found so far): a gather costs as much for one lane as for
+    /// sixteen, so the last few lanes of a leaf test scan their records scalar.
     #[target_feature(enable = "avx512f")]
     #[inline(never)]
+    #[allow(clippy::too_many_arguments)]
     fn tail(
         recs: &[Rec],
-        r4: __m512i,
+        leaf: &[u32],
+        next: __m512i,
         best: __m512i,
         active: __mmask16,
         was: __m512i,
@@ -333,7 +346,7 @@ mod avx512 {
         let mut bound = [0u32; 16];
         // SAFETY: `at` and `bound` are 16 u32s; unaligned 512-bit stores write exactly them.
         unsafe {
-            _mm512_storeu_si512(at.as_mut_ptr().cast(), _mm512_srli_epi32::<2>(r4));
+            _mm512_storeu_si512(at.as_mut_ptr().cast(), next);
             _mm512_storeu_si512(bound.as_mut_ptr().cast(), was);
         }
         // Each lane's result goes into its lane of `best` directly: writing them to memory and
@@ -343,22 +356,16 @@ mod avx512 {
         while lanes != 0 {
             let lane = lanes.trailing_zeros() as usize;
             lanes &= lanes - 1;
-            let found = keys.scan(recs, at[lane] as usize, first + lane, bound[lane]);
+            let found = keys.scan(recs, leaf, at[lane] as usize, first + lane, bound[lane]);
             best = _mm512_mask_set1_epi32(best, 1 << lane, found as i32);
         }
         best
     }
 
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn walk(
-        cut: &Cut,
-        nodes: &[Node],
-        recs: &[Rec],
-        keys: &Keys,
-        n: usize,
-        tree_best: u32,
-        best: &mut [u32; GROUP],
-    ) {
+    pub(super) unsafe fn walk(tree: &Tree, keys: &Keys, n: usize, best: &mut [u32; GROUP]) {
+        let (cut, nodes, recs, lists) = (tree.cut(), tree.nodes(), tree.recs(), tree.leaf());
+        let tree_best = tree.best;
         const CHUNKS: usize = GROUP / 16;
         let n = n.min(GROUP);
         let base = nodes.as_ptr().cast::<i64>();
@@ -426,10 +433,11 @@ mod avx512 {
                     let dim = _mm512_and_si512(meta, seven);
                     let m = _mm512_cmpneq_epi32_mask(dim, leaf);
                     if m == 0 {
-                        // Every lane's node is its leaf, and `thresh` its first record.
+                        // Every lane's node is its leaf, and `thresh` its first entry.
                         walking[c] = false;
-                        // SAFETY: a leaf's `thresh` is one of its records (see `walk`).
-                        let prio = unsafe { test(recs, thresh, &k[c], open[c], was[c], keys, c) };
+                        let (kc, lanes, bound) = (&k[c], open[c], was[c]);
+                        // SAFETY: a leaf's `thresh` is one of its entries (see `walk`).
+                        let prio = unsafe { test(recs, lists, thresh, kc, lanes, bound, keys, c) };
                         let b = &mut best[c * 16..c * 16 + 16];
                         // SAFETY: `b` is 16 u32s; an unaligned 512-bit store writes exactly
                         // them (spare lanes past `n` keep NO_MATCH: they are never tested).
@@ -472,9 +480,9 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     use super::super::tree::{
-        Keys, Rec, ANY_PROTO, ANY_VLAN, DST_SHIFT, MORE, NEEDS_PORTS, SRC_SHIFT,
+        Keys, Rec, ANY_PROTO, ANY_VLAN, DST_SHIFT, ENTRY, MORE, NEEDS_PORTS, SRC_SHIFT,
     };
-    use super::{slot, Cut, Node, GROUP, LEAF};
+    use super::{slot, Tree, GROUP, LEAF};
     use crate::classify::NO_MATCH;
 
     /// Chunk `c`'s 8 values in slot `s`.
@@ -492,9 +500,11 @@ mod avx2 {
     /// # Safety
     /// As for the AVX-512 test, with AVX2 present.
     #[target_feature(enable = "avx2")]
+    #[allow(clippy::too_many_arguments)]
     unsafe fn test(
         recs: *const Rec,
-        rec: __m256i,
+        leaf: *const u32,
+        mut at: __m256i,
         k: &[__m256i; 5],
         vlan: __m256i,
         known: __m256i,
@@ -522,7 +532,6 @@ mod avx2 {
         };
         let low16 = _mm256_set1_epi32(0xffff);
         let mut best = _mm256_set1_epi32(NO_MATCH as i32);
-        let mut r4 = _mm256_slli_epi32::<2>(rec);
         let six_bits = _mm256_set1_epi32(63);
         // Lanes (all ones) whose address, shifted by the record's shift, differs from the
         // record's prefix in no bit.
@@ -530,8 +539,13 @@ mod avx2 {
             _mm256_cmpeq_epi32(_mm256_srlv_epi32(_mm256_xor_si256(a, p), shift), zero)
         };
         while _mm256_testz_si256(active, active) == 0 {
-            // SAFETY: as in the AVX-512 test: active lanes index records of their leaf,
-            // inactive lanes read nothing.
+            // SAFETY: as in the AVX-512 test: active lanes index entries of their leaf, whose
+            // record indices index `recs`; inactive lanes read nothing.
+            let entry =
+                unsafe { _mm256_mask_i32gather_epi32::<4>(zero, leaf.cast::<i32>(), at, active) };
+            let r4 =
+                _mm256_slli_epi32::<2>(_mm256_and_si256(entry, _mm256_set1_epi32(ENTRY as i32)));
+            // SAFETY: as above.
             let field = |f: usize, lanes: __m256i| unsafe {
                 _mm256_mask_i32gather_epi32::<8>(zero, r.add(f), r4, lanes)
             };
@@ -593,9 +607,9 @@ mod avx2 {
             best = _mm256_blendv_epi8(best, prio, hit);
             active = _mm256_andnot_si256(
                 hit,
-                _mm256_and_si256(_mm256_and_si256(active, useful), flag(meta, MORE)),
+                _mm256_and_si256(_mm256_and_si256(active, useful), flag(entry, MORE)),
             );
-            r4 = _mm256_add_epi32(r4, _mm256_set1_epi32(4));
+            at = _mm256_add_epi32(at, _mm256_set1_epi32(1));
         }
         best
     }
@@ -603,15 +617,9 @@ mod avx2 {
     /// The same walk as the AVX-512 one on 8 lanes, eight chunks in flight; the key's value on
     /// a node's dimension is gathered from `keys` (slot * GROUP + position).
     #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn walk(
-        cut: &Cut,
-        nodes: &[Node],
-        recs: &[Rec],
-        keys: &Keys,
-        n: usize,
-        tree_best: u32,
-        best: &mut [u32; GROUP],
-    ) {
+    pub(super) unsafe fn walk(tree: &Tree, keys: &Keys, n: usize, best: &mut [u32; GROUP]) {
+        let (cut, nodes, recs, entries) = (tree.cut(), tree.nodes(), tree.recs(), tree.leaf());
+        let tree_best = tree.best;
         const CHUNKS: usize = GROUP / 8;
         let n = n.min(GROUP);
         let base = nodes.as_ptr().cast::<i64>();
@@ -678,6 +686,7 @@ mod avx2 {
                         let prio = unsafe {
                             test(
                                 recs.as_ptr(),
+                                entries.as_ptr(),
                                 thresh,
                                 &k,
                                 row(keys, slot::VLAN, c),

@@ -41,7 +41,7 @@ pub(super) const GROUP: usize = 64;
 /// An inner node: `meta` is the dimension (low 3 bits) and the index of the first child (the
 /// rest). A leaf: `meta` is [`LEAF`] and its own index, so stepping from a leaf stays there and
 /// a burst walks without testing which packets have arrived; `thresh` is the index of its first
-/// [`Rec`], and the leaf's records run on while [`MORE`] is set.
+/// entry in `Tree::leaf`, and the leaf's entries run on while [`MORE`] is set.
 #[derive(Debug, Clone, Copy, Default)]
 #[repr(C)]
 pub(super) struct Node {
@@ -55,8 +55,10 @@ type Box5 = [(u32, u32); 5];
 pub(super) const ANY_PROTO: u32 = 1 << 8;
 /// `Rec::meta`: the atom matches only frames whose ports are known (not a later fragment).
 pub(super) const NEEDS_PORTS: u32 = 1 << 9;
-/// `Rec::meta`: another record of the same leaf follows this one.
-pub(super) const MORE: u32 = 1 << 10;
+/// A leaf entry (`Tree::leaf`): another entry of the same leaf follows this one. The rest of
+/// the entry ([`ENTRY`]) is the index of its atom's [`Rec`].
+pub(super) const MORE: u32 = 1 << 31;
+pub(super) const ENTRY: u32 = MORE - 1;
 /// `Rec::meta`: the VLAN (`Rec::vlan`) is not tested.
 pub(super) const ANY_VLAN: u32 = 1 << 11;
 /// `Rec::meta`: where the source's and the destination's shifts start (6 bits each): 32 minus
@@ -78,7 +80,7 @@ pub(super) struct Rec {
     pub(super) sport: u32,
     pub(super) dport: u32,
     pub(super) prio: u32,
-    /// Protocol, [`ANY_PROTO`], [`NEEDS_PORTS`], [`MORE`], [`ANY_VLAN`], and the address shifts
+    /// Protocol, [`ANY_PROTO`], [`NEEDS_PORTS`], [`ANY_VLAN`], and the address shifts
     /// at [`SRC_SHIFT`] and [`DST_SHIFT`].
     pub(super) meta: u32,
     pub(super) vlan: u32,
@@ -94,16 +96,13 @@ fn in_prefix(a: u32, p: u32, shift: u32) -> bool {
 }
 
 impl Rec {
-    fn from_atom(a: &Atom, more: bool) -> Rec {
+    fn from_atom(a: &Atom) -> Rec {
         let mut meta = a.proto.map_or(ANY_PROTO, u32::from);
         if a.vlan.is_none() {
             meta |= ANY_VLAN;
         }
         if a.needs_ports {
             meta |= NEEDS_PORTS;
-        }
-        if more {
-            meta |= MORE;
         }
         meta |= (32 - u32::from(a.src.len.min(32))) << SRC_SHIFT;
         meta |= (32 - u32::from(a.dst.len.min(32))) << DST_SHIFT;
@@ -148,19 +147,29 @@ impl Rec {
     }
 }
 
-/// The first record of a leaf's run, from record `r` to the leaf's last, that matches the key
-/// with values `v` (the slots of [`Tree::values`]) and is at or after `from`, if it beats
+/// The first record of a leaf's entries, from entry `r` to the leaf's last, that matches the
+/// key with values `v` (the slots of [`Tree::values`]) and is at or after `from`, if it beats
 /// `best`; else `best`. Each record is tested without a branch on its outcome: leaves are short.
 #[inline(always)]
-fn scan_records(recs: &[Rec], mut r: usize, v: &[u32; 8], from: u32, mut best: u32) -> u32 {
-    while let Some(e) = recs.get(r) {
+fn scan_records(
+    recs: &[Rec],
+    leaf: &[u32],
+    mut r: usize,
+    v: &[u32; 8],
+    from: u32,
+    mut best: u32,
+) -> u32 {
+    while let Some(&entry) = leaf.get(r) {
+        let Some(e) = recs.get((entry & ENTRY) as usize) else {
+            break;
+        };
         // Records are in priority order: none from here on beats `best`.
         if e.prio >= best {
             break;
         }
         let hit = e.matches(v) & (e.prio >= from);
         best = best.min(if hit { e.prio } else { NO_MATCH });
-        if e.meta & MORE == 0 {
+        if entry & MORE == 0 {
             break;
         }
         r += 1;
@@ -219,8 +228,12 @@ pub(super) struct Tree {
     /// Where a walk starts: `roots[value >> shift]`, the value on dimension `cut_dim`.
     cut: Cut,
     nodes: Box<[Node]>,
-    /// The leaves' atoms, each leaf's in a run.
+    /// One record per atom, in the atoms' order, and a last one that matches nothing.
     recs: Box<[Rec]>,
+    /// The leaves' entries, each leaf's in a run: an atom's record index, and [`MORE`] on every
+    /// entry but a leaf's last. An atom that several leaves hold is one record and an entry in
+    /// each: four bytes a copy, not a record's 32.
+    leaf: Box<[u32]>,
     /// The best (lowest) priority any atom here has; [`NO_MATCH`] when empty.
     pub(super) best: u32,
     /// Whether some leaf stopped at a covering atom, so atoms after it are missing there: a
@@ -236,7 +249,7 @@ struct Builder<'a> {
     atoms: &'a [Atom],
     boxes: Vec<Box5>,
     nodes: Vec<Node>,
-    recs: Vec<Rec>,
+    entries: Vec<u32>,
     stats: TreeStats,
     truncated: bool,
     scratch: Vec<u32>,
@@ -299,21 +312,21 @@ impl Builder<'_> {
     }
 
     fn leaf(&mut self, at: usize, rules: &[u32], depth: usize) -> Result<(), OverBudget> {
-        if self.recs.len() + rules.len() > self.budget {
+        if self.entries.len() + rules.len() > self.budget {
             return Err(OverBudget);
         }
-        let start = self.recs.len() as u32;
+        let start = self.entries.len() as u32;
         if rules.is_empty() {
-            // An empty leaf still points at a record, one that matches nothing: the checks
-            // then need no test for emptiness.
-            self.recs.push(Rec::nothing());
+            // An empty leaf still has an entry, for the record after the atoms' own, which
+            // matches nothing: the checks then need no test for emptiness.
+            self.entries.push(self.atoms.len() as u32);
         }
         let last = rules.len().saturating_sub(1);
-        self.recs.extend(
+        self.entries.extend(
             rules
                 .iter()
                 .enumerate()
-                .map(|(n, &i)| Rec::from_atom(&self.atoms[i as usize], n < last)),
+                .map(|(n, &i)| if n < last { i | MORE } else { i }),
         );
         self.nodes[at] = Node {
             thresh: start,
@@ -491,7 +504,7 @@ impl Tree {
             atoms,
             boxes: atoms.iter().map(ranges).collect(),
             nodes: Vec::new(),
-            recs: Vec::new(),
+            entries: Vec::new(),
             stats: TreeStats::default(),
             truncated: false,
             scratch: Vec::new(),
@@ -565,7 +578,12 @@ impl Tree {
         Ok(Tree {
             cut,
             nodes: b.nodes.into_boxed_slice(),
-            recs: b.recs.into_boxed_slice(),
+            recs: atoms
+                .iter()
+                .map(Rec::from_atom)
+                .chain([Rec::nothing()])
+                .collect(),
+            leaf: b.entries.into_boxed_slice(),
             best: atoms.first().map_or(NO_MATCH, |a| a.prio),
             truncated: b.truncated,
             dropped: (0..atoms.len() as u32)
@@ -585,9 +603,14 @@ impl Tree {
         &self.nodes
     }
 
-    /// The leaf records, for the SIMD check.
+    /// The atoms' records, for the SIMD check.
     pub(super) fn recs(&self) -> &[Rec] {
         &self.recs
+    }
+
+    /// The leaves' entries, for the SIMD check.
+    pub(super) fn leaf(&self) -> &[u32] {
+        &self.leaf
     }
 
     pub(super) fn memory(&self) -> usize {
@@ -595,6 +618,7 @@ impl Tree {
             + self.cut.roots.len() * std::mem::size_of::<u32>()
             + self.nodes.len() * std::mem::size_of::<Node>()
             + self.recs.len() * std::mem::size_of::<Rec>()
+            + self.leaf.len() * std::mem::size_of::<u32>()
     }
 
     /// The key's value on each dimension (slots 0-4), 0 in slot 5 (a leaf "splits" on it), and
@@ -618,7 +642,7 @@ impl Tree {
     #[inline(always)]
     fn scan(&self, at: usize, k: &FlowKey, from: u32, best: u32) -> u32 {
         let r = self.nodes[at].thresh as usize;
-        scan_records(&self.recs, r, &Self::values(k), from, best)
+        scan_records(&self.recs, &self.leaf, r, &Self::values(k), from, best)
     }
 
     /// First match at or after `from` among the atoms the key's leaf holds, if it beats `best`;
@@ -679,7 +703,8 @@ impl Tree {
         // Start loading every packet's leaf before scanning any: the scans' first reads then
         // overlap instead of each waiting in turn.
         for &a in &at[..n] {
-            if let Some(e) = self.recs.get(self.nodes[a as usize].thresh as usize) {
+            let entry = self.leaf.get(self.nodes[a as usize].thresh as usize);
+            if let Some(e) = entry.and_then(|&e| self.recs.get((e & ENTRY) as usize)) {
                 super::simd::prefetch(e);
             }
         }
@@ -705,13 +730,14 @@ impl Keys {
         Keys([[0; GROUP]; 8])
     }
 
-    /// The priority of packet `p`'s first match among `recs` from record `r` to the end of its
-    /// leaf, or [`NO_MATCH`]. The SIMD tests finish a chunk's last few lanes with this: a
-    /// gather costs the same for one lane as for all of them.
+    /// The priority of packet `p`'s first match among the records of a leaf's entries, from
+    /// entry `r` to the leaf's last, if it beats `best`; else `best`. The SIMD tests finish a
+    /// chunk's last few lanes with this: a gather costs the same for one lane as for all of
+    /// them.
     #[inline]
-    pub(super) fn scan(&self, recs: &[Rec], r: usize, p: usize, best: u32) -> u32 {
+    pub(super) fn scan(&self, recs: &[Rec], leaf: &[u32], r: usize, p: usize, best: u32) -> u32 {
         let v: [u32; 8] = std::array::from_fn(|s| self.0[s][p]);
-        scan_records(recs, r, &v, 0, best)
+        scan_records(recs, leaf, r, &v, 0, best)
     }
 
     /// Puts `k`'s values at position `p`.
