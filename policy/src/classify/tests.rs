@@ -376,3 +376,25 @@ fn spread_rule_sets_get_cut_tables() {
         .any(|t| t.cut_slices > 1);
     assert!(cut, "no tree of the spread set starts with a cut");
 }
+
+#[test]
+fn copies_counts_every_leaf_an_atom_is_in_and_stops_at_its_cap() {
+    // `Tree::copies` decides which merges are not worth building: it must count at least the
+    // leaves each atom already sits in (an atom is in every leaf whose box it meets, unless a
+    // covering atom came first), and never more than its cap.
+    let mut runner = proptest::test_runner::TestRunner::deterministic();
+    let rules = prop::collection::vec(arb_spread_match(), 300)
+        .new_tree(&mut runner)
+        .unwrap()
+        .current();
+    let mut atoms: Vec<Atom> = lower(&rules)
+        .into_iter()
+        .filter(|a| a.dir == 0 && !a.src.v6)
+        .collect();
+    atoms.sort_by_key(|a| a.prio);
+    let tree = super::tree::Tree::build(&atoms, usize::MAX).unwrap();
+    let entries = tree.stats.leaf_entries;
+    assert!(entries > 10, "the set should fill some leaves");
+    assert!(tree.copies(&atoms, usize::MAX) >= entries);
+    assert_eq!(tree.copies(&atoms, 10), 10);
+}

@@ -593,6 +593,48 @@ impl Tree {
         })
     }
 
+    /// How many leaves `atoms` would be copied into if they were added to this tree as it is
+    /// (each atom once per leaf whose box it meets), counting up to `cap`: what merging them
+    /// in would cost at least, found without building anything.
+    pub(super) fn copies(&self, atoms: &[Atom], cap: usize) -> usize {
+        let mut count = 0;
+        let mut stack: Vec<u32> = Vec::new();
+        for a in atoms {
+            let want = ranges(a);
+            // The roots of the slices the atom spans, each once.
+            let (lo, hi) = (
+                u64::from(want[self.cut.dim].0) >> self.cut.shift,
+                u64::from(want[self.cut.dim].1) >> self.cut.shift,
+            );
+            let mut last = None;
+            for slice in lo..=hi {
+                let root = self.cut.roots[slice as usize];
+                if last != Some(root) {
+                    stack.push(root);
+                    last = Some(root);
+                }
+            }
+            while let Some(at) = stack.pop() {
+                let n = self.nodes[at as usize];
+                if n.meta & 7 == LEAF {
+                    count += 1;
+                    if count >= cap {
+                        return cap;
+                    }
+                    continue;
+                }
+                let (d, t, first) = ((n.meta & 7) as usize, n.thresh, n.meta >> 3);
+                if want[d].0 <= t {
+                    stack.push(first);
+                }
+                if want[d].1 > t {
+                    stack.push(first + 1);
+                }
+            }
+        }
+        count
+    }
+
     /// Where walks start, for the SIMD walk.
     pub(super) fn cut(&self) -> &Cut {
         &self.cut
