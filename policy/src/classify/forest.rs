@@ -51,12 +51,13 @@ const MERGE_GROWTH: usize = 8;
 /// would take more than this many times the limit of entries (see `Part::build`).
 const MERGE_ESTIMATE: usize = 4;
 /// A tree with at most 1/MERGE_SMALL of the other's atoms is "a handful" (see `Part::build`),
-/// merged only into a tree of at most MERGE_HANDFUL_MAX atoms: the merge rebuilds the large
-/// tree, and past that size the rebuild costs the control path more than the handful's own
-/// walk costs lookups (kube-latency at 10k rules: a one-atom default tree merged into the
-/// 10,000-atom one doubled the table build, 8.4 -> 18.7 ms, and put the p99 at 49.6 ms).
+/// merged only into a tree of at most MERGE_HANDFUL_MAX atoms: its atoms are usually broad, so
+/// the merge copies them into most of the large tree's leaves and rebuilds it. ipc1_1k's 9 into
+/// 516 atoms: 1.2 times faster lookups. acl1_10k's 80 into 2,542: 1.03 times faster, for a build
+/// 2.3 times longer (27 -> 64 ms); a one-atom default tree into kube-latency's 10,000: the table
+/// build doubled (8.4 -> 18.7 ms) and the end-to-end p99 reached 49.6 ms.
 const MERGE_SMALL: usize = 16;
-const MERGE_HANDFUL_MAX: usize = 4096;
+const MERGE_HANDFUL_MAX: usize = 1024;
 
 /// Leaf entries a tree over `atoms` may hold.
 fn budget(atoms: usize, replication: usize) -> usize {
