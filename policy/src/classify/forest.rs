@@ -41,8 +41,9 @@ const SCALAR_MAX: usize = 4;
 /// depth at most the sum of theirs) and it takes at most this many bytes per atom: ten records'
 /// worth. A leaf holds 4-byte entries, so copies are cheap. Measured (in-process A/B, merged
 /// against not merged): ipc1_1k's three trees become one of 238 bytes an atom, 1.50 times
-/// faster; acl1_1k's three one of 67, 1.53 times; acl1_10k's 1.73 times and acl1_100k's 1.66.
-/// fw1_1k's would take 812 bytes an atom, and ipc1_10k's and fw1's larger sets fail the limit.
+/// faster; acl1_1k's three one of 67, 1.53 times; acl1_10k's source and destination parts 1.7
+/// times and acl1_100k's 1.66. fw1_1k's would take 812 bytes an atom, and ipc1_10k's and fw1's
+/// larger sets fail the limit.
 const MERGE_BYTES_PER_ATOM: usize = 320;
 /// A merge is attempted with room for at most this many times the two trees' leaf entries
 /// together, which bounds what a failed attempt costs.

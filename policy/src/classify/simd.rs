@@ -106,9 +106,10 @@ pub(super) fn walk(
     best: &mut [u32; GROUP],
 ) -> bool {
     // Taking a built `Tree`, not a slice of nodes, is what makes this safe to call: only
-    // `Tree::build` makes nodes and records, and it keeps every child index in bounds, every
-    // path ending at a leaf, and every leaf's record index in bounds (an empty leaf gets a
-    // record that matches nothing). A `Tree::default()` has no nodes, and is refused here.
+    // `Tree::build` makes nodes, leaf entries and records, and it keeps every child index in
+    // bounds, every path ending at a leaf, every leaf's first entry in bounds, and every entry's
+    // record index in bounds (an empty leaf gets an entry for a record that matches nothing).
+    // A `Tree::default()` has no nodes, and is refused here.
     if !supported(mode)
         || tree.nodes().is_empty()
         || tree.recs().is_empty()
@@ -121,9 +122,11 @@ pub(super) fn walk(
         #[cfg(target_arch = "x86_64")]
         // SAFETY: AVX-512F is present (`supported`). The walk reads `nodes` only at indices
         // taken from the tree itself, which `Tree::build` keeps in bounds (a child index is
-        // always a pushed node, and the node count stays below 2^29 so it fits `meta`); `recs`
-        // only at a leaf's records (the builder points a leaf at its first record and sets
-        // MORE on each one but the last); `keys` and `best` in whole chunks below GROUP, a
+        // always a pushed node, and the node count stays below 2^29 so it fits `meta`); the
+        // leaf entries only from a leaf's first on while MORE is set (the builder points a leaf
+        // at its first entry and sets MORE on each one but the last), and `recs` only at an
+        // entry's record index (an atom's, or the one after them); `keys` and `best` in whole
+        // chunks below GROUP, a
         // multiple of both widths; the cut's roots at a value shifted right by `shift`, which
         // the builder sized the table for (32: one root; the shift then gives 0).
         Walk::Avx512 => unsafe { avx512::walk(tree, keys, n, best) },
@@ -231,16 +234,17 @@ mod avx512 {
         unsafe { _mm512_loadu_si512(lanes.as_ptr().cast()) }
     }
 
-    /// Tests the lanes `active` of a chunk against their leaves (`rec`: each leaf's first
-    /// record index): the priority of each lane's first record that matches its key (`k`: the
+    /// Tests the lanes `active` of a chunk against their leaves (`at`: each leaf's first entry
+    /// in `leaf`): the priority of each lane's first record that matches its key (`k`: the
     /// values on the five dimensions; the VLAN and whether the ports are known come from chunk
     /// `c` of `keys`), else [`NO_MATCH`]. Records are in priority order, so a lane stops at its
-    /// first hit or at its leaf's last record ([`MORE`] clear). Records are read as pairs of
-    /// fields; once at most [`TAIL`] lanes are left, they finish scalar ([`tail`]).
+    /// first hit, at its leaf's last entry ([`MORE`] clear) or at a record that cannot beat
+    /// `was`. An entry is gathered, then its record's fields as pairs; once at most [`TAIL`]
+    /// lanes are left, they finish scalar ([`tail`]).
     ///
     /// # Safety
-    /// AVX-512F must be present; every active lane of `rec` must index `recs`, and so must the
-    /// records after it while [`MORE`] is set.
+    /// AVX-512F must be present; every active lane of `at` must index `leaf`, and so must the
+    /// entries after it while [`MORE`] is set; every entry's record index must index `recs`.
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
     unsafe fn test(
@@ -682,7 +686,7 @@ mod avx2 {
                     if m == 0 {
                         walking[c] = false;
                         let k = [0, 1, 2, 3, 4].map(|s| row(keys, s, c));
-                        // SAFETY: a leaf's `thresh` is one of its records (see `walk`).
+                        // SAFETY: a leaf's `thresh` is one of its entries (see `walk`).
                         let prio = unsafe {
                             test(
                                 recs.as_ptr(),
