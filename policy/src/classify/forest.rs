@@ -162,7 +162,7 @@ impl Part {
                     failed.push(pair);
                     continue;
                 }
-                let merged = Tree::build(&g, if replication == 0 { 0 } else { limit });
+                let merged = Tree::build(&g, limit);
                 match merged
                     .ok()
                     .filter(|t| t.stats.max_depth <= depth && t.memory() <= bytes)
