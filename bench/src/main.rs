@@ -161,7 +161,7 @@ fn main() -> Result<()> {
                 keys.len()
             );
             println!(
-                "# forest ({} walk): {:.2} M lookups/s ({:.0} ns/lookup), build {:.2} ms, {} bytes, {} trees ({} starting with a cut table) of {} nodes (depth {} after it), {} leaves ({} with several atoms), {} atoms in tables",
+                "# forest ({} walk): {:.2} M lookups/s ({:.0} ns/lookup), build {:.2} ms, {} bytes, {} trees ({} starting with a cut table, {} with a linear block) of {} nodes (depth {} after it), {} leaves ({} with several atoms), {} atoms in tables",
                 fast.walk().name(),
                 fast_rate / 1e6,
                 1e9 / fast_rate,
@@ -169,6 +169,7 @@ fn main() -> Result<()> {
                 fast.memory_bytes(),
                 stats.trees,
                 stats.cut_trees,
+                stats.block_trees,
                 stats.tree_nodes,
                 stats.max_depth,
                 stats.leaves,

@@ -11,7 +11,8 @@
 //! Parts' trees then merge where one tree is cheaper than two (see [`MERGE_BYTES_PER_ATOM`]):
 //! every tree is a walk and a leaf test of its own. A lookup visits the trees in order of their
 //! best priority, then the tables, and skips any whose best cannot beat the match found so far.
-//! Bursts are walked [`GROUP`] packets at a time, tree by tree, level by level.
+//! Bursts are walked [`GROUP`] packets at a time, tree by tree, level by level; a small tree
+//! that only a few packets of the burst still need is scanned linearly instead (`block.rs`).
 //!
 //! Leaves stop at a covering atom, so a lookup that continues *after* a match (`from` > 0, how
 //! Pass, Log and audit rules go on) may need atoms a leaf dropped. Only those atoms go to a
@@ -19,7 +20,7 @@
 //! leaves (scanned from `from`), the tables and that tuple space. An atom no leaf dropped is
 //! in every leaf whose box it meets, so the leaves answer for it.
 
-use super::simd::{detected, supported, Walk};
+use super::simd::{detected, scan_block, supported, Walk};
 use super::tree::{Keys, Tree, TreeStats, GROUP};
 use super::tuple::{lookup, tables_memory, v4_tables, Tuple, TupleSpace, TupleStats};
 use super::{lower, Atom, Classifier, NO_MATCH};
@@ -37,6 +38,13 @@ const SLACK: usize = 4096;
 /// (acl1_1k's second tree, about three packets a burst: 1.08 times faster than a packed SIMD
 /// walk; no different on ipc1 and fw1).
 const SCALAR_MAX: usize = 4;
+/// A tree with a [`Block`](super::block) is scanned linearly, packet by packet, when the
+/// packets that still need it times its rows (16 atoms each) are at most this: fw1_1k's third
+/// tree (77 atoms, 5 rows, about six packets a burst) that way against its walk: 1.06-1.15 times
+/// faster lookups over the whole set (in-process A/B), where leaving the tree out altogether
+/// would be 1.24-1.41. Allowing 16 packets of 5 rows measured better than 8 or 32. A scalar
+/// lookup walks the tree: scalar, a scan tests every atom.
+const LINEAR_ROWS: usize = 80;
 /// Two trees merge into one when the merged tree's walk is no longer than walking both (its
 /// depth at most the sum of theirs) and it takes at most this many bytes per atom: ten records'
 /// worth. A leaf holds 4-byte entries, so copies are cheap. Measured (in-process A/B, merged
@@ -186,6 +194,7 @@ impl Part {
             stats.max_depth = stats.max_depth.max(t.stats.max_depth);
             stats.max_leaf = stats.max_leaf.max(t.stats.max_leaf);
             stats.cut_trees += usize::from(t.stats.cut_slices > 1);
+            stats.block_trees += usize::from(t.block.is_some());
             part.truncated |= t.truncated;
             part.dropped
                 .extend(t.dropped.iter().map(|&i| g[i as usize]));
@@ -239,6 +248,18 @@ impl Part {
             };
             if c == 0 {
                 break;
+            }
+            if let Some(block) = &t.block {
+                if mode != Walk::Scalar && c * block.rows.len() <= LINEAR_ROWS {
+                    // Few packets and few atoms: each packet scans the atoms, 16 or 8 at a
+                    // time, instead of a chunk waiting on each level's gathers.
+                    for (p, b) in best[..n].iter_mut().enumerate() {
+                        if *b > t.best {
+                            *b = scan_block(mode, block, t.recs(), &keys.values(p), *b);
+                        }
+                    }
+                    continue;
+                }
             }
             if c * 4 > n * 3 {
                 t.classify_group(mode, keys, n, flows, members, &mut best);
@@ -317,6 +338,9 @@ pub struct ForestStats {
     pub max_leaf: usize,
     /// Trees whose walk starts with a cut table.
     pub cut_trees: usize,
+    /// Trees that also have a linear block (at most `block::LINEAR_MAX` atoms), scanned
+    /// instead of walked when few packets need them.
+    pub block_trees: usize,
     /// IPv4 atoms in tuple-space tables because their tree would copy them too often.
     pub table_atoms: usize,
     /// The tuple space beside it (IPv6, and the atoms leaves dropped, for continuations).

@@ -12,6 +12,7 @@
 //! Both are built from the same `&[Match]` slice (index = priority), so they can be compared on
 //! any input.
 
+mod block;
 mod forest;
 mod linear;
 mod simd;

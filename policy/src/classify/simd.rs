@@ -19,7 +19,8 @@
 
 #![allow(unsafe_code)]
 
-use super::tree::{Keys, Tree, GROUP, LEAF};
+use super::block::{self, Block};
+use super::tree::{Keys, Rec, Tree, GROUP, LEAF};
 
 /// Asks the CPU to start loading the cache line holding `r`, so a later read finds it there.
 /// A hint only: it changes no value and never faults.
@@ -140,6 +141,26 @@ pub(super) fn walk(
     true
 }
 
+/// The first match at or after 0 among `block`'s atoms (whose records are `recs`, in the same
+/// order) for the key values `v`, if it beats `best`; else `best`. Scans 16 (AVX-512) or 8
+/// (AVX2) atoms per compare; [`Walk::Scalar`] or a mode this CPU lacks scans them one at a
+/// time.
+#[inline]
+pub(super) fn scan_block(mode: Walk, block: &Block, recs: &[Rec], v: &[u32; 8], best: u32) -> u32 {
+    match mode {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: AVX-512F is present (`supported`). The scan reads only whole rows of
+        // `block` through references (aligned: a row and each of its fields are 64 bytes, at
+        // 64-byte alignment), and `recs` through `get`.
+        Walk::Avx512 if supported(mode) => unsafe { avx512::scan_block(block, recs, v, best) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above, with AVX2 present (`supported`); each field's two halves are 32
+        // bytes at 32-byte alignment.
+        Walk::Avx2 if supported(mode) => unsafe { avx2::scan_block(block, recs, v, best) },
+        _ => block::scan(block, recs, v, best),
+    }
+}
+
 const _: () = assert!(GROUP == 64 && LEAF < 8);
 
 /// A leaf test with at most this many lanes left finishes them one at a time: a gather costs
@@ -183,11 +204,49 @@ mod slot {
 mod avx512 {
     use std::arch::x86_64::*;
 
+    use super::super::block::{self, Block};
     use super::super::tree::{
         Keys, Rec, ANY_PROTO, ANY_VLAN, DST_SHIFT, ENTRY, MORE, NEEDS_PORTS, SRC_SHIFT,
     };
     use super::{slot, Tree, GROUP, LEAF, TAIL};
     use crate::classify::NO_MATCH;
+
+    /// [`super::scan_block`] with 16 atoms per compare.
+    ///
+    /// # Safety
+    /// AVX-512F must be present.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn scan_block(block: &Block, recs: &[Rec], v: &[u32; 8], best: u32) -> u32 {
+        let [ks, kd, ksp, kdp, kp] =
+            [v[0], v[1], v[2], v[3], v[4]].map(|x| _mm512_set1_epi32(x as i32));
+        // Every row that could beat `best` is filtered first, without a branch on what each
+        // finds; then the candidates are confirmed in order.
+        let rows = block.first.partition_point(|&f| f < best);
+        let mut masks = [0u32; block::ROWS];
+        for (row, m) in block.rows[..rows].iter().zip(masks.iter_mut()) {
+            // SAFETY: each field is 16 u32s at 64-byte alignment (`Row` is `align(64)` and
+            // every field 64 bytes long): an aligned 512-bit load reads exactly it.
+            let f = |x: &[u32; 16]| unsafe { _mm512_load_si512(x.as_ptr().cast()) };
+            let mut k =
+                _mm512_cmpeq_epi32_mask(_mm512_and_si512(ks, f(&row.src_mask)), f(&row.src));
+            k = _mm512_mask_cmpeq_epi32_mask(
+                k,
+                _mm512_and_si512(kd, f(&row.dst_mask)),
+                f(&row.dst),
+            );
+            k = _mm512_mask_cmpeq_epi32_mask(
+                k,
+                _mm512_and_si512(kp, f(&row.proto_mask)),
+                f(&row.proto),
+            );
+            k = _mm512_mask_cmple_epu32_mask(k, f(&row.sport_lo), ksp);
+            k = _mm512_mask_cmple_epu32_mask(k, ksp, f(&row.sport_hi));
+            k = _mm512_mask_cmple_epu32_mask(k, f(&row.dport_lo), kdp);
+            k = _mm512_mask_cmple_epu32_mask(k, kdp, f(&row.dport_hi));
+            *m = u32::from(k);
+        }
+        block::first_confirmed(recs, &masks[..rows], v, best)
+    }
 
     /// Gathers 16 lanes' 64-bit words at `base` + `idx` * 8 bytes (lanes outside `active` read
     /// nothing and give 0) and splits them into their low and high 32-bit halves. Two 8-lane
@@ -483,11 +542,57 @@ mod avx512 {
 mod avx2 {
     use std::arch::x86_64::*;
 
+    use super::super::block::{self, Block};
     use super::super::tree::{
         Keys, Rec, ANY_PROTO, ANY_VLAN, DST_SHIFT, ENTRY, MORE, NEEDS_PORTS, SRC_SHIFT,
     };
     use super::{slot, Tree, GROUP, LEAF};
     use crate::classify::NO_MATCH;
+
+    /// [`super::scan_block`] with 8 atoms per compare, a row's two halves in turn. Ports and
+    /// protocols fit 16 bits, so signed compares order them.
+    ///
+    /// # Safety
+    /// AVX2 must be present.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn scan_block(block: &Block, recs: &[Rec], v: &[u32; 8], best: u32) -> u32 {
+        let [ks, kd, ksp, kdp, kp] =
+            [v[0], v[1], v[2], v[3], v[4]].map(|x| _mm256_set1_epi32(x as i32));
+        let rows = block.first.partition_point(|&f| f < best);
+        let mut masks = [0u32; block::ROWS];
+        for (row, mask) in block.rows[..rows].iter().zip(masks.iter_mut()) {
+            let mut m = 0u32;
+            for h in 0..2 {
+                // SAFETY: each field is 16 u32s at 64-byte alignment (`Row` is `align(64)` and
+                // every field 64 bytes long), so its half `h` is 8 u32s at 32-byte alignment:
+                // an aligned 256-bit load reads exactly them.
+                let f = |x: &[u32; 16]| unsafe {
+                    _mm256_load_si256(x[h * 8..h * 8 + 8].as_ptr().cast())
+                };
+                let eq = _mm256_and_si256(
+                    _mm256_and_si256(
+                        _mm256_cmpeq_epi32(_mm256_and_si256(ks, f(&row.src_mask)), f(&row.src)),
+                        _mm256_cmpeq_epi32(_mm256_and_si256(kd, f(&row.dst_mask)), f(&row.dst)),
+                    ),
+                    _mm256_cmpeq_epi32(_mm256_and_si256(kp, f(&row.proto_mask)), f(&row.proto)),
+                );
+                let out = _mm256_or_si256(
+                    _mm256_or_si256(
+                        _mm256_cmpgt_epi32(f(&row.sport_lo), ksp),
+                        _mm256_cmpgt_epi32(ksp, f(&row.sport_hi)),
+                    ),
+                    _mm256_or_si256(
+                        _mm256_cmpgt_epi32(f(&row.dport_lo), kdp),
+                        _mm256_cmpgt_epi32(kdp, f(&row.dport_hi)),
+                    ),
+                );
+                let hit = _mm256_andnot_si256(out, eq);
+                m |= (_mm256_movemask_ps(_mm256_castsi256_ps(hit)) as u32) << (h * 8);
+            }
+            *mask = m;
+        }
+        block::first_confirmed(recs, &masks[..rows], v, best)
+    }
 
     /// Chunk `c`'s 8 values in slot `s`.
     #[target_feature(enable = "avx2")]

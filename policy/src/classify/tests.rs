@@ -398,3 +398,63 @@ fn copies_counts_every_leaf_an_atom_is_in_and_stops_at_its_cap() {
     assert!(tree.copies(&atoms, usize::MAX) >= entries);
     assert_eq!(tree.copies(&atoms, 10), 10);
 }
+
+/// Port ranges and ports at both ends of the 16 bits, so the SIMD scans' compares meet values
+/// near 0 and near 65,535.
+fn arb_edge_range() -> impl Strategy<Value = PortRange> {
+    prop_oneof![
+        arb_range(),
+        (65_528u16..=65_535, 65_528u16..=65_535).prop_map(|(a, b)| PortRange {
+            lo: a.min(b),
+            hi: a.max(b)
+        }),
+        (0u16..8, 65_528u16..=65_535).prop_map(|(lo, hi)| PortRange { lo, hi }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+    /// A block's scan (every width this CPU runs, and the scalar one) finds what testing its
+    /// atoms' records one by one in priority order finds, below any `best`.
+    #[test]
+    fn block_scan_agrees_with_testing_every_record(
+        rules in prop::collection::vec(
+            (arb_match(), arb_edge_range(), arb_edge_range()).prop_map(|(mut m, s, d)| {
+                m.sport = s;
+                m.dport = d;
+                m
+            }),
+            1..60,
+        ),
+        keys in prop::collection::vec(
+            (arb_key(), prop_oneof![0u16..8, 65_528u16..=65_535], prop_oneof![0u16..8, 65_528u16..=65_535])
+                .prop_map(|(k, s, d)| FlowKey { sport: s, dport: d, ..k }),
+            32,
+        ),
+        bests in prop::collection::vec(0u32..70, 32),
+    ) {
+        let atoms: Vec<Atom> = lower(&rules)
+            .into_iter()
+            .filter(|a| !a.src.v6)
+            .take(super::block::LINEAR_MAX)
+            .collect();
+        prop_assume!(!atoms.is_empty());
+        let tree = super::tree::Tree::build(&atoms, usize::MAX).unwrap();
+        let block = tree.block.as_ref().expect("at most LINEAR_MAX atoms get a block");
+        let recs = tree.recs();
+        for (k, &b) in keys.iter().zip(&bests) {
+            let best = if b >= 64 { NO_MATCH } else { b };
+            let v = super::tree::Tree::values(k);
+            let want = recs
+                .iter()
+                .find(|r| r.prio < best && r.matches(&v))
+                .map_or(best, |r| r.prio);
+            prop_assert_eq!(super::block::scan(block, recs, &v, best), want);
+            for mode in [Walk::Avx512, Walk::Avx2] {
+                if super::simd::supported(mode) {
+                    prop_assert_eq!(super::simd::scan_block(mode, block, recs, &v, best), want, "{:?}", mode);
+                }
+            }
+        }
+    }
+}

@@ -21,6 +21,7 @@
 //! Reference: Qi, Xu, Yang, Li, Li, "Packet classification algorithms: from theory to practice"
 //! (INFOCOM 2009), which introduced HyperSplit.
 
+use super::block::Block;
 use super::{Atom, NO_MATCH};
 use crate::key::FlowKey;
 use crate::rule::mask;
@@ -133,7 +134,7 @@ impl Rec {
     /// `&`, not `&&`: every test is cheap, and a branch per test costs more than evaluating
     /// them all.
     #[inline(always)]
-    fn matches(&self, v: &[u32; 8]) -> bool {
+    pub(super) fn matches(&self, v: &[u32; 8]) -> bool {
         let [src, dst, sport, dport, proto, _, vlan, ports_known] = *v;
         in_prefix(src, self.src, (self.meta >> SRC_SHIFT) & 63)
             & in_prefix(dst, self.dst, (self.meta >> DST_SHIFT) & 63)
@@ -242,6 +243,8 @@ pub(super) struct Tree {
     /// Indices (into the atoms it was built from) of the atoms some leaf dropped: a lookup
     /// from past a leaf's covering atom must find them elsewhere.
     pub(super) dropped: Vec<u32>,
+    /// The atoms for a linear scan, when they are few (see `block.rs`).
+    pub(super) block: Option<Block>,
     pub(super) stats: TreeStats,
 }
 
@@ -603,6 +606,7 @@ impl Tree {
             dropped: (0..atoms.len() as u32)
                 .filter(|&i| b.dropped[i as usize])
                 .collect(),
+            block: Block::build(atoms),
             stats,
         })
     }
@@ -675,6 +679,7 @@ impl Tree {
             + self.nodes.len() * std::mem::size_of::<Node>()
             + self.recs.len() * std::mem::size_of::<Rec>()
             + self.leaf.len() * std::mem::size_of::<u32>()
+            + self.block.as_ref().map_or(0, Block::memory)
     }
 
     /// The key's value on each dimension (slots 0-4), 0 in slot 5 (a leaf "splits" on it), and
@@ -792,8 +797,13 @@ impl Keys {
     /// them.
     #[inline]
     pub(super) fn scan(&self, recs: &[Rec], leaf: &[u32], r: usize, p: usize, best: u32) -> u32 {
-        let v: [u32; 8] = std::array::from_fn(|s| self.0[s][p]);
-        scan_records(recs, leaf, r, &v, 0, best)
+        scan_records(recs, leaf, r, &self.values(p), 0, best)
+    }
+
+    /// Packet `p`'s values (the slots of [`Tree::values`]).
+    #[inline(always)]
+    pub(super) fn values(&self, p: usize) -> [u32; 8] {
+        std::array::from_fn(|s| self.0[s][p])
     }
 
     /// Puts `k`'s values at position `p`.
