@@ -4,11 +4,12 @@
 //! A later tree (one whose best atom comes after the earlier trees' matches for most packets)
 //! is walked only by the packets whose match so far it could beat. When they are a handful, a
 //! SIMD walk of one chunk is bound by its gathers' latency, level after level: fw1_1k's third
-//! tree (77 broad atoms, 11 levels, about six packets a burst) cost 60 ns a packet that way.
-//! A [`Block`] holds the same atoms structure of arrays, so one packet is tested against 16 (or
-//! 8) atoms with one compare per field and no gather; the scan stops at the first candidate,
-//! since atoms are in priority order. `Forest` scans a block instead of walking its tree when
-//! few packets need it (see `LINEAR_PACKETS` there).
+//! tree (77 broad atoms, 11 levels, about six packets a burst) cost about 60 ns for each
+//! packet that walked it. A [`Block`] holds the same atoms structure of arrays, so one packet
+//! is tested against 16 (or 8) atoms at a time with no gather, and the scan stops at the row
+//! of the first candidate, since atoms are in priority order: about 30 ns a packet there.
+//! `Forest` scans a block instead of walking its tree when few packets need it (see
+//! `LINEAR_ROWS` there).
 //!
 //! The SIMD filter tests the addresses, protocol and port ranges; each candidate it finds is
 //! then checked with the record's full match (VLAN, fragments), so the result is exactly the
@@ -24,9 +25,6 @@ pub(super) const LINEAR_MAX: usize = 128;
 
 /// Lanes per row: the AVX-512 width, a multiple of AVX2's.
 pub(super) const LANES: usize = 16;
-
-/// Rows a block has at most.
-pub(super) const ROWS: usize = LINEAR_MAX / LANES;
 
 /// One row of 16 atoms, field by field. A lane past the atoms (padding) has an empty source
 /// port range, so it never matches.
@@ -118,34 +116,35 @@ impl Block {
     }
 }
 
-/// The first of `recs` (the block's atoms' records) among the candidate lanes of each row
-/// (`masks[r]`: bit `l` for lane `l`) that fully matches `v`, if it beats `best`; else `best`.
+/// Row `r`'s first candidate (lanes `m`, bit `l` for lane `l`; records `recs`, the block's
+/// atoms' in the same order) that fully matches the key values `v`, if it beats `best`: then
+/// `Some` of its priority. Also `Some(best)` when a candidate cannot beat `best` (nor can any
+/// later atom), so the scan stops there; `None` to go on to the next row. The SIMD filter tests
+/// every field but the VLAN and fragments, so the first candidate nearly always matches.
 #[inline(always)]
-pub(super) fn first_confirmed(recs: &[Rec], masks: &[u32], v: &[u32; 8], best: u32) -> u32 {
-    for (r, &m) in masks.iter().enumerate() {
-        let mut m = m;
-        while m != 0 {
-            let Some(e) = recs.get(r * LANES + m.trailing_zeros() as usize) else {
-                return best;
-            };
-            if e.prio >= best {
-                return best;
-            }
-            if e.matches(v) {
-                return e.prio;
-            }
-            m &= m - 1;
+pub(super) fn confirm(recs: &[Rec], r: usize, mut m: u32, v: &[u32; 8], best: u32) -> Option<u32> {
+    while m != 0 {
+        let e = recs.get(r * LANES + m.trailing_zeros() as usize)?;
+        if e.prio >= best {
+            return Some(best);
         }
+        if e.matches(v) {
+            return Some(e.prio);
+        }
+        m &= m - 1;
     }
-    best
+    None
 }
 
 /// The scalar scan: what the SIMD scans compute.
 pub(super) fn scan(block: &Block, recs: &[Rec], v: &[u32; 8], best: u32) -> u32 {
-    let rows = block.first.partition_point(|&f| f < best);
-    let mut masks = [0u32; ROWS];
-    for (r, m) in masks[..rows].iter_mut().enumerate() {
-        *m = block.candidates(r, v);
+    for (r, &first) in block.first.iter().enumerate() {
+        if first >= best {
+            break;
+        }
+        if let Some(b) = confirm(recs, r, block.candidates(r, v), v, best) {
+            return b;
+        }
     }
-    first_confirmed(recs, &masks[..rows], v, best)
+    best
 }

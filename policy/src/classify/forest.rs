@@ -39,11 +39,11 @@ const SLACK: usize = 4096;
 /// walk; no different on ipc1 and fw1).
 const SCALAR_MAX: usize = 4;
 /// A tree with a [`Block`](super::block) is scanned linearly, packet by packet, when the
-/// packets that still need it times its rows (16 atoms each) are at most this: fw1_1k's third
-/// tree (77 atoms, 5 rows, about six packets a burst) that way against its walk: 1.06-1.15 times
-/// faster lookups over the whole set (in-process A/B), where leaving the tree out altogether
-/// would be 1.24-1.41. Allowing 16 packets of 5 rows measured better than 8 or 32. A scalar
-/// lookup walks the tree: scalar, a scan tests every atom.
+/// packets that still need it times its rows (16 atoms each) are at most this. fw1_1k's third
+/// tree (77 atoms, 5 rows, about six packets a burst) cost 6 ns a lookup, averaged over all
+/// packets, as a walk, and 3-4 ns scanned: lookups 1.07-1.15 times faster over the whole set
+/// (in-process A/B). Allowing 16 packets of 5 rows measured better than 8 or 32. A scalar
+/// lookup walks the tree: without SIMD, a scan tests every atom.
 const LINEAR_ROWS: usize = 80;
 /// Two trees merge into one when the merged tree's walk is no longer than walking both (its
 /// depth at most the sum of theirs) and it takes at most this many bytes per atom: ten records'
@@ -253,10 +253,16 @@ impl Part {
                 if mode != Walk::Scalar && c * block.rows.len() <= LINEAR_ROWS {
                     // Few packets and few atoms: each packet scans the atoms, 16 or 8 at a
                     // time, instead of a chunk waiting on each level's gathers.
-                    for (p, b) in best[..n].iter_mut().enumerate() {
-                        if *b > t.best {
-                            *b = scan_block(mode, block, t.recs(), &keys.values(p), *b);
-                        }
+                    // The packets as bits, so that picking them out is not a branch per
+                    // packet.
+                    let mut open = 0u64;
+                    for (p, &b) in best[..n].iter().enumerate() {
+                        open |= u64::from(b > t.best) << p;
+                    }
+                    while open != 0 {
+                        let p = open.trailing_zeros() as usize;
+                        open &= open - 1;
+                        best[p] = scan_block(mode, block, t.recs(), &keys.values(p), best[p]);
                     }
                     continue;
                 }

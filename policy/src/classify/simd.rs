@@ -211,7 +211,9 @@ mod avx512 {
     use super::{slot, Tree, GROUP, LEAF, TAIL};
     use crate::classify::NO_MATCH;
 
-    /// [`super::scan_block`] with 16 atoms per compare.
+    /// [`super::scan_block`] with 16 atoms per row. A row's seven field tests are folded into
+    /// one vector of mismatch bits (ternary logic, and the sign bits of the port differences)
+    /// and one compare, rather than a chain of seven compares into a mask.
     ///
     /// # Safety
     /// AVX-512F must be present.
@@ -219,33 +221,38 @@ mod avx512 {
     pub(super) unsafe fn scan_block(block: &Block, recs: &[Rec], v: &[u32; 8], best: u32) -> u32 {
         let [ks, kd, ksp, kdp, kp] =
             [v[0], v[1], v[2], v[3], v[4]].map(|x| _mm512_set1_epi32(x as i32));
-        // Every row that could beat `best` is filtered first, without a branch on what each
-        // finds; then the candidates are confirmed in order.
-        let rows = block.first.partition_point(|&f| f < best);
-        let mut masks = [0u32; block::ROWS];
-        for (row, m) in block.rows[..rows].iter().zip(masks.iter_mut()) {
+        let sign = _mm512_set1_epi32(i32::MIN);
+        for (r, (row, &first)) in block.rows.iter().zip(block.first.iter()).enumerate() {
+            if first >= best {
+                break;
+            }
             // SAFETY: each field is 16 u32s at 64-byte alignment (`Row` is `align(64)` and
             // every field 64 bytes long): an aligned 512-bit load reads exactly it.
             let f = |x: &[u32; 16]| unsafe { _mm512_load_si512(x.as_ptr().cast()) };
-            let mut k =
-                _mm512_cmpeq_epi32_mask(_mm512_and_si512(ks, f(&row.src_mask)), f(&row.src));
-            k = _mm512_mask_cmpeq_epi32_mask(
-                k,
-                _mm512_and_si512(kd, f(&row.dst_mask)),
-                f(&row.dst),
+            // (key ^ value) & mask: nonzero where an address or the protocol differs.
+            const XOR_AND: i32 = 0x28;
+            const OR3: i32 = 0xfe;
+            const OR_AND: i32 = 0xf8;
+            let s = _mm512_ternarylogic_epi32::<XOR_AND>(ks, f(&row.src), f(&row.src_mask));
+            let d = _mm512_ternarylogic_epi32::<XOR_AND>(kd, f(&row.dst), f(&row.dst_mask));
+            let p = _mm512_ternarylogic_epi32::<XOR_AND>(kp, f(&row.proto), f(&row.proto_mask));
+            let addr = _mm512_ternarylogic_epi32::<OR3>(s, d, p);
+            // Ports and bounds fit 16 bits: a difference is negative exactly when the port is
+            // outside its range.
+            let ports = _mm512_ternarylogic_epi32::<OR3>(
+                _mm512_sub_epi32(ksp, f(&row.sport_lo)),
+                _mm512_sub_epi32(f(&row.sport_hi), ksp),
+                _mm512_sub_epi32(kdp, f(&row.dport_lo)),
             );
-            k = _mm512_mask_cmpeq_epi32_mask(
-                k,
-                _mm512_and_si512(kp, f(&row.proto_mask)),
-                f(&row.proto),
-            );
-            k = _mm512_mask_cmple_epu32_mask(k, f(&row.sport_lo), ksp);
-            k = _mm512_mask_cmple_epu32_mask(k, ksp, f(&row.sport_hi));
-            k = _mm512_mask_cmple_epu32_mask(k, f(&row.dport_lo), kdp);
-            k = _mm512_mask_cmple_epu32_mask(k, kdp, f(&row.dport_hi));
-            *m = u32::from(k);
+            let ports = _mm512_or_si512(ports, _mm512_sub_epi32(f(&row.dport_hi), kdp));
+            // addr | (ports & sign)
+            let bad = _mm512_ternarylogic_epi32::<OR_AND>(addr, ports, sign);
+            let m = _mm512_testn_epi32_mask(bad, bad);
+            if let Some(b) = block::confirm(recs, r, u32::from(m), v, best) {
+                return b;
+            }
         }
-        block::first_confirmed(recs, &masks[..rows], v, best)
+        best
     }
 
     /// Gathers 16 lanes' 64-bit words at `base` + `idx` * 8 bytes (lanes outside `active` read
@@ -558,9 +565,10 @@ mod avx2 {
     pub(super) unsafe fn scan_block(block: &Block, recs: &[Rec], v: &[u32; 8], best: u32) -> u32 {
         let [ks, kd, ksp, kdp, kp] =
             [v[0], v[1], v[2], v[3], v[4]].map(|x| _mm256_set1_epi32(x as i32));
-        let rows = block.first.partition_point(|&f| f < best);
-        let mut masks = [0u32; block::ROWS];
-        for (row, mask) in block.rows[..rows].iter().zip(masks.iter_mut()) {
+        for (r, (row, &first)) in block.rows.iter().zip(block.first.iter()).enumerate() {
+            if first >= best {
+                break;
+            }
             let mut m = 0u32;
             for h in 0..2 {
                 // SAFETY: each field is 16 u32s at 64-byte alignment (`Row` is `align(64)` and
@@ -589,9 +597,11 @@ mod avx2 {
                 let hit = _mm256_andnot_si256(out, eq);
                 m |= (_mm256_movemask_ps(_mm256_castsi256_ps(hit)) as u32) << (h * 8);
             }
-            *mask = m;
+            if let Some(b) = block::confirm(recs, r, m, v, best) {
+                return b;
+            }
         }
-        block::first_confirmed(recs, &masks[..rows], v, best)
+        best
     }
 
     /// Chunk `c`'s 8 values in slot `s`.
