@@ -9,24 +9,27 @@ use crate::rule::{addr_bits, bits_addr, Direction};
 pub const NO_VLAN: u16 = u16::MAX;
 
 /// A frame's 5-tuple plus what the rules can also match on. `Copy` and fixed-size so a burst of
-/// them lives in a caller-owned array.
+/// them lives in a caller-owned array. `repr(C)`, in this order, so the classifier's SIMD
+/// transposition reads a burst's fields at fixed offsets (`classify/simd.rs` checks them): the
+/// fields after the addresses are ten bytes with no padding between them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(C)]
 pub struct FlowKey {
-    /// Which way the frame crosses the gateway.
-    pub dir: Direction,
-    pub v6: bool,
     /// Source address; IPv4 in the low 32 bits.
     pub src: u128,
     pub dst: u128,
-    pub proto: u8,
     /// Source port, or ICMP type.
     pub sport: u16,
     /// Destination port, or ICMP code.
     pub dport: u16,
-    /// False for non-first fragments, which carry no transport header.
-    pub ports_known: bool,
     /// Outer VLAN id, or [`NO_VLAN`].
     pub vlan: u16,
+    pub proto: u8,
+    /// Which way the frame crosses the gateway.
+    pub dir: Direction,
+    pub v6: bool,
+    /// False for non-first fragments, which carry no transport header.
+    pub ports_known: bool,
 }
 
 impl Default for FlowKey {

@@ -12,6 +12,7 @@ use std::str::FromStr;
 /// Which way a frame crosses the gateway.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
+#[repr(u8)]
 pub enum Direction {
     /// Received on `ext`, forwarded to `int` (clients towards the cluster).
     Ingress = 0,

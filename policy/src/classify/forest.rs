@@ -20,7 +20,7 @@
 //! leaves (scanned from `from`), the tables and that tuple space. An atom no leaf dropped is
 //! in every leaf whose box it meets, so the leaves answer for it.
 
-use super::simd::{detected, scan_block, supported, Walk};
+use super::simd::{detected, scan_block, supported, transpose, Walk};
 use super::tree::{Keys, Tree, TreeStats, GROUP};
 use super::tuple::{lookup, tables_memory, v4_tables, Tuple, TupleSpace, TupleStats};
 use super::{lower, Atom, Classifier, NO_MATCH};
@@ -484,11 +484,7 @@ impl Classifier for Forest {
             // The keys go into one block as they are checked, in one pass: a mixed burst (rare)
             // is then done again below.
             let mut values = Keys::zeroed();
-            let mut mixed = false;
-            for (p, k) in chunk.iter().enumerate() {
-                values.set(p, k);
-                mixed |= k.v6 | (k.dir as usize & 1 != d);
-            }
+            let mixed = transpose(self.walk, chunk, &mut values, d as u8);
             if !mixed {
                 self.v4[d].classify_group(self.walk, chunk, &values, &IN_ORDER[..chunk.len()], out);
                 continue;

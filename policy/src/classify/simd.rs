@@ -21,6 +21,7 @@
 
 use super::block::{self, Block};
 use super::tree::{Keys, Rec, Tree, GROUP, LEAF};
+use crate::key::FlowKey;
 
 /// Asks the CPU to start loading the cache line holding `r`, so a later read finds it there.
 /// A hint only: it changes no value and never faults.
@@ -161,6 +162,59 @@ pub(super) fn scan_block(mode: Walk, block: &Block, recs: &[Rec], v: &[u32; 8], 
     }
 }
 
+/// Writes a burst's keys (at most [`GROUP`]) into `values` as [`Keys::set`] does, position by
+/// position, and returns whether any of them is IPv6 or not of direction `dir`. AVX-512 reads
+/// 16 keys' fields with five gathers and writes each slot's 16 values with one store (AVX2: 8),
+/// where the scalar loop is seven loads and seven stores per key.
+#[inline]
+pub(super) fn transpose(mode: Walk, keys: &[FlowKey], values: &mut Keys, dir: u8) -> bool {
+    let keys = &keys[..keys.len().min(GROUP)];
+    match mode {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: AVX-512F is present (`supported`). The gathers read, for each position below
+        // `keys.len()`, four bytes at the offsets `key_offsets` checks, all inside that key
+        // and inside its fields; the stores write whole 16-value rows of `values`.
+        Walk::Avx512 if supported(mode) => unsafe { avx512::transpose(keys, values, dir) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above, with AVX2 present (`supported`), 8 keys at a time.
+        Walk::Avx2 if supported(mode) => unsafe { avx2::transpose(keys, values, dir) },
+        _ => {
+            let mut mixed = false;
+            for (p, k) in keys.iter().enumerate() {
+                values.set(p, k);
+                mixed |= k.v6 | (k.dir as u8 != dir);
+            }
+            mixed
+        }
+    }
+}
+
+/// Where the AVX-512 transposition reads a [`FlowKey`]'s fields: four-byte words at 0 (the
+/// source's low 32 bits), 16 (the destination's), 32 (both ports), 36 (VLAN) and 38
+/// (protocol, direction, IPv6, ports known). Every byte those words cover is a field's.
+#[cfg(target_arch = "x86_64")]
+mod key_offsets {
+    use crate::key::FlowKey;
+    use std::mem::{offset_of, size_of};
+    pub(super) const SRC: i32 = 0;
+    pub(super) const DST: i32 = 16;
+    pub(super) const PORTS: i32 = 32;
+    pub(super) const VLAN: i32 = 36;
+    pub(super) const FLAGS: i32 = 38;
+    pub(super) const SIZE: i32 = size_of::<FlowKey>() as i32;
+    const _: () = assert!(offset_of!(FlowKey, src) == SRC as usize);
+    const _: () = assert!(offset_of!(FlowKey, dst) == DST as usize);
+    const _: () = assert!(offset_of!(FlowKey, sport) == PORTS as usize);
+    const _: () = assert!(offset_of!(FlowKey, dport) == PORTS as usize + 2);
+    const _: () = assert!(offset_of!(FlowKey, vlan) == VLAN as usize);
+    const _: () = assert!(offset_of!(FlowKey, proto) == FLAGS as usize);
+    const _: () = assert!(offset_of!(FlowKey, dir) == FLAGS as usize + 1);
+    const _: () = assert!(offset_of!(FlowKey, v6) == FLAGS as usize + 2);
+    const _: () = assert!(offset_of!(FlowKey, ports_known) == FLAGS as usize + 3);
+    const _: () = assert!(size_of::<crate::rule::Direction>() == 1 && size_of::<bool>() == 1);
+    const _: () = assert!(SIZE == 48);
+}
+
 const _: () = assert!(GROUP == 64 && LEAF < 8);
 
 /// A leaf test with at most this many lanes left finishes them one at a time: a gather costs
@@ -204,12 +258,75 @@ mod slot {
 mod avx512 {
     use std::arch::x86_64::*;
 
+    use crate::key::FlowKey;
+
     use super::super::block::{self, Block};
     use super::super::tree::{
         Keys, Rec, ANY_PROTO, ANY_VLAN, DST_SHIFT, ENTRY, MORE, NEEDS_PORTS, SRC_SHIFT,
     };
     use super::{slot, Tree, GROUP, LEAF, TAIL};
     use crate::classify::NO_MATCH;
+
+    /// [`super::transpose`], 16 keys at a time.
+    ///
+    /// # Safety
+    /// AVX-512F must be present.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn transpose(keys: &[FlowKey], values: &mut Keys, dir: u8) -> bool {
+        use super::key_offsets as at;
+        let n = keys.len().min(GROUP);
+        let base = keys.as_ptr().cast::<u8>();
+        let stride = _mm512_mullo_epi32(
+            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+            _mm512_set1_epi32(at::SIZE),
+        );
+        let zero = _mm512_setzero_si512();
+        let (low16, low8) = (_mm512_set1_epi32(0xffff), _mm512_set1_epi32(0xff));
+        let want = _mm512_set1_epi32(i32::from(dir));
+        let mut mixed = 0u16;
+        for c in 0..n.div_ceil(16) {
+            let lanes = (n - c * 16).min(16);
+            let active = (((1u32 << lanes) - 1) & 0xffff) as __mmask16;
+            let first = _mm512_add_epi32(stride, _mm512_set1_epi32(c as i32 * 16 * at::SIZE));
+            // SAFETY: lane `l` of an active chunk reads four bytes at key `c * 16 + l` (below
+            // `n`, so inside `keys`) plus an offset `key_offsets` checks to be inside its
+            // fields; inactive lanes read nothing and give 0.
+            let word = |off: i32| unsafe {
+                _mm512_mask_i32gather_epi32::<1>(
+                    zero,
+                    active,
+                    _mm512_add_epi32(first, _mm512_set1_epi32(off)),
+                    base.cast(),
+                )
+            };
+            let (src, dst, ports, vlan, flags) = (
+                word(at::SRC),
+                word(at::DST),
+                word(at::PORTS),
+                word(at::VLAN),
+                word(at::FLAGS),
+            );
+            let rows = [
+                (0, src),
+                (1, dst),
+                (2, _mm512_and_si512(ports, low16)),
+                (3, _mm512_srli_epi32::<16>(ports)),
+                (4, _mm512_and_si512(flags, low8)),
+                (6, _mm512_and_si512(vlan, low16)),
+                (7, _mm512_srli_epi32::<24>(flags)),
+            ];
+            for (slot, v) in rows {
+                let to = &mut values.0[slot][c * 16..c * 16 + 16];
+                // SAFETY: `to` is 16 u32s; an unaligned 512-bit store writes exactly them.
+                unsafe { _mm512_storeu_si512(to.as_mut_ptr().cast(), v) };
+            }
+            let key_dir = _mm512_and_si512(_mm512_srli_epi32::<8>(flags), low8);
+            let v6 = _mm512_and_si512(_mm512_srli_epi32::<16>(flags), low8);
+            mixed |= _mm512_mask_cmpneq_epi32_mask(active, key_dir, want)
+                | _mm512_mask_cmpneq_epi32_mask(active, v6, zero);
+        }
+        mixed != 0
+    }
 
     /// [`super::scan_block`] with 16 atoms per row. A row's seven field tests are folded into
     /// one vector of mismatch bits (ternary logic, and the sign bits of the port differences)
@@ -549,12 +666,79 @@ mod avx512 {
 mod avx2 {
     use std::arch::x86_64::*;
 
+    use crate::key::FlowKey;
+
     use super::super::block::{self, Block};
     use super::super::tree::{
         Keys, Rec, ANY_PROTO, ANY_VLAN, DST_SHIFT, ENTRY, MORE, NEEDS_PORTS, SRC_SHIFT,
     };
     use super::{slot, Tree, GROUP, LEAF};
     use crate::classify::NO_MATCH;
+
+    /// [`super::transpose`], 8 keys at a time.
+    ///
+    /// # Safety
+    /// AVX2 must be present.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn transpose(keys: &[FlowKey], values: &mut Keys, dir: u8) -> bool {
+        use super::key_offsets as at;
+        let n = keys.len().min(GROUP);
+        let base = keys.as_ptr().cast::<u8>();
+        let stride = _mm256_mullo_epi32(
+            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+            _mm256_set1_epi32(at::SIZE),
+        );
+        let zero = _mm256_setzero_si256();
+        let (low16, low8) = (_mm256_set1_epi32(0xffff), _mm256_set1_epi32(0xff));
+        let want = _mm256_set1_epi32(i32::from(dir));
+        let mut mixed = zero;
+        for c in 0..n.div_ceil(8) {
+            let lanes = (n - c * 8).min(8);
+            // All-ones in the lanes of keys, as AVX2 gathers take their mask.
+            let active = _mm256_cmpgt_epi32(
+                _mm256_set1_epi32(lanes as i32),
+                _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+            );
+            let first = _mm256_add_epi32(stride, _mm256_set1_epi32(c as i32 * 8 * at::SIZE));
+            // SAFETY: lane `l` of an active chunk reads four bytes at key `c * 8 + l` (below
+            // `n`, so inside `keys`) plus an offset `key_offsets` checks to be inside its
+            // fields; inactive lanes read nothing and give 0.
+            let word = |off: i32| unsafe {
+                _mm256_mask_i32gather_epi32::<1>(
+                    zero,
+                    base.cast(),
+                    _mm256_add_epi32(first, _mm256_set1_epi32(off)),
+                    active,
+                )
+            };
+            let (src, dst, ports, vlan, flags) = (
+                word(at::SRC),
+                word(at::DST),
+                word(at::PORTS),
+                word(at::VLAN),
+                word(at::FLAGS),
+            );
+            let rows = [
+                (0, src),
+                (1, dst),
+                (2, _mm256_and_si256(ports, low16)),
+                (3, _mm256_srli_epi32::<16>(ports)),
+                (4, _mm256_and_si256(flags, low8)),
+                (6, _mm256_and_si256(vlan, low16)),
+                (7, _mm256_srli_epi32::<24>(flags)),
+            ];
+            for (slot, v) in rows {
+                let to = &mut values.0[slot][c * 8..c * 8 + 8];
+                // SAFETY: `to` is 8 u32s; an unaligned 256-bit store writes exactly them.
+                unsafe { _mm256_storeu_si256(to.as_mut_ptr().cast(), v) };
+            }
+            let key_dir = _mm256_and_si256(_mm256_srli_epi32::<8>(flags), low8);
+            let v6 = _mm256_and_si256(_mm256_srli_epi32::<16>(flags), low8);
+            let odd = _mm256_or_si256(_mm256_xor_si256(key_dir, want), v6);
+            mixed = _mm256_or_si256(mixed, _mm256_and_si256(odd, active));
+        }
+        _mm256_testz_si256(mixed, mixed) == 0
+    }
 
     /// [`super::scan_block`] with 8 atoms per compare, a row's two halves in turn. Ports and
     /// protocols fit 16 bits, so signed compares order them.

@@ -458,3 +458,40 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+    /// The SIMD transpositions write every key's values where `Keys::set` does, leave the
+    /// positions past the burst 0, and flag a burst with an IPv6 key or a key of the other
+    /// direction.
+    #[test]
+    fn transposed_keys_agree_with_setting_them_one_by_one(
+        keys in prop::collection::vec(
+            (arb_key(), any::<u32>(), any::<u32>(), any::<u16>(), any::<u16>())
+                .prop_map(|(k, s, d, sp, dp)| FlowKey {
+                    src: if k.v6 { k.src } else { u128::from(s) },
+                    dst: if k.v6 { k.dst } else { u128::from(d) },
+                    sport: sp,
+                    dport: dp,
+                    ..k
+                }),
+            1..=64,
+        ),
+        dir in 0u8..2,
+    ) {
+        use super::tree::Keys;
+        let mut want = Keys::zeroed();
+        for (p, k) in keys.iter().enumerate() {
+            want.set(p, k);
+        }
+        let mixed = keys.iter().any(|k| k.v6 || k.dir as u8 != dir);
+        for mode in [Walk::Avx512, Walk::Avx2, Walk::Scalar] {
+            if !super::simd::supported(mode) {
+                continue;
+            }
+            let mut got = Keys::zeroed();
+            prop_assert_eq!(super::simd::transpose(mode, &keys, &mut got, dir), mixed, "{:?}", mode);
+            prop_assert_eq!(got.0, want.0, "{:?}", mode);
+        }
+    }
+}
