@@ -304,7 +304,12 @@ impl Part {
                 best[p as usize] = b;
             }
         }
-        // Without tables, `tables_best` is NO_MATCH and no packet looks there.
+        // Without tables, `tables_best` is NO_MATCH and no packet looks there; a one-way
+        // burst's members are its positions in order, so its results are `best` as it is.
+        if self.tables_best == NO_MATCH && members[..n] == IN_ORDER[..n] {
+            out[..n].copy_from_slice(&best[..n]);
+            return;
+        }
         for (p, &m) in members[..n].iter().enumerate() {
             if self.tables_best < best[p] {
                 let k = &flows[m as usize];
