@@ -527,13 +527,26 @@ impl Tree {
             scratch: Vec::new(),
             dropped: vec![false; atoms.len()],
         };
-        let all = [
-            (0, u32::MAX),
-            (0, u32::MAX),
-            (0, 65535),
-            (0, 65535),
-            (0, 255),
-        ];
+        // The root's box is the atoms' bounding box, not the whole space: a dimension on which
+        // every atom has the same range (the protocol, where every rule is TCP) then offers no
+        // split, and no node spends time choosing one there. A key outside the box matches no
+        // atom, and one inside a leaf's box is what its atoms are tested on, so an atom that
+        // covers a leaf's (smaller) box still makes every later atom there unneeded.
+        let mut all = [(u32::MAX, 0); 5];
+        for bx in &b.boxes {
+            for (to, r) in all.iter_mut().zip(bx) {
+                *to = (to.0.min(r.0), to.1.max(r.1));
+            }
+        }
+        if b.boxes.is_empty() {
+            all = [
+                (0, u32::MAX),
+                (0, u32::MAX),
+                (0, 65535),
+                (0, 65535),
+                (0, 255),
+            ];
+        }
         let cut = match choose_cut(&b.boxes) {
             None => {
                 b.nodes.push(Node::default());
