@@ -129,8 +129,9 @@ pub(super) fn walk(
         // at its first entry and sets MORE on each one but the last), and `recs` only at an
         // entry's record index (an atom's, or the one after them); `keys` and `best` in whole
         // chunks below GROUP, a
-        // multiple of both widths; the cut's roots at a value shifted right by `shift`, which
-        // the builder sized the table for (32: one root; the shift then gives 0).
+        // multiple of both widths; the cut's roots at a value shifted right by `shift` and
+        // masked by `mask`, which is at most the table's last index (the builder makes
+        // `mask + 1` roots; without a cut, one root and mask 0).
         Walk::Avx512 => unsafe { avx512::walk(tree, keys, n, best) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above, with AVX2 present (`supported`); the value gather reads `keys` at
@@ -594,10 +595,11 @@ mod avx512 {
         // Each lane starts at its slice's root.
         let mut idx = [_mm512_setzero_si512(); CHUNKS];
         let shift = _mm512_set1_epi32(cut.shift as i32);
+        let slices = _mm512_set1_epi32(cut.mask as i32);
         for (c, at) in idx.iter_mut().enumerate().take(chunks) {
-            let slice = _mm512_srlv_epi32(row(keys, cut.dim, c), shift);
-            // SAFETY: the value shifted right by `shift` indexes `roots` (see `walk`); a shift
-            // of 32 gives 0. Scale 4 is a u32.
+            let slice = _mm512_and_si512(_mm512_srlv_epi32(row(keys, cut.dim, c), shift), slices);
+            // SAFETY: the value shifted right by `shift` and masked by `mask` indexes `roots`
+            // (see `walk`). Scale 4 is a u32.
             *at = unsafe { _mm512_i32gather_epi32::<4>(slice, cut.roots.as_ptr().cast()) };
         }
         // One round for chunk `c`, written out for each chunk so its state stays in registers
@@ -955,10 +957,11 @@ mod avx2 {
         // Each lane starts at its slice's root.
         let mut idx = [_mm256_setzero_si256(); CHUNKS];
         let shift = _mm256_set1_epi32(cut.shift as i32);
+        let slices = _mm256_set1_epi32(cut.mask as i32);
         for (c, at) in idx.iter_mut().enumerate().take(chunks) {
-            let slice = _mm256_srlv_epi32(row(keys, cut.dim, c), shift);
-            // SAFETY: the value shifted right by `shift` indexes `roots` (see `walk`); a shift
-            // of 32 gives 0. Scale 4 is a u32.
+            let slice = _mm256_and_si256(_mm256_srlv_epi32(row(keys, cut.dim, c), shift), slices);
+            // SAFETY: the value shifted right by `shift` and masked by `mask` indexes `roots`
+            // (see `walk`). Scale 4 is a u32.
             *at = unsafe { _mm256_i32gather_epi32::<4>(cut.roots.as_ptr().cast(), slice) };
         }
         // One round for chunk `c`, written out for each chunk (as in the AVX-512 walk).

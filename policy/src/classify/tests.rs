@@ -279,24 +279,41 @@ proptest! {
 /// IPv4 prefixes spread over the top bits of the address space (eight /8s, a few /16s in
 /// each), mostly /16 or longer with some short ones, so trees start with a cut table and some
 /// atoms straddle slices.
-fn arb_spread_prefix() -> impl Strategy<Value = Prefix> {
+/// An address spread over the top bits (`a` picks one of eight /8s), or, in one network
+/// (`pod`), over the bits after 10.0.0.0/8, as a cluster's pod addresses are.
+fn spread_addr(pod: bool, a: u32, b: u32, c: u32, d: u32) -> u128 {
+    let bits = if pod {
+        10 << 24 | (a * 32 + 1) << 16 | b << 8 | (c * 16 + d)
+    } else {
+        (a * 32 + 1) << 24 | b << 16 | c << 8 | d
+    };
+    bits as u128
+}
+
+fn arb_spread_prefix(pod: bool) -> impl Strategy<Value = Prefix> {
+    // In one network, no prefix is shorter than the network's /8.
+    let (long, short) = if pod {
+        (24u8, 8u8..=16)
+    } else {
+        (16u8, 0u8..=12)
+    };
     (
         0u32..8,
         0u32..4,
         0u32..4,
-        prop_oneof![6 => 16u8..=32, 1 => 0u8..=12],
+        prop_oneof![6 => long..=32, 1 => short],
     )
-        .prop_map(|(a, b, c, len)| {
-            let bits = ((a * 32 + 1) << 24 | b << 16 | c << 8 | 7) as u128;
+        .prop_map(move |(a, b, c, len)| {
+            let bits = spread_addr(pod, a, b, c, 7);
             Prefix::new(crate::rule::bits_addr(false, bits), len).unwrap()
         })
 }
 
-fn arb_spread_match() -> impl Strategy<Value = Match> {
+fn arb_spread_match(pod: bool) -> impl Strategy<Value = Match> {
     (
-        prop::collection::vec(arb_spread_prefix(), 0..3),
-        prop::collection::vec(arb_spread_prefix(), 0..2),
-        prop::collection::vec(arb_spread_prefix(), 0..2),
+        prop::collection::vec(arb_spread_prefix(pod), 0..3),
+        prop::collection::vec(arb_spread_prefix(pod), 0..2),
+        prop::collection::vec(arb_spread_prefix(pod), 0..2),
         prop_oneof![Just(None), Just(Some(6u8))],
         arb_range(),
     )
@@ -329,9 +346,9 @@ fn only_sources(mut rules: Vec<Match>) -> Vec<Match> {
     rules
 }
 
-fn arb_spread_key() -> impl Strategy<Value = FlowKey> {
+fn arb_spread_key(pod: bool) -> impl Strategy<Value = FlowKey> {
     let addr = (0u32..8, 0u32..4, 0u32..4, 0u32..16)
-        .prop_map(|(a, b, c, d)| ((a * 32 + 1) << 24 | b << 16 | c << 8 | d) as u128);
+        .prop_map(move |(a, b, c, d)| spread_addr(pod, a, b, c, d));
     (addr.clone(), addr, 0u16..8).prop_map(|(src, dst, dport)| FlowKey {
         src,
         dst,
@@ -348,8 +365,8 @@ proptest! {
     /// the top bits): every walk, bursts and continuations, against the linear reference.
     #[test]
     fn forest_with_cut_tables_agrees_with_linear(
-        rules in prop::collection::vec(arb_spread_match(), 100..400),
-        keys in prop::collection::vec(arb_spread_key(), 128),
+        rules in prop::collection::vec(arb_spread_match(false), 100..400),
+        keys in prop::collection::vec(arb_spread_key(false), 128),
         from in 0u32..64,
         sources_only in any::<bool>(),
     ) {
@@ -358,23 +375,45 @@ proptest! {
         let rules = if sources_only { only_sources(rules) } else { rules };
         every_walk_agrees(&rules, &keys, from, &[64])?;
     }
+
+    /// The same in one network (every address in 10.0.0.0/8): the cut takes the bits after
+    /// the ones all atoms share, and keys outside the network land in slices too.
+    #[test]
+    fn forest_with_cut_tables_in_one_network_agrees_with_linear(
+        rules in prop::collection::vec(arb_spread_match(true), 100..400),
+        keys in prop::collection::vec(
+            prop_oneof![6 => arb_spread_key(true), 1 => arb_spread_key(false)],
+            128,
+        ),
+        from in 0u32..64,
+        sources_only in any::<bool>(),
+    ) {
+        let rules = if sources_only { only_sources(rules) } else { rules };
+        every_walk_agrees(&rules, &keys, from, &[64])?;
+    }
 }
 
 #[test]
 fn spread_rule_sets_get_cut_tables() {
-    // The strategy above must actually produce cuts, or its test checks nothing new.
-    let mut runner = proptest::test_runner::TestRunner::deterministic();
-    let rules = only_sources(
-        prop::collection::vec(arb_spread_match(), 300)
-            .new_tree(&mut runner)
-            .unwrap()
-            .current(),
-    );
-    let cut = Forest::build(&rules)
-        .tree_stats()
-        .iter()
-        .any(|t| t.cut_slices > 1);
-    assert!(cut, "no tree of the spread set starts with a cut");
+    // The strategies above must actually produce cuts, or their tests check nothing new: spread
+    // over the top bits, and inside one /8.
+    for pod in [false, true] {
+        let mut runner = proptest::test_runner::TestRunner::deterministic();
+        let rules = only_sources(
+            prop::collection::vec(arb_spread_match(pod), 300)
+                .new_tree(&mut runner)
+                .unwrap()
+                .current(),
+        );
+        let cut = Forest::build(&rules)
+            .tree_stats()
+            .iter()
+            .any(|t| t.cut_slices > 1);
+        assert!(
+            cut,
+            "no tree of the spread set (one network: {pod}) starts with a cut"
+        );
+    }
 }
 
 #[test]
@@ -383,7 +422,7 @@ fn copies_counts_every_leaf_an_atom_is_in_and_stops_at_its_cap() {
     // leaves each atom already sits in (an atom is in every leaf whose box it meets, unless a
     // covering atom came first), and never more than its cap.
     let mut runner = proptest::test_runner::TestRunner::deterministic();
-    let rules = prop::collection::vec(arb_spread_match(), 300)
+    let rules = prop::collection::vec(arb_spread_match(false), 300)
         .new_tree(&mut runner)
         .unwrap()
         .current();

@@ -425,12 +425,16 @@ pub(super) struct OverBudget;
 /// atoms are narrow in that address (a /16 or longer), so cutting its top bits into equal
 /// slices copies almost none of them, and one load replaces the several levels of splits that
 /// would tell the slices apart. (HiCuts' equal-size cuts, at the root only, where they are
-/// cheap.) Without a cut, `shift` is 32 and `roots` is `[0]`: every walk starts at node 0.
+/// cheap.) The bits cut are the first ones below what all the atoms share: rules whose
+/// addresses are all in 10.0.0.0/8 (a cluster's pod network) are cut on the bits after the 10.
+/// Without a cut, `shift` is 32, `mask` 0 and `roots` is `[0]`: every walk starts at node 0.
 #[derive(Debug)]
 pub(super) struct Cut {
     pub(super) dim: usize,
+    /// A value's slice is `(value >> shift) & mask`.
     pub(super) shift: u32,
-    /// `1 << (32 - shift)` node indices (one without a cut).
+    pub(super) mask: u32,
+    /// `mask + 1` node indices.
     pub(super) roots: Box<[u32]>,
 }
 
@@ -439,6 +443,7 @@ impl Default for Cut {
         Cut {
             dim: 0,
             shift: 32,
+            mask: 0,
             roots: Box::new([0]),
         }
     }
@@ -453,7 +458,45 @@ impl Cut {
     /// The root for a key whose value on the cut's dimension is `value`.
     #[inline(always)]
     pub(super) fn root_of(&self, value: u32) -> u32 {
-        self.roots[(u64::from(value) >> self.shift) as usize]
+        self.roots[self.slice(value) as usize]
+    }
+
+    /// The slice `value` falls in.
+    #[inline(always)]
+    pub(super) fn slice(&self, value: u32) -> u32 {
+        (u64::from(value) >> self.shift) as u32 & self.mask
+    }
+}
+
+/// Where a cut's slices lie on one dimension: `bits` bits below the `skip` top bits that every
+/// atom shares, which are `base`'s.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Slicing {
+    dim: usize,
+    skip: u32,
+    bits: u32,
+    base: u32,
+}
+
+impl Slicing {
+    fn shift(&self) -> u32 {
+        32 - self.skip - self.bits
+    }
+
+    fn mask(&self) -> u32 {
+        (1u32 << self.bits) - 1
+    }
+
+    /// The slice of `value`, which shares the top `skip` bits.
+    fn of(&self, value: u32) -> usize {
+        ((value >> self.shift()) & self.mask()) as usize
+    }
+
+    /// The values of slices `s..e`.
+    fn span(&self, s: usize, e: usize) -> (u32, u32) {
+        let lo = u64::from(self.base) | (s as u64) << self.shift();
+        let hi = u64::from(self.base) | (((e as u64) << self.shift()) - 1);
+        (lo as u32, hi as u32)
     }
 }
 
@@ -466,7 +509,7 @@ const CUT_MIN_SLICES: usize = 4;
 /// and keeping the table at most two roots per atom. Where no such cut exists (a tree that
 /// merged source- and destination-specific parts is wide in both), one that copies each atom
 /// up to [`CUT_DEAR_COPIES`] times instead: without a cut every walk starts at the one root.
-fn choose_cut(boxes: &[Box5]) -> Option<(usize, u32)> {
+fn choose_cut(boxes: &[Box5]) -> Option<Slicing> {
     let n = boxes.len();
     cut_within(boxes, n + n / 8).or_else(|| cut_within(boxes, n * CUT_DEAR_COPIES))
 }
@@ -478,24 +521,38 @@ fn choose_cut(boxes: &[Box5]) -> Option<(usize, u32)> {
 const CUT_DEAR_COPIES: usize = 4;
 
 /// [`choose_cut`] with at most `limit` copies in all.
-fn cut_within(boxes: &[Box5], limit: usize) -> Option<(usize, u32)> {
+fn cut_within(boxes: &[Box5], limit: usize) -> Option<Slicing> {
     let n = boxes.len();
-    let mut best: Option<(usize, usize, u32)> = None; // (slices, dim, bits)
+    let mut best: Option<(usize, Slicing)> = None;
     for dim in 0..2 {
-        for bits in 4..=CUT_MAX_BITS {
+        let lo = boxes.iter().map(|b| b[dim].0).min().unwrap_or(0);
+        let hi = boxes.iter().map(|b| b[dim].1).max().unwrap_or(u32::MAX);
+        // The top bits every atom shares on this dimension cut nothing apart.
+        let skip = (lo ^ hi).leading_zeros();
+        let base = if skip == 0 {
+            0
+        } else {
+            lo & !(u32::MAX >> skip)
+        };
+        for bits in 4..=CUT_MAX_BITS.min(32 - skip) {
             if (1usize << bits) > 2 * n {
                 break;
             }
-            let shift = 32 - bits;
+            let cut = Slicing {
+                dim,
+                skip,
+                bits,
+                base,
+            };
             let mut used = vec![false; 1 << bits];
             let mut copies = 0usize;
             for b in boxes {
-                let (lo, hi) = (b[dim].0 >> shift, b[dim].1 >> shift);
-                copies += (hi - lo + 1) as usize;
+                let (lo, hi) = (cut.of(b[dim].0), cut.of(b[dim].1));
+                copies += hi - lo + 1;
                 if copies > limit {
                     break;
                 }
-                for u in &mut used[lo as usize..=hi as usize] {
+                for u in &mut used[lo..=hi] {
                     *u = true;
                 }
             }
@@ -503,12 +560,12 @@ fn cut_within(boxes: &[Box5], limit: usize) -> Option<(usize, u32)> {
                 continue;
             }
             let slices = used.iter().filter(|&&u| u).count();
-            if slices >= CUT_MIN_SLICES && best.is_none_or(|(s, _, _)| slices > s) {
-                best = Some((slices, dim, bits));
+            if slices >= CUT_MIN_SLICES && best.is_none_or(|(s, _)| slices > s) {
+                best = Some((slices, cut));
             }
         }
     }
-    best.map(|(_, dim, bits)| (dim, bits))
+    best.map(|(_, cut)| cut)
 }
 
 impl Tree {
@@ -553,13 +610,11 @@ impl Tree {
                 b.build(0, (0..atoms.len() as u32).collect(), all, 0)?;
                 Cut::default()
             }
-            Some((dim, bits)) => {
-                let shift = 32 - bits;
-                let mut slices: Vec<Vec<u32>> = vec![Vec::new(); 1 << bits];
+            Some(cut) => {
+                let dim = cut.dim;
+                let mut slices: Vec<Vec<u32>> = vec![Vec::new(); 1 << cut.bits];
                 for (i, bx) in b.boxes.iter().enumerate() {
-                    for s in
-                        &mut slices[(bx[dim].0 >> shift) as usize..=(bx[dim].1 >> shift) as usize]
-                    {
+                    for s in &mut slices[cut.of(bx[dim].0)..=cut.of(bx[dim].1)] {
                         s.push(i as u32);
                     }
                 }
@@ -584,7 +639,7 @@ impl Tree {
                             }
                             b.nodes.push(Node::default());
                             let mut bx = all;
-                            bx[dim] = ((s as u32) << shift, (((e as u64) << shift) - 1) as u32);
+                            bx[dim] = cut.span(s, e);
                             b.build(at, std::mem::take(&mut slices[s]), bx, 0)?;
                             if none {
                                 empty = Some(at as u32);
@@ -597,7 +652,8 @@ impl Tree {
                 }
                 Cut {
                     dim,
-                    shift,
+                    shift: cut.shift(),
+                    mask: cut.mask(),
                     roots: roots.into_boxed_slice(),
                 }
             }
@@ -633,10 +689,16 @@ impl Tree {
         for a in atoms {
             let want = ranges(a);
             // The roots of the slices the atom spans, each once.
-            let (lo, hi) = (
-                u64::from(want[self.cut.dim].0) >> self.cut.shift,
-                u64::from(want[self.cut.dim].1) >> self.cut.shift,
-            );
+            // The slices the atom's range spans. An atom outside the bits every atom of the
+            // tree shares (a merge candidate) may span a whole cycle of slices, or wrap.
+            let (a, z) = want[self.cut.dim];
+            let (lo, hi) = (self.cut.slice(a), self.cut.slice(z));
+            let period = (u64::from(self.cut.mask) + 1) << self.cut.shift;
+            let (lo, hi) = if u64::from(z - a) + 1 >= period || lo > hi {
+                (0, self.cut.mask)
+            } else {
+                (lo, hi)
+            };
             let mut last = None;
             for slice in lo..=hi {
                 let root = self.cut.roots[slice as usize];
