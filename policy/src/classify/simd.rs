@@ -16,6 +16,10 @@
 //! where some lane's record tests one: three gathers of pairs instead of four measured 1.02-1.06
 //! times faster on AVX-512. A gather costs the same however few lanes it reads, so the last
 //! [`TAIL`] lanes of an AVX-512 test finish scalar.
+//!
+//! Around the walk: [`transpose`] writes a burst's keys into the key block with five gathers per
+//! 16 (or 8) keys, and [`scan_block`] tests one packet against a row of 16 (or 8) atoms of a
+//! small tree's block (`block.rs`) with aligned loads and no gather.
 
 #![allow(unsafe_code)]
 

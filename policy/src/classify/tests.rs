@@ -534,3 +534,27 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn atoms_that_share_one_address_build_and_agree() {
+    // Every atom's source is the same host (a dimension whose atoms share all 32 bits offers no
+    // cut), and every destination the same /24 (shared top bits, then a few to cut).
+    let mut rules = Vec::new();
+    for i in 0..64u16 {
+        let mut r = m(&["10.1.2.3/32"], &[], Some(6), PortRange { lo: i, hi: i });
+        r.dst = AddrSet {
+            include: vec![p(&format!("10.9.8.{}/32", i % 16))],
+            except: vec![],
+        };
+        rules.push(r);
+    }
+    rules.push(Match::any(Direction::Ingress));
+    let oracle = Linear::build(&rules);
+    let forest = Forest::build(&rules);
+    for i in 0..80u16 {
+        for host in ["10.1.2.3", "10.1.2.4"] {
+            let k = key(host, &format!("10.9.8.{}", i % 20), 6, 1, i);
+            assert_eq!(forest.first_match(&k, 0), oracle.first_match(&k, 0), "{k}");
+        }
+    }
+}

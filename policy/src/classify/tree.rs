@@ -527,13 +527,13 @@ fn cut_within(boxes: &[Box5], limit: usize) -> Option<Slicing> {
     for dim in 0..2 {
         let lo = boxes.iter().map(|b| b[dim].0).min().unwrap_or(0);
         let hi = boxes.iter().map(|b| b[dim].1).max().unwrap_or(u32::MAX);
-        // The top bits every atom shares on this dimension cut nothing apart.
+        // The top bits every atom shares on this dimension cut nothing apart; where they share
+        // the whole value, nothing does.
         let skip = (lo ^ hi).leading_zeros();
-        let base = if skip == 0 {
-            0
-        } else {
-            lo & !(u32::MAX >> skip)
-        };
+        if skip >= 32 {
+            continue;
+        }
+        let base = lo & !(u32::MAX.checked_shr(skip).unwrap_or(0));
         for bits in 4..=CUT_MAX_BITS.min(32 - skip) {
             if (1usize << bits) > 2 * n {
                 break;
