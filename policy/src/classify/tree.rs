@@ -509,9 +509,10 @@ const CUT_MIN_SLICES: usize = 4;
 /// and keeping the table at most two roots per atom. Where no such cut exists (a tree that
 /// merged source- and destination-specific parts is wide in both), one that copies each atom
 /// up to [`CUT_DEAR_COPIES`] times instead: without a cut every walk starts at the one root.
-fn choose_cut(boxes: &[Box5]) -> Option<Slicing> {
+/// `bounds` is the atoms' bounding box.
+fn choose_cut(boxes: &[Box5], bounds: &Box5) -> Option<Slicing> {
     let n = boxes.len();
-    cut_within(boxes, n + n / 8).or_else(|| cut_within(boxes, n * CUT_DEAR_COPIES))
+    cut_within(boxes, bounds, n + n / 8).or_else(|| cut_within(boxes, bounds, n * CUT_DEAR_COPIES))
 }
 
 /// Atoms may be copied into more than one slice of a cut only this many times each, where no
@@ -521,12 +522,11 @@ fn choose_cut(boxes: &[Box5]) -> Option<Slicing> {
 const CUT_DEAR_COPIES: usize = 4;
 
 /// [`choose_cut`] with at most `limit` copies in all.
-fn cut_within(boxes: &[Box5], limit: usize) -> Option<Slicing> {
+fn cut_within(boxes: &[Box5], bounds: &Box5, limit: usize) -> Option<Slicing> {
     let n = boxes.len();
     let mut best: Option<(usize, Slicing)> = None;
     for dim in 0..2 {
-        let lo = boxes.iter().map(|b| b[dim].0).min().unwrap_or(0);
-        let hi = boxes.iter().map(|b| b[dim].1).max().unwrap_or(u32::MAX);
+        let (lo, hi) = bounds[dim];
         // The top bits every atom shares on this dimension cut nothing apart; where they share
         // the whole value, nothing does.
         let skip = (lo ^ hi).leading_zeros();
@@ -604,7 +604,7 @@ impl Tree {
                 (0, 255),
             ];
         }
-        let cut = match choose_cut(&b.boxes) {
+        let cut = match choose_cut(&b.boxes, &all) {
             None => {
                 b.nodes.push(Node::default());
                 b.build(0, (0..atoms.len() as u32).collect(), all, 0)?;
