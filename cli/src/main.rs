@@ -137,6 +137,10 @@ enum Cmd {
         /// One JSON object per line.
         #[arg(long)]
         json: bool,
+        /// From capture time TS (seconds since the Unix epoch, as `ts` prints) on, the policies
+        /// are those in DIR, swapped in the way a reload swaps them. Repeatable.
+        #[arg(long = "change", value_name = "TS=DIR")]
+        changes: Vec<gateway::replay::Change>,
     },
     /// The network-namespace lab.
     Lab {
@@ -331,7 +335,8 @@ fn dispatch(cli: Cli) -> Result<()> {
             ext,
             int,
             json,
-        } => replay(&config, &ext, &int, json),
+            changes,
+        } => replay(&config, &ext, &int, &changes, json),
         Cmd::Lab { action } => match action {
             LabCmd::Up(a) => {
                 let lab = Lab::new(&a.prefix, a.queues)?;
@@ -680,20 +685,30 @@ fn conntrack(action: ConntrackCmd) -> Result<()> {
     let flows: Vec<gateway::conntrack::FlowEntry> = serde_json::from_str(&body)
         .with_context(|| format!("{addr}/conntrack is not a flow list"))?;
     println!(
-        "{:<8} {:<6} {:>40} {:>40} {:<13} {:>5} {:>9}",
-        "dir", "proto", "source", "destination", "state", "gen", "idle ms"
+        "{:<8} {:<6} {:>40} {:>40} {:<13} {:<9} {:>5} {:>9}  window (orig; reply)",
+        "dir", "proto", "source", "destination", "state", "assured", "gen", "idle ms"
     );
     for f in &flows {
         let proto = policy::key::proto::name(f.proto);
         println!(
-            "{:<8} {:<6} {:>40} {:>40} {:<13} {:>5} {:>9}",
+            "{:<8} {:<6} {:>40} {:>40} {:<13} {:<9} {:>5} {:>9}  {}",
             f.direction,
             proto,
             format!("{}:{}", f.src, f.sport),
             format!("{}:{}", f.dst, f.dport),
             format!("{:?}", f.state).to_lowercase(),
+            if f.assured { "assured" } else { "unassured" },
             f.generation,
-            f.idle_ms
+            f.idle_ms,
+            f.window.map_or(String::new(), |w| {
+                let side = |s: &gateway::conntrack::WindowView| {
+                    format!(
+                        "end {} maxend {} maxwin {} scale {}",
+                        s.end, s.maxend, s.maxwin, s.scale
+                    )
+                };
+                format!("{}; {}", side(&w[0]), side(&w[1]))
+            })
         );
     }
     println!("{} flow(s)", flows.len());
@@ -704,10 +719,11 @@ fn replay(
     config: &std::path::Path,
     ext: &std::path::Path,
     int: &std::path::Path,
+    changes: &[gateway::replay::Change],
     json: bool,
 ) -> Result<()> {
     let cfg = Config::load(config)?;
-    let lines = gateway::replay::replay_files(&cfg, ext, int)
+    let lines = gateway::replay::replay_files(&cfg, ext, int, changes)
         .with_context(|| format!("replaying {} and {}", ext.display(), int.display()))?;
     for l in &lines {
         if json {

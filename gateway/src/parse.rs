@@ -1,18 +1,36 @@
 //! Frame parsing: Ethernet (with up to three 802.1Q/802.1ad tags), IPv4 (with options), IPv6
-//! (with extension headers), TCP, UDP, SCTP, ICMPv4/v6, through etherparse's zero-copy slicer.
+//! (with extension headers), TCP, UDP, SCTP, ICMPv4/v6.
 //!
 //! Never panics and never allocates: every frame becomes a [`Frame`] or a [`Reason`] to drop it.
-//! Fragments: the first fragment carries the transport header and yields ports; a non-first
-//! fragment has none (`ports_known = false`), so only rules that need no ports can match it.
-//! A first fragment too short to hold its ports is the RFC 1858 tiny-fragment attack and is
-//! dropped.
+//!
+//! The common case (untagged IPv4 without options, TCP or UDP) is read at fixed offsets
+//! ([`fast_path`]). The rest goes through [`parse_sliced`], which reads the IP layer itself:
+//! etherparse 0.19 decodes the IPv6 Fragment header's offset and M bit from the wrong bits
+//! (JulianSchmid/etherparse#150), which made a trailing fragment look like a whole packet, so
+//! the extension chain and the Fragment header are walked here ([`frag_field`] has the bit
+//! layout and a regression test). etherparse remains the TCP header reader (its option
+//! iterator) and the builder the tests make frames with.
+//!
+//! **Fragments.** A first fragment carries the transport header and is read like a whole packet;
+//! it must hold the whole header chain and the full transport header (RFC 7112; RFC 1858's tiny
+//! fragment attack), or it is dropped (`tiny_fragment`). A later fragment has no ports
+//! (`ports_known = false`); the tracker passes it only after its first fragment
+//! (`conntrack::frag`). An atomic fragment (offset 0, no more fragments; RFC 6946) is a whole
+//! packet.
+//!
+//! **VLANs.** The first tag with a VLAN id is the key's VLAN, the second the tracker's inner
+//! VLAN (QinQ); a priority tag (VLAN id 0) names no VLAN (IEEE 802.1Q).
+//!
+//! **TCP.** The tracker gets the sequence number, acknowledgement, window, payload length and the
+//! SYN's options, and a checksum verdict for segments that can change state (SYN, FIN, RST):
+//! data segments are not summed.
 
-use etherparse::err::packet::SliceError;
-use etherparse::{Ipv6ExtensionSlice, LinkExtSlice, NetSlice, SlicedPacket, TransportSlice};
+use etherparse::TcpOptionElement;
 use policy::key::{proto, FlowKey, NO_VLAN};
 use policy::rule::Direction;
 
-use crate::conntrack::Track;
+use crate::conntrack::tcp::{Segment, NO_WSCALE};
+use crate::conntrack::{icmp_error, tcp_flags, Frag, Track};
 use crate::stats::Reason;
 
 /// What a frame is, as far as the gateway cares.
@@ -24,47 +42,19 @@ pub enum Frame {
     OtherL2,
 }
 
-/// Maps etherparse's error to a drop reason. `bad_ip_length`: the IP length field disagrees with
-/// the frame (claims more than the frame holds, or less than its own header). `truncated`: a
-/// header is cut off, by the end of the frame or by the enclosing packet's length.
-fn malformed(e: &SliceError) -> Reason {
-    use etherparse::err::{ip, ipv4, ipv6, Layer};
-    match e {
-        SliceError::Len(l) if matches!(l.layer, Layer::Ipv4Packet | Layer::Ipv6Packet) => {
-            Reason::BadIpLength
-        }
-        SliceError::Len(_) => Reason::Truncated,
-        // A version nibble that disagrees with the ethertype is one reason whichever the
-        // ethertype (etherparse's only IPv6 header error is this one).
-        SliceError::Ip(ip::HeaderError::UnsupportedIpVersion { .. })
-        | SliceError::Ipv4(ipv4::HeaderError::UnexpectedVersion { .. })
-        | SliceError::Ipv6(ipv6::HeaderError::UnexpectedVersion { .. }) => Reason::BadIpVersion,
-        SliceError::Ip(_) | SliceError::Ipv4(_) => Reason::BadIpv4Header,
-        SliceError::Ipv4Exts(_) | SliceError::Ipv6Exts(_) => Reason::BadIpExtension,
-        SliceError::Tcp(_) => Reason::BadTransport,
-        SliceError::LinuxSll(_) | SliceError::Macsec(_) => Reason::UnsupportedLink,
-    }
+const ETH_IPV4: u16 = 0x0800;
+const ETH_IPV6: u16 = 0x86dd;
+const ETH_ARP: u16 = 0x0806;
+const ETH_MACSEC: u16 = 0x88e5;
+
+#[inline(always)]
+fn be16(b: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes([b[at], b[at + 1]])
 }
 
-/// Reads (sport, dport) from the start of a transport header that etherparse did not slice
-/// (SCTP, or the first fragment of a fragmented datagram).
-#[inline]
-fn raw_ports(p: u8, payload: &[u8]) -> Option<(u16, u16)> {
-    if proto::is_icmp(p) {
-        return (payload.len() >= 2).then(|| (payload[0] as u16, payload[1] as u16));
-    }
-    // SCTP's common header is 12 bytes; TCP and UDP ports are the first 4 bytes of theirs.
-    let need = if p == proto::SCTP { 12 } else { 4 };
-    (payload.len() >= need).then(|| {
-        (
-            u16::from_be_bytes([payload[0], payload[1]]),
-            u16::from_be_bytes([payload[2], payload[3]]),
-        )
-    })
-}
-
-fn has_ports(p: u8) -> bool {
-    matches!(p, proto::TCP | proto::UDP | proto::SCTP) || proto::is_icmp(p)
+#[inline(always)]
+fn be32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
 }
 
 /// Parses one frame received in `direction`.
@@ -73,85 +63,12 @@ pub fn parse(data: &[u8], direction: Direction) -> Result<Frame, Reason> {
     parse_tracked(data, direction).map(|(f, _)| f)
 }
 
-/// The header an ICMP error quotes (RFC 792, RFC 4443 §2.4: as much of the offending packet as
-/// fits), as the key that packet had: it travelled the other way. `None` when too little is
-/// quoted to know the flow.
-fn quoted(inner: &[u8], error_dir: Direction, vlan: u16) -> Option<(FlowKey, u16)> {
-    let dir = match error_dir {
-        Direction::Ingress => Direction::Egress,
-        Direction::Egress => Direction::Ingress,
-    };
-    let mut k = FlowKey {
-        dir,
-        vlan,
-        ..FlowKey::default()
-    };
-    let rest = match inner.first()? >> 4 {
-        4 => {
-            let ihl = usize::from(inner[0] & 0x0f) * 4;
-            if ihl < 20 || inner.len() < ihl {
-                return None;
-            }
-            if u16::from_be_bytes([inner[6], inner[7]]) & 0x1fff != 0 {
-                return None; // a non-first fragment quotes no ports
-            }
-            k.proto = inner[9];
-            k.src = u32::from_be_bytes(inner[12..16].try_into().ok()?) as u128;
-            k.dst = u32::from_be_bytes(inner[16..20].try_into().ok()?) as u128;
-            &inner[ihl..]
-        }
-        6 if inner.len() >= 40 => {
-            k.v6 = true;
-            k.proto = inner[6];
-            k.src = u128::from_be_bytes(inner[8..24].try_into().ok()?);
-            k.dst = u128::from_be_bytes(inner[24..40].try_into().ok()?);
-            &inner[40..]
-        }
-        _ => return None,
-    };
-    let (s, d) = raw_ports(k.proto, rest)?;
-    k.sport = s;
-    k.dport = d;
-    let id = if proto::is_icmp(k.proto) && rest.len() >= 6 {
-        u16::from_be_bytes([rest[4], rest[5]])
-    } else {
-        0
-    };
-    Some((k, id))
-}
-
-/// Whether an ICMP type is an error that quotes the packet that caused it.
-fn icmp_error(v6: bool, ty: u8) -> bool {
-    if v6 {
-        matches!(ty, 1..=4)
-    } else {
-        matches!(ty, 3 | 4 | 5 | 11 | 12)
-    }
-}
-
-/// Reads the echo identifier or, for an error, the quoted header, from an ICMP message's body
-/// (`body` starts at the ICMP header).
-fn icmp_track(key: &FlowKey, body: &[u8], track: &mut Track) {
-    let ty = key.sport as u8;
-    if icmp_error(key.v6, ty) {
-        if let Some((q, id)) = body
-            .get(8..)
-            .and_then(|inner| quoted(inner, key.dir, key.vlan))
-        {
-            track.quoted = Some(q);
-            track.icmp_id = id;
-        }
-    } else if body.len() >= 6 {
-        track.icmp_id = u16::from_be_bytes([body[4], body[5]]);
-    }
-}
-
-/// [`parse`], plus what the connection tracker needs: TCP flags, the ICMP echo identifier, the
-/// header an ICMP error quotes.
+/// [`parse`], plus what the connection tracker needs: TCP flags and segment, the ICMP query
+/// identifier, the header an ICMP error quotes, the inner VLAN, the fragment position.
 #[inline]
 pub fn parse_tracked(data: &[u8], direction: Direction) -> Result<(Frame, Track), Reason> {
     let mut key = FlowKey::default();
-    let mut track = Track::default();
+    let mut track = Track::new();
     Ok(match parse_into(data, direction, &mut key, &mut track)? {
         Parsed::Ip => (Frame::Ip(key), track),
         Parsed::Arp => (Frame::Arp, track),
@@ -176,18 +93,14 @@ pub(crate) fn parse_into(
     key: &mut FlowKey,
     track: &mut Track,
 ) -> Result<Parsed, Reason> {
-    if let Some((k, flags)) = fast_path(data, direction) {
+    if let Some(k) = fast_path(data, direction, track) {
         *key = k;
-        *track = Track {
-            tcp_flags: flags,
-            ..Track::default()
-        };
         return Ok(Parsed::Ip);
     }
     parse_slow(data, direction, key, track)
 }
 
-/// Everything [`fast_path`] does not take, through etherparse.
+/// Everything [`fast_path`] does not take.
 #[inline(never)]
 pub(crate) fn parse_slow(
     data: &[u8],
@@ -208,128 +121,565 @@ pub(crate) fn parse_slow(
 }
 
 /// The common case at fixed offsets (DESIGN §4): untagged Ethernet, IPv4 without options, not
-/// fragmented, TCP or UDP with consistent lengths: the key and the TCP flags (0 for UDP). Inlined
-/// into the burst loop, the key stays in registers for the tracker's probe (reading back
-/// fields just stored byte by byte would stall store forwarding). Anything else, or anything
-/// odd, returns `None` and goes through etherparse; a test checks on generated and mutated
-/// frames that whatever this accepts, etherparse parses to the same result.
+/// fragmented, TCP or UDP with consistent lengths: the key, with the tracker's fields written to
+/// `track`. Inlined into the burst loop, the key stays in registers for the tracker's probe.
+/// Anything else, or anything odd, returns `None` (with `track` in an unspecified state) and
+/// goes the general way; a test checks on generated and mutated frames that whatever this
+/// accepts, [`parse_sliced`] parses to the same result.
 #[inline(always)]
-pub fn fast_path(b: &[u8], direction: Direction) -> Option<(FlowKey, u8)> {
+pub fn fast_path(b: &[u8], direction: Direction, track: &mut Track) -> Option<FlowKey> {
     if b.len() < 14 + 20 + 8 || b[12] != 0x08 || b[13] != 0x00 || b[14] != 0x45 {
         return None;
     }
-    let total = u16::from_be_bytes([b[16], b[17]]) as usize;
+    let total = be16(b, 16) as usize;
     // Fragmented (MF or an offset) goes the slow way; DF is fine.
-    if u16::from_be_bytes([b[20], b[21]]) & 0x3fff != 0 || total < 20 + 8 || total > b.len() - 14 {
+    if be16(b, 20) & 0x3fff != 0 || total < 20 + 8 || total > b.len() - 14 {
         return None;
     }
     let l4 = &b[34..14 + total];
     let proto_ = b[23];
-    let flags = match proto_ {
+    match proto_ {
         proto::TCP => {
-            if l4.len() < 20 {
-                return None;
-            }
-            let doff = usize::from(l4[12] >> 4) * 4;
-            if doff < 20 || doff > l4.len() {
-                return None;
-            }
-            l4[13]
+            let (flags, seg) = tcp_segment(l4, &b[26..34], false).ok()?;
+            track.tcp_flags = flags;
+            track.seg = seg;
         }
         proto::UDP => {
-            if l4.len() < 8 || u16::from_be_bytes([l4[4], l4[5]]) as usize != l4.len() {
+            if l4.len() < 8 || be16(l4, 4) as usize != l4.len() {
                 return None;
             }
-            0
+            track.tcp_flags = 0;
+            track.seg = Segment::default();
+        }
+        _ => return None,
+    }
+    track.icmp_id = 0;
+    track.quoted = None;
+    track.vlan2 = NO_VLAN;
+    track.frag = Frag::Whole;
+    Some(FlowKey {
+        dir: direction,
+        v6: false,
+        src: be32(b, 26) as u128,
+        dst: be32(b, 30) as u128,
+        proto: proto_,
+        sport: be16(l4, 0),
+        dport: be16(l4, 2),
+        ports_known: true,
+        vlan: NO_VLAN,
+    })
+}
+
+/// One's complement sum of `b` (16-bit big-endian words, an odd byte padded), not folded.
+fn sum16(b: &[u8], mut acc: u64) -> u64 {
+    let mut chunks = b.chunks_exact(2);
+    for c in &mut chunks {
+        acc += u16::from_be_bytes([c[0], c[1]]) as u64;
+    }
+    if let [last] = chunks.remainder() {
+        acc += (*last as u64) << 8;
+    }
+    acc
+}
+
+fn fold(mut acc: u64) -> u16 {
+    while acc >> 16 != 0 {
+        acc = (acc & 0xffff) + (acc >> 16);
+    }
+    acc as u16
+}
+
+/// Whether a TCP segment's checksum is right. `addrs`: the source and destination addresses as
+/// they sit in the IP header (8 or 32 bytes), for the pseudo-header.
+fn tcp_checksum_ok(l4: &[u8], addrs: &[u8]) -> bool {
+    let acc = sum16(addrs, proto::TCP as u64 + l4.len() as u64);
+    fold(sum16(l4, acc)) == 0xffff
+}
+
+/// Reads a TCP header and what the tracker needs of its segment. `fragment`: the header is in a
+/// first fragment, whose checksum covers data not here (not verified) and whose length is not
+/// the segment's.
+fn tcp_segment(l4: &[u8], addrs: &[u8], fragment: bool) -> Result<(u8, Segment), Reason> {
+    let short = if fragment {
+        Reason::TinyFragment
+    } else {
+        Reason::Truncated
+    };
+    if l4.len() < 20 {
+        return Err(short);
+    }
+    let doff = usize::from(l4[12] >> 4) * 4;
+    if doff < 20 {
+        return Err(Reason::BadTransport);
+    }
+    if doff > l4.len() {
+        return Err(short);
+    }
+    let flags = l4[13];
+    let ack = be32(l4, 8);
+    let mut seg = Segment {
+        flags,
+        seq: be32(l4, 4),
+        ack,
+        win: be16(l4, 14),
+        len: (l4.len() - doff) as u32,
+        sack: ack,
+        ..Segment::default()
+    };
+    if doff > 20 {
+        options(&l4[20..doff], &mut seg);
+    }
+    if flags & (tcp_flags::SYN | tcp_flags::FIN | tcp_flags::RST) != 0 && !fragment {
+        seg.csum_ok = tcp_checksum_ok(l4, addrs);
+    }
+    Ok((flags, seg))
+}
+
+/// The options the tracker reads: window scale and SACK permitted (on a SYN), the highest SACK
+/// block edge (on any segment). Malformed options end the walk, as in netfilter.
+fn options(opts: &[u8], seg: &mut Segment) {
+    let syn = seg.flags & tcp_flags::SYN != 0;
+    let header = {
+        // etherparse's option iterator, over a header of just these options.
+        let mut h = [0u8; 60];
+        h[12] = (((20 + opts.len()) / 4) as u8) << 4;
+        h[20..20 + opts.len()].copy_from_slice(opts);
+        h
+    };
+    let Ok(tcp) = etherparse::TcpHeaderSlice::from_slice(&header[..20 + opts.len()]) else {
+        return;
+    };
+    for o in tcp.options_iterator() {
+        match o {
+            Ok(TcpOptionElement::WindowScale(shift)) if syn => seg.wscale = shift,
+            Ok(TcpOptionElement::SelectiveAcknowledgementPermitted) if syn => {
+                seg.sack_perm = true
+            }
+            Ok(TcpOptionElement::SelectiveAcknowledgement(first, rest)) => {
+                for (_, right) in std::iter::once(first).chain(rest.into_iter().flatten()) {
+                    if (right.wrapping_sub(seg.sack) as i32) > 0 {
+                        seg.sack = right;
+                    }
+                }
+            }
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    if seg.wscale != NO_WSCALE && !syn {
+        seg.wscale = NO_WSCALE;
+    }
+}
+
+/// The IPv6 Fragment header's third and fourth bytes (RFC 8200 §4.5): the offset in 8-byte units
+/// in the top 13 bits, two reserved bits, the M (more fragments) flag in the lowest bit.
+/// Returns (offset in bytes, more fragments).
+pub fn frag_field(b2: u8, b3: u8) -> (u32, bool) {
+    let v = u16::from_be_bytes([b2, b3]);
+    (u32::from(v >> 3) * 8, v & 1 == 1)
+}
+
+/// Where an IP packet's transport header starts, and what the walk learnt.
+struct Ip<'a> {
+    v6: bool,
+    src: u128,
+    dst: u128,
+    /// The source and destination address bytes (for the TCP pseudo-header).
+    addrs: &'a [u8],
+    proto: u8,
+    /// From the transport header on, to the end of what the IP length covers.
+    payload: &'a [u8],
+    frag: Frag,
+}
+
+/// Walks IPv6 extension headers from `next` over `p` to the transport header. Returns the
+/// transport protocol, the rest, and the fragment position. `Err(None)`: the chain runs past the
+/// end of `p`.
+#[allow(clippy::type_complexity)]
+fn v6_chain(mut next: u8, mut p: &[u8]) -> Result<(u8, &[u8], Option<(u32, bool, u32)>), Option<Reason>> {
+    let mut frag = None;
+    for n in 0.. {
+        if n >= 16 {
+            return Err(Some(Reason::BadIpExtension));
+        }
+        match next {
+            // Hop-by-hop options may only come first (RFC 8200 §4.1).
+            0 if n > 0 => return Err(Some(Reason::BadIpExtension)),
+            // Hop-by-hop, routing, destination options, mobility, HIP, shim6.
+            0 | 43 | 60 | 135 | 139 | 140 => {
+                if p.len() < 2 {
+                    return Err(None);
+                }
+                let len = (usize::from(p[1]) + 1) * 8;
+                if len > p.len() {
+                    return Err(None);
+                }
+                next = p[0];
+                p = &p[len..];
+            }
+            44 => {
+                if frag.is_some() {
+                    return Err(Some(Reason::BadIpExtension));
+                }
+                if p.len() < 8 {
+                    return Err(None);
+                }
+                let (offset, more) = frag_field(p[2], p[3]);
+                frag = Some((offset, more, be32(p, 4)));
+                next = p[0];
+                p = &p[8..];
+                if offset != 0 {
+                    // The rest is a later fragment's data, not headers.
+                    break;
+                }
+            }
+            // Authentication header: 4-byte units, plus 2.
+            51 => {
+                if p.len() < 2 {
+                    return Err(None);
+                }
+                let len = (usize::from(p[1]) + 2) * 4;
+                if len > p.len() {
+                    return Err(None);
+                }
+                next = p[0];
+                p = &p[len..];
+            }
+            _ => break,
+        }
+    }
+    Ok((next, p, frag))
+}
+
+/// Reads the IP layer of `ip` (IPv4 when `v4`).
+fn ip_layer(ip: &[u8], v4: bool) -> Result<Ip<'_>, Reason> {
+    let version = ip.first().ok_or(Reason::Truncated)? >> 4;
+    if v4 {
+        if version != 4 {
+            return Err(Reason::BadIpVersion);
+        }
+        if ip.len() < 20 {
+            return Err(Reason::Truncated);
+        }
+        let ihl = usize::from(ip[0] & 0x0f) * 4;
+        if ihl < 20 {
+            return Err(Reason::BadIpv4Header);
+        }
+        if ip.len() < ihl {
+            return Err(Reason::Truncated);
+        }
+        let total = be16(ip, 2) as usize;
+        if total < ihl || total > ip.len() {
+            return Err(Reason::BadIpLength);
+        }
+        let fo = be16(ip, 6);
+        let (offset, more) = (u32::from(fo & 0x1fff) * 8, fo & 0x2000 != 0);
+        let id = be16(ip, 4) as u32;
+        let mut proto_ = ip[9];
+        let mut payload = &ip[ihl..total];
+        if proto_ == 51 && offset == 0 {
+            // An authentication header: the transport header follows it.
+            if payload.len() < 2 {
+                return Err(if more {
+                    Reason::TinyFragment
+                } else {
+                    Reason::Truncated
+                });
+            }
+            let len = (usize::from(payload[1]) + 2) * 4;
+            if len > payload.len() {
+                return Err(Reason::BadIpExtension);
+            }
+            proto_ = payload[0];
+            payload = &payload[len..];
+        }
+        let frag = match (offset, more) {
+            (0, false) => Frag::Whole,
+            (0, true) => Frag::First {
+                id,
+                end: payload.len() as u32,
+            },
+            (o, _) => Frag::Later { id, offset: o },
+        };
+        return Ok(Ip {
+            v6: false,
+            src: be32(ip, 12) as u128,
+            dst: be32(ip, 16) as u128,
+            addrs: &ip[12..20],
+            proto: proto_,
+            payload,
+            frag,
+        });
+    }
+    if version != 6 {
+        return Err(Reason::BadIpVersion);
+    }
+    if ip.len() < 40 {
+        return Err(Reason::Truncated);
+    }
+    let plen = be16(ip, 4) as usize;
+    if 40 + plen > ip.len() {
+        return Err(Reason::BadIpLength);
+    }
+    let body = &ip[40..40 + plen];
+    let (proto_, payload, frag) = match v6_chain(ip[6], body) {
+        Ok(x) => x,
+        Err(Some(r)) => return Err(r),
+        // The chain runs past the packet: in a first fragment that is RFC 7112's case.
+        Err(None) => {
+            return Err(if has_fragment_header(ip[6], body) {
+                Reason::TinyFragment
+            } else {
+                Reason::Truncated
+            })
+        }
+    };
+    let frag = match frag {
+        None | Some((0, false, _)) => Frag::Whole,
+        Some((0, true, id)) => Frag::First {
+            id,
+            end: payload.len() as u32,
+        },
+        Some((offset, _, id)) => Frag::Later { id, offset },
+    };
+    Ok(Ip {
+        v6: true,
+        src: u128::from_be_bytes(ip[8..24].try_into().map_err(|_| Reason::Truncated)?),
+        dst: u128::from_be_bytes(ip[24..40].try_into().map_err(|_| Reason::Truncated)?),
+        addrs: &ip[8..40],
+        proto: proto_,
+        payload,
+        frag,
+    })
+}
+
+/// Whether a (possibly cut) IPv6 extension chain contains a Fragment header.
+fn has_fragment_header(mut next: u8, mut p: &[u8]) -> bool {
+    for _ in 0..16 {
+        match next {
+            44 => return true,
+            0 | 43 | 60 | 135 | 139 | 140 | 51 if p.len() >= 2 => {
+                let len = if next == 51 {
+                    (usize::from(p[1]) + 2) * 4
+                } else {
+                    (usize::from(p[1]) + 1) * 8
+                };
+                next = p[0];
+                p = p.get(len..).unwrap_or(&[]);
+            }
+            _ => return false,
+        }
+    }
+    false
+}
+
+/// How much of the offending packet an ICMP error may carry: RFC 1812 §4.3.2.3 caps an ICMPv4
+/// error at 576 bytes, RFC 4443 §2.4 an ICMPv6 one at the minimum MTU.
+const ICMP4_ERROR_MAX: usize = 576;
+const ICMP6_ERROR_MAX: usize = 1280;
+
+/// The header an ICMP error quotes (RFC 792, RFC 4443 §2.4: as much of the offending packet as
+/// fits), as the key that packet had: it travelled the other way. `None` when the quote is
+/// unusable: too short to know the flow, of the other IP family, from a later fragment, or
+/// longer than the packet it quotes says it was (bytes after the quote are not the offending
+/// packet's, and a related error must not smuggle them).
+fn quoted(inner: &[u8], outer_v6: bool, error_dir: Direction, vlan: u16) -> Option<(FlowKey, u16)> {
+    let dir = match error_dir {
+        Direction::Ingress => Direction::Egress,
+        Direction::Egress => Direction::Ingress,
+    };
+    let mut k = FlowKey {
+        dir,
+        vlan,
+        ..FlowKey::default()
+    };
+    let rest = match (inner.first()? >> 4, outer_v6) {
+        (4, false) => {
+            let ihl = usize::from(inner[0] & 0x0f) * 4;
+            if ihl < 20 || inner.len() < ihl {
+                return None;
+            }
+            if inner.len() > be16(inner, 2) as usize {
+                return None;
+            }
+            if be16(inner, 6) & 0x1fff != 0 {
+                return None; // a later fragment quotes no ports
+            }
+            k.proto = inner[9];
+            k.src = be32(inner, 12) as u128;
+            k.dst = be32(inner, 16) as u128;
+            &inner[ihl..]
+        }
+        (6, true) if inner.len() >= 40 => {
+            if inner.len() > 40 + be16(inner, 4) as usize {
+                return None;
+            }
+            k.v6 = true;
+            k.src = u128::from_be_bytes(inner[8..24].try_into().ok()?);
+            k.dst = u128::from_be_bytes(inner[24..40].try_into().ok()?);
+            let (p, rest, frag) = v6_chain(inner[6], &inner[40..]).ok()?;
+            if matches!(frag, Some((o, _, _)) if o != 0) {
+                return None;
+            }
+            k.proto = p;
+            rest
         }
         _ => return None,
     };
-    let key = FlowKey {
-        dir: direction,
-        v6: false,
-        src: u32::from_be_bytes([b[26], b[27], b[28], b[29]]) as u128,
-        dst: u32::from_be_bytes([b[30], b[31], b[32], b[33]]) as u128,
-        proto: proto_,
-        sport: u16::from_be_bytes([l4[0], l4[1]]),
-        dport: u16::from_be_bytes([l4[2], l4[3]]),
-        ports_known: true,
-        vlan: NO_VLAN,
-    };
-    Some((key, flags))
+    let mut id = 0;
+    if k.proto == proto::ICMP || k.proto == proto::ICMPV6 {
+        if rest.len() < 6 {
+            return None;
+        }
+        k.sport = rest[0] as u16;
+        k.dport = rest[1] as u16;
+        id = be16(rest, 4);
+    } else if crate::conntrack::has_ports(k.proto) {
+        if rest.len() < 4 {
+            return None;
+        }
+        k.sport = be16(rest, 0);
+        k.dport = be16(rest, 2);
+    } else {
+        k.ports_known = false;
+    }
+    Some((k, id))
+}
+
+/// Reads the query identifier or, for an error, the quoted header, from an ICMP message
+/// (`body` starts at the ICMP header; `ip_len`: the whole outer IP packet's length).
+fn icmp_track(key: &FlowKey, body: &[u8], ip_len: usize, track: &mut Track) {
+    let ty = key.sport as u8;
+    if icmp_error(key.v6, ty) {
+        let max = if key.v6 {
+            ICMP6_ERROR_MAX
+        } else {
+            ICMP4_ERROR_MAX
+        };
+        if ip_len > max {
+            return;
+        }
+        if let Some((q, id)) = body
+            .get(8..)
+            .and_then(|inner| quoted(inner, key.v6, key.dir, key.vlan))
+        {
+            track.quoted = Some(q);
+            track.icmp_id = id;
+        }
+    } else if body.len() >= 6 {
+        track.icmp_id = be16(body, 4);
+    }
 }
 
 /// The general parser: every link extension, IP version, extension header and transport.
 pub fn parse_sliced(data: &[u8], direction: Direction) -> Result<(Frame, Track), Reason> {
-    let mut track = Track::default();
-    let pkt = SlicedPacket::from_ethernet(data).map_err(|e| malformed(&e))?;
-    let vlan = pkt
-        .link_exts
-        .iter()
-        .find_map(|x| match x {
-            LinkExtSlice::Vlan(v) => Some(v.vlan_identifier().value()),
-            LinkExtSlice::Macsec(_) => None,
-        })
-        .unwrap_or(NO_VLAN);
+    let mut track = Track::new();
+    if data.len() < 14 {
+        return Err(Reason::Truncated);
+    }
+    let mut ethertype = be16(data, 12);
+    let mut off = 14;
+    let mut vids = [NO_VLAN; 2];
+    let mut nvids = 0;
+    let mut tags = 0;
+    while matches!(ethertype, 0x8100 | 0x88a8 | 0x9100) {
+        if tags == 3 {
+            return Ok((Frame::OtherL2, track));
+        }
+        if data.len() < off + 4 {
+            return Err(Reason::Truncated);
+        }
+        let vid = be16(data, off) & 0x0fff;
+        if vid != 0 && nvids < 2 {
+            vids[nvids] = vid;
+            nvids += 1;
+        }
+        ethertype = be16(data, off + 2);
+        off += 4;
+        tags += 1;
+    }
+    let l3 = &data[off..];
+    let v4 = match ethertype {
+        ETH_IPV4 => true,
+        ETH_IPV6 => false,
+        ETH_ARP => {
+            // Hardware and protocol address lengths decide the ARP packet's size.
+            if l3.len() < 8 || l3.len() < 8 + 2 * (usize::from(l3[4]) + usize::from(l3[5])) {
+                return Err(Reason::Truncated);
+            }
+            return Ok((Frame::Arp, track));
+        }
+        ETH_MACSEC => return Err(Reason::UnsupportedLink),
+        _ => return Ok((Frame::OtherL2, track)),
+    };
+    let ip = ip_layer(l3, v4)?;
+    track.vlan2 = vids[1];
+    track.frag = ip.frag;
     let mut key = FlowKey {
         dir: direction,
-        vlan,
+        vlan: vids[0],
+        v6: ip.v6,
+        src: ip.src,
+        dst: ip.dst,
+        proto: ip.proto,
         ..FlowKey::default()
     };
-    let (payload, first_fragment) = match &pkt.net {
-        None => return Ok((Frame::OtherL2, track)),
-        Some(NetSlice::Arp(_)) => return Ok((Frame::Arp, track)),
-        Some(NetSlice::Ipv4(ip)) => {
-            let h = ip.header();
-            key.src = u32::from_be_bytes(h.source()) as u128;
-            key.dst = u32::from_be_bytes(h.destination()) as u128;
-            (ip.payload(), h.fragments_offset().value() == 0)
-        }
-        Some(NetSlice::Ipv6(ip)) => {
-            let h = ip.header();
-            key.v6 = true;
-            key.src = u128::from_be_bytes(h.source());
-            key.dst = u128::from_be_bytes(h.destination());
-            let first = ip.extensions().clone().into_iter().all(|x| match x {
-                Ipv6ExtensionSlice::Fragment(f) => f.fragment_offset().value() == 0,
-                _ => true,
-            });
-            (ip.payload(), first)
-        }
+    let p = ip.payload;
+    let fragment = matches!(ip.frag, Frag::First { .. });
+    let short = if fragment {
+        Reason::TinyFragment
+    } else {
+        Reason::Truncated
     };
-    key.proto = payload.ip_number.0;
-    match &pkt.transport {
-        Some(TransportSlice::Tcp(t)) => {
-            key.sport = t.source_port();
-            key.dport = t.destination_port();
-            // Byte 13 of the TCP header: CWR ECE URG ACK PSH RST SYN FIN.
-            track.tcp_flags = t.slice()[13];
+    if matches!(ip.frag, Frag::Later { .. }) {
+        key.ports_known = false;
+        return Ok((Frame::Ip(key), track));
+    }
+    match key.proto {
+        proto::TCP => {
+            let (flags, seg) = tcp_segment(p, ip.addrs, fragment)?;
+            key.sport = be16(p, 0);
+            key.dport = be16(p, 2);
+            track.tcp_flags = flags;
+            track.seg = seg;
         }
-        Some(TransportSlice::Udp(u)) => {
-            key.sport = u.source_port();
-            key.dport = u.destination_port();
+        proto::UDP => {
+            if p.len() < 8 {
+                return Err(short);
+            }
+            let ulen = be16(p, 4) as usize;
+            if !fragment && ulen != 0 && (ulen < 8 || ulen > p.len()) {
+                return Err(if ulen < 8 {
+                    Reason::BadTransport
+                } else {
+                    Reason::Truncated
+                });
+            }
+            key.sport = be16(p, 0);
+            key.dport = be16(p, 2);
         }
-        Some(TransportSlice::Icmpv4(i)) => {
-            key.sport = i.type_u8() as u16;
-            key.dport = i.code_u8() as u16;
-            icmp_track(&key, i.slice(), &mut track);
+        proto::SCTP => {
+            if p.len() < 12 {
+                return Err(short);
+            }
+            key.sport = be16(p, 0);
+            key.dport = be16(p, 2);
         }
-        Some(TransportSlice::Icmpv6(i)) => {
-            key.sport = i.type_u8() as u16;
-            key.dport = i.code_u8() as u16;
-            icmp_track(&key, i.slice(), &mut track);
-        }
-        None if payload.fragmented && !first_fragment => key.ports_known = false,
-        None if has_ports(key.proto) => {
-            let (s, d) = raw_ports(key.proto, payload.payload).ok_or(if payload.fragmented {
-                Reason::TinyFragment
+        proto::ICMP | proto::ICMPV6 => {
+            if p.len() < 8 {
+                return Err(short);
+            }
+            key.sport = p[0] as u16;
+            key.dport = p[1] as u16;
+            let ip_len = l3.len().min(if ip.v6 {
+                40 + be16(l3, 4) as usize
             } else {
-                Reason::Truncated
-            })?;
-            key.sport = s;
-            key.dport = d;
+                be16(l3, 2) as usize
+            });
+            icmp_track(&key, p, ip_len, &mut track);
         }
         // A protocol without ports (GRE, ESP, ...): rules that need ports cannot match it.
-        None => key.ports_known = false,
+        _ => key.ports_known = false,
     }
     Ok((Frame::Ip(key), track))
 }
@@ -616,13 +966,8 @@ mod tests {
 
     /// The fast path on its own, as `parse_tracked` would return it.
     fn fast(f: &[u8], dir: Direction) -> Option<(Frame, Track)> {
-        fast_path(f, dir).map(|(key, flags)| {
-            let track = Track {
-                tcp_flags: flags,
-                ..Track::default()
-            };
-            (Frame::Ip(key), track)
-        })
+        let mut track = Track::new();
+        fast_path(f, dir, &mut track).map(|key| (Frame::Ip(key), track))
     }
 
     #[test]

@@ -6,7 +6,9 @@
 //! The per-packet logic is the worker's own ([`crate::worker::track_packet`] and
 //! [`crate::worker::settle`] around [`Table::decide_batch`]), applied one packet at a time.
 
+use control::publish::Publisher;
 use control::reload::{load_and_compile, LoadError};
+use policy::rule::RuleSet;
 use policy::rule::{Direction, Verdict};
 use policy::table::{Decision, Table};
 
@@ -43,23 +45,81 @@ pub enum ReplayError {
     Pcap(#[from] PcapError),
     #[error("the policies do not compile")]
     Policy(#[source] LoadError),
+    #[error("the policies of the change at {ts} s ({dir}) do not compile")]
+    Change {
+        ts: f64,
+        dir: String,
+        #[source]
+        source: LoadError,
+    },
 }
 
-/// Replays `ext` and `int` captures against `cfg`'s policies.
+/// A policy change during a replay: from capture time `ts` (seconds since the Unix epoch) on,
+/// the policies are those in `dir`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Change {
+    pub ts: f64,
+    pub dir: std::path::PathBuf,
+}
+
+impl std::str::FromStr for Change {
+    type Err = String;
+
+    /// `TS=DIR`.
+    fn from_str(s: &str) -> Result<Change, String> {
+        let (ts, dir) = s
+            .split_once('=')
+            .ok_or_else(|| format!("`{s}`: expected TS=DIR (capture time in seconds, a policy directory)"))?;
+        let ts: f64 = ts
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{ts}`: not a time in seconds"))?;
+        if !ts.is_finite() || ts < 0.0 {
+            return Err(format!("`{ts}`: not a time in seconds"));
+        }
+        Ok(Change {
+            ts,
+            dir: dir.into(),
+        })
+    }
+}
+
+/// Replays `ext` and `int` captures against `cfg`'s policies, swapping to each change's
+/// policies at its time.
 pub fn replay_files(
     cfg: &Config,
     ext: &std::path::Path,
     int: &std::path::Path,
+    changes: &[Change],
 ) -> Result<Vec<Line>, ReplayError> {
     let (ext, int) = (pcap::read(ext)?, pcap::read(int)?);
     let (_, rules, _) =
         load_and_compile(&cfg.policy_dir, &cfg.context).map_err(ReplayError::Policy)?;
-    let table = Table::build(rules, 1, 1);
-    Ok(replay(cfg, &table, &ext, &int))
+    // Every change compiles before the replay starts, so a bad one fails the command.
+    let mut compiled = Vec::new();
+    for c in changes {
+        let (_, rules, _) =
+            load_and_compile(&c.dir, &cfg.context).map_err(|source| ReplayError::Change {
+                ts: c.ts,
+                dir: c.dir.display().to_string(),
+                source,
+            })?;
+        compiled.push(((c.ts * 1e9) as u64, rules));
+    }
+    compiled.sort_by_key(|(ts, _)| *ts);
+    Ok(replay(cfg, Publisher::new(rules, 1), compiled, &ext, &int))
 }
 
-/// Replays two captures in timestamp order (ext first on a tie) through `table`.
-pub fn replay(cfg: &Config, table: &Table, ext: &[Packet], int: &[Packet]) -> Vec<Line> {
+/// Replays two captures in timestamp order (ext first on a tie) through the tables `publisher`
+/// publishes: its current one, then each of `changes` (capture time in nanoseconds, rules) from
+/// its time on, published the way the control thread publishes a reload.
+pub fn replay(
+    cfg: &Config,
+    mut publisher: Publisher,
+    mut changes: Vec<(u64, RuleSet)>,
+    ext: &[Packet],
+    int: &[Packet],
+) -> Vec<Line> {
     let ct = cfg
         .conntrack
         .enabled
@@ -71,16 +131,27 @@ pub fn replay(cfg: &Config, table: &Table, ext: &[Packet], int: &[Packet]) -> Ve
         .chain(int.iter().enumerate().map(|(i, p)| (p.ts_ns, 1, i)))
         .collect();
     order.sort();
-    let generation = table.generation() as u32;
+    changes.reverse();
+    let mut reader = publisher.reader();
     let mut tally = Tally::default();
     order
         .into_iter()
         .map(|(ts, side, index)| {
+            while changes.last().is_some_and(|(at, _)| *at <= ts) {
+                if let Some((_, rules)) = changes.pop() {
+                    publisher.publish(rules);
+                }
+            }
+            let table: &Table = reader.load();
+            let generation = table.generation() as u32;
             let (iface, dir, p) = if side == 0 {
                 ("ext", Direction::Ingress, &ext[index])
             } else {
                 ("int", Direction::Egress, &int[index])
             };
+            // The tracker's clock starts at the capture's first packet, as a live one starts
+            // before its first packet.
+            let now = ts.max(1);
             let (verdict, state) = decide(
                 cfg,
                 table,
@@ -88,7 +159,7 @@ pub fn replay(cfg: &Config, table: &Table, ext: &[Packet], int: &[Packet]) -> Ve
                 &mut tally,
                 &p.data,
                 dir,
-                ts,
+                now,
                 generation,
             );
             let (allow, reason, rule) = match verdict {
@@ -141,6 +212,7 @@ fn decide(
         Some(ct) => match track_packet(ct, &k, &track, generation, now) {
             Tracked::Pass(CtEvent::Related) => return (Decided::Allow(None), "related"),
             Tracked::Pass(_) => return (Decided::Allow(None), "established"),
+            Tracked::Drop(reason) => return (Decided::Deny(reason, None), "invalid"),
             Tracked::Decide(key, pending) => (key, pending),
         },
         None => (k, Pending::Untracked),
@@ -148,19 +220,22 @@ fn decide(
     let state = match (ct, &pending) {
         (None, _) | (_, Pending::Untracked) => "untracked",
         (_, Pending::Open(_)) => "new",
-        (_, Pending::Recheck(_)) => "established",
+        (_, Pending::Recheck(..)) => "established",
+        (_, Pending::RecheckRelated(..)) => "related",
+        (_, Pending::Invalid) => "invalid",
     };
     let mut d = [Decision::default()];
     table.decide_batch(0, &[key], &mut d);
     let d = d[0];
     let outcome = match ct {
-        Some(ct) => settle(ct, tally, &pending, &track, d.verdict, generation, now),
+        Some(ct) => settle(ct, tally, &k, &pending, &track, d.verdict, generation, now),
         None => Outcome::Table,
     };
     let rule = Some(d.rule).filter(|r| (*r as usize) < table.rules().len());
     let decided = match (d.verdict, outcome) {
         (Verdict::Allow, Outcome::Full) => Decided::Deny(Reason::ConntrackFull, rule),
         (Verdict::Allow, _) => Decided::Allow(rule),
+        (Verdict::Deny(_), Outcome::Invalid) => Decided::Deny(Reason::Invalid, rule),
         (Verdict::Deny(r), _) => Decided::Deny(Reason::from_deny(r), rule),
     };
     (decided, state)

@@ -47,13 +47,21 @@ pub enum Reason {
     NoLocalEndpoint,
     /// The TX ring of the other interface had no room.
     TxRingFull,
-    /// Policy admitted a new flow but its bucket of the connection tracker held only answered
-    /// flows (which are never evicted).
+    /// Policy admitted a new flow but both its buckets of the connection tracker held only
+    /// assured flows (which are never evicted).
     ConntrackFull,
+    /// A packet of a tracked flow that its state does not accept (a TCP segment outside the
+    /// window, a RST with the wrong sequence number, a SYN/FIN/RST with a bad checksum, an
+    /// impossible flag combination), which the rules did not admit on their own either.
+    Invalid,
+    /// A later fragment of a datagram whose first fragment did not pass (or passed too long ago).
+    FragmentNoFirst,
+    /// A later fragment that overlaps the first fragment's data (RFC 1858, RFC 5722).
+    FragmentOverlap,
 }
 
 impl Reason {
-    pub const COUNT: usize = 15;
+    pub const COUNT: usize = 18;
     pub const ALL: [Reason; Reason::COUNT] = [
         Reason::Truncated,
         Reason::BadIpVersion,
@@ -70,6 +78,9 @@ impl Reason {
         Reason::NoLocalEndpoint,
         Reason::TxRingFull,
         Reason::ConntrackFull,
+        Reason::Invalid,
+        Reason::FragmentNoFirst,
+        Reason::FragmentOverlap,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -89,6 +100,9 @@ impl Reason {
             Reason::NoLocalEndpoint => "no_local_endpoint",
             Reason::TxRingFull => "tx_ring_full",
             Reason::ConntrackFull => "conntrack_full",
+            Reason::Invalid => "invalid",
+            Reason::FragmentNoFirst => "fragment_no_first",
+            Reason::FragmentOverlap => "fragment_overlap",
         }
     }
 
@@ -103,6 +117,7 @@ impl Reason {
                 | Reason::NoLocalEndpoint
                 | Reason::TxRingFull
                 | Reason::ConntrackFull
+                | Reason::Invalid
         )
     }
 
@@ -131,10 +146,17 @@ pub enum CtEvent {
     Expired,
     /// A tracked flow that the current table no longer admits: removed, its packet dropped.
     RevalidatedDrop,
+    /// A packet of a tracked flow that its state did not accept (then decided by the rules on
+    /// its own; dropped ones are also `drops_total{reason="invalid"}`).
+    Invalid,
+    /// A later fragment passed because its first fragment did.
+    Fragment,
+    /// Room for a new flow made by moving entries to their other bucket.
+    Moved,
 }
 
 impl CtEvent {
-    pub const COUNT: usize = 6;
+    pub const COUNT: usize = 9;
     pub const ALL: [CtEvent; CtEvent::COUNT] = [
         CtEvent::New,
         CtEvent::Established,
@@ -142,6 +164,9 @@ impl CtEvent {
         CtEvent::Evicted,
         CtEvent::Expired,
         CtEvent::RevalidatedDrop,
+        CtEvent::Invalid,
+        CtEvent::Fragment,
+        CtEvent::Moved,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -152,6 +177,9 @@ impl CtEvent {
             CtEvent::Evicted => "evicted",
             CtEvent::Expired => "expired",
             CtEvent::RevalidatedDrop => "revalidated_drop",
+            CtEvent::Invalid => "invalid",
+            CtEvent::Fragment => "fragment",
+            CtEvent::Moved => "moved",
         }
     }
 }

@@ -28,7 +28,11 @@ use policy::table::{Decision, Table};
 use hdrhistogram::Histogram;
 
 use crate::config::{L2Action, Poll, PollMode, L2, MAX_BURST};
-use crate::conntrack::{self, Conntrack, Hit, InsertError, Kind, Probe, Track, Tuple};
+use crate::conntrack::frag::{Datagram, Later};
+use crate::conntrack::{
+    self, older, Conntrack, Displaced, Frag, Hit, InsertError, Kind, Opened, Probe, Track, Tuple,
+    Update,
+};
 use crate::parse::{self, Parsed};
 use crate::stats::{new_histogram, CtEvent, Reason, SharedLatency, Tally, WorkerCounters};
 use crate::sys::ring::{QueuePair, Rings, Side};
@@ -80,11 +84,20 @@ pub(crate) enum Pending {
     /// Decided by the table alone (no tracker, or nothing to track).
     #[default]
     Untracked,
-    /// No tracked flow: an allowed packet opens one.
+    /// No tracked flow: an allowed packet that can open one (a SYN, a query request, any UDP
+    /// packet...) does.
     Open(Tuple),
-    /// A tracked flow decided again: a new SYN, or the first packet after a table swap
-    /// (the key classified is the flow's original direction).
-    Recheck(Hit),
+    /// A tracked flow decided again: a new SYN, or the first packet after a table swap of a
+    /// flow admitted by an older table (the key classified is the flow's original direction;
+    /// the tuple is the packet's).
+    Recheck(Hit, Tuple),
+    /// An ICMP error about a flow an older table admitted: the flow is decided again, and the
+    /// error passes as related only if it still stands.
+    RecheckRelated(Hit, Tuple),
+    /// A packet of a tracked flow that the flow's state refused (TCP window, RST sequence,
+    /// checksum, flags): the rules decide it on its own, and it changes nothing. Denied, it
+    /// counts as `invalid`.
+    Invalid,
 }
 
 /// The worker's caller-owned burst arrays: per frame (`parsed`, `tracks`, `kind`, `probe`,
@@ -143,11 +156,8 @@ impl<R: Rings> Datapath<R> {
         // Nothing waits on those reads here, so the burst's cache misses overlap.
         for i in 0..n {
             let frame = rx.frame(i);
-            if let Some((key, flags)) = parse::fast_path(frame, dir) {
+            if let Some(key) = parse::fast_path(frame, dir, &mut s.tracks[i]) {
                 // The common case: the key is probed from registers, then stored.
-                s.tracks[i].tcp_flags = flags;
-                s.tracks[i].icmp_id = 0;
-                s.tracks[i].quoted = None;
                 if let Some(ct) = &self.ct {
                     let t = Tuple::of(&key);
                     s.probe[i] = ct.probe(&t);
@@ -178,7 +188,7 @@ impl<R: Rings> Datapath<R> {
         }
         if let Some(ct) = &self.ct {
             for i in 0..n {
-                if s.slot[i] == SLOT_IP && !matches!(s.kind[i], Kind::Untracked) {
+                if s.slot[i] == SLOT_IP && matches!(s.kind[i], Kind::Flow(_) | Kind::Error(_)) {
                     ct.touch(&s.probe[i]);
                 }
             }
@@ -202,6 +212,11 @@ impl<R: Rings> Datapath<R> {
                         Tracked::Decide(key, pending) => {
                             s.keys[nkeys] = key;
                             pending
+                        }
+                        Tracked::Drop(reason) => {
+                            self.tally.drop(reason);
+                            s.slot[i] = SLOT_DROP;
+                            continue;
                         }
                     }
                 }
@@ -235,6 +250,7 @@ impl<R: Rings> Datapath<R> {
                         Some(ct) => settle(
                             ct,
                             &mut self.tally,
+                            &s.parsed[i],
                             &s.pending[k],
                             track,
                             d.verdict,
@@ -264,6 +280,10 @@ impl<R: Rings> Datapath<R> {
                             self.tally.drop(Reason::ConntrackFull);
                             false
                         }
+                        (Verdict::Deny(_), Outcome::Invalid) => {
+                            self.tally.drop(Reason::Invalid);
+                            false
+                        }
                         (Verdict::Allow, _) => true,
                         (Verdict::Deny(r), _) => {
                             self.tally.drop(Reason::from_deny(r));
@@ -283,11 +303,13 @@ impl<R: Rings> Datapath<R> {
 
 /// What the tracker says about a packet before the table.
 pub(crate) enum Tracked {
-    /// Part of a tracked flow admitted by the current table (or an ICMP error about one): it
-    /// passes without the classifier.
+    /// Part of a tracked flow admitted by the current table (or an ICMP error about one, or a
+    /// later fragment of an admitted datagram): it passes without the classifier.
     Pass(CtEvent),
     /// The table decides this key; then [`settle`] applies the verdict to the tracker.
     Decide(FlowKey, Pending),
+    /// Dropped before the table (a later fragment without its first).
+    Drop(Reason),
 }
 
 /// Looks a packet up in the tracker.
@@ -302,9 +324,29 @@ pub(crate) fn track_packet(
     let kind = conntrack::classify_packet(k, t);
     let probe = match &kind {
         Kind::Flow(tuple) | Kind::Error(tuple) => ct.probe(tuple),
-        Kind::Untracked => Probe::default(),
+        Kind::Fragment | Kind::Untracked => Probe::default(),
     };
     track_probed(ct, k, t, &kind, &probe, generation, now)
+}
+
+/// The datagram a fragment belongs to.
+fn datagram(k: &FlowKey, id: u32) -> Datagram {
+    Datagram {
+        dir: k.dir,
+        v6: k.v6,
+        src: k.src,
+        dst: k.dst,
+        proto: k.proto,
+        id,
+    }
+}
+
+/// A first fragment that passed admits its datagram's later fragments.
+#[inline(always)]
+fn passed(ct: &Conntrack, k: &FlowKey, t: &Track, now: u64) {
+    if let Frag::First { id, end } = t.frag {
+        ct.frags().first(&datagram(k, id), end, now);
+    }
 }
 
 /// [`track_packet`] with the packet's [`Kind`] and bucket [`Probe`] taken earlier.
@@ -320,24 +362,54 @@ fn track_probed(
 ) -> Tracked {
     match kind {
         Kind::Flow(tuple) => match ct.lookup_probed(tuple, probe, now) {
-            // A new SYN is always decided by the table, and so is a flow the current table has
-            // not admitted yet (the first packet after a swap): in the flow's original direction.
-            Some(hit) if hit.generation != generation => {
-                Tracked::Decide(hit.original_tuple(tuple).key(), Pending::Recheck(hit))
-            }
-            Some(hit) if hit.original && conntrack::opens_flow(k, t) && k.proto == proto::TCP => {
-                Tracked::Decide(*k, Pending::Recheck(hit))
-            }
             Some(hit) => {
-                ct.update(&hit, t.tcp_flags, generation, now);
-                Tracked::Pass(CtEvent::Established)
+                // The flow's state sees the packet first (netfilter: conntrack before the
+                // rules). A flow an older table admitted, and a new SYN, are then decided by the
+                // current table, in the flow's original direction.
+                let syn = hit.original
+                    && k.proto == proto::TCP
+                    && t.tcp_flags & (conntrack::tcp_flags::SYN | conntrack::tcp_flags::ACK)
+                        == conntrack::tcp_flags::SYN;
+                match ct.update(&hit, tuple, &t.seg, now) {
+                    Update::Pass(_) if syn || older(hit.generation, generation) => {
+                        Tracked::Decide(
+                            hit.original_tuple(tuple).key(),
+                            Pending::Recheck(hit, *tuple),
+                        )
+                    }
+                    Update::Pass(_) => {
+                        passed(ct, k, t, now);
+                        Tracked::Pass(CtEvent::Established)
+                    }
+                    Update::Invalid(_) => Tracked::Decide(*k, Pending::Invalid),
+                    // A SYN that reopens a closed flow, or a flow gone meanwhile: a new flow.
+                    Update::Reopen | Update::Gone => Tracked::Decide(*k, Pending::Open(*tuple)),
+                }
             }
             None => Tracked::Decide(*k, Pending::Open(*tuple)),
         },
         Kind::Error(quoted) => match ct.lookup_probed(quoted, probe, now) {
-            Some(hit) if hit.generation == generation => Tracked::Pass(CtEvent::Related),
-            _ => Tracked::Decide(*k, Pending::Untracked),
+            Some(hit) if !older(hit.generation, generation) => Tracked::Pass(CtEvent::Related),
+            // Related to a flow the current table has not decided yet: it decides the flow.
+            Some(hit) => Tracked::Decide(
+                hit.original_tuple(quoted).key(),
+                Pending::RecheckRelated(hit, *quoted),
+            ),
+            None => Tracked::Decide(*k, Pending::Untracked),
         },
+        Kind::Fragment => {
+            let Frag::Later { id, offset } = t.frag else {
+                return Tracked::Decide(*k, Pending::Untracked);
+            };
+            match ct
+                .frags()
+                .later(&datagram(k, id), offset, now, ct.fragment_timeout_ns())
+            {
+                Later::Pass => Tracked::Pass(CtEvent::Fragment),
+                Later::NoFirst => Tracked::Drop(Reason::FragmentNoFirst),
+                Later::Overlap => Tracked::Drop(Reason::FragmentOverlap),
+            }
+        }
         Kind::Untracked => Tracked::Decide(*k, Pending::Untracked),
     }
 }
@@ -349,55 +421,80 @@ pub(crate) enum Outcome {
     Table,
     /// Allowed, but the tracker had no room for the new flow: dropped (`conntrack_full`).
     Full,
+    /// A packet its flow's state refused; the table's deny is counted as `invalid`.
+    Invalid,
 }
 
-/// Applies the table's verdict to the tracker: an allowed packet opens (or keeps) its flow, a
-/// denied recheck removes it.
+/// Applies the table's verdict to the tracker: an allowed packet that can open a flow opens it
+/// (or is applied to it, if another worker opened it meanwhile), a denied recheck removes the
+/// flow.
+#[allow(clippy::too_many_arguments)]
 #[inline]
 pub(crate) fn settle(
     ct: &Conntrack,
     tally: &mut Tally,
+    k: &FlowKey,
     pending: &Pending,
     t: &Track,
     verdict: Verdict,
     generation: u32,
     now: u64,
 ) -> Outcome {
-    match (pending, verdict) {
-        (Pending::Untracked, _) | (Pending::Open(_), Verdict::Deny(_)) => Outcome::Table,
-        (Pending::Open(tuple), Verdict::Allow) => {
-            // An earlier packet of this burst (or another worker) may have opened it meanwhile.
-            if let Some(hit) = ct.lookup(tuple, now) {
-                ct.update(&hit, t.tcp_flags, generation, now);
+    let allowed = matches!(verdict, Verdict::Allow);
+    match pending {
+        Pending::Untracked => {
+            if allowed {
+                passed(ct, k, t, now);
+            }
+            Outcome::Table
+        }
+        Pending::Invalid => {
+            tally.ct(CtEvent::Invalid);
+            if allowed {
+                passed(ct, k, t, now);
+                Outcome::Table
+            } else {
+                Outcome::Invalid
+            }
+        }
+        Pending::Open(_) if !allowed => Outcome::Table,
+        Pending::Open(tuple) => {
+            passed(ct, k, t, now);
+            // Only a SYN opens a TCP flow, only a request an ICMP one. A mid-stream segment the
+            // rules allow passes on its own but opens nothing: otherwise the surviving half of a
+            // connection that a new Deny just cut would open it again the other way.
+            if !conntrack::opens_flow(k, t) {
                 return Outcome::Table;
             }
-            // Only a SYN opens a TCP flow. A mid-stream segment the rules allow passes on its
-            // own but opens nothing: otherwise the surviving half of a connection that a new
-            // Deny just cut would open it again the other way.
-            let syn = conntrack::tcp_flags::SYN;
-            if tuple.proto == proto::TCP && t.tcp_flags & (syn | conntrack::tcp_flags::ACK) != syn {
-                return Outcome::Table;
-            }
-            match ct.insert(tuple, t.tcp_flags, generation, now) {
-                Ok(displaced) => {
+            match ct.insert(tuple, &t.seg, generation, now) {
+                Ok(Opened::New(displaced)) => {
                     tally.ct(CtEvent::New);
                     match displaced {
-                        conntrack::Displaced::Nothing => {}
-                        conntrack::Displaced::Expired => tally.ct(CtEvent::Expired),
-                        conntrack::Displaced::Evicted => tally.ct(CtEvent::Evicted),
+                        Displaced::Nothing => {}
+                        Displaced::Expired => tally.ct(CtEvent::Expired),
+                        Displaced::Evicted => tally.ct(CtEvent::Evicted),
+                        Displaced::Moved => tally.ct(CtEvent::Moved),
                     }
                     Outcome::Table
                 }
+                Ok(Opened::Exists(Update::Invalid(_))) | Err(InsertError::Refused) => {
+                    // Allowed by the rules, refused by the state (a SYN with a bad checksum):
+                    // it passes and opens nothing.
+                    tally.ct(CtEvent::Invalid);
+                    Outcome::Table
+                }
+                Ok(Opened::Exists(_)) => Outcome::Table,
                 Err(InsertError::Full) => Outcome::Full,
             }
         }
-        (Pending::Recheck(hit), Verdict::Allow) => {
-            ct.update(hit, t.tcp_flags, generation, now);
-            Outcome::Table
-        }
-        (Pending::Recheck(hit), Verdict::Deny(_)) => {
-            ct.remove(hit);
-            tally.ct(CtEvent::RevalidatedDrop);
+        Pending::Recheck(hit, tuple) | Pending::RecheckRelated(hit, tuple) => {
+            if allowed {
+                ct.revalidate(hit, tuple, generation, now);
+                passed(ct, k, t, now);
+            } else {
+                ct.remove(hit, tuple, now);
+                tally.ct(CtEvent::RevalidatedDrop);
+            }
             Outcome::Table
         }
     }

@@ -268,25 +268,26 @@ impl TrackerView {
     fn render(&self) -> String {
         match (&self.entry, self.original) {
             (Some(e), Some(original)) => format!(
-                "tracker: established flow {} {}:{} -> {}:{} ({:?}, admitted by generation {}, idle {} ms); this packet is {} and passes without the rules above, until the table changes (then the flow is decided again in its original direction)\n",
+                "tracker: established flow {} {}:{} -> {}:{} ({:?}, {}, admitted by generation {}, idle {} ms); this packet is {} and passes without the rules above if its flow's state accepts it (a TCP segment outside the window, a RST with the wrong sequence number, or a SYN/FIN/RST with a bad checksum is `invalid`: the rules above decide it on its own, and a deny counts as drops_total{{reason=\"invalid\"}}), until the table changes (then the flow is decided again in its original direction)\n",
                 e.direction,
                 e.src,
                 e.sport,
                 e.dst,
                 e.dport,
                 e.state,
+                if e.assured { "assured: never evicted" } else { "not assured: evictable when its buckets are full" },
                 e.generation,
                 e.idle_ms,
                 if original { "in its original direction" } else { "a reply" },
             ),
-            _ => "tracker: no tracked flow: this packet is new, and the rules above decide it (an allowed one opens a flow)\n".into(),
+            _ => "tracker: no tracked flow: this packet is new, and the rules above decide it (an allowed one opens a flow if it can: a TCP SYN, an ICMP query request, any packet of another protocol; a later fragment passes only after its first fragment did, else fragment_no_first)\n".into(),
         }
     }
 }
 
 fn tracker_view(ct: &crate::conntrack::Conntrack, key: &policy::key::FlowKey) -> TrackerView {
     let now = ct.ns(std::time::Instant::now());
-    let kind = crate::conntrack::classify_packet(key, &crate::conntrack::Track::default());
+    let kind = crate::conntrack::classify_packet(key, &crate::conntrack::Track::new());
     let hit = match kind {
         crate::conntrack::Kind::Flow(t) => ct.lookup(&t, now).map(|h| (h, t)),
         _ => None,

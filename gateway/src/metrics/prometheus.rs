@@ -394,7 +394,7 @@ fn conntrack_metrics(s: &Status, ct: &super::ConntrackStatus, o: &mut String) {
         ),
         (
             "portcullis_conntrack_evicted_total",
-            "Unreplied flows evicted to make room for new ones.",
+            "Unassured flows evicted to make room for new ones.",
             CtEvent::Evicted,
         ),
         (
@@ -406,6 +406,21 @@ fn conntrack_metrics(s: &Status, ct: &super::ConntrackStatus, o: &mut String) {
             "portcullis_conntrack_revalidated_drops_total",
             "Tracked flows the current table no longer admits: removed, their packet dropped.",
             CtEvent::RevalidatedDrop,
+        ),
+        (
+            "portcullis_conntrack_invalid_total",
+            "Packets of tracked flows their state did not accept (TCP window, RST sequence, checksum, flags); decided by the rules on their own.",
+            CtEvent::Invalid,
+        ),
+        (
+            "portcullis_conntrack_fragments_total",
+            "Later fragments passed because their datagram's first fragment did.",
+            CtEvent::Fragment,
+        ),
+        (
+            "portcullis_conntrack_moved_total",
+            "New flows placed by moving entries to their other bucket.",
+            CtEvent::Moved,
         ),
     ] {
         family(name, "counter", help, o);

@@ -1,0 +1,203 @@
+//! Fragments, VPP's "shallow virtual reassembly": the first fragment of a datagram carries its
+//! transport header, so it is decided (and tracked) like a whole packet; when it passes, its
+//! datagram's identity (direction, addresses, protocol, identification) is remembered for a
+//! while, and a later fragment passes only if its datagram is remembered. Nothing is buffered
+//! or reassembled: a later fragment that arrives before its first is dropped
+//! (`fragment_no_first`), as is one that overlaps the first fragment's data, where it could
+//! rewrite the transport header the decision was made on (RFC 1858, RFC 5722:
+//! `fragment_overlap`).
+//!
+//! A small table of buckets of [`WAYS`] entries under a keyed hash, each bucket behind a spin
+//! lock (fragments are rare; two workers seldom meet on one bucket). A full bucket replaces its
+//! oldest entry: a flood of first fragments can make later fragments of other datagrams wait for
+//! their retransmission, never pass one that was not admitted.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+use policy::rule::Direction;
+
+const WAYS: usize = 4;
+
+/// A fragmented datagram's identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Datagram {
+    pub dir: Direction,
+    pub v6: bool,
+    pub src: u128,
+    pub dst: u128,
+    pub proto: u8,
+    pub id: u32,
+}
+
+impl Datagram {
+    fn words(&self) -> [u64; 6] {
+        [
+            (self.src >> 64) as u64,
+            self.src as u64,
+            (self.dst >> 64) as u64,
+            self.dst as u64,
+            self.id as u64 | (self.proto as u64) << 32 | (self.v6 as u64) << 40 | (self.dir as u64) << 41 | 1 << 63,
+            0,
+        ]
+    }
+}
+
+#[derive(Default)]
+struct Entry {
+    key: [AtomicU64; 5],
+    /// Bytes of data the first fragment covers.
+    end: AtomicU32,
+    /// When the first fragment passed (0: free).
+    seen: AtomicU64,
+}
+
+#[derive(Default)]
+struct Bucket {
+    lock: AtomicU32,
+    entries: [Entry; WAYS],
+}
+
+/// What the table says of a later fragment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Later {
+    Pass,
+    /// No first fragment of its datagram passed (or it was too long ago).
+    NoFirst,
+    /// It overlaps the first fragment's data.
+    Overlap,
+}
+
+/// The table of datagrams whose first fragment passed.
+pub struct Frags {
+    buckets: Box<[Bucket]>,
+    key: (u64, u64),
+}
+
+impl Frags {
+    /// A table of at least `entries` datagrams.
+    pub fn new(entries: usize, key: (u64, u64)) -> Frags {
+        let n = entries.div_ceil(WAYS).max(1);
+        Frags {
+            buckets: (0..n).map(|_| Bucket::default()).collect(),
+            // A different key from the flow table's.
+            key: (key.0 ^ 0x6672_6167, key.1.rotate_left(17)),
+        }
+    }
+
+    pub fn memory_bytes(&self) -> usize {
+        std::mem::size_of_val(&*self.buckets)
+    }
+
+    fn bucket(&self, d: &Datagram) -> &Bucket {
+        let h = super::siphash13(self.key, &d.words());
+        &self.buckets[super::range(h as u32, self.buckets.len())]
+    }
+
+    fn locked<R>(&self, b: &Bucket, f: impl FnOnce(&Bucket) -> R) -> R {
+        while b
+            .lock
+            .compare_exchange_weak(0, 1, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            std::hint::spin_loop();
+        }
+        let r = f(b);
+        b.lock.store(0, Ordering::Release);
+        r
+    }
+
+    /// Remembers that the first fragment of `d` passed at `now` (`end`: bytes of data it
+    /// carries). `now` is never 0 in a live table (the clock starts before the first packet);
+    /// a 0 is taken as 1.
+    pub fn first(&self, d: &Datagram, end: u32, now: u64) {
+        let w = d.words();
+        let now = now.max(1);
+        self.locked(self.bucket(d), |b| {
+            let mut pick = 0;
+            let mut oldest = u64::MAX;
+            for (i, e) in b.entries.iter().enumerate() {
+                let seen = e.seen.load(Ordering::Relaxed);
+                if seen != 0 && (0..5).all(|k| e.key[k].load(Ordering::Relaxed) == w[k]) {
+                    pick = i;
+                    break;
+                }
+                if seen < oldest {
+                    oldest = seen;
+                    pick = i;
+                }
+            }
+            let e = &b.entries[pick];
+            for (k, v) in e.key.iter().zip(w) {
+                k.store(v, Ordering::Relaxed);
+            }
+            e.end.store(end, Ordering::Relaxed);
+            e.seen.store(now, Ordering::Relaxed);
+        })
+    }
+
+    /// Decides a later fragment of `d` at `offset` bytes, at `now`; entries older than
+    /// `timeout_ns` are gone.
+    pub fn later(&self, d: &Datagram, offset: u32, now: u64, timeout_ns: u64) -> Later {
+        let w = d.words();
+        self.locked(self.bucket(d), |b| {
+            for e in &b.entries {
+                let seen = e.seen.load(Ordering::Relaxed);
+                if seen == 0 || !(0..5).all(|k| e.key[k].load(Ordering::Relaxed) == w[k]) {
+                    continue;
+                }
+                if now.saturating_sub(seen) > timeout_ns {
+                    return Later::NoFirst;
+                }
+                return if offset < e.end.load(Ordering::Relaxed) {
+                    Later::Overlap
+                } else {
+                    Later::Pass
+                };
+            }
+            Later::NoFirst
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(id: u32) -> Datagram {
+        Datagram {
+            dir: Direction::Ingress,
+            v6: true,
+            src: 1,
+            dst: 2,
+            proto: 17,
+            id,
+        }
+    }
+
+    #[test]
+    fn later_fragments_follow_their_first() {
+        let f = Frags::new(64, (1, 2));
+        assert_eq!(f.later(&d(7), 1448, 10, 1_000), Later::NoFirst);
+        f.first(&d(7), 1448, 10);
+        assert_eq!(f.later(&d(7), 1448, 20, 1_000), Later::Pass);
+        assert_eq!(f.later(&d(7), 8, 20, 1_000), Later::Overlap);
+        assert_eq!(f.later(&d(8), 1448, 20, 1_000), Later::NoFirst);
+        let mut other_way = d(7);
+        other_way.dir = Direction::Egress;
+        assert_eq!(f.later(&other_way, 1448, 20, 1_000), Later::NoFirst);
+        assert_eq!(f.later(&d(7), 1448, 2_000, 1_000), Later::NoFirst, "timed out");
+    }
+
+    #[test]
+    fn a_flood_of_firsts_replaces_the_oldest() {
+        let f = Frags::new(4, (1, 2));
+        for id in 0..100 {
+            f.first(&d(id), 8, 1 + id as u64);
+        }
+        let passing = (0..100)
+            .filter(|&id| f.later(&d(id), 8, 200, 1_000) == Later::Pass)
+            .count();
+        assert_eq!(passing, WAYS);
+        assert_eq!(f.later(&d(99), 8, 200, 1_000), Later::Pass, "the newest stays");
+    }
+}

@@ -1,0 +1,1717 @@
+//! The connection tracker: which flows policy admitted, so that their later packets and their
+//! replies pass without the classifier, and ICMP errors about them pass as related. Its semantics
+//! are netfilter's conntrack (`nf_conntrack_proto_*.c`) unless the README says otherwise:
+//!
+//! - **TCP** is tracked by state and window ([`tcp`]): an out-of-window segment, a RST whose
+//!   sequence number is not the expected one, a SYN/FIN/RST with a bad checksum and impossible
+//!   flag combinations are *invalid*: they change nothing, and the rules decide them on their own.
+//!   A SYN on a closed or TIME_WAIT flow ends the entry and is decided as a new flow.
+//! - **ICMP queries** (echo, timestamp, information, address mask; ICMPv6 echo) pair by type and
+//!   identifier: only a request opens a flow, only its reply type answers it. **ICMP errors** are
+//!   related only when they quote a packet of the outer packet's family whose source is the outer
+//!   destination, and the quote is no longer than the packet it quotes.
+//! - **Every other protocol** is tracked by (addresses, protocol), ports where it has them.
+//! - **Fragments**: a non-first fragment passes only after its datagram's first fragment did
+//!   ([`frag`]).
+//!
+//! **Shared by every worker.** The reply of a flow may arrive on another queue than the one that
+//! opened it (RSS hashes each direction on its own), so all workers share one table: a fixed
+//! array of slots, allocated once, in buckets of [`WAYS`]. A flow may live in either of two
+//! buckets that a keyed hash of its direction-independent tuple picks (a secret drawn at start-up,
+//! so an outsider cannot aim tuples at a bucket), and moves between them cuckoo-style to make
+//! room, so the table fills past 90 % before it refuses an established flow.
+//!
+//! - *Readers* (a lookup) take no lock: each slot is a seqlock, copied until its sequence is even
+//!   and unchanged (Linux `read_seqbegin`/`read_seqretry`). A move first writes the flow's new
+//!   place, then bumps a table-wide move counter, then clears the old place; a lookup that finds
+//!   nothing and sees the counter moved looks again (DPDK `rte_hash`'s `tbl_chng_cnt`).
+//! - *Writers* (a state change, an insert, a removal, a move) hold the bucket's spin lock for a
+//!   few dozen instructions, so a transition is never lost and is always computed from the
+//!   current state (netfilter holds `ct->lock` for the same work). An insert locks both of its
+//!   buckets (in index order), so looking for an existing entry and inserting is atomic: one flow
+//!   never gets two entries. Moves only *try* further locks, so no lock order can deadlock.
+//!
+//! **Bounded and flood-safe.** A new flow takes a free or expired slot, else room a move makes,
+//! else evicts the oldest entry that is not *assured* (netfilter `early_drop`): TCP becomes
+//! assured when its handshake completes, other protocols when they have seen traffic both ways
+//! and then more. Assured flows are never evicted: when both buckets hold only those, the new
+//! flow is dropped and counted (`conntrack_full`). A flood of SYNs, answered or not, churns
+//! unassured entries among themselves and cannot keep out a new flow or push out an established
+//! one.
+//!
+//! **Time** is passed in (nanoseconds of a monotonic clock), so the state machine is tested with
+//! a fake clock. Expiry is lazy (a lookup ignores an expired entry, an insert reuses it), plus a
+//! bounded [`Conntrack::sweep`] of a few slots per worker turn.
+//!
+//! **Policy changes apply to open flows.** Each entry remembers the table generation that
+//! admitted it; the datapath decides a flow of an *older* generation again (a wrapping serial
+//! comparison), in its original direction, on its first packet after a swap (see `worker.rs`).
+
+pub mod frag;
+pub mod tcp;
+
+use std::sync::atomic::{fence, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+
+use policy::key::{proto, FlowKey, NO_VLAN};
+use policy::rule::Direction;
+
+pub use tcp::{Segment, TcpConn, TcpState};
+
+/// Slots per bucket.
+pub(crate) const WAYS: usize = 8;
+
+/// TCP header flags the tracker reads.
+pub mod tcp_flags {
+    pub const FIN: u8 = 0x01;
+    pub const SYN: u8 = 0x02;
+    pub const RST: u8 = 0x04;
+    pub const PSH: u8 = 0x08;
+    pub const ACK: u8 = 0x10;
+    pub const URG: u8 = 0x20;
+}
+
+/// Per-state idle timeouts, in seconds. Defaults and why are in the README ("Connection
+/// tracking"): netfilter's, shortened where an edge gateway must shed abandoned state sooner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Timeouts {
+    /// A SYN seen, handshake not complete (netfilter SYN_SENT 120 s, SYN_RECV 60 s).
+    pub tcp_syn_s: u32,
+    /// Handshake done (netfilter: 5 days; VPP idle: 24 h).
+    pub tcp_established_s: u32,
+    /// A FIN seen (netfilter FIN_WAIT/CLOSE_WAIT/LAST_ACK: 30-120 s).
+    pub tcp_closing_s: u32,
+    /// FINs both ways (netfilter TIME_WAIT: 120 s = 2 MSL).
+    pub tcp_time_wait_s: u32,
+    /// A RST seen (netfilter CLOSE: 10 s).
+    pub tcp_closed_s: u32,
+    /// UDP (and SCTP, UDP-Lite) with no reply yet (netfilter: 30 s).
+    pub udp_unreplied_s: u32,
+    /// ... with replies (netfilter stream: 120 s; VPP udp idle: 600 s).
+    pub udp_replied_s: u32,
+    /// ICMP queries (netfilter: 30 s).
+    pub icmp_s: u32,
+    /// Every other protocol (ESP, GRE, ...): netfilter's generic timeout, 600 s.
+    pub generic_s: u32,
+    /// How long a fragmented datagram's first fragment admits the rest (Linux
+    /// `ipfrag_time`: 30 s).
+    pub fragment_s: u32,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            tcp_syn_s: 60,
+            tcp_established_s: 86_400,
+            tcp_closing_s: 60,
+            tcp_time_wait_s: 120,
+            tcp_closed_s: 10,
+            udp_unreplied_s: 30,
+            udp_replied_s: 120,
+            icmp_s: 30,
+            generic_s: 600,
+            fragment_s: 30,
+        }
+    }
+}
+
+/// The state of a tracked flow. TCP flows use netfilter's states; every other protocol is
+/// unreplied, then replied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FlowState {
+    /// A TCP SYN admitted, no answer yet.
+    SynSent,
+    /// SYNs both ways (simultaneous open).
+    SynSent2,
+    /// The SYN-ACK came back.
+    SynReceived,
+    /// The handshake completed.
+    Established,
+    /// A FIN seen.
+    FinWait,
+    /// The FIN acknowledged.
+    CloseWait,
+    /// FINs both ways, the last ACK pending.
+    LastAck,
+    /// FINs both ways, acknowledged.
+    TimeWait,
+    /// A RST seen.
+    Closed,
+    /// Not TCP: no reply yet.
+    Unreplied,
+    /// ... and with replies.
+    Replied,
+}
+
+const CODE_UNREPLIED: u32 = 10;
+const CODE_REPLIED: u32 = 11;
+
+impl FlowState {
+    fn from_code(c: u32) -> Option<FlowState> {
+        use FlowState::*;
+        Some(match c {
+            CODE_UNREPLIED => Unreplied,
+            CODE_REPLIED => Replied,
+            c if c > 0 && c < CODE_UNREPLIED => Self::of_tcp(TcpState::from_code(c as u8)),
+            _ => return None,
+        })
+    }
+
+    fn of_tcp(s: TcpState) -> FlowState {
+        use FlowState::*;
+        match s {
+            TcpState::None | TcpState::SynSent => SynSent,
+            TcpState::SynSent2 => SynSent2,
+            TcpState::SynRecv => SynReceived,
+            TcpState::Established => Established,
+            TcpState::FinWait => FinWait,
+            TcpState::CloseWait => CloseWait,
+            TcpState::LastAck => LastAck,
+            TcpState::TimeWait => TimeWait,
+            TcpState::Close => Closed,
+        }
+    }
+
+    /// Whether the flow has seen its other direction.
+    pub fn replied(self) -> bool {
+        !matches!(self, FlowState::SynSent | FlowState::Unreplied)
+    }
+}
+
+/// Where a packet sits in a fragmented datagram.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Frag {
+    /// Not fragmented (or an atomic fragment: offset 0, no more fragments).
+    #[default]
+    Whole,
+    /// The first fragment: it carries the transport header; its data covers `[0, end)` bytes.
+    First { id: u32, end: u32 },
+    /// A later fragment, at `offset` bytes.
+    Later { id: u32, offset: u32 },
+}
+
+/// What the tracker needs from a packet beyond its [`FlowKey`]: read by the parser.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Track {
+    /// TCP flags, 0 otherwise.
+    pub tcp_flags: u8,
+    /// The ICMP query identifier; for an error, the identifier of a quoted ICMP query.
+    pub icmp_id: u16,
+    /// For an ICMP error: the header it quotes, as the key that packet had (its direction is
+    /// the opposite of the error's). `None` when the quote is unusable (too short, another
+    /// family, longer than the packet it claims to quote).
+    pub quoted: Option<FlowKey>,
+    /// The TCP segment's sequence space, window and options.
+    pub seg: Segment,
+    /// The inner VLAN id of a QinQ frame, or [`NO_VLAN`].
+    pub vlan2: u16,
+    pub frag: Frag,
+}
+
+impl Track {
+    /// A track with no inner VLAN (what `Default` gives is VLAN 0, which the parser never
+    /// produces).
+    pub fn new() -> Track {
+        Track {
+            vlan2: NO_VLAN,
+            ..Track::default()
+        }
+    }
+}
+
+/// How the tracker sees one packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A packet whose flow is tracked by its tuple.
+    Flow(Tuple),
+    /// An ICMP error quoting `Tuple`, addressed to the quoted packet's sender.
+    Error(Tuple),
+    /// A non-first fragment: passes if its first fragment did.
+    Fragment,
+    /// Nothing to track (ICMP messages that are neither queries nor usable errors): the rules
+    /// decide.
+    Untracked,
+}
+
+/// Marks an ICMP reply in [`Tuple::dport`].
+const ICMP_REPLY: u16 = 0x8000;
+
+/// A flow's identity as tracked: the exact tuple plus both VLAN tags and the direction. An ICMP
+/// query uses `sport` for its identifier and `dport` for the request type, with [`ICMP_REPLY`]
+/// set on a reply; reversing an ICMP tuple flips that bit instead of swapping the ports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Tuple {
+    pub dir: Direction,
+    pub v6: bool,
+    pub src: u128,
+    pub dst: u128,
+    pub proto: u8,
+    pub sport: u16,
+    pub dport: u16,
+    /// Outer VLAN id, or [`NO_VLAN`].
+    pub vlan: u16,
+    /// Inner VLAN id (QinQ), or [`NO_VLAN`].
+    pub vlan2: u16,
+}
+
+fn is_icmp(p: u8) -> bool {
+    p == proto::ICMP || p == proto::ICMPV6
+}
+
+/// Protocols whose first four transport bytes are ports (what the parser reads as ports).
+pub fn has_ports(p: u8) -> bool {
+    matches!(p, proto::TCP | proto::UDP | proto::SCTP)
+}
+
+/// The reply type of an ICMP query request type, if it is one netfilter tracks.
+pub fn icmp_reply_of(v6: bool, ty: u8) -> Option<u8> {
+    if v6 {
+        (ty == 128).then_some(129)
+    } else {
+        match ty {
+            8 => Some(0),
+            13 => Some(14),
+            15 => Some(16),
+            17 => Some(18),
+            _ => None,
+        }
+    }
+}
+
+/// The request type an ICMP reply type answers.
+fn icmp_request_of(v6: bool, ty: u8) -> Option<u8> {
+    if v6 {
+        (ty == 129).then_some(128)
+    } else {
+        match ty {
+            0 => Some(8),
+            14 => Some(13),
+            16 => Some(15),
+            18 => Some(17),
+            _ => None,
+        }
+    }
+}
+
+/// Whether an ICMP type is an error that quotes the packet that caused it.
+pub fn icmp_error(v6: bool, ty: u8) -> bool {
+    if v6 {
+        matches!(ty, 1..=4)
+    } else {
+        matches!(ty, 3 | 4 | 5 | 11 | 12)
+    }
+}
+
+impl Tuple {
+    /// A packet's key as a tuple (ports as they are), with no inner VLAN.
+    #[inline(always)]
+    pub fn of(key: &FlowKey) -> Tuple {
+        Tuple {
+            dir: key.dir,
+            v6: key.v6,
+            src: key.src,
+            dst: key.dst,
+            proto: key.proto,
+            sport: key.sport,
+            dport: key.dport,
+            vlan: key.vlan,
+            vlan2: NO_VLAN,
+        }
+    }
+
+    /// The tuple the reply of this packet carries.
+    pub fn reversed(&self) -> Tuple {
+        if is_icmp(self.proto) {
+            return Tuple {
+                dir: other(self.dir),
+                src: self.dst,
+                dst: self.src,
+                dport: self.dport ^ ICMP_REPLY,
+                ..*self
+            };
+        }
+        Tuple {
+            dir: other(self.dir),
+            src: self.dst,
+            dst: self.src,
+            sport: self.dport,
+            dport: self.sport,
+            ..*self
+        }
+    }
+
+    /// The classification key of a packet of this flow in the tuple's direction (an ICMP query
+    /// comes back as its request or reply type, code 0).
+    pub fn key(&self) -> FlowKey {
+        let (sport, dport, ports_known) = if is_icmp(self.proto) {
+            let req = (self.dport & 0xff) as u8;
+            let ty = if self.dport & ICMP_REPLY != 0 {
+                icmp_reply_of(self.v6, req).unwrap_or(req)
+            } else {
+                req
+            };
+            (ty as u16, 0, true)
+        } else if has_ports(self.proto) {
+            (self.sport, self.dport, true)
+        } else {
+            (0, 0, false)
+        };
+        FlowKey {
+            dir: self.dir,
+            v6: self.v6,
+            src: self.src,
+            dst: self.dst,
+            proto: self.proto,
+            sport,
+            dport,
+            ports_known,
+            vlan: self.vlan,
+        }
+    }
+
+    /// The words the bucket hash reads: the same for a tuple and its reverse (the endpoints in a
+    /// fixed order, no direction).
+    #[inline(always)]
+    fn hash_words(&self) -> [u64; 6] {
+        let (a, pa, b, pb) = if is_icmp(self.proto) {
+            let (lo, hi) = if self.src <= self.dst {
+                (self.src, self.dst)
+            } else {
+                (self.dst, self.src)
+            };
+            (lo, self.sport, hi, self.dport & !ICMP_REPLY)
+        } else if (self.src, self.sport) <= (self.dst, self.dport) {
+            (self.src, self.sport, self.dst, self.dport)
+        } else {
+            (self.dst, self.dport, self.src, self.sport)
+        };
+        [
+            (a >> 64) as u64,
+            a as u64,
+            (b >> 64) as u64,
+            b as u64,
+            pa as u64 | (pb as u64) << 16 | (self.proto as u64) << 32 | (self.v6 as u64) << 40,
+            self.vlan as u64 | (self.vlan2 as u64) << 16,
+        ]
+    }
+
+    #[inline(always)]
+    fn meta(&self) -> u64 {
+        self.proto as u64
+            | (self.sport as u64) << 8
+            | (self.dport as u64) << 24
+            | (self.vlan as u64) << 40
+            | (self.v6 as u64) << 56
+            | (self.dir as u64) << 57
+            | 1 << 63
+    }
+
+    fn from_words(addr: &[u64; 4], m: u64, vlan2: u32) -> Tuple {
+        Tuple {
+            src: (addr[0] as u128) << 64 | addr[1] as u128,
+            dst: (addr[2] as u128) << 64 | addr[3] as u128,
+            proto: m as u8,
+            sport: (m >> 8) as u16,
+            dport: (m >> 24) as u16,
+            vlan: (m >> 40) as u16,
+            vlan2: vlan2 as u16,
+            v6: (m >> 56) & 1 == 1,
+            dir: if (m >> 57) & 1 == 1 {
+                Direction::Egress
+            } else {
+                Direction::Ingress
+            },
+        }
+    }
+
+    fn addr_words(&self) -> [u64; 4] {
+        [
+            (self.src >> 64) as u64,
+            self.src as u64,
+            (self.dst >> 64) as u64,
+            self.dst as u64,
+        ]
+    }
+}
+
+fn other(d: Direction) -> Direction {
+    match d {
+        Direction::Ingress => Direction::Egress,
+        Direction::Egress => Direction::Ingress,
+    }
+}
+
+/// Sorts a parsed packet into what the tracker does with it.
+#[inline(always)]
+pub fn classify_packet(key: &FlowKey, t: &Track) -> Kind {
+    let mut kind = Kind::Untracked;
+    classify_into(key, t, &mut kind);
+    kind
+}
+
+/// [`classify_packet`] into the caller's slot: most protocols are written in place (the
+/// datapath's case); ICMP goes out of line.
+#[inline(always)]
+pub(crate) fn classify_into(key: &FlowKey, t: &Track, out: &mut Kind) {
+    if matches!(t.frag, Frag::Later { .. }) {
+        *out = Kind::Fragment;
+    } else if is_icmp(key.proto) {
+        *out = classify_icmp(key, t);
+    } else {
+        let mut tuple = Tuple::of(key);
+        tuple.vlan2 = t.vlan2;
+        if !has_ports(key.proto) {
+            tuple.sport = 0;
+            tuple.dport = 0;
+        }
+        *out = Kind::Flow(tuple);
+    }
+}
+
+#[inline(never)]
+fn classify_icmp(key: &FlowKey, t: &Track) -> Kind {
+    let mut base = Tuple::of(key);
+    base.vlan2 = t.vlan2;
+    let v6 = key.proto == proto::ICMPV6;
+    let ty = key.sport as u8;
+    if key.sport > 0xff || (v6 != key.v6) {
+        return Kind::Untracked;
+    }
+    if icmp_reply_of(v6, ty).is_some() {
+        return Kind::Flow(Tuple {
+            sport: t.icmp_id,
+            dport: ty as u16,
+            ..base
+        });
+    }
+    if let Some(req) = icmp_request_of(v6, ty) {
+        return Kind::Flow(Tuple {
+            sport: t.icmp_id,
+            dport: req as u16 | ICMP_REPLY,
+            ..base
+        });
+    }
+    if !icmp_error(v6, ty) {
+        return Kind::Untracked;
+    }
+    match t.quoted {
+        // netfilter's conditions: the quote is of the outer packet's family, and the error goes
+        // to the host that sent the quoted packet. An error about an error is not related.
+        Some(q)
+            if q.v6 == key.v6
+                && q.src == key.dst
+                && !(is_icmp(q.proto) && icmp_error(q.proto == proto::ICMPV6, q.sport as u8)) =>
+        {
+            let inner = Track {
+                icmp_id: t.icmp_id,
+                vlan2: t.vlan2,
+                ..Track::new()
+            };
+            match classify_packet(&q, &inner) {
+                Kind::Flow(tuple) => Kind::Error(tuple),
+                _ => Kind::Untracked,
+            }
+        }
+        _ => Kind::Untracked,
+    }
+}
+
+/// Whether a packet can open a flow: a TCP SYN (no ACK, RST or FIN), an ICMP query request, any
+/// packet of another protocol. A first fragment opens like its datagram; later ones never.
+pub fn opens_flow(key: &FlowKey, t: &Track) -> bool {
+    if matches!(t.frag, Frag::Later { .. }) {
+        return false;
+    }
+    match key.proto {
+        proto::TCP => {
+            use tcp_flags::*;
+            t.tcp_flags & (SYN | ACK | RST | FIN) == SYN
+        }
+        p if is_icmp(p) => key.sport <= 0xff && icmp_reply_of(p == proto::ICMPV6, key.sport as u8).is_some(),
+        _ => true,
+    }
+}
+
+/// Whether a packet looks like the answer to something (so its absence from the table is worth
+/// saying in the flow log: `no_flow`).
+pub fn looks_like_reply(key: &FlowKey, t: &Track) -> bool {
+    match key.proto {
+        proto::TCP => t.tcp_flags & tcp_flags::ACK != 0 && t.tcp_flags & tcp_flags::SYN != 0,
+        p if is_icmp(p) => {
+            key.sport <= 0xff && icmp_request_of(p == proto::ICMPV6, key.sport as u8).is_some()
+        }
+        _ => false,
+    }
+}
+
+/// One direction's TCP window as `conntrack list` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct WindowView {
+    /// Highest sequence number sent, plus one.
+    pub end: u32,
+    /// Highest sequence number the other side allows.
+    pub maxend: u32,
+    /// Largest window seen (scaled).
+    pub maxwin: u32,
+    /// Window scale shift.
+    pub scale: u8,
+}
+
+/// One tracked flow as `conntrack list` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FlowEntry {
+    pub direction: String,
+    pub proto: u8,
+    pub src: String,
+    pub sport: u16,
+    pub dst: String,
+    pub dport: u16,
+    pub vlan: Option<u16>,
+    #[serde(default)]
+    pub vlan2: Option<u16>,
+    pub state: FlowState,
+    /// The flow completed its handshake (TCP) or saw traffic both ways and more: it is never
+    /// evicted.
+    #[serde(default)]
+    pub assured: bool,
+    pub generation: u32,
+    pub idle_ms: u64,
+    /// TCP: the original and the reply direction's window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<[WindowView; 2]>,
+}
+
+/// Which flows `conntrack list|flush` means: every given part must match (an address or port at
+/// either end).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Filter {
+    pub addr: Option<std::net::IpAddr>,
+    pub port: Option<u16>,
+    pub proto: Option<u8>,
+}
+
+impl Filter {
+    pub(crate) fn matches(&self, t: &Tuple) -> bool {
+        let k = t.key();
+        self.addr
+            .is_none_or(|a| k.src_addr() == a || k.dst_addr() == a)
+            && self.port.is_none_or(|p| t.sport == p || t.dport == p)
+            && self.proto.is_none_or(|p| t.proto == p)
+    }
+}
+
+// The slot's info word: the state, the flags, and what TCP keeps beside its window words.
+const I_STATE: u32 = 0xf;
+const I_ASSURED: u32 = 1 << 4;
+const I_SEEN_REPLY: u32 = 1 << 5;
+const I_LAST_DIR: u32 = 1 << 6;
+const I_LAST_INDEX: u32 = 7;
+const I_SIDE: [u32; 2] = [10, 19];
+
+/// A slot: two cache lines. The first holds what a lookup reads (sequence, state, tuple,
+/// last-seen time); the second TCP's window bounds and the entry's other bucket.
+#[repr(C, align(64))]
+#[derive(Default)]
+struct Slot {
+    /// Odd while a writer (who holds the bucket lock) changes the slot.
+    seq: AtomicU32,
+    /// `I_*` fields; state 0 when free.
+    info: AtomicU32,
+    generation: AtomicU32,
+    vlan2: AtomicU32,
+    seen: AtomicU64,
+    addr: [AtomicU64; 4],
+    meta: AtomicU64,
+    /// Per direction: `end | maxend << 32`, `maxwin | maxack << 32`.
+    win: [AtomicU64; 4],
+    /// The other bucket this entry may live in.
+    alt: AtomicU32,
+}
+
+/// A bucket's header: the tag byte of each slot (8 bits of the flow's hash, a hint that lets a
+/// lookup read only the slots that may match) and the writers' lock.
+#[repr(C, align(16))]
+#[derive(Default)]
+struct Head {
+    tags: AtomicU64,
+    lock: AtomicU32,
+}
+
+/// A consistent copy of a slot's first line.
+#[derive(Debug, Clone, Copy)]
+struct SlotCopy {
+    tuple: Tuple,
+    info: u32,
+    generation: u32,
+    seen: u64,
+}
+
+/// A bucket pair read ahead of its lookup (see [`Conntrack::probe`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Probe {
+    b: [u32; 2],
+    tag: u8,
+    tags: [u64; 2],
+    moves: u64,
+}
+
+/// A lookup's answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hit {
+    slot: usize,
+    info: u32,
+    /// The packet travels in the flow's original direction.
+    pub original: bool,
+    pub state: FlowState,
+    /// Never evicted (see the module doc).
+    pub assured: bool,
+    /// The table generation that admitted (or last re-admitted) the flow.
+    pub generation: u32,
+    /// The flow's protocol.
+    pub proto: u8,
+    /// When the flow last saw a packet.
+    pub seen: u64,
+}
+
+/// Why an insert did not happen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InsertError {
+    /// Both buckets of the flow hold only assured flows, and no move made room.
+    Full,
+    /// The packet cannot open a flow (a TCP segment other than a valid SYN).
+    Refused,
+}
+
+/// What an insert displaced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Displaced {
+    Nothing,
+    /// An entry past its timeout.
+    Expired,
+    /// An unassured entry, the oldest of the flow's buckets.
+    Evicted,
+    /// Room made by moving entries to their other bucket.
+    Moved,
+}
+
+/// What an insert did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Opened {
+    /// A new entry.
+    New(Displaced),
+    /// The flow was there already (another worker opened it first): the packet is applied to
+    /// it like any packet of the flow.
+    Exists(Update),
+}
+
+/// What a packet did to the flow it belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Update {
+    /// Part of the flow; the flow is now in this state.
+    Pass(FlowState),
+    /// Not acceptable to the flow's state (TCP window, RST sequence, checksum, flags): nothing
+    /// changed; the rules decide the packet on its own.
+    Invalid(tcp::Invalid),
+    /// A SYN on a closed or TIME_WAIT flow: the entry is gone; the packet is a new flow.
+    Reopen,
+    /// The flow is not (or no longer) in the table.
+    Gone,
+}
+
+/// The shared table.
+pub struct Conntrack {
+    slots: Box<[Slot]>,
+    heads: Box<[Head]>,
+    buckets: usize,
+    /// The bucket hash's secret (SipHash-1-3 keys), drawn at start-up.
+    key: (u64, u64),
+    /// Bumped by every move, between writing the new place and clearing the old.
+    moves: AtomicU64,
+    timeouts: Timeouts,
+    entries: AtomicUsize,
+    /// Time zero of the shared clock (every worker's `now` counts from it).
+    epoch: std::time::Instant,
+    frags: frag::Frags,
+}
+
+const NS: u64 = 1_000_000_000;
+
+/// How stale a flow's last-seen time may get before a packet refreshes it (a packet that changes
+/// nothing else writes nothing sooner). Every timeout is in whole seconds.
+const SEEN_GRANULARITY_NS: u64 = 1_000_000;
+
+/// Whether generation `a` is older than `b` (serial number arithmetic, RFC 1982: a table
+/// generation wraps after 2^32 swaps).
+#[inline(always)]
+pub fn older(a: u32, b: u32) -> bool {
+    (a.wrapping_sub(b) as i32) < 0
+}
+
+/// SipHash-1-3 of six words (the flow's canonical tuple): the bucket hash, keyed so that an
+/// outsider cannot compute tuples that collide (netfilter hashes its tuples with siphash too).
+#[inline(always)]
+fn siphash13(k: (u64, u64), words: &[u64; 6]) -> u64 {
+    let mut v0 = k.0 ^ 0x736f_6d65_7073_6575;
+    let mut v1 = k.1 ^ 0x646f_7261_6e64_6f6d;
+    let mut v2 = k.0 ^ 0x6c79_6765_6e65_7261;
+    let mut v3 = k.1 ^ 0x7465_6462_7974_6573;
+    macro_rules! round {
+        () => {
+            v0 = v0.wrapping_add(v1);
+            v1 = v1.rotate_left(13);
+            v1 ^= v0;
+            v0 = v0.rotate_left(32);
+            v2 = v2.wrapping_add(v3);
+            v3 = v3.rotate_left(16);
+            v3 ^= v2;
+            v0 = v0.wrapping_add(v3);
+            v3 = v3.rotate_left(21);
+            v3 ^= v0;
+            v2 = v2.wrapping_add(v1);
+            v1 = v1.rotate_left(17);
+            v1 ^= v2;
+            v2 = v2.rotate_left(32);
+        };
+    }
+    for &m in words {
+        v3 ^= m;
+        round!();
+        v0 ^= m;
+    }
+    let b = 48u64 << 56;
+    v3 ^= b;
+    round!();
+    v0 ^= b;
+    v2 ^= 0xff;
+    round!();
+    round!();
+    round!();
+    v0 ^ v1 ^ v2 ^ v3
+}
+
+/// A secret from the standard library's per-process random keys.
+fn secret() -> (u64, u64) {
+    use std::hash::BuildHasher;
+    let s = std::collections::hash_map::RandomState::new();
+    (s.hash_one(0x5eed_u64), s.hash_one(0xc0ffee_u64))
+}
+
+/// `x` scaled into `0..n` (Lemire's multiply-shift: no division, no power of two needed).
+#[inline(always)]
+fn range(x: u32, n: usize) -> usize {
+    ((x as u64 * n as u64) >> 32) as usize
+}
+
+/// A slot's tuple words and info, written together.
+struct Entry {
+    tuple: Tuple,
+    info: u32,
+    generation: u32,
+    seen: u64,
+    win: [u64; 4],
+    alt: u32,
+}
+
+impl Conntrack {
+    /// A table for `capacity` flows (rounded up to whole buckets), with a fresh hash secret.
+    pub fn new(capacity: usize, timeouts: Timeouts) -> Conntrack {
+        Self::with_key(capacity, timeouts, secret())
+    }
+
+    /// [`Conntrack::new`] with a given hash key (tests that need collisions).
+    pub(crate) fn with_key(capacity: usize, timeouts: Timeouts, key: (u64, u64)) -> Conntrack {
+        let buckets = capacity.div_ceil(WAYS).max(1);
+        let slots: Box<[Slot]> = (0..buckets * WAYS).map(|_| Slot::default()).collect();
+        let heads: Box<[Head]> = (0..buckets).map(|_| Head::default()).collect();
+        Conntrack {
+            slots,
+            heads,
+            buckets,
+            key,
+            moves: AtomicU64::new(0),
+            timeouts,
+            entries: AtomicUsize::new(0),
+            epoch: std::time::Instant::now(),
+            frags: frag::Frags::new((capacity / 64).clamp(1024, 65_536), key),
+        }
+    }
+
+    /// `at` on the table's clock, in nanoseconds.
+    #[inline]
+    pub fn ns(&self, at: std::time::Instant) -> u64 {
+        at.saturating_duration_since(self.epoch).as_nanos() as u64
+    }
+
+    /// Flows the table can hold.
+    pub fn capacity(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Bytes the table occupies (allocated once), fragment table included.
+    pub fn memory_bytes(&self) -> usize {
+        std::mem::size_of_val(&*self.slots)
+            + std::mem::size_of_val(&*self.heads)
+            + self.frags.memory_bytes()
+    }
+
+    /// Occupied slots (approximate while workers insert and expire concurrently).
+    pub fn entries(&self) -> usize {
+        self.entries.load(Ordering::Relaxed)
+    }
+
+    /// The fragment table.
+    pub(crate) fn frags(&self) -> &frag::Frags {
+        &self.frags
+    }
+
+    /// How long a first fragment admits the rest of its datagram.
+    pub(crate) fn fragment_timeout_ns(&self) -> u64 {
+        self.timeouts.fragment_s as u64 * NS
+    }
+
+    /// How long a flow of `proto_` in state `s` may stay idle, in nanoseconds.
+    #[inline(always)]
+    pub fn timeout_ns(&self, proto_: u8, s: FlowState) -> u64 {
+        let t = &self.timeouts;
+        use FlowState::*;
+        let secs = match s {
+            SynSent | SynSent2 | SynReceived => t.tcp_syn_s,
+            Established => t.tcp_established_s,
+            FinWait | CloseWait | LastAck => t.tcp_closing_s,
+            TimeWait => t.tcp_time_wait_s,
+            Closed => t.tcp_closed_s,
+            Unreplied | Replied if is_icmp(proto_) => t.icmp_s,
+            Unreplied | Replied if !matches!(proto_, proto::UDP | proto::SCTP | 136) => {
+                t.generic_s
+            }
+            Unreplied => t.udp_unreplied_s,
+            Replied => t.udp_replied_s,
+        };
+        secs as u64 * NS
+    }
+
+    fn expired(&self, c: &SlotCopy, now: u64) -> bool {
+        let state = FlowState::from_code(c.info & I_STATE).unwrap_or(FlowState::Closed);
+        now.saturating_sub(c.seen) > self.timeout_ns(c.tuple.proto, state)
+    }
+
+    /// The flow's two buckets and its tag.
+    #[inline(always)]
+    fn place(&self, t: &Tuple) -> ([usize; 2], u8) {
+        let h = siphash13(self.key, &t.hash_words());
+        let b1 = range(h as u32, self.buckets);
+        let mut b2 = range((h >> 32) as u32, self.buckets);
+        if b2 == b1 {
+            b2 = (b1 + 1) % self.buckets;
+        }
+        ([b1, b2], (h >> 24) as u8 ^ (h >> 56) as u8)
+    }
+
+    // ---- bucket locks -------------------------------------------------------------------
+
+    fn lock(&self, b: usize) {
+        let l = &self.heads[b].lock;
+        while l
+            .compare_exchange_weak(0, 1, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            while l.load(Ordering::Relaxed) != 0 {
+                std::hint::spin_loop();
+            }
+        }
+    }
+
+    fn try_lock(&self, b: usize) -> bool {
+        self.heads[b]
+            .lock
+            .compare_exchange(0, 1, Ordering::Acquire, Ordering::Relaxed)
+            .is_ok()
+    }
+
+    fn unlock(&self, b: usize) {
+        self.heads[b].lock.store(0, Ordering::Release);
+    }
+
+    /// Locks both buckets of a pair, lower index first (so two inserts never deadlock).
+    fn lock_pair(&self, b: [usize; 2]) {
+        let (lo, hi) = (b[0].min(b[1]), b[0].max(b[1]));
+        self.lock(lo);
+        if hi != lo {
+            self.lock(hi);
+        }
+    }
+
+    fn unlock_pair(&self, b: [usize; 2]) {
+        self.unlock(b[0]);
+        if b[1] != b[0] {
+            self.unlock(b[1]);
+        }
+    }
+
+    // ---- reading -------------------------------------------------------------------------
+
+    /// A consistent copy of slot `i`'s first line, if it holds a flow. Retries while a writer
+    /// holds the slot (a writer's critical section is a few dozen instructions).
+    #[inline(always)]
+    fn read(&self, i: usize) -> Option<SlotCopy> {
+        let s = &self.slots[i];
+        loop {
+            let seq = s.seq.load(Ordering::Acquire);
+            if seq & 1 == 1 {
+                std::hint::spin_loop();
+                continue;
+            }
+            let info = s.info.load(Ordering::Relaxed);
+            let generation = s.generation.load(Ordering::Relaxed);
+            let vlan2 = s.vlan2.load(Ordering::Relaxed);
+            let seen = s.seen.load(Ordering::Relaxed);
+            let addr = [
+                s.addr[0].load(Ordering::Relaxed),
+                s.addr[1].load(Ordering::Relaxed),
+                s.addr[2].load(Ordering::Relaxed),
+                s.addr[3].load(Ordering::Relaxed),
+            ];
+            let meta = s.meta.load(Ordering::Relaxed);
+            fence(Ordering::Acquire);
+            if s.seq.load(Ordering::Relaxed) != seq {
+                continue;
+            }
+            if info & I_STATE == 0 {
+                return None;
+            }
+            return Some(SlotCopy {
+                tuple: Tuple::from_words(&addr, meta, vlan2),
+                info,
+                generation,
+                seen,
+            });
+        }
+    }
+
+    /// The first step of a lookup: `t`'s buckets and their tag words. The datapath probes a
+    /// whole burst before it looks any packet up, so that the burst's cache misses overlap
+    /// instead of queueing one behind the other.
+    #[inline(always)]
+    pub(crate) fn probe(&self, t: &Tuple) -> Probe {
+        let moves = self.moves.load(Ordering::Acquire);
+        let (b, tag) = self.place(t);
+        Probe {
+            b: [b[0] as u32, b[1] as u32],
+            tag,
+            tags: [
+                self.heads[b[0]].tags.load(Ordering::Acquire),
+                self.heads[b[1]].tags.load(Ordering::Acquire),
+            ],
+            moves,
+        }
+    }
+
+    /// Reads the first slot a [`Probe`]'s tag word points at, so that the slot is in cache when
+    /// its lookup comes (the second step of a burst's overlapped misses).
+    #[inline(always)]
+    pub(crate) fn touch(&self, p: &Probe) {
+        if let Some(i) = first_tag(p.tags[0], p.tag) {
+            let i = p.b[0] as usize * WAYS + i;
+            std::hint::black_box(self.slots[i].meta.load(Ordering::Relaxed));
+        }
+    }
+
+    /// Finds the live flow `t` belongs to, in either direction.
+    #[inline(always)]
+    pub fn lookup(&self, t: &Tuple, now: u64) -> Option<Hit> {
+        self.lookup_probed(t, &self.probe(t), now)
+    }
+
+    /// [`Conntrack::lookup`] after [`Conntrack::probe`]. A tag word read a moment ago is still a
+    /// sound hint: a flow another worker inserted since is missed, and the packet then goes
+    /// through the classifier, whose allow finds the flow when it inserts. A flow *moved* since
+    /// is not missed: the move counter says to look again.
+    #[inline(always)]
+    pub(crate) fn lookup_probed(&self, t: &Tuple, p: &Probe, now: u64) -> Option<Hit> {
+        let rev = t.reversed();
+        let (m, rm) = (t.meta(), rev.meta());
+        let mut p = *p;
+        loop {
+            for k in 0..2 {
+                let b = p.b[k] as usize;
+                if k == 1 && b == p.b[0] as usize {
+                    break;
+                }
+                let mut cand = tag_matches(p.tags[k], p.tag);
+                while cand != 0 {
+                    let i = b * WAYS + (cand.trailing_zeros() / 8) as usize;
+                    cand &= cand - 1;
+                    // One relaxed load of the ports/protocol/VLAN/direction word rules a
+                    // candidate out or in; the seqlocked copy confirms.
+                    let w = self.slots[i].meta.load(Ordering::Relaxed);
+                    if w != m && w != rm {
+                        continue;
+                    }
+                    let Some(c) = self.read(i) else { continue };
+                    let original = c.tuple == *t;
+                    if !original && c.tuple != rev {
+                        continue;
+                    }
+                    if self.expired(&c, now) {
+                        // An expired copy (the flow may have opened again in another slot).
+                        continue;
+                    }
+                    return Some(hit(i, &c, original));
+                }
+            }
+            fence(Ordering::Acquire);
+            let moves = self.moves.load(Ordering::Acquire);
+            if moves == p.moves {
+                return None;
+            }
+            // A move may have taken the flow from a slot not yet read to one already read.
+            p = self.probe(t);
+        }
+    }
+
+    // ---- writing -------------------------------------------------------------------------
+
+    /// Starts a write of slot `i` (the caller holds its bucket lock).
+    #[inline(always)]
+    fn begin(&self, i: usize) {
+        let s = &self.slots[i].seq;
+        s.store(s.load(Ordering::Relaxed).wrapping_add(1), Ordering::Relaxed);
+        fence(Ordering::Release);
+    }
+
+    #[inline(always)]
+    fn end(&self, i: usize) {
+        let s = &self.slots[i].seq;
+        s.store(s.load(Ordering::Relaxed).wrapping_add(1), Ordering::Release);
+    }
+
+    /// Reads the whole slot `i` (the caller holds its bucket lock, so nothing moves under it).
+    fn entry(&self, i: usize) -> Option<Entry> {
+        let s = &self.slots[i];
+        let info = s.info.load(Ordering::Relaxed);
+        if info & I_STATE == 0 {
+            return None;
+        }
+        let addr = [
+            s.addr[0].load(Ordering::Relaxed),
+            s.addr[1].load(Ordering::Relaxed),
+            s.addr[2].load(Ordering::Relaxed),
+            s.addr[3].load(Ordering::Relaxed),
+        ];
+        Some(Entry {
+            tuple: Tuple::from_words(
+                &addr,
+                s.meta.load(Ordering::Relaxed),
+                s.vlan2.load(Ordering::Relaxed),
+            ),
+            info,
+            generation: s.generation.load(Ordering::Relaxed),
+            seen: s.seen.load(Ordering::Relaxed),
+            win: [
+                s.win[0].load(Ordering::Relaxed),
+                s.win[1].load(Ordering::Relaxed),
+                s.win[2].load(Ordering::Relaxed),
+                s.win[3].load(Ordering::Relaxed),
+            ],
+            alt: s.alt.load(Ordering::Relaxed),
+        })
+    }
+
+    /// Writes a whole entry into slot `i` and its tag (the caller holds the bucket lock).
+    fn put(&self, i: usize, e: &Entry, tag: u8) {
+        let b = i / WAYS;
+        let shift = (i % WAYS) * 8;
+        let s = &self.slots[i];
+        self.begin(i);
+        // The tag goes in before the slot is published, so a reader that sees the slot sees it.
+        let h = &self.heads[b].tags;
+        h.store(
+            h.load(Ordering::Relaxed) & !(0xffu64 << shift) | (tag as u64) << shift,
+            Ordering::Relaxed,
+        );
+        for (w, v) in s.addr.iter().zip(e.tuple.addr_words()) {
+            w.store(v, Ordering::Relaxed);
+        }
+        s.meta.store(e.tuple.meta(), Ordering::Relaxed);
+        s.vlan2.store(e.tuple.vlan2 as u32, Ordering::Relaxed);
+        s.generation.store(e.generation, Ordering::Relaxed);
+        s.seen.store(e.seen, Ordering::Relaxed);
+        for (w, v) in s.win.iter().zip(e.win) {
+            w.store(v, Ordering::Relaxed);
+        }
+        s.alt.store(e.alt, Ordering::Relaxed);
+        s.info.store(e.info, Ordering::Relaxed);
+        self.end(i);
+    }
+
+    /// Frees slot `i` (the caller holds its bucket lock).
+    fn clear(&self, i: usize) {
+        self.begin(i);
+        self.slots[i].info.store(0, Ordering::Relaxed);
+        self.end(i);
+    }
+
+    /// Whether the entry in slot `i` is the flow `t` (either direction), live at `now`.
+    fn holds(&self, i: usize, t: &Tuple, now: u64) -> Option<(Entry, bool)> {
+        let e = self.entry(i)?;
+        let original = e.tuple == *t;
+        if !original && e.tuple != t.reversed() {
+            return None;
+        }
+        let c = SlotCopy {
+            tuple: e.tuple,
+            info: e.info,
+            generation: e.generation,
+            seen: e.seen,
+        };
+        (!self.expired(&c, now)).then_some((e, original))
+    }
+
+    /// Applies a packet of flow `hit` (`packet`: its tuple; `seg`: its TCP segment) at `now`.
+    /// Computed from the flow's current state under its bucket lock, so a transition is never
+    /// lost to another worker's.
+    pub fn update(&self, hit: &Hit, packet: &Tuple, seg: &Segment, now: u64) -> Update {
+        if hit.proto != proto::TCP {
+            // Nothing to change and a fresh last-seen time: no write, so the slot's cache line
+            // stays shared between the workers that see the two directions.
+            let (info, _) = generic_next(hit.info, hit.original);
+            if info == hit.info && now.saturating_sub(hit.seen) < SEEN_GRANULARITY_NS {
+                return Update::Pass(hit.state);
+            }
+        }
+        let mut slot = hit.slot;
+        for _ in 0..4 {
+            let b = slot / WAYS;
+            self.lock(b);
+            let r = self.update_locked(slot, packet, seg, now);
+            self.unlock(b);
+            if r != Update::Gone {
+                return r;
+            }
+            // Moved to its other bucket meanwhile (or gone): find it again.
+            match self.lookup(packet, now) {
+                Some(h) => slot = h.slot,
+                None => return Update::Gone,
+            }
+        }
+        Update::Gone
+    }
+
+    fn update_locked(&self, i: usize, packet: &Tuple, seg: &Segment, now: u64) -> Update {
+        let Some((e, original)) = self.holds(i, packet, now) else {
+            return Update::Gone;
+        };
+        let s = &self.slots[i];
+        if e.tuple.proto != proto::TCP {
+            let (info, state) = generic_next(e.info, original);
+            if info != e.info || now.saturating_sub(e.seen) >= SEEN_GRANULARITY_NS {
+                self.begin(i);
+                s.info.store(info, Ordering::Relaxed);
+                s.seen.store(now, Ordering::Relaxed);
+                self.end(i);
+            }
+            return Update::Pass(state);
+        }
+        let mut conn = tcp_of(e.info, &e.win);
+        let old = conn.state;
+        let seen_reply = e.info & I_SEEN_REPLY != 0;
+        match conn.packet_seen(!original, seg, seen_reply) {
+            tcp::Verdict::Valid => {
+                let mut info = pack_tcp(e.info, &conn);
+                if !original {
+                    info |= I_SEEN_REPLY;
+                }
+                if TcpConn::assures(old, conn.state) && info & I_SEEN_REPLY != 0 {
+                    info |= I_ASSURED;
+                }
+                let win = win_words(&conn);
+                self.begin(i);
+                s.info.store(info, Ordering::Relaxed);
+                for (w, v) in s.win.iter().zip(win) {
+                    w.store(v, Ordering::Relaxed);
+                }
+                s.seen.store(now, Ordering::Relaxed);
+                self.end(i);
+                Update::Pass(FlowState::of_tcp(conn.state))
+            }
+            tcp::Verdict::Ignore => {
+                if now.saturating_sub(e.seen) >= SEEN_GRANULARITY_NS {
+                    self.begin(i);
+                    s.seen.store(now, Ordering::Relaxed);
+                    self.end(i);
+                }
+                Update::Pass(FlowState::of_tcp(old))
+            }
+            tcp::Verdict::Invalid(why) => Update::Invalid(why),
+            tcp::Verdict::Reopen => {
+                self.clear(i);
+                self.entries.fetch_sub(1, Ordering::Relaxed);
+                Update::Reopen
+            }
+            tcp::Verdict::Kill => {
+                self.clear(i);
+                self.entries.fetch_sub(1, Ordering::Relaxed);
+                Update::Pass(FlowState::Closed)
+            }
+        }
+    }
+
+    /// Records that table `generation` admitted flow `hit` again (after a swap). A newer
+    /// generation already there stays.
+    pub fn revalidate(&self, hit: &Hit, packet: &Tuple, generation: u32, now: u64) {
+        let b = hit.slot / WAYS;
+        self.lock(b);
+        if let Some((e, _)) = self.holds(hit.slot, packet, now) {
+            if older(e.generation, generation) {
+                self.begin(hit.slot);
+                self.slots[hit.slot]
+                    .generation
+                    .store(generation, Ordering::Relaxed);
+                self.end(hit.slot);
+            }
+        }
+        self.unlock(b);
+    }
+
+    /// Starts flow `t` (a packet policy admitted, in its original direction; `seg`: its TCP
+    /// segment) under table `generation`. If the flow exists already (another worker opened it
+    /// a moment ago), the packet is applied to it instead: looking and inserting happen under
+    /// both bucket locks, so a flow never gets two entries.
+    pub fn insert(
+        &self,
+        t: &Tuple,
+        seg: &Segment,
+        generation: u32,
+        now: u64,
+    ) -> Result<Opened, InsertError> {
+        let (info, win) = if t.proto == proto::TCP {
+            let Some((conn, tcp::Verdict::Valid)) = TcpConn::open(seg) else {
+                return Err(InsertError::Refused);
+            };
+            (pack_tcp(0, &conn), win_words(&conn))
+        } else {
+            (CODE_UNREPLIED, [0; 4])
+        };
+        let (b, tag) = self.place(t);
+        self.lock_pair(b);
+        let r = self.insert_locked(t, b, tag, info, win, generation, seg, now);
+        self.unlock_pair(b);
+        r
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn insert_locked(
+        &self,
+        t: &Tuple,
+        b: [usize; 2],
+        tag: u8,
+        info: u32,
+        win: [u64; 4],
+        generation: u32,
+        seg: &Segment,
+        now: u64,
+    ) -> Result<Opened, InsertError> {
+        let pair: &[usize] = if b[0] == b[1] { &b[..1] } else { &b[..] };
+        // Is it there already? Nothing can add it meanwhile: every insert of it holds these
+        // two locks.
+        for &x in pair {
+            for i in x * WAYS..(x + 1) * WAYS {
+                if self.holds(i, t, now).is_some() {
+                    return Ok(Opened::Exists(self.update_locked(i, t, seg, now)));
+                }
+            }
+        }
+        let mut load = [0usize; 2];
+        let mut free: [Option<usize>; 2] = [None, None];
+        let mut expired: Option<usize> = None;
+        let mut victim: Option<(usize, u64)> = None;
+        for (k, &x) in pair.iter().enumerate() {
+            for i in x * WAYS..(x + 1) * WAYS {
+                match self.entry(i) {
+                    None => {
+                        free[k].get_or_insert(i);
+                    }
+                    Some(e) => {
+                        let c = SlotCopy {
+                            tuple: e.tuple,
+                            info: e.info,
+                            generation: e.generation,
+                            seen: e.seen,
+                        };
+                        if self.expired(&c, now) {
+                            expired.get_or_insert(i);
+                        } else {
+                            load[k] += 1;
+                            if e.info & I_ASSURED == 0 && victim.is_none_or(|(_, s)| e.seen < s) {
+                                victim = Some((i, e.seen));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        // The emptier bucket first (two choices keep the buckets even).
+        let order = if pair.len() == 2 && load[1] < load[0] {
+            [1, 0]
+        } else {
+            [0, 1]
+        };
+        let chosen = free[order[0]]
+            .or(free[order[1]])
+            .map(|i| (i, Displaced::Nothing))
+            .or(expired.map(|i| (i, Displaced::Expired)));
+        let chosen = match chosen {
+            Some(c) => Some(c),
+            // Room by moving before evicting, while the table as a whole has room.
+            None if self.entries() < self.capacity() => self
+                .cuckoo(pair, now)
+                .map(|i| (i, Displaced::Moved))
+                .or(victim.map(|(i, _)| (i, Displaced::Evicted))),
+            None => victim.map(|(i, _)| (i, Displaced::Evicted)),
+        };
+        let Some((i, displaced)) = chosen else {
+            return Err(InsertError::Full);
+        };
+        let home = i / WAYS;
+        let alt = if home == b[0] { b[1] } else { b[0] };
+        self.put(
+            i,
+            &Entry {
+                tuple: *t,
+                info,
+                generation,
+                seen: now,
+                win,
+                alt: alt as u32,
+            },
+            tag,
+        );
+        if matches!(displaced, Displaced::Nothing | Displaced::Moved) {
+            self.entries.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(Opened::New(displaced))
+    }
+
+    /// A free (or expired) slot of bucket `x` (locked by the caller), counting an expired one
+    /// as freed.
+    fn room(&self, x: usize, now: u64) -> Option<usize> {
+        let mut expired = None;
+        for i in x * WAYS..(x + 1) * WAYS {
+            match self.read(i) {
+                None => return Some(i),
+                Some(c) if self.expired(&c, now) => {
+                    expired.get_or_insert(i);
+                }
+                Some(_) => {}
+            }
+        }
+        expired
+    }
+
+    /// Moves the entry in slot `from` to slot `to` (both buckets locked by the caller): the new
+    /// place first, then the move counter, then the old place cleared.
+    fn move_entry(&self, from: usize, to: usize) {
+        let Some(mut e) = self.entry(from) else {
+            return;
+        };
+        let to_was_live = self.entry(to).is_some();
+        let (b, tag) = self.place(&e.tuple);
+        e.alt = (if to / WAYS == b[0] { b[1] } else { b[0] }) as u32;
+        self.put(to, &e, tag);
+        self.moves.fetch_add(1, Ordering::Release);
+        self.clear(from);
+        if to_was_live {
+            // An expired entry was overwritten.
+            self.entries.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Makes room in one of `pair` (locked) by moving an entry to its other bucket, or an entry
+    /// of that bucket on to its own other bucket (a cuckoo path of length two). Further buckets
+    /// are only tried, never waited for. Returns the slot freed in `pair`.
+    fn cuckoo(&self, pair: &[usize], now: u64) -> Option<usize> {
+        for &x in pair {
+            for i in x * WAYS..(x + 1) * WAYS {
+                let alt = self.slots[i].alt.load(Ordering::Relaxed) as usize;
+                if pair.contains(&alt) || alt >= self.buckets || !self.try_lock(alt) {
+                    continue;
+                }
+                if let Some(f) = self.room(alt, now) {
+                    self.move_entry(i, f);
+                    self.unlock(alt);
+                    return Some(i);
+                }
+                for j in alt * WAYS..(alt + 1) * WAYS {
+                    let alt2 = self.slots[j].alt.load(Ordering::Relaxed) as usize;
+                    if pair.contains(&alt2)
+                        || alt2 == alt
+                        || alt2 >= self.buckets
+                        || !self.try_lock(alt2)
+                    {
+                        continue;
+                    }
+                    let room = self.room(alt2, now);
+                    if let Some(f) = room {
+                        self.move_entry(j, f);
+                        self.move_entry(i, j);
+                    }
+                    self.unlock(alt2);
+                    if room.is_some() {
+                        self.unlock(alt);
+                        return Some(i);
+                    }
+                }
+                self.unlock(alt);
+            }
+        }
+        None
+    }
+
+    /// Removes the flow of `hit` (policy no longer admits it). Returns whether this call removed
+    /// it (another worker may have first).
+    pub fn remove(&self, hit: &Hit, packet: &Tuple, now: u64) -> bool {
+        let b = hit.slot / WAYS;
+        self.lock(b);
+        let done = self.holds(hit.slot, packet, now).is_some();
+        if done {
+            self.clear(hit.slot);
+            self.entries.fetch_sub(1, Ordering::Relaxed);
+        }
+        self.unlock(b);
+        done
+    }
+
+    /// Frees the expired entries among `n` slots from `*cursor` on, and moves the cursor.
+    /// Returns how many were freed. Bounded work: a worker calls it once per turn; a bucket
+    /// another worker holds is skipped this time.
+    pub fn sweep(&self, cursor: &mut usize, n: usize, now: u64) -> usize {
+        let mut freed = 0;
+        for _ in 0..n.min(self.slots.len()) {
+            let i = *cursor % self.slots.len();
+            *cursor = cursor.wrapping_add(1);
+            // A relaxed look first: free slots and fresh flows (most of them) need no lock.
+            let s = &self.slots[i];
+            let info = s.info.load(Ordering::Relaxed);
+            let Some(state) = FlowState::from_code(info & I_STATE) else {
+                continue;
+            };
+            let proto_ = s.meta.load(Ordering::Relaxed) as u8;
+            if now.saturating_sub(s.seen.load(Ordering::Relaxed)) <= self.timeout_ns(proto_, state)
+            {
+                continue;
+            }
+            let b = i / WAYS;
+            if !self.try_lock(b) {
+                continue;
+            }
+            if let Some(c) = self.read(i) {
+                if self.expired(&c, now) {
+                    self.clear(i);
+                    self.entries.fetch_sub(1, Ordering::Relaxed);
+                    freed += 1;
+                }
+            }
+            self.unlock(b);
+        }
+        freed
+    }
+
+    /// Every live flow for which `keep` holds (off the datapath: walks the whole table).
+    pub fn list(&self, now: u64, mut keep: impl FnMut(&Tuple) -> bool) -> Vec<FlowEntry> {
+        let mut out = Vec::new();
+        for i in 0..self.slots.len() {
+            let Some(c) = self.read(i) else { continue };
+            if self.expired(&c, now) || !keep(&c.tuple) {
+                continue;
+            }
+            let window = (c.tuple.proto == proto::TCP).then(|| {
+                let b = i / WAYS;
+                self.lock(b);
+                let e = self.entry(i);
+                self.unlock(b);
+                e.filter(|e| e.tuple == c.tuple).map(|e| {
+                    let conn = tcp_of(e.info, &e.win);
+                    conn.sides.map(|s| WindowView {
+                        end: s.end,
+                        maxend: s.maxend,
+                        maxwin: s.maxwin,
+                        scale: s.scale,
+                    })
+                })
+            });
+            out.push(entry_view(&c, now, window.flatten()));
+        }
+        out
+    }
+
+    /// Removes every live flow for which `drop` holds. Returns how many.
+    pub fn flush(&self, mut drop: impl FnMut(&Tuple) -> bool) -> usize {
+        let mut n = 0;
+        for b in 0..self.buckets {
+            self.lock(b);
+            for i in b * WAYS..(b + 1) * WAYS {
+                if let Some(e) = self.entry(i) {
+                    if drop(&e.tuple) {
+                        self.clear(i);
+                        self.entries.fetch_sub(1, Ordering::Relaxed);
+                        n += 1;
+                    }
+                }
+            }
+            self.unlock(b);
+        }
+        n
+    }
+}
+
+/// The byte mask of the slots whose tag is `tag` (0x80 in each matching byte).
+#[inline(always)]
+fn tag_matches(tags: u64, tag: u8) -> u64 {
+    // Exact per-byte equality: a zero byte of `x` is a match (no false positives, unlike the
+    // classic haszero trick's borrow).
+    let x = tags ^ (tag as u64 * 0x0101_0101_0101_0101);
+    let y = (x & 0x7f7f_7f7f_7f7f_7f7f).wrapping_add(0x7f7f_7f7f_7f7f_7f7f);
+    !(y | x | 0x7f7f_7f7f_7f7f_7f7f)
+}
+
+fn first_tag(tags: u64, tag: u8) -> Option<usize> {
+    let m = tag_matches(tags, tag);
+    (m != 0).then(|| (m.trailing_zeros() / 8) as usize)
+}
+
+fn hit(i: usize, c: &SlotCopy, original: bool) -> Hit {
+    Hit {
+        slot: i,
+        info: c.info,
+        original,
+        state: FlowState::from_code(c.info & I_STATE).unwrap_or(FlowState::Closed),
+        assured: c.info & I_ASSURED != 0,
+        generation: c.generation,
+        proto: c.tuple.proto,
+        seen: c.seen,
+    }
+}
+
+/// A protocol without TCP's states: a reply makes it replied, any packet after that assured.
+fn generic_next(info: u32, original: bool) -> (u32, FlowState) {
+    let state = info & I_STATE;
+    let mut next = info;
+    if state == CODE_REPLIED {
+        next |= I_ASSURED;
+    }
+    if !original {
+        next = next & !I_STATE | CODE_REPLIED | I_SEEN_REPLY;
+    }
+    let s = if next & I_STATE == CODE_REPLIED {
+        FlowState::Replied
+    } else {
+        FlowState::Unreplied
+    };
+    (next, s)
+}
+
+/// A TCP flow's state from its info word and window words.
+fn tcp_of(info: u32, win: &[u64; 4]) -> TcpConn {
+    let mut c = TcpConn {
+        state: TcpState::from_code((info & I_STATE) as u8),
+        last_dir: ((info & I_LAST_DIR) != 0) as u8,
+        last_index: ((info >> I_LAST_INDEX) & 7) as u8,
+        ..TcpConn::default()
+    };
+    for (d, side) in c.sides.iter_mut().enumerate() {
+        let bits = info >> I_SIDE[d];
+        side.scale = (bits & 0xf) as u8;
+        side.flags = ((bits >> 4) & ((1 << tcp::FLAG_BITS) - 1)) as u8;
+        side.end = win[2 * d] as u32;
+        side.maxend = (win[2 * d] >> 32) as u32;
+        side.maxwin = win[2 * d + 1] as u32;
+        side.maxack = (win[2 * d + 1] >> 32) as u32;
+    }
+    c
+}
+
+/// `info` with a TCP flow's state, last segment and per-side scale and flags.
+fn pack_tcp(info: u32, c: &TcpConn) -> u32 {
+    let keep = info & (I_ASSURED | I_SEEN_REPLY);
+    let mut w = keep
+        | c.state as u32
+        | if c.last_dir != 0 { I_LAST_DIR } else { 0 }
+        | (c.last_index as u32 & 7) << I_LAST_INDEX;
+    if c.state == TcpState::None {
+        w |= TcpState::SynSent as u32;
+    }
+    for (d, side) in c.sides.iter().enumerate() {
+        w |= ((side.scale as u32 & 0xf) | (side.flags as u32) << 4) << I_SIDE[d];
+    }
+    w
+}
+
+fn win_words(c: &TcpConn) -> [u64; 4] {
+    let mut w = [0; 4];
+    for (d, s) in c.sides.iter().enumerate() {
+        w[2 * d] = s.end as u64 | (s.maxend as u64) << 32;
+        w[2 * d + 1] = s.maxwin as u64 | (s.maxack as u64) << 32;
+    }
+    w
+}
+
+/// A flow as `conntrack list` shows it.
+fn entry_view(c: &SlotCopy, now: u64, window: Option<[WindowView; 2]>) -> FlowEntry {
+    let t = &c.tuple;
+    let k = t.key();
+    let (sport, dport) = if is_icmp(t.proto) {
+        (t.sport, t.dport & !ICMP_REPLY)
+    } else {
+        (t.sport, t.dport)
+    };
+    FlowEntry {
+        direction: match t.dir {
+            Direction::Ingress => "ingress".into(),
+            Direction::Egress => "egress".into(),
+        },
+        proto: t.proto,
+        src: k.src_addr().to_string(),
+        sport,
+        dst: k.dst_addr().to_string(),
+        dport,
+        vlan: (t.vlan != NO_VLAN).then_some(t.vlan),
+        vlan2: (t.vlan2 != NO_VLAN).then_some(t.vlan2),
+        state: FlowState::from_code(c.info & I_STATE).unwrap_or(FlowState::Closed),
+        assured: c.info & I_ASSURED != 0,
+        generation: c.generation,
+        idle_ms: now.saturating_sub(c.seen) / 1_000_000,
+        window,
+    }
+}
+
+impl Hit {
+    /// The flow as it was opened, from the tuple of the packet that found it.
+    pub fn original_tuple(&self, packet: &Tuple) -> Tuple {
+        if self.original {
+            *packet
+        } else {
+            packet.reversed()
+        }
+    }
+
+    /// The flow of this hit as `conntrack list` shows it (`packet`: the tuple that found it).
+    pub fn entry(&self, packet: &Tuple, now: u64) -> FlowEntry {
+        entry_view(
+            &SlotCopy {
+                tuple: self.original_tuple(packet),
+                info: self.info,
+                generation: self.generation,
+                seen: self.seen,
+            },
+            now,
+            None,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests;
+
+#[cfg(test)]
+mod model;
