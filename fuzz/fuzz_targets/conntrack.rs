@@ -1,13 +1,16 @@
-//! The connection tracker's state machine on random packet sequences (either direction, any
-//! TCP flags), inserts, removals, sweeps and clock steps, against a small table so buckets fill.
-//! What the design promises is checked as it goes: a lookup finds only flows that were inserted,
-//! in the right direction and state; a flow that has seen a reply is never lost before its
-//! timeout; an insert that succeeds is visible at once.
+//! The connection tracker on random packet sequences (either direction, any TCP flags and
+//! sequence numbers, UDP, ICMP, ESP), inserts, removals, sweeps and clock steps, against a small
+//! table so buckets fill and entries move. What the design promises is checked as it goes: a
+//! lookup finds only flows that were inserted, in the right direction; an assured flow is never
+//! lost before its timeout; an insert that succeeds is visible at once; the entry count stays
+//! within the capacity.
 #![no_main]
 
 use std::collections::HashMap;
 
-use gateway::conntrack::{tcp_flags, Conntrack, FlowState, InsertError, Timeouts, Tuple};
+use gateway::conntrack::{
+    Conntrack, FlowState, InsertError, Opened, Segment, Timeouts, Tuple, Update,
+};
 use libfuzzer_sys::fuzz_target;
 use policy::key::{proto, NO_VLAN};
 use policy::rule::Direction;
@@ -24,25 +27,35 @@ fuzz_target!(|data: &[u8]| {
         udp_unreplied_s: 1 + b.u8() as u32 % 60,
         ..Timeouts::default()
     };
-    let ct = Conntrack::new(16, timeouts);
-    let pool: Vec<Tuple> = (0..12u16)
-        .map(|i| Tuple {
-            dir: if b.u8() % 2 == 0 {
-                Direction::Ingress
-            } else {
-                Direction::Egress
-            },
-            v6: false,
-            src: 0x0a00_0000 + u128::from(i),
-            dst: 0xc633_6400 + u128::from(b.u8() % 4),
-            proto: [proto::TCP, proto::UDP, proto::ICMP][b.u8() as usize % 3],
-            sport: 40_000 + i,
-            dport: b.u16() % 4,
-            vlan: NO_VLAN,
+    let ct = Conntrack::new(16 + b.u8() as usize % 32, timeouts);
+    let pool: Vec<Tuple> = (0..24u16)
+        .map(|i| {
+            let p = [proto::TCP, proto::UDP, proto::ICMP, 50][b.u8() as usize % 4];
+            Tuple {
+                dir: if b.u8() % 2 == 0 {
+                    Direction::Ingress
+                } else {
+                    Direction::Egress
+                },
+                v6: false,
+                src: 0x0a00_0000 + u128::from(i),
+                dst: 0xc633_6400 + u128::from(b.u8() % 4),
+                proto: p,
+                sport: if p == 50 { 0 } else { 40_000 + i },
+                dport: if p == 50 {
+                    0
+                } else if p == proto::ICMP {
+                    8
+                } else {
+                    b.u16() % 4
+                },
+                vlan: NO_VLAN,
+                vlan2: NO_VLAN,
+            }
         })
         .collect();
-    // What the table said about each flow it holds: the state after its last packet, and when.
-    let mut model: HashMap<usize, (FlowState, u64)> = HashMap::new();
+    // What the table said about each flow it holds: its state, whether assured, when last seen.
+    let mut model: HashMap<usize, (FlowState, bool, u64)> = HashMap::new();
     let mut now = S;
     let mut cursor = 0usize;
     while !b.is_empty() {
@@ -50,39 +63,62 @@ fuzz_target!(|data: &[u8]| {
             0..=4 => {
                 let i = b.u8() as usize % pool.len();
                 let reply = b.u8() % 2 == 1;
-                let flags = b.u8();
+                let seg = Segment {
+                    flags: b.u8(),
+                    seq: b.u32(),
+                    ack: b.u32(),
+                    win: b.u16(),
+                    len: b.u16() as u32,
+                    wscale: b.u8() % 16,
+                    sack_perm: b.u8() % 2 == 0,
+                    sack: 0,
+                    csum_ok: b.u8() % 8 != 0,
+                };
                 let t = pool[i];
                 let pkt = if reply { t.reversed() } else { t };
                 match ct.lookup(&pkt, now) {
                     Some(hit) => {
-                        let known = model.get(&i).copied();
-                        assert!(known.is_some(), "found flow {i}, never inserted or removed");
+                        assert!(model.contains_key(&i), "found flow {i}, never inserted");
                         assert_eq!(hit.original, !reply, "direction of flow {i}");
-                        assert_eq!(hit.state, known.unwrap().0, "state of flow {i}");
-                        let state = ct.update(&hit, flags, 1, now);
-                        model.insert(i, (state, now));
+                        match ct.update(&hit, &pkt, &seg, now) {
+                            Update::Pass(_) => {
+                                let h = ct.lookup(&pkt, now);
+                                match h {
+                                    Some(h) => {
+                                        model.insert(i, (h.state, h.assured, now));
+                                    }
+                                    None => {
+                                        // A RST that was the only answer ends the flow.
+                                        model.remove(&i);
+                                    }
+                                }
+                            }
+                            Update::Invalid(_) => {}
+                            Update::Reopen => {
+                                model.remove(&i);
+                                assert!(ct.lookup(&pkt, now).is_none());
+                            }
+                            Update::Gone => panic!("flow {i} found, then gone"),
+                        }
                     }
                     None => {
-                        if let Some((state, seen)) = model.remove(&i) {
-                            // Gone: expired, or an unreplied flow an insert evicted.
+                        if let Some((state, assured, seen)) = model.remove(&i) {
                             let idle = now.saturating_sub(seen);
                             let expired = idle > ct.timeout_ns(t.proto, state);
                             assert!(
-                                !state.replied() || expired,
-                                "flow {i} ({state:?}) lost after {idle} ns"
+                                !assured || expired,
+                                "assured flow {i} ({state:?}) lost after {idle} ns"
                             );
                         }
-                        let opens = !reply
-                            && (t.proto != proto::TCP
-                                || flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN);
-                        if opens {
-                            match ct.insert(&pkt, flags, 1, now) {
-                                Ok(_) => {
+                        if !reply {
+                            match ct.insert(&pkt, &seg, 1, now) {
+                                Ok(Opened::New(_)) => {
                                     let hit =
                                         ct.lookup(&pkt, now).expect("an insert is visible at once");
-                                    model.insert(i, (hit.state, now));
+                                    model.insert(i, (hit.state, hit.assured, now));
                                 }
-                                Err(InsertError::Full) => {}
+                                Ok(Opened::Exists(_)) => panic!("flow {i} missed, then found"),
+                                Err(InsertError::Full | InsertError::Refused) => {}
                             }
                         }
                     }
@@ -91,7 +127,7 @@ fuzz_target!(|data: &[u8]| {
             5 => {
                 let i = b.u8() as usize % pool.len();
                 if let Some(hit) = ct.lookup(&pool[i], now) {
-                    ct.remove(&hit);
+                    assert!(ct.remove(&hit, &pool[i], now));
                     assert!(
                         ct.lookup(&pool[i], now).is_none(),
                         "removed flow {i} still there"
