@@ -104,18 +104,26 @@ impl Publisher {
     /// Folds the counts of tables no worker holds any more into the carry.
     fn fold(&mut self) {
         let carried = &mut self.carried;
-        self.retired.retain(|t| {
-            if Arc::strong_count(t) > 1 {
-                return true;
-            }
+        // A retired table is folded only once this holds its last reference: `Arc::try_unwrap`
+        // says so with the synchronisation a relaxed `strong_count` lacks (a worker's final
+        // count increments happen-before its drop of the table).
+        let mut keep = Vec::with_capacity(self.retired.len());
+        for t in self.retired.drain(..) {
+            let t = match Arc::try_unwrap(t) {
+                Ok(t) => t,
+                Err(t) => {
+                    keep.push(t);
+                    continue;
+                }
+            };
             // Only rules that were hit carry anything (most of a large table never is).
             for (r, c) in t.rules().iter().zip(t.hit_counts()) {
                 if c > 0 {
                     *carried.entry(r.id).or_default() += c;
                 }
             }
-            false
-        });
+        }
+        self.retired = keep;
         if self.carried.is_empty() {
             return;
         }

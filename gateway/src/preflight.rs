@@ -10,6 +10,12 @@ use crate::sys::xdp;
 /// A start-up problem and what to do about it.
 #[derive(Debug, thiserror::Error)]
 pub enum PreflightError {
+    #[error("interfaces.ext `{ext}` and interfaces.int `{int}` name one device (ifindex {ifindex}; an alternative name?); the gateway forwards between two")]
+    SameDevice {
+        ext: String,
+        int: String,
+        ifindex: u32,
+    },
     #[error("interface `{iface}` (interfaces.{role} in {config}) does not exist in this network namespace; create it or fix the config")]
     MissingInterface {
         iface: String,
@@ -186,6 +192,13 @@ pub fn check(cfg: &Config) -> Result<Interfaces, PreflightError> {
         }
     }
 
+    if idx[0] == idx[1] {
+        return Err(PreflightError::SameDevice {
+            ext: cfg.interfaces.ext.clone(),
+            int: cfg.interfaces.int.clone(),
+            ifindex: idx[0],
+        });
+    }
     match nix::sys::statfs::statfs("/sys/fs/bpf") {
         Ok(s) if s.filesystem_type().0 == BPF_FS_MAGIC => {}
         _ => tracing::warn!(

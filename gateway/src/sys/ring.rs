@@ -98,7 +98,7 @@ pub struct QueuePair<R: Rings> {
 
 impl<R: Rings> QueuePair<R> {
     /// A pair over `rings`, owning the free frames `frames` (none of them may be on a ring).
-    pub(crate) fn new(rings: R, frames: Vec<R::Desc>, copy_mode: bool) -> Self {
+    pub(super) fn new(rings: R, frames: Vec<R::Desc>, copy_mode: bool) -> Self {
         QueuePair {
             rings,
             pool: frames,
@@ -111,7 +111,7 @@ impl<R: Rings> QueuePair<R> {
 
     /// The rings, for the fake's wire. Never handed out for the real rings: their safety
     /// rests on this pair being the only code that moves descriptors.
-    pub(crate) fn rings_mut(&mut self) -> &mut R {
+    pub(super) fn rings_mut(&mut self) -> &mut R {
         &mut self.rings
     }
 

@@ -44,6 +44,14 @@ pub enum SocketError {
     },
     #[error("the kernel gave {iface} queue {queue} no fill/completion rings (is another socket already bound there?)")]
     NoRings { iface: String, queue: u32 },
+    #[error("interfaces.ext `{ext}` and interfaces.int `{int}` are one device (ifindex {ifindex}: an alternative name?); the gateway needs two")]
+    SameDevice {
+        ext: String,
+        int: String,
+        ifindex: u32,
+    },
+    #[error("interface `{iface}` does not exist in this network namespace")]
+    NoDevice { iface: String },
 }
 
 fn errno_of(e: &(dyn std::error::Error + 'static)) -> io::Error {
@@ -158,8 +166,9 @@ impl Port {
             .build();
         // SAFETY: `umem` outlives the returned queues (xsk-rs keeps a clone of it inside each
         // socket); every frame given to these rings comes from this UMEM's own pool; and each
-        // (interface, queue) is bound once per UMEM (the config rejects ext == int), so libxdp's
-        // program load is never asked to register the same queue twice.
+        // (device, queue) is bound once per UMEM (`open_mode` refuses two names of one ifindex,
+        // so an alternative name cannot bind one queue twice), so libxdp's program load is never
+        // asked to register the same queue twice.
         let (tx, rx, rings) =
             unsafe { Socket::new(cfg, umem, &name, queue) }.map_err(|e| fail(errno_of(&e)))?;
         let (fill, comp) = rings.ok_or_else(|| SocketError::NoRings {
@@ -215,6 +224,19 @@ fn open_mode(
     o: &SocketOptions,
     copy_mode: bool,
 ) -> Result<QueuePair<XskRings>, SocketError> {
+    let index = |iface: &str| {
+        nix::net::if_::if_nametoindex(iface).map_err(|_| SocketError::NoDevice {
+            iface: iface.to_string(),
+        })
+    };
+    let ifindex = index(ext)?;
+    if ifindex == index(int)? {
+        return Err(SocketError::SameDevice {
+            ext: ext.to_string(),
+            int: int.to_string(),
+            ifindex,
+        });
+    }
     let (umem, descs) = new_umem(o)?;
     let ext_port = Port::bind(&umem, ext, queue, o, copy_mode)?;
     let int_port = Port::bind(&umem, int, queue, o, copy_mode)?;
