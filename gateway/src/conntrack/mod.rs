@@ -1236,9 +1236,14 @@ impl Conntrack {
                 Update::Pass(FlowState::of_tcp(conn.state))
             }
             tcp::Verdict::Ignore => {
-                if now.saturating_sub(e.seen) >= SEEN_GRANULARITY_NS {
+                // Part of the flow, moves nothing but what the window check itself keeps (an
+                // overshooting sender's end); like netfilter, it does not refresh the timeout.
+                let win = win_words(&conn);
+                if win != e.win {
                     self.begin(i);
-                    s.seen.store(now, Ordering::Relaxed);
+                    for (w, v) in s.win.iter().zip(win) {
+                        w.store(v, Ordering::Relaxed);
+                    }
                     self.end(i);
                 }
                 Update::Pass(FlowState::of_tcp(old))

@@ -277,6 +277,9 @@ fn seg_end(s: &Segment) -> u32 {
 
 /// Reads a SYN's options into `side` (netfilter `tcp_options`).
 fn options(side: &mut Side, s: &Segment) {
+    // netfilter clears what a SYN may set before reading it again.
+    side.flags = 0;
+    side.scale = 0;
     if s.wscale != NO_WSCALE {
         side.flags |= F_WSCALE;
         side.scale = s.wscale.min(14);
@@ -347,8 +350,10 @@ impl TcpConn {
             }
             _ => {}
         }
-        if !self.in_window(dir, idx, s) {
-            return Verdict::Invalid(Invalid::Window);
+        match self.in_window(dir, idx, s) {
+            Win::Accept => {}
+            Win::Ignore => return Verdict::Ignore,
+            Win::Invalid => return Verdict::Invalid(Invalid::Window),
         }
         self.last_dir = dir as u8;
         self.last_index = idx as u8;
@@ -368,8 +373,12 @@ impl TcpConn {
         matches!(old, TcpState::SynRecv | TcpState::Established) && new == TcpState::Established
     }
 
-    /// netfilter's `tcp_in_window`: checks the segment against the bounds and moves them.
-    fn in_window(&mut self, dir: usize, idx: usize, s: &Segment) -> bool {
+    /// netfilter's `tcp_in_window` (current kernels): checks the segment against the bounds and
+    /// moves them. A segment beyond the window, or acknowledging data never sent, is invalid;
+    /// one entirely below the window (a late retransmit) or acknowledging something older than
+    /// a window back is part of the flow but moves nothing (ignored); a sender that overshoots
+    /// the receiver's window by less than a window (stacks that do) moves its end and is ignored.
+    fn in_window(&mut self, dir: usize, idx: usize, s: &Segment) -> Win {
         let (a, b) = self.sides.split_at_mut(1);
         let (sender, receiver) = if dir == 0 {
             (&mut a[0], &mut b[0])
@@ -391,18 +400,10 @@ impl TcpConn {
         if sender.maxwin == 0 {
             // The first segment this way.
             if syn {
-                sender.end = end;
-                sender.maxend = end;
-                sender.maxwin = win.max(1);
-                options(sender, s);
-                // RFC 7323: scaling only when both sides offer it.
-                if sender.flags & F_WSCALE == 0 || receiver.flags & F_WSCALE == 0 {
-                    sender.scale = 0;
-                    receiver.scale = 0;
-                }
+                init_sender(sender, receiver, s, end, dir);
                 if !has_ack {
                     // Simultaneous open.
-                    return true;
+                    return Win::Accept;
                 }
             } else {
                 // Mid-stream (a RST answering the SYN): take the bounds from this segment.
@@ -416,20 +417,17 @@ impl TcpConn {
                 } else if sack == receiver.end.wrapping_add(1) {
                     // A keepalive's answer.
                     receiver.end = receiver.end.wrapping_add(1);
-                    if receiver.maxend == receiver.end {
-                        receiver.maxend = receiver.maxend.wrapping_add(1);
-                    }
                 }
             }
-        } else if ((self.state == TcpState::SynSent && dir == 0)
-            || (self.state == TcpState::SynRecv && dir == 1))
+        } else if syn
             && after(end, sender.end)
+            && matches!(self.state, TcpState::SynSent | TcpState::SynRecv)
         {
             // A SYN (or SYN-ACK) sent again with a new initial sequence number.
-            sender.end = end;
-            sender.maxend = end;
-            sender.maxwin = win.max(1);
-            options(sender, s);
+            init_sender(sender, receiver, s, end, dir);
+            if dir == 1 && !has_ack {
+                return Win::Accept;
+            }
         }
 
         if !has_ack {
@@ -451,56 +449,89 @@ impl TcpConn {
         } else {
             66_000
         };
-        let in_recv_win = receiver.maxwin == 0
-            || after(
-                end,
-                sender
-                    .end
-                    .wrapping_sub(receiver.maxwin)
-                    .wrapping_sub(1),
-            );
-        if before(seq, sender.maxend.wrapping_add(1))
-            && in_recv_win
-            && before(sack, receiver.end.wrapping_add(1))
-            && after(sack, receiver.end.wrapping_sub(maxackwin).wrapping_sub(1))
-        {
-            if !syn {
-                win <<= sender.scale;
-            }
-            let swin = win.wrapping_add(sack.wrapping_sub(ack));
-            if sender.maxwin < swin {
-                sender.maxwin = swin;
-            }
-            if after(end, sender.end) {
+        let ack_ok = after(sack, receiver.end.wrapping_sub(maxackwin).wrapping_sub(1));
+        if !before(seq, sender.maxend.wrapping_add(1)) {
+            // Beyond the window. Some stacks send a little more than the receiver allowed.
+            let overshot = end.wrapping_sub(sender.maxend).wrapping_add(1);
+            let in_recv_win = receiver.maxwin != 0
+                && after(end, sender.end.wrapping_sub(receiver.maxwin).wrapping_sub(1));
+            if in_recv_win
+                && ack_ok
+                && overshot <= receiver.maxwin
+                && before(sack, receiver.end.wrapping_add(1))
+            {
                 sender.end = end;
                 sender.flags |= F_DATA_UNACK;
+                return Win::Ignore;
             }
-            if has_ack {
-                if sender.flags & F_MAXACK_SET == 0 {
-                    sender.maxack = ack;
-                    sender.flags |= F_MAXACK_SET;
-                } else if after(ack, sender.maxack) {
-                    sender.maxack = ack;
-                }
-            }
-            if receiver.maxwin != 0 && after(end, sender.maxend) {
-                receiver.maxwin = receiver
-                    .maxwin
-                    .wrapping_add(end.wrapping_sub(sender.maxend));
-            }
-            if after(sack.wrapping_add(win), receiver.maxend.wrapping_sub(1)) {
-                receiver.maxend = sack.wrapping_add(win);
-                if win == 0 {
-                    receiver.maxend = receiver.maxend.wrapping_add(1);
-                }
-            }
-            if ack == receiver.end {
-                receiver.flags &= !F_DATA_UNACK;
-            }
-            true
-        } else {
-            false
+            return Win::Invalid;
         }
+        if !before(sack, receiver.end.wrapping_add(1)) {
+            // Acknowledges data the other side never sent.
+            return Win::Invalid;
+        }
+        let in_recv_win = receiver.maxwin == 0
+            || after(end, sender.end.wrapping_sub(receiver.maxwin).wrapping_sub(1));
+        if !in_recv_win || !ack_ok {
+            // Entirely old (a late retransmit), or an old acknowledgement.
+            return Win::Ignore;
+        }
+        if !syn {
+            win <<= sender.scale;
+        }
+        let swin = win.wrapping_add(sack.wrapping_sub(ack));
+        if sender.maxwin < swin {
+            sender.maxwin = swin;
+        }
+        if after(end, sender.end) {
+            sender.end = end;
+            sender.flags |= F_DATA_UNACK;
+        }
+        if has_ack {
+            if sender.flags & F_MAXACK_SET == 0 {
+                sender.maxack = ack;
+                sender.flags |= F_MAXACK_SET;
+            } else if after(ack, sender.maxack) {
+                sender.maxack = ack;
+            }
+        }
+        if receiver.maxwin != 0 && after(end, sender.maxend) {
+            receiver.maxwin = receiver
+                .maxwin
+                .wrapping_add(end.wrapping_sub(sender.maxend));
+        }
+        if after(sack.wrapping_add(win), receiver.maxend.wrapping_sub(1)) {
+            receiver.maxend = sack.wrapping_add(win);
+            if win == 0 {
+                receiver.maxend = receiver.maxend.wrapping_add(1);
+            }
+        }
+        if ack == receiver.end {
+            receiver.flags &= !F_DATA_UNACK;
+        }
+        Win::Accept
+    }
+}
+
+/// What [`TcpConn::in_window`] says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Win {
+    Accept,
+    Ignore,
+    Invalid,
+}
+
+/// netfilter's `tcp_init_sender`: a SYN-ACK answering the SYN, or a SYN from the reply
+/// direction (simultaneous open), or either sent again with a new sequence number.
+fn init_sender(sender: &mut Side, receiver: &mut Side, s: &Segment, end: u32, dir: usize) {
+    sender.end = end;
+    sender.maxend = end;
+    sender.maxwin = (s.win as u32).max(1);
+    options(sender, s);
+    // RFC 7323: scaling only when both sides offer it.
+    if dir == 1 && (sender.flags & F_WSCALE == 0 || receiver.flags & F_WSCALE == 0) {
+        sender.scale = 0;
+        receiver.scale = 0;
     }
 }
 
@@ -611,5 +642,340 @@ mod tests {
             c.packet_seen(true, &seg(RST | ACK, 0, 78, 0, 0), false),
             Verdict::Kill
         );
+    }
+}
+
+/// Window tracking against a reference model, on simulated connections: two endpoints exchange
+/// data through the gateway with window scaling, changing (and zero) windows, losses before the
+/// gateway, go-back-N retransmits and reordering; some runs inject a forged segment. The model
+/// keeps netfilter's bounds in unwrapped 64-bit sequence space (so it cannot share the tracker's
+/// wrap-around mistakes); the first segment it calls invalid must be the first the tracker calls
+/// invalid, and a run without a forgery has none.
+#[cfg(test)]
+mod window_model {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// netfilter's bounds, unwrapped.
+    #[derive(Debug, Clone, Copy, Default)]
+    struct MSide {
+        end: u64,
+        maxend: u64,
+        maxwin: u64,
+        scale: u32,
+    }
+
+    /// A segment in unwrapped space: sequence and acknowledgement as 64-bit offsets.
+    #[derive(Debug, Clone, Copy)]
+    struct Seg {
+        from_b: bool,
+        seq: u64,
+        ack: u64,
+        win: u16,
+        len: u32,
+    }
+
+    /// `Some(true)`: accepted; `Some(false)`: ignored; `None`: invalid.
+    fn model_in_window(m: &mut [MSide; 2], s: &Seg) -> Option<bool> {
+        let dir = s.from_b as usize;
+        let (snd, rcv) = (m[dir], m[1 - dir]);
+        let end = s.seq + s.len as u64;
+        let maxackwin = if snd.maxwin != 0 { snd.maxwin } else { 66_000 };
+        let ack_ok = s.ack + maxackwin >= rcv.end;
+        if s.seq > snd.maxend {
+            let overshot = end - snd.maxend + 1;
+            let in_recv_win = rcv.maxwin != 0 && end + rcv.maxwin >= snd.end;
+            if in_recv_win && ack_ok && overshot <= rcv.maxwin && s.ack <= rcv.end {
+                m[dir].end = end;
+                return Some(false);
+            }
+            return None;
+        }
+        if s.ack > rcv.end {
+            return None;
+        }
+        if !(rcv.maxwin == 0 || end + rcv.maxwin >= snd.end) || !ack_ok {
+            return Some(false);
+        }
+        let win = (s.win as u64) << snd.scale;
+        let snd = &mut m[dir];
+        snd.maxwin = snd.maxwin.max(win);
+        let old_maxend = snd.maxend;
+        if end > snd.end {
+            snd.end = end;
+        }
+        let rcv = &mut m[1 - dir];
+        if rcv.maxwin != 0 && end > old_maxend {
+            rcv.maxwin += end - old_maxend;
+        }
+        if s.ack + win + 1 > rcv.maxend {
+            rcv.maxend = s.ack + win + (win == 0) as u64;
+        }
+        Some(true)
+    }
+
+    #[derive(Debug, Clone)]
+    enum Act {
+        /// The side sends up to this many bytes of new data.
+        Send(bool, u16),
+        /// The side acknowledges what it has, advertising a window of this many units.
+        Ack(bool, u16),
+        /// The side's oldest unacknowledged segments are sent again (a timeout).
+        Retransmit(bool),
+        /// The next segment to cross the gateway is the one this far back in the queue.
+        Deliver(u8),
+        /// The next segment in the queue is lost before the gateway.
+        Lose,
+    }
+
+    fn act() -> impl Strategy<Value = Act> {
+        prop_oneof![
+            4 => (any::<bool>(), 1u16..1461).prop_map(|(b, n)| Act::Send(b, n)),
+            3 => (any::<bool>(), any::<u16>()).prop_map(|(b, w)| Act::Ack(b, w)),
+            1 => any::<bool>().prop_map(Act::Retransmit),
+            4 => (0u8..3).prop_map(Act::Deliver),
+            1 => Just(Act::Lose),
+        ]
+    }
+
+    /// One endpoint, in unwrapped space (offsets from its own ISN, which is added back on the
+    /// wire).
+    #[derive(Debug, Clone, Copy)]
+    struct End {
+        isn: u32,
+        nxt: u64,
+        una: u64,
+        rcv: u64,
+        /// The right edge it advertised last (never moved left).
+        edge: u64,
+        scale: u32,
+    }
+
+    fn run(
+        isn: (u32, u32),
+        scales: (u8, u8),
+        acts: &[Act],
+        forge: Option<(usize, u32, bool)>,
+    ) -> Result<(), TestCaseError> {
+        let mut ends = [
+            End {
+                isn: isn.0,
+                nxt: 1,
+                una: 1,
+                rcv: 1,
+                edge: 1 + 65_535,
+                scale: scales.0 as u32,
+            },
+            End {
+                isn: isn.1,
+                nxt: 1,
+                una: 1,
+                rcv: 1,
+                edge: 1 + 65_535,
+                scale: scales.1 as u32,
+            },
+        ];
+        // The handshake, through both.
+        let mut syn = Segment {
+            flags: SYN,
+            seq: isn.0,
+            win: 65_535,
+            wscale: scales.0,
+            ..Segment::default()
+        };
+        let (mut conn, v) = TcpConn::open(&syn).unwrap();
+        prop_assert_eq!(v, Verdict::Valid);
+        syn = Segment {
+            flags: SYN | ACK,
+            seq: isn.1,
+            ack: isn.0.wrapping_add(1),
+            sack: isn.0.wrapping_add(1),
+            win: 65_535,
+            wscale: scales.1,
+            ..Segment::default()
+        };
+        prop_assert_eq!(conn.packet(true, &syn), Verdict::Valid);
+        // The model starts where the SYNs leave netfilter: ends at ISN+1, each side allowed the
+        // other's window (unscaled on SYNs) from what it acknowledged: the client's SYN-ACK'd
+        // data up to 1 + 65535, the server's nothing yet (the third ACK opens it).
+        let scale = |s: u8| s.min(14) as u32;
+        let mut m = [
+            MSide {
+                end: 1,
+                maxend: 1 + 65_535,
+                maxwin: 65_535,
+                scale: scale(scales.0),
+            },
+            MSide {
+                end: 1,
+                maxend: 1,
+                maxwin: 65_535,
+                scale: scale(scales.1),
+            },
+        ];
+        let ack3 = Seg {
+            from_b: false,
+            seq: 1,
+            ack: 1,
+            win: 65_535 >> scales.0,
+            len: 0,
+        };
+        let mut queue: Vec<Seg> = vec![ack3];
+        let mut seen = 0usize;
+        let (mut first_model, mut first_tracker) = (None, None);
+        let mut forged = false;
+        let wire = |ends: &[End; 2], s: &Seg| -> Segment {
+            let (me, peer) = (&ends[s.from_b as usize], &ends[1 - s.from_b as usize]);
+            let ack = peer.isn.wrapping_add(s.ack as u32);
+            Segment {
+                flags: ACK | if s.len > 0 { 0x08 } else { 0 },
+                seq: me.isn.wrapping_add(s.seq as u32),
+                ack,
+                sack: ack,
+                win: s.win,
+                len: s.len,
+                ..Segment::default()
+            }
+        };
+        let mut cross = |s: Seg,
+                         ends: &mut [End; 2],
+                         m: &mut [MSide; 2],
+                         conn: &mut TcpConn,
+                         seen: &mut usize|
+         -> (bool, bool) {
+            let model_ok = model_in_window(m, &s).is_some();
+            let tracker_ok = !matches!(
+                conn.packet(s.from_b, &wire(ends, &s)),
+                Verdict::Invalid(_)
+            );
+            // The receiver takes it if it is next in order.
+            let r = &mut ends[1 - s.from_b as usize];
+            if s.seq == r.rcv {
+                r.rcv += s.len as u64;
+            }
+            let snd_peer = &mut ends[s.from_b as usize];
+            // What the sender learns from the acknowledgement.
+            snd_peer.una = snd_peer.una.max(s.ack.min(snd_peer.nxt));
+            *seen += 1;
+            (model_ok, tracker_ok)
+        };
+        for (i, a) in acts.iter().enumerate() {
+            if let Some((at, junk, from_b)) = forge {
+                if at == i {
+                    forged = true;
+                    let s = Seg {
+                        from_b,
+                        seq: ends[from_b as usize].nxt + (1 << 30) + 70_000 + junk as u64,
+                        ack: ends[1 - from_b as usize].nxt,
+                        win: 100,
+                        len: 10,
+                    };
+                    let (mo, tr) = cross(s, &mut ends, &mut m, &mut conn, &mut seen);
+                    if !mo && first_model.is_none() {
+                        first_model = Some(seen);
+                    }
+                    if !tr && first_tracker.is_none() {
+                        first_tracker = Some(seen);
+                    }
+                }
+            }
+            match *a {
+                Act::Send(b, n) => {
+                    let (me, peer) = (ends[b as usize], ends[1 - b as usize]);
+                    // Never past what the peer advertised.
+                    let room = me.una.max(peer.edge).saturating_sub(me.nxt);
+                    let _ = me.una;
+                    let len = (n as u64).min(room).min(peer.edge.saturating_sub(me.nxt));
+                    if len == 0 {
+                        continue;
+                    }
+                    let win = ((me.edge - me.rcv) >> me.scale).min(65_535) as u16;
+                    queue.push(Seg {
+                        from_b: b,
+                        seq: me.nxt,
+                        ack: me.rcv,
+                        win,
+                        len: len as u32,
+                    });
+                    ends[b as usize].nxt += len;
+                }
+                Act::Ack(b, w) => {
+                    let me = &mut ends[b as usize];
+                    // A new window that never moves the right edge left.
+                    let want = me.rcv + ((w as u64) << me.scale);
+                    me.edge = me.edge.max(want);
+                    let win = ((me.edge - me.rcv) >> me.scale).min(65_535) as u16;
+                    me.edge = me.rcv + ((win as u64) << me.scale);
+                    let me = *me;
+                    queue.push(Seg {
+                        from_b: b,
+                        seq: me.nxt,
+                        ack: me.rcv,
+                        win,
+                        len: 0,
+                    });
+                }
+                Act::Retransmit(b) => {
+                    let (me, peer) = (ends[b as usize], ends[1 - b as usize]);
+                    let len = me.nxt.saturating_sub(me.una).min(1460);
+                    if len == 0 {
+                        continue;
+                    }
+                    let _ = peer;
+                    let win = ((me.edge - me.rcv) >> me.scale).min(65_535) as u16;
+                    queue.push(Seg {
+                        from_b: b,
+                        seq: me.una,
+                        ack: me.rcv,
+                        win,
+                        len: len as u32,
+                    });
+                }
+                Act::Deliver(back) => {
+                    if queue.is_empty() {
+                        continue;
+                    }
+                    let at = (back as usize).min(queue.len() - 1);
+                    let s = queue.remove(at);
+                    let (mo, tr) = cross(s, &mut ends, &mut m, &mut conn, &mut seen);
+                    if !mo && first_model.is_none() {
+                        first_model = Some(seen);
+                    }
+                    if !tr && first_tracker.is_none() {
+                        first_tracker = Some(seen);
+                    }
+                }
+                Act::Lose => {
+                    if !queue.is_empty() {
+                        queue.remove(0);
+                    }
+                }
+            }
+            if first_model.is_some() || first_tracker.is_some() {
+                break;
+            }
+        }
+        prop_assert_eq!(first_model, first_tracker, "model and tracker disagree");
+        if forge.is_none() {
+            prop_assert_eq!(first_tracker, None, "a real stack's segment called invalid");
+        }
+        if forged {
+            prop_assert!(first_tracker.is_some(), "a forged segment far past the window passed");
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 1024, ..ProptestConfig::default() })]
+
+        #[test]
+        fn real_traffic_is_never_invalid_and_the_first_invalid_agrees(
+            isn in (any::<u32>(), prop_oneof![any::<u32>(), Just(u32::MAX - 3000)]),
+            scales in (0u8..15, 0u8..15),
+            acts in proptest::collection::vec(act(), 1..400),
+            forge in proptest::option::of((0usize..400, 0u32..1_000_000, any::<bool>())),
+        ) {
+            run(isn, scales, &acts, forge)?;
+        }
     }
 }
