@@ -959,7 +959,10 @@ mod window_model {
         if forge.is_none() {
             prop_assert_eq!(first_tracker, None, "a real stack's segment called invalid");
         }
-        if forged {
+        // A gigabyte past the window is invalid while windows stay far below that (with shifts
+        // of 8 and more, netfilter's tolerance for overshooting senders, up to a whole window,
+        // can reach it: then only the agreement above is checked).
+        if forged && scales.0.max(scales.1) < 8 {
             prop_assert!(first_tracker.is_some(), "a forged segment far past the window passed");
         }
         Ok(())
