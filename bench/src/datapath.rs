@@ -6,10 +6,19 @@
 //! samples.
 //!
 //! Scenarios, each at the set's rule count:
-//! - `established`: every packet belongs to a flow the tracker already holds (N flows);
-//! - `new`: every packet opens a flow (a fresh tracker per pass);
+//! - `established`: every packet belongs to a flow the tracker already holds (N flows, each
+//!   through its three-way handshake first, so the flows are assured and window-tracked). The
+//!   timed packets are in-window ACKs: each is looked up, checked against its window under the
+//!   bucket lock, and changes nothing (the frames are replayed, so their sequence numbers do not
+//!   advance);
+//! - `new`: every packet is a SYN that opens a flow (a fresh tracker per pass);
 //! - `mix`: one packet in ten opens a flow, the rest are established;
-//! - `stateless`: the tracker off, every packet classified (the path before connection tracking).
+//! - `stateless`: the tracker off, every packet classified (the path before connection tracking);
+//! - `syn-flood`: a full table (64K slots, filled with answered half-open flows) while every
+//!   packet is a SYN from a new spoofed source to an allowed address, each answered by the
+//!   server's SYN-ACK on the other interface, and one packet in 16 belongs to an established
+//!   connection: its ns/packet (SYNs and SYN-ACKs counted) and the share of the established
+//!   connection's packets that pass.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -41,10 +50,10 @@ pub(crate) struct Args {
     /// Measuring time per scenario, in milliseconds.
     #[arg(long, default_value_t = 2000)]
     min_ms: u64,
-    /// Which scenarios to run: established, new, mix, stateless.
+    /// Which scenarios to run: established, new, mix, stateless, syn-flood.
     #[arg(
         long,
-        default_value = "established,new,mix,stateless",
+        default_value = "established,new,mix,stateless,syn-flood",
         value_delimiter = ','
     )]
     scenarios: Vec<String>,
@@ -56,16 +65,62 @@ pub(crate) struct Args {
 const BURST: usize = 64;
 const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
+/// The client's and the server's initial sequence numbers in every generated connection.
+const CLIENT_ISN: u32 = 1000;
+const SERVER_ISN: u32 = 5000;
 
-/// An Ethernet frame carrying `k` (TCP with `flags`, UDP, or another protocol with its ports).
+/// One's complement sum, unfolded.
+fn sum16(b: &[u8], mut acc: u64) -> u64 {
+    for c in b.chunks(2) {
+        acc += u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u64;
+    }
+    acc
+}
+
+/// The TCP checksum of segment `t` between the addresses of `k`.
+fn tcp_checksum(k: &FlowKey, t: &[u8]) -> u16 {
+    let (s, d) = if k.v6 {
+        (k.src.to_be_bytes().to_vec(), k.dst.to_be_bytes().to_vec())
+    } else {
+        (
+            (k.src as u32).to_be_bytes().to_vec(),
+            (k.dst as u32).to_be_bytes().to_vec(),
+        )
+    };
+    let mut acc = sum16(t, sum16(&d, sum16(&s, 6 + t.len() as u64)));
+    while acc >> 16 != 0 {
+        acc = (acc & 0xffff) + (acc >> 16);
+    }
+    !(acc as u16)
+}
+
+/// The sequence and acknowledgement numbers a segment with `flags` carries in a generated
+/// connection: the client's SYN, the server's SYN-ACK, then in-window ACKs either way.
+fn numbers(k: &FlowKey, flags: u8) -> (u32, u32) {
+    let reply = k.dir == Direction::Egress;
+    match (flags & (TCP_SYN | TCP_ACK), reply) {
+        (TCP_SYN, _) => (CLIENT_ISN, 0),
+        (f, true) if f == TCP_SYN | TCP_ACK => (SERVER_ISN, CLIENT_ISN + 1),
+        (_, false) => (CLIENT_ISN + 1, SERVER_ISN + 1),
+        (_, true) => (SERVER_ISN + 1, CLIENT_ISN + 1),
+    }
+}
+
+/// An Ethernet frame carrying `k` (TCP with `flags` and a right checksum, UDP, or another
+/// protocol with its ports).
 fn frame(k: &FlowKey, flags: u8) -> Vec<u8> {
     let mut f = vec![2, 0, 0, 0, 0, 2, 2, 0, 0, 0, 0, 1];
     let l4: Vec<u8> = match k.proto {
         proto::TCP => {
+            let (seq, ack) = numbers(k, flags);
             let mut t = Vec::with_capacity(20);
             t.extend_from_slice(&k.sport.to_be_bytes());
             t.extend_from_slice(&k.dport.to_be_bytes());
-            t.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 1, 0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
+            t.extend_from_slice(&seq.to_be_bytes());
+            t.extend_from_slice(&ack.to_be_bytes());
+            t.extend_from_slice(&[0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
+            let c = tcp_checksum(k, &t);
+            t[16..18].copy_from_slice(&c.to_be_bytes());
             t
         }
         proto::ICMP | proto::ICMPV6 => vec![8, 0, 0, 0, 0, 7, 0, 1],
@@ -160,6 +215,45 @@ fn bench(rules: &RuleSet, ct: Option<Arc<Conntrack>>) -> Bench {
         worker,
         counters,
         _publisher: publisher,
+    }
+}
+
+/// The reverse of `k` (the server's answer, arriving on int).
+fn reversed(k: &FlowKey) -> FlowKey {
+    FlowKey {
+        dir: Direction::Egress,
+        src: k.dst,
+        dst: k.src,
+        sport: k.dport,
+        dport: k.sport,
+        ..*k
+    }
+}
+
+/// Opens `flows` through their handshakes: SYN in, SYN-ACK out, ACK in, a burst at a time.
+fn handshakes(w: &mut Worker<FakeRings>, flows: &[FlowKey]) {
+    for chunk in flows.chunks(BURST) {
+        let syns: Vec<Vec<u8>> = chunk.iter().map(|k| frame(k, TCP_SYN)).collect();
+        run(w, &syns);
+        let answers: Vec<Vec<u8>> = chunk
+            .iter()
+            .map(|k| frame(&reversed(k), TCP_SYN | TCP_ACK))
+            .collect();
+        run_side(w, Side::Int, &answers);
+        let acks: Vec<Vec<u8>> = chunk.iter().map(|k| frame(k, TCP_ACK)).collect();
+        run(w, &acks);
+    }
+}
+
+/// Runs `frames` arriving on `side` through the worker in bursts.
+fn run_side(w: &mut Worker<FakeRings>, side: Side, frames: &[Vec<u8>]) {
+    for burst in frames.chunks(BURST) {
+        for f in burst {
+            w.pair().wire().deliver(side, f);
+        }
+        w.turn();
+        w.pair().wire().transmit(Side::Int, |_| {});
+        w.pair().wire().transmit(Side::Ext, |_| {});
     }
 }
 
@@ -260,6 +354,8 @@ struct Row {
     mpps: f64,
     established: u64,
     new: u64,
+    /// syn-flood: the share of the established connection's packets that passed.
+    kept: Option<f64>,
 }
 
 pub(crate) fn main(a: Args) -> Result<()> {
@@ -280,7 +376,7 @@ pub(crate) fn main(a: Args) -> Result<()> {
         bail!("no TCP/UDP flow of the trace is allowed by the rules");
     }
     let mut rows = Vec::new();
-    let mut row = |scenario: &str, flows: usize, ns: f64, c: &WorkerCounters| {
+    let mut row = |scenario: &str, flows: usize, ns: f64, c: &WorkerCounters, kept: Option<f64>| {
         let s = c.snapshot();
         rows.push(Row {
             scenario: scenario.into(),
@@ -290,6 +386,7 @@ pub(crate) fn main(a: Args) -> Result<()> {
             mpps: 1e3 / ns,
             established: s.ct_count(CtEvent::Established),
             new: s.ct_count(CtEvent::New),
+            kept,
         });
     };
     let opener = |k: &FlowKey| frame(k, TCP_SYN);
@@ -301,26 +398,24 @@ pub(crate) fn main(a: Args) -> Result<()> {
         let fl = &all[..n.min(all.len())];
         let ct = Arc::new(Conntrack::new(fl.len() * 2, Timeouts::default()));
         let mut b = bench(&rules, Some(Arc::clone(&ct)));
-        let open: Vec<Vec<u8>> = fl.iter().map(opener).collect();
-        run(&mut b.worker, &open);
+        handshakes(&mut b.worker, fl);
         let later: Vec<Vec<u8>> = fl.iter().map(follower).collect();
         let ns = measure(&mut b.worker, &later, min);
         b.worker.flush();
-        row("established", fl.len(), ns, &b.counters);
+        row("established", fl.len(), ns, &b.counters, None);
     }
 
     // New: every packet opens a flow in a fresh tracker.
     if run_it("new") {
         let open: Vec<Vec<u8>> = all.iter().map(opener).collect();
         let (ns, c) = fresh_passes(&rules, all.len(), min, |_| open.clone());
-        row("new", all.len(), ns, &c);
+        row("new", all.len(), ns, &c, None);
     }
 
     // Mix: one packet in ten opens a flow, nine belong to established flows.
     if run_it("mix") {
         let est = &all[..all.len() / 2];
         let fresh = &all[all.len() / 2..];
-        let open: Vec<Vec<u8>> = est.iter().map(opener).collect();
         let mut mixed = Vec::with_capacity(fresh.len() * 10);
         let mut e = est.iter().cycle();
         for k in fresh {
@@ -330,10 +425,80 @@ pub(crate) fn main(a: Args) -> Result<()> {
             }
         }
         let (ns, c) = fresh_passes(&rules, all.len(), min, |w| {
-            run(w, &open);
+            handshakes(w, est);
             mixed.clone()
         });
-        row("mix", all.len(), ns, &c);
+        row("mix", all.len(), ns, &c, None);
+    }
+
+    // SYN flood: a full table, every packet a SYN from a new source (answered), one in 16 an
+    // established connection's.
+    if run_it("syn-flood") {
+        let cap = 65_536;
+        let ct = Arc::new(Conntrack::new(cap, Timeouts::default()));
+        let mut b = bench(&rules, Some(Arc::clone(&ct)));
+        let victim = all[0];
+        handshakes(&mut b.worker, &[victim]);
+        // Spoofed sources for the SYNs: the victim's destination, from 4x the table's
+        // capacity of sources, so a source comes back only after its entry was evicted.
+        let spoofed: Vec<FlowKey> = (0..(4 * cap) as u32)
+            .map(|i| FlowKey {
+                src: 0xc000_0000 | i as u128,
+                sport: 1024 + (i % 60_000) as u16,
+                ..victim
+            })
+            .collect();
+        let syns: Vec<Vec<u8>> = spoofed.iter().map(|k| frame(k, TCP_SYN)).collect();
+        let answers: Vec<Vec<u8>> = spoofed
+            .iter()
+            .map(|k| frame(&reversed(k), TCP_SYN | TCP_ACK))
+            .collect();
+        let kept_frame = frame(&victim, TCP_ACK);
+        let (mut spent, mut packets, mut sent, mut passed) = (Duration::ZERO, 0u64, 0u64, 0u64);
+        let mut at = 0;
+        // Fill the table first (untimed), then measure.
+        let mut filling = true;
+        let mut filled_at = 0usize;
+        while spent < min {
+            let n = BURST - 4;
+            for j in 0..n {
+                let i = (at + j) % syns.len();
+                b.worker.pair().wire().deliver(Side::Ext, &syns[i]);
+                b.worker.pair().wire().deliver(Side::Int, &answers[i]);
+            }
+            for _ in 0..4 {
+                b.worker.pair().wire().deliver(Side::Ext, &kept_frame);
+            }
+            let t = Instant::now();
+            let k = b.worker.turn() as u64;
+            let e = t.elapsed();
+            let mut got = 0u64;
+            b.worker.pair().wire().transmit(Side::Int, |f| {
+                if f == kept_frame.as_slice() {
+                    got += 1;
+                }
+            });
+            b.worker.pair().wire().transmit(Side::Ext, |_| {});
+            at += n;
+            if filling {
+                filled_at += n;
+                filling = filled_at < 2 * cap;
+                continue;
+            }
+            spent += e;
+            packets += k;
+            sent += 4;
+            passed += got;
+        }
+        b.worker.flush();
+        let ns = spent.as_nanos() as f64 / packets.max(1) as f64;
+        row(
+            "syn-flood",
+            cap,
+            ns,
+            &b.counters,
+            Some(passed as f64 / sent.max(1) as f64),
+        );
     }
 
     // Stateless: no tracker, every packet classified.
@@ -342,7 +507,7 @@ pub(crate) fn main(a: Args) -> Result<()> {
         let later: Vec<Vec<u8>> = all.iter().map(follower).collect();
         let ns = measure(&mut b.worker, &later, min);
         b.worker.flush();
-        row("stateless", all.len(), ns, &b.counters);
+        row("stateless", all.len(), ns, &b.counters, None);
     }
 
     if a.json {
@@ -354,12 +519,19 @@ pub(crate) fn main(a: Args) -> Result<()> {
             "datapath, one core, bursts of {BURST}, {} ({nrules} rules):\n",
             a.rules.display()
         );
-        println!("| scenario | flows | ns/packet | Mpps | tracker: established / new |");
-        println!("| --- | --- | --- | --- | --- |");
+        println!("| scenario | flows | ns/packet | Mpps | tracker: established / new | established kept |");
+        println!("| --- | --- | --- | --- | --- | --- |");
         for r in &rows {
             println!(
-                "| {} | {} | {:.1} | {:.2} | {} / {} |",
-                r.scenario, r.flows, r.ns_per_packet, r.mpps, r.established, r.new
+                "| {} | {} | {:.1} | {:.2} | {} / {} | {} |",
+                r.scenario,
+                r.flows,
+                r.ns_per_packet,
+                r.mpps,
+                r.established,
+                r.new,
+                r.kept
+                    .map_or("-".into(), |k| format!("{:.2} %", k * 100.0))
             );
         }
     }
