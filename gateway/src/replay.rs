@@ -219,7 +219,7 @@ fn decide(
     };
     let state = match (ct, &pending) {
         (None, _) | (_, Pending::Untracked) => "untracked",
-        (_, Pending::Open(_)) => "new",
+        (_, Pending::Open(..)) => "new",
         (_, Pending::Recheck(..)) => "established",
         (_, Pending::RecheckRelated(..)) => "related",
         (_, Pending::Invalid) => "invalid",

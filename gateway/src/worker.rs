@@ -30,8 +30,8 @@ use hdrhistogram::Histogram;
 use crate::config::{L2Action, Poll, PollMode, L2, MAX_BURST};
 use crate::conntrack::frag::{Datagram, Later};
 use crate::conntrack::{
-    self, older, Conntrack, Displaced, Frag, Hit, InsertError, Kind, Opened, Probe, Track, Tuple,
-    Update,
+    self, older, Conntrack, Displaced, Frag, Hit, InsertError, Kind, Opened, Place, Probe, Track,
+    Tuple, Update,
 };
 use crate::parse::{self, Parsed};
 use crate::stats::{new_histogram, CtEvent, Reason, SharedLatency, Tally, WorkerCounters};
@@ -85,8 +85,8 @@ pub(crate) enum Pending {
     #[default]
     Untracked,
     /// No tracked flow: an allowed packet that can open one (a SYN, a query request, any UDP
-    /// packet...) does.
-    Open(Tuple),
+    /// packet...) does, at the place its probe computed.
+    Open(Tuple, Place),
     /// A tracked flow decided again: a new SYN, or the first packet after a table swap of a
     /// flow admitted by an older table (the key classified is the flow's original direction;
     /// the tuple is the packet's).
@@ -271,7 +271,7 @@ impl<R: Rings> Datapath<R> {
                             generation: table.generation(),
                             worker: self.index as u16,
                             no_flow: denied
-                                && matches!(s.pending[k], Pending::Open(_))
+                                && matches!(s.pending[k], Pending::Open(..))
                                 && conntrack::looks_like_reply(&s.keys[k], track),
                         });
                     }
@@ -383,10 +383,12 @@ fn track_probed(
                     }
                     Update::Invalid(_) => Tracked::Decide(*k, Pending::Invalid),
                     // A SYN that reopens a closed flow, or a flow gone meanwhile: a new flow.
-                    Update::Reopen | Update::Gone => Tracked::Decide(*k, Pending::Open(*tuple)),
+                    Update::Reopen | Update::Gone => {
+                        Tracked::Decide(*k, Pending::Open(*tuple, probe.place))
+                    }
                 }
             }
-            None => Tracked::Decide(*k, Pending::Open(*tuple)),
+            None => Tracked::Decide(*k, Pending::Open(*tuple, probe.place)),
         },
         Kind::Error(quoted) => match ct.lookup_probed(quoted, probe, now) {
             Some(hit) if !older(hit.generation, generation) => Tracked::Pass(CtEvent::Related),
@@ -457,8 +459,8 @@ pub(crate) fn settle(
                 Outcome::Invalid
             }
         }
-        Pending::Open(_) if !allowed => Outcome::Table,
-        Pending::Open(tuple) => {
+        Pending::Open(..) if !allowed => Outcome::Table,
+        Pending::Open(tuple, place) => {
             passed(ct, k, t, now);
             // Only a SYN opens a TCP flow, only a request an ICMP one. A mid-stream segment the
             // rules allow passes on its own but opens nothing: otherwise the surviving half of a
@@ -466,7 +468,7 @@ pub(crate) fn settle(
             if !conntrack::opens_flow(k, t) {
                 return Outcome::Table;
             }
-            match ct.insert(tuple, &t.seg, generation, now) {
+            match ct.insert_at(tuple, place, &t.seg, generation, now) {
                 Ok(Opened::New(displaced)) => {
                     tally.ct(CtEvent::New);
                     match displaced {

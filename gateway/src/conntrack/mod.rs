@@ -647,12 +647,19 @@ struct SlotCopy {
     seen: u64,
 }
 
-/// A bucket pair read ahead of its lookup (see [`Conntrack::probe`]).
-#[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct Probe {
+/// A flow's two buckets (primary first) and its tag byte: where it may live.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Place {
     b: [u32; 2],
     tag: u8,
-    tags: [u64; 2],
+}
+
+/// A flow's place with its primary bucket's tag word, read ahead of its lookup (see
+/// [`Conntrack::probe`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Probe {
+    pub(crate) place: Place,
+    tags: u64,
     moves: u64,
 }
 
@@ -899,13 +906,23 @@ impl Conntrack {
     /// The flow's two buckets and its tag.
     #[inline(always)]
     fn place(&self, t: &Tuple) -> ([usize; 2], u8) {
+        let p = self.locate(t);
+        ([p.b[0] as usize, p.b[1] as usize], p.tag)
+    }
+
+    /// [`Conntrack::place`] as a [`Place`].
+    #[inline(always)]
+    pub(crate) fn locate(&self, t: &Tuple) -> Place {
         let h = siphash13(self.key, &t.hash_words());
         let b1 = range(h as u32, self.buckets);
         let mut b2 = range((h >> 32) as u32, self.buckets);
         if b2 == b1 {
             b2 = (b1 + 1) % self.buckets;
         }
-        ([b1, b2], (h >> 24) as u8 ^ (h >> 56) as u8)
+        Place {
+            b: [b1 as u32, b2 as u32],
+            tag: (h >> 24) as u8 ^ (h >> 56) as u8,
+        }
     }
 
     // ---- bucket locks -------------------------------------------------------------------
@@ -989,31 +1006,30 @@ impl Conntrack {
         }
     }
 
-    /// The first step of a lookup: `t`'s buckets and their tag words. The datapath probes a
-    /// whole burst before it looks any packet up, so that the burst's cache misses overlap
-    /// instead of queueing one behind the other.
+    /// The first step of a lookup: `t`'s buckets and its primary bucket's tag word (most flows
+    /// live in their primary bucket: an insert uses the other only when the primary is full).
+    /// The datapath probes a whole burst before it looks any packet up, so that the burst's
+    /// cache misses overlap instead of queueing one behind the other.
     #[inline(always)]
     pub(crate) fn probe(&self, t: &Tuple) -> Probe {
         let moves = self.moves.load(Ordering::Acquire);
-        let (b, tag) = self.place(t);
+        let place = self.locate(t);
         Probe {
-            b: [b[0] as u32, b[1] as u32],
-            tag,
-            tags: [
-                self.heads[b[0]].tags.load(Ordering::Acquire),
-                self.heads[b[1]].tags.load(Ordering::Acquire),
-            ],
+            place,
+            tags: self.heads[place.b[0] as usize].tags.load(Ordering::Acquire),
             moves,
         }
     }
 
-    /// Reads the first slot a [`Probe`]'s tag word points at, so that the slot is in cache when
-    /// its lookup comes (the second step of a burst's overlapped misses).
+    /// Reads the first slot a [`Probe`]'s tag word points at, both its lines, so that the slot
+    /// is in cache when its lookup and update come (the second step of a burst's overlapped
+    /// misses).
     #[inline(always)]
     pub(crate) fn touch(&self, p: &Probe) {
-        if let Some(i) = first_tag(p.tags[0], p.tag) {
-            let i = p.b[0] as usize * WAYS + i;
-            std::hint::black_box(self.slots[i].meta.load(Ordering::Relaxed));
+        if let Some(i) = first_tag(p.tags, p.place.tag) {
+            let s = &self.slots[p.place.b[0] as usize * WAYS + i];
+            std::hint::black_box(s.meta.load(Ordering::Relaxed));
+            std::hint::black_box(s.win[0].load(Ordering::Relaxed));
         }
     }
 
@@ -1034,11 +1050,15 @@ impl Conntrack {
         let mut p = *p;
         loop {
             for k in 0..2 {
-                let b = p.b[k] as usize;
-                if k == 1 && b == p.b[0] as usize {
+                let b = p.place.b[k] as usize;
+                let tags = if k == 0 {
+                    p.tags
+                } else if b == p.place.b[0] as usize {
                     break;
-                }
-                let mut cand = tag_matches(p.tags[k], p.tag);
+                } else {
+                    self.heads[b].tags.load(Ordering::Acquire)
+                };
+                let mut cand = tag_matches(tags, p.place.tag);
                 while cand != 0 {
                     let i = b * WAYS + (cand.trailing_zeros() / 8) as usize;
                     cand &= cand - 1;
@@ -1067,6 +1087,52 @@ impl Conntrack {
             }
             // A move may have taken the flow from a slot not yet read to one already read.
             p = self.probe(t);
+        }
+    }
+
+    /// A consistent copy of slot `i`'s two lines (first line, window words), if it holds a flow.
+    #[inline(always)]
+    fn read_full(&self, i: usize) -> Option<(SlotCopy, [u64; 4])> {
+        let s = &self.slots[i];
+        loop {
+            let seq = s.seq.load(Ordering::Acquire);
+            if seq & 1 == 1 {
+                std::hint::spin_loop();
+                continue;
+            }
+            let info = s.info.load(Ordering::Relaxed);
+            let generation = s.generation.load(Ordering::Relaxed);
+            let vlan2 = s.vlan2.load(Ordering::Relaxed);
+            let seen = s.seen.load(Ordering::Relaxed);
+            let addr = [
+                s.addr[0].load(Ordering::Relaxed),
+                s.addr[1].load(Ordering::Relaxed),
+                s.addr[2].load(Ordering::Relaxed),
+                s.addr[3].load(Ordering::Relaxed),
+            ];
+            let meta = s.meta.load(Ordering::Relaxed);
+            let win = [
+                s.win[0].load(Ordering::Relaxed),
+                s.win[1].load(Ordering::Relaxed),
+                s.win[2].load(Ordering::Relaxed),
+                s.win[3].load(Ordering::Relaxed),
+            ];
+            fence(Ordering::Acquire);
+            if s.seq.load(Ordering::Relaxed) != seq {
+                continue;
+            }
+            if info & I_STATE == 0 {
+                return None;
+            }
+            return Some((
+                SlotCopy {
+                    tuple: Tuple::from_words(&addr, meta, vlan2),
+                    info,
+                    generation,
+                    seen,
+                },
+                win,
+            ));
         }
     }
 
@@ -1172,13 +1238,24 @@ impl Conntrack {
     /// Computed from the flow's current state under its bucket lock, so a transition is never
     /// lost to another worker's.
     pub fn update(&self, hit: &Hit, packet: &Tuple, seg: &Segment, now: u64) -> Update {
+        // A packet that changes nothing (and a fresh last-seen time) writes nothing and takes no
+        // lock, so the slot's cache lines stay shared between the workers that see the two
+        // directions. Deciding so from a copy is sound: had a concurrent writer moved the flow
+        // on, this packet is ordered before that write, against the state it was checked on.
         if hit.proto != proto::TCP {
-            // Nothing to change and a fresh last-seen time: no write, so the slot's cache line
-            // stays shared between the workers that see the two directions.
-            let (info, _) = generic_next(hit.info, hit.original);
-            if info == hit.info && now.saturating_sub(hit.seen) < SEEN_GRANULARITY_NS {
-                return Update::Pass(hit.state);
+            // From a fresh copy, not the hit's: another worker may have moved the flow on since
+            // the lookup (a reply), and this packet may then change it (assure it).
+            if let Some(c) = self.read(hit.slot) {
+                let expect = if hit.original { *packet } else { packet.reversed() };
+                if c.tuple == expect && !self.expired(&c, now) {
+                    let (info, state) = generic_next(c.info, hit.original);
+                    if info == c.info && now.saturating_sub(c.seen) < SEEN_GRANULARITY_NS {
+                        return Update::Pass(state);
+                    }
+                }
             }
+        } else if let Some(r) = self.check_unlocked(hit, packet, seg, now) {
+            return r;
         }
         let mut slot = hit.slot;
         for _ in 0..4 {
@@ -1198,6 +1275,35 @@ impl Conntrack {
         Update::Gone
     }
 
+    /// A TCP packet decided on a copy of its flow: `Some` when it changes nothing (an invalid
+    /// segment, a duplicate ACK, a replayed frame), `None` when the locked path must apply it.
+    #[inline(always)]
+    fn check_unlocked(&self, hit: &Hit, packet: &Tuple, seg: &Segment, now: u64) -> Option<Update> {
+        let (c, win) = self.read_full(hit.slot)?;
+        let original = if c.tuple == *packet {
+            true
+        } else if c.tuple == packet.reversed() {
+            false
+        } else {
+            return None;
+        };
+        if self.expired(&c, now) {
+            return None;
+        }
+        match tcp_step(c.info, &win, original, seg) {
+            (tcp::Verdict::Invalid(why), ..) => Some(Update::Invalid(why)),
+            (tcp::Verdict::Valid, info, w, state)
+                if info == c.info
+                    && w == win
+                    && now.saturating_sub(c.seen) < SEEN_GRANULARITY_NS =>
+            {
+                Some(Update::Pass(state))
+            }
+            (tcp::Verdict::Ignore, _, w, state) if w == win => Some(Update::Pass(state)),
+            _ => None,
+        }
+    }
+
     fn update_locked(&self, i: usize, packet: &Tuple, seg: &Segment, now: u64) -> Update {
         let Some((e, original)) = self.holds(i, packet, now) else {
             return Update::Gone;
@@ -1213,32 +1319,23 @@ impl Conntrack {
             }
             return Update::Pass(state);
         }
-        let mut conn = tcp_of(e.info, &e.win);
-        let old = conn.state;
-        let seen_reply = e.info & I_SEEN_REPLY != 0;
-        match conn.packet_seen(!original, seg, seen_reply) {
-            tcp::Verdict::Valid => {
-                let mut info = pack_tcp(e.info, &conn);
-                if !original {
-                    info |= I_SEEN_REPLY;
+        match tcp_step(e.info, &e.win, original, seg) {
+            (tcp::Verdict::Valid, info, win, state) => {
+                if info != e.info || win != e.win || now.saturating_sub(e.seen) >= SEEN_GRANULARITY_NS
+                {
+                    self.begin(i);
+                    s.info.store(info, Ordering::Relaxed);
+                    for (w, v) in s.win.iter().zip(win) {
+                        w.store(v, Ordering::Relaxed);
+                    }
+                    s.seen.store(now, Ordering::Relaxed);
+                    self.end(i);
                 }
-                if TcpConn::assures(old, conn.state) && info & I_SEEN_REPLY != 0 {
-                    info |= I_ASSURED;
-                }
-                let win = win_words(&conn);
-                self.begin(i);
-                s.info.store(info, Ordering::Relaxed);
-                for (w, v) in s.win.iter().zip(win) {
-                    w.store(v, Ordering::Relaxed);
-                }
-                s.seen.store(now, Ordering::Relaxed);
-                self.end(i);
-                Update::Pass(FlowState::of_tcp(conn.state))
+                Update::Pass(state)
             }
-            tcp::Verdict::Ignore => {
+            (tcp::Verdict::Ignore, _, win, state) => {
                 // Part of the flow, moves nothing but what the window check itself keeps (an
                 // overshooting sender's end); like netfilter, it does not refresh the timeout.
-                let win = win_words(&conn);
                 if win != e.win {
                     self.begin(i);
                     for (w, v) in s.win.iter().zip(win) {
@@ -1246,15 +1343,15 @@ impl Conntrack {
                     }
                     self.end(i);
                 }
-                Update::Pass(FlowState::of_tcp(old))
+                Update::Pass(state)
             }
-            tcp::Verdict::Invalid(why) => Update::Invalid(why),
-            tcp::Verdict::Reopen => {
+            (tcp::Verdict::Invalid(why), ..) => Update::Invalid(why),
+            (tcp::Verdict::Reopen, ..) => {
                 self.clear(i);
                 self.entries.fetch_sub(1, Ordering::Relaxed);
                 Update::Reopen
             }
-            tcp::Verdict::Kill => {
+            (tcp::Verdict::Kill, ..) => {
                 self.clear(i);
                 self.entries.fetch_sub(1, Ordering::Relaxed);
                 Update::Pass(FlowState::Closed)
@@ -1290,6 +1387,18 @@ impl Conntrack {
         generation: u32,
         now: u64,
     ) -> Result<Opened, InsertError> {
+        self.insert_at(t, &self.locate(t), seg, generation, now)
+    }
+
+    /// [`Conntrack::insert`] with the flow's place already computed (by its probe).
+    pub(crate) fn insert_at(
+        &self,
+        t: &Tuple,
+        place: &Place,
+        seg: &Segment,
+        generation: u32,
+        now: u64,
+    ) -> Result<Opened, InsertError> {
         let (info, win) = if t.proto == proto::TCP {
             let Some((conn, tcp::Verdict::Valid)) = TcpConn::open(seg) else {
                 return Err(InsertError::Refused);
@@ -1298,9 +1407,9 @@ impl Conntrack {
         } else {
             (CODE_UNREPLIED, [0; 4])
         };
-        let (b, tag) = self.place(t);
+        let b = [place.b[0] as usize, place.b[1] as usize];
         self.lock_pair(b);
-        let r = self.insert_locked(t, b, tag, info, win, generation, seg, now);
+        let r = self.insert_locked(t, b, place.tag, info, win, generation, seg, now);
         self.unlock_pair(b);
         r
     }
@@ -1318,52 +1427,43 @@ impl Conntrack {
         now: u64,
     ) -> Result<Opened, InsertError> {
         let pair: &[usize] = if b[0] == b[1] { &b[..1] } else { &b[..] };
-        // Is it there already? Nothing can add it meanwhile: every insert of it holds these
-        // two locks.
+        // Is it there already? Nothing can add it meanwhile: every insert of it holds these two
+        // locks, and under them the tag words are exact.
+        let (m, rm) = (t.meta(), t.reversed().meta());
         for &x in pair {
-            for i in x * WAYS..(x + 1) * WAYS {
-                if self.holds(i, t, now).is_some() {
+            let mut cand = tag_matches(self.heads[x].tags.load(Ordering::Relaxed), tag);
+            while cand != 0 {
+                let i = x * WAYS + (cand.trailing_zeros() / 8) as usize;
+                cand &= cand - 1;
+                let w = self.slots[i].meta.load(Ordering::Relaxed);
+                if (w == m || w == rm) && self.holds(i, t, now).is_some() {
                     return Ok(Opened::Exists(self.update_locked(i, t, seg, now)));
                 }
             }
         }
-        let mut load = [0usize; 2];
-        let mut free: [Option<usize>; 2] = [None, None];
+        // A free slot, the primary bucket first; else an expired one; else room a move makes;
+        // else the oldest unassured entry. Only each slot's first line is read.
+        let mut free: Option<usize> = None;
         let mut expired: Option<usize> = None;
         let mut victim: Option<(usize, u64)> = None;
-        for (k, &x) in pair.iter().enumerate() {
+        'scan: for &x in pair {
             for i in x * WAYS..(x + 1) * WAYS {
-                match self.entry(i) {
-                    None => {
-                        free[k].get_or_insert(i);
-                    }
-                    Some(e) => {
-                        let c = SlotCopy {
-                            tuple: e.tuple,
-                            info: e.info,
-                            generation: e.generation,
-                            seen: e.seen,
-                        };
-                        if self.expired(&c, now) {
-                            expired.get_or_insert(i);
-                        } else {
-                            load[k] += 1;
-                            if e.info & I_ASSURED == 0 && victim.is_none_or(|(_, s)| e.seen < s) {
-                                victim = Some((i, e.seen));
-                            }
-                        }
-                    }
+                let s = &self.slots[i];
+                let info = s.info.load(Ordering::Relaxed);
+                let Some(state) = FlowState::from_code(info & I_STATE) else {
+                    free = Some(i);
+                    break 'scan;
+                };
+                let seen = s.seen.load(Ordering::Relaxed);
+                let proto_ = s.meta.load(Ordering::Relaxed) as u8;
+                if now.saturating_sub(seen) > self.timeout_ns(proto_, state) {
+                    expired.get_or_insert(i);
+                } else if info & I_ASSURED == 0 && victim.is_none_or(|(_, v)| seen < v) {
+                    victim = Some((i, seen));
                 }
             }
         }
-        // The emptier bucket first (two choices keep the buckets even).
-        let order = if pair.len() == 2 && load[1] < load[0] {
-            [1, 0]
-        } else {
-            [0, 1]
-        };
-        let chosen = free[order[0]]
-            .or(free[order[1]])
+        let chosen = free
             .map(|i| (i, Displaced::Nothing))
             .or(expired.map(|i| (i, Displaced::Expired)));
         let chosen = match chosen {
@@ -1614,6 +1714,33 @@ fn generic_next(info: u32, original: bool) -> (u32, FlowState) {
         FlowState::Unreplied
     };
     (next, s)
+}
+
+/// A TCP packet applied to a flow's info and window words: the verdict, the new info and window
+/// words, and the state to report.
+#[inline(always)]
+fn tcp_step(
+    info: u32,
+    win: &[u64; 4],
+    original: bool,
+    seg: &Segment,
+) -> (tcp::Verdict, u32, [u64; 4], FlowState) {
+    let mut conn = tcp_of(info, win);
+    let old = conn.state;
+    let v = conn.packet_seen(!original, seg, info & I_SEEN_REPLY != 0);
+    match v {
+        tcp::Verdict::Valid => {
+            let mut next = pack_tcp(info, &conn);
+            if !original {
+                next |= I_SEEN_REPLY;
+            }
+            if TcpConn::assures(old, conn.state) && next & I_SEEN_REPLY != 0 {
+                next |= I_ASSURED;
+            }
+            (v, next, win_words(&conn), FlowState::of_tcp(conn.state))
+        }
+        _ => (v, info, win_words(&conn), FlowState::of_tcp(old)),
+    }
 }
 
 /// A TCP flow's state from its info word and window words.

@@ -749,6 +749,9 @@ mod window_model {
         /// The right edge it advertised last (never moved left).
         edge: u64,
         scale: u32,
+        /// How far it may send: the highest right edge the peer advertised in a segment that
+        /// reached it (a stack knows only what it received).
+        peer_edge: u64,
     }
 
     fn run(
@@ -765,6 +768,8 @@ mod window_model {
                 rcv: 1,
                 edge: 1 + 65_535,
                 scale: scales.0 as u32,
+                // The SYN-ACK reached the client: the server's (unscaled) window.
+                peer_edge: 1 + 65_535,
             },
             End {
                 isn: isn.1,
@@ -773,6 +778,8 @@ mod window_model {
                 rcv: 1,
                 edge: 1 + 65_535,
                 scale: scales.1 as u32,
+                // The server sends nothing before the client's third ACK (or data) reaches it.
+                peer_edge: 1,
             },
         ];
         // The handshake, through both.
@@ -848,11 +855,13 @@ mod window_model {
                 conn.packet(s.from_b, &wire(ends, &s)),
                 Verdict::Invalid(_)
             );
-            // The receiver takes it if it is next in order.
+            // The receiver takes it if it is next in order, and learns the sender's window.
+            let sender_scale = ends[s.from_b as usize].scale;
             let r = &mut ends[1 - s.from_b as usize];
             if s.seq == r.rcv {
                 r.rcv += s.len as u64;
             }
+            r.peer_edge = r.peer_edge.max(s.ack + ((s.win as u64) << sender_scale));
             let snd_peer = &mut ends[s.from_b as usize];
             // What the sender learns from the acknowledgement.
             snd_peer.una = snd_peer.una.max(s.ack.min(snd_peer.nxt));
@@ -881,11 +890,9 @@ mod window_model {
             }
             match *a {
                 Act::Send(b, n) => {
-                    let (me, peer) = (ends[b as usize], ends[1 - b as usize]);
-                    // Never past what the peer advertised.
-                    let room = me.una.max(peer.edge).saturating_sub(me.nxt);
-                    let _ = me.una;
-                    let len = (n as u64).min(room).min(peer.edge.saturating_sub(me.nxt));
+                    let me = ends[b as usize];
+                    // Never past what the peer advertised (and this side heard).
+                    let len = (n as u64).min(me.peer_edge.saturating_sub(me.nxt));
                     if len == 0 {
                         continue;
                     }
@@ -916,12 +923,11 @@ mod window_model {
                     });
                 }
                 Act::Retransmit(b) => {
-                    let (me, peer) = (ends[b as usize], ends[1 - b as usize]);
+                    let me = ends[b as usize];
                     let len = me.nxt.saturating_sub(me.una).min(1460);
                     if len == 0 {
                         continue;
                     }
-                    let _ = peer;
                     let win = ((me.edge - me.rcv) >> me.scale).min(65_535) as u16;
                     queue.push(Seg {
                         from_b: b,
