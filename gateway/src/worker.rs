@@ -4,7 +4,8 @@
 //! Per iteration (a *turn*): load the table once; reap completions and refill the fill rings;
 //! receive up to `burst` frames on ext, parse, classify the whole burst, forward the allowed ones
 //! to int's TX ring and recycle the rest; the same from int to ext; kick TX only while frames are in
-//! flight; record the burst's service time. Nothing in the loop allocates, locks or logs; flows to
+//! flight; record the burst's service time. Nothing in the loop allocates or logs, and the one lock
+//! is a tracker bucket's, held for a flow's state change (see `conntrack`); flows to
 //! log go through a bounded lock-free queue to the control thread.
 //!
 //! The clock is read once per non-empty turn under load (the end of one burst is the start of the
