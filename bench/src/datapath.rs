@@ -530,8 +530,7 @@ pub(crate) fn main(a: Args) -> Result<()> {
                 r.mpps,
                 r.established,
                 r.new,
-                r.kept
-                    .map_or("-".into(), |k| format!("{:.2} %", k * 100.0))
+                r.kept.map_or("-".into(), |k| format!("{:.2} %", k * 100.0))
             );
         }
     }

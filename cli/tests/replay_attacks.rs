@@ -7,7 +7,7 @@
 //! the world); outside 192.0.2.9 (a server the client talks to) and 198.51.100.7 (an
 //! attacker); IPv6 fd99::1 / fd99::2 inside, 2001:db8::9 outside.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 use gateway::pcap::{write, Packet};
@@ -188,12 +188,28 @@ fn tcp4(
     flags: u8,
     data: &[u8],
 ) -> Vec<u8> {
-    let s = frames::tcp(&src, &dst, sport, dport, seq, ack, flags, 8192, &[], data, false);
+    let s = frames::tcp(
+        &src,
+        &dst,
+        sport,
+        dport,
+        seq,
+        ack,
+        flags,
+        8192,
+        &[],
+        data,
+        false,
+    );
     eth(&[], 0x0800, &ipv4(src, dst, 6, 1, 0x4000, &s))
 }
 
 fn udp4(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
-    eth(&[], 0x0800, &ipv4(src, dst, 17, 2, 0, &frames::udp(sport, dport, b"data")))
+    eth(
+        &[],
+        0x0800,
+        &ipv4(src, dst, 17, 2, 0, &frames::udp(sport, dport, b"data")),
+    )
 }
 
 /// An ICMPv4 error from `from` to `to` quoting `quote` (an IP packet's bytes).
@@ -242,22 +258,40 @@ fn case_1_related_icmp_must_go_to_the_quoted_sender_quote_only_itself_and_be_of_
     long.extend_from_slice(&[0x41; 400]);
     c.inbound(icmp4_error(ROUTER, CLIENT, 3, 3, &long));
     // An ICMPv4 error quoting an IPv6 packet, and an ICMPv6 error quoting the IPv4 one.
-    let q6 = ipv6(v6(1, false), v6(9, true), 17, &frames::udp(5353, 53, b"data"));
+    let q6 = ipv6(
+        v6(1, false),
+        v6(9, true),
+        17,
+        &frames::udp(5353, 53, b"data"),
+    );
     c.inbound(icmp4_error(ROUTER, CLIENT, 3, 3, &q6));
     c.inbound(eth(
         &[],
         0x86dd,
-        &ipv6(v6(254, true), v6(1, false), 58, &frames::icmp(1, 4, [0; 4], quote)),
+        &ipv6(
+            v6(254, true),
+            v6(1, false),
+            58,
+            &frames::icmp(1, 4, [0; 4], quote),
+        ),
     ));
     // Time exceeded about it, properly addressed: related.
     c.inbound(icmp4_error(ROUTER, CLIENT, 11, 0, quote));
-    c.expect(&["allow", "allow", "deny", "deny", "deny", "deny", "deny", "allow"]);
+    c.expect(&[
+        "allow", "allow", "deny", "deny", "deny", "deny", "deny", "allow",
+    ]);
 }
 
 #[test]
 fn case_2_icmp_queries_pair_by_type_and_identifier() {
     let mut c = Capture::new("echo");
-    let ping = |src, dst, ty, id| eth(&[], 0x0800, &ipv4(src, dst, 1, 4, 0, &frames::icmp_query(ty, id, 1)));
+    let ping = |src, dst, ty, id| {
+        eth(
+            &[],
+            0x0800,
+            &ipv4(src, dst, 1, 4, 0, &frames::icmp_query(ty, id, 1)),
+        )
+    };
     c.outbound(ping(CLIENT, REMOTE, 8, 77)); // echo out
     c.inbound(ping(REMOTE, CLIENT, 8, 77)); // an echo *request* in with the same identifier
     c.inbound(ping(REMOTE, CLIENT, 14, 77)); // a timestamp reply to an echo
@@ -303,11 +337,35 @@ fn case_3_and_9_ipv6_fragments_are_read_right() {
     }
     // A real fragmented SYN (40 bytes of data): the first fragment carries the whole TCP
     // header and passes; so does the rest; the server's answer is established.
-    let syn = frames::tcp(&src, &dst, 5555, 80, 1000, 0, SYN, 1024, &[], &[7; 40], false);
+    let syn = frames::tcp(
+        &src,
+        &dst,
+        5555,
+        80,
+        1000,
+        0,
+        SYN,
+        1024,
+        &[],
+        &[7; 40],
+        false,
+    );
     for f in v6_frags(9, &syn, &[(0, true, 0..24), (24, false, 24..syn.len())]) {
         c.inbound(f);
     }
-    let answer = frames::tcp(&dst, &src, 80, 5555, 5000, 1041, SYN | ACK, 1024, &[], &[], false);
+    let answer = frames::tcp(
+        &dst,
+        &src,
+        80,
+        5555,
+        5000,
+        1041,
+        SYN | ACK,
+        1024,
+        &[],
+        &[],
+        false,
+    );
     c.outbound(eth(&[], 0x86dd, &ipv6(dst, src, 6, &answer)));
     // A later fragment overlapping the first one's data (it could rewrite the header).
     let over = frames::tcp(&src, &dst, 6666, 80, 1, 0, SYN, 1024, &[], &[7; 40], false);
@@ -336,15 +394,39 @@ fn case_3_and_9_ipv6_fragments_are_read_right() {
 #[test]
 fn case_3_ipv4_fragments_follow_their_first() {
     let mut c = Capture::new("frag4");
-    let syn = frames::tcp(&ATTACKER, &WEB, 7000, 80, 1, 0, SYN, 1024, &[], &[9; 40], false);
+    let syn = frames::tcp(
+        &ATTACKER,
+        &WEB,
+        7000,
+        80,
+        1,
+        0,
+        SYN,
+        1024,
+        &[],
+        &[9; 40],
+        false,
+    );
     let frag = |id, fo: u16, data: &[u8]| eth(&[], 0x0800, &ipv4(ATTACKER, WEB, 6, id, fo, data));
     c.inbound(frag(20, 0x2000, &syn[..24])); // first: passes
     c.inbound(frag(20, 3, &syn[24..])); // at 24 bytes: passes
     c.inbound(frag(21, 3, &syn[24..])); // a datagram whose first never came
     c.inbound(frag(22, 0x2000, &syn[..24]));
     c.inbound(frag(22, 1, &syn[8..])); // RFC 1858: offset 8 rewrites the flags
-    // To a closed port: the first is denied, so the rest is too.
-    let closed = frames::tcp(&ATTACKER, &WEB, 7001, 22, 1, 0, SYN, 1024, &[], &[9; 40], false);
+                                       // To a closed port: the first is denied, so the rest is too.
+    let closed = frames::tcp(
+        &ATTACKER,
+        &WEB,
+        7001,
+        22,
+        1,
+        0,
+        SYN,
+        1024,
+        &[],
+        &[9; 40],
+        false,
+    );
     c.inbound(frag(23, 0x2000, &closed[..24]));
     c.inbound(frag(23, 3, &closed[24..]));
     c.expect(&[
@@ -372,7 +454,16 @@ fn case_4_a_syn_after_time_wait_is_a_new_flow_in_its_own_direction() {
     c.inbound(tcp4(ATTACKER, WEB, 40000, 80, 7, 90_001, SYN | ACK, &[]));
     // The client opening again on the same ports is a new flow the rules allow.
     c.inbound(tcp4(ATTACKER, WEB, 40000, 80, 50_000, 0, SYN, &[]));
-    c.outbound(tcp4(WEB, ATTACKER, 80, 40000, 60_000, 50_001, SYN | ACK, &[]));
+    c.outbound(tcp4(
+        WEB,
+        ATTACKER,
+        80,
+        40000,
+        60_000,
+        50_001,
+        SYN | ACK,
+        &[],
+    ));
     c.expect(&[
         "allow", "allow", "allow", "allow", "allow", "allow", "deny", "allow", "allow", "allow",
     ]);
@@ -385,13 +476,17 @@ fn case_4_a_syn_after_time_wait_is_a_new_flow_in_its_own_direction() {
 fn case_5_and_10_flows_are_keyed_on_both_tags_and_vid_0_is_untagged() {
     let mut c = Capture::new("vlan");
     let q = |tags: &[u16], src, dst, sport, dport| {
-        eth(tags, 0x0800, &ipv4(src, dst, 17, 5, 0, &frames::udp(sport, dport, b"x")))
+        eth(
+            tags,
+            0x0800,
+            &ipv4(src, dst, 17, 5, 0, &frames::udp(sport, dport, b"x")),
+        )
     };
     c.outbound(q(&[100, 10], CLIENT, REMOTE, 5000, 53));
     c.inbound(q(&[100, 20], REMOTE, CLIENT, 53, 5000)); // another inner VLAN
     c.inbound(q(&[100], REMOTE, CLIENT, 53, 5000)); // no inner VLAN
     c.inbound(q(&[100, 10], REMOTE, CLIENT, 53, 5000)); // the reply
-    // Priority-tagged (VID 0) is untagged, both ways.
+                                                        // Priority-tagged (VID 0) is untagged, both ways.
     c.outbound(q(&[], CLIENT, REMOTE, 5001, 53));
     c.inbound(q(&[0], REMOTE, CLIENT, 53, 5001));
     c.outbound(q(&[0], CLIENT, REMOTE, 5002, 53));
@@ -406,15 +501,63 @@ fn case_6_forged_rst_and_fin_are_invalid_and_the_connection_lives_on() {
     let mut c = Capture::new("window");
     client_handshake(&mut c, 41000);
     // An RST far outside the window, an exact one with a bad checksum, a FIN outside the window.
-    c.inbound(tcp4(REMOTE, CLIENT, 443, 41000, 5001 + 3_000_000, 0, RST, &[]));
-    let bad = frames::tcp(&REMOTE, &CLIENT, 443, 41000, 5001, 0, RST, 0, &[], &[], true);
+    c.inbound(tcp4(
+        REMOTE,
+        CLIENT,
+        443,
+        41000,
+        5001 + 3_000_000,
+        0,
+        RST,
+        &[],
+    ));
+    let bad = frames::tcp(
+        &REMOTE,
+        &CLIENT,
+        443,
+        41000,
+        5001,
+        0,
+        RST,
+        0,
+        &[],
+        &[],
+        true,
+    );
     c.inbound(eth(&[], 0x0800, &ipv4(REMOTE, CLIENT, 6, 9, 0, &bad)));
-    c.inbound(tcp4(REMOTE, CLIENT, 443, 41000, 5001 + (1 << 30), 1001, FIN | ACK, &[]));
+    c.inbound(tcp4(
+        REMOTE,
+        CLIENT,
+        443,
+        41000,
+        5001 + (1 << 30),
+        1001,
+        FIN | ACK,
+        &[],
+    ));
     // Data that acknowledges bytes never sent.
-    c.inbound(tcp4(REMOTE, CLIENT, 443, 41000, 5001, 900_000, ACK | PSH, b"x"));
+    c.inbound(tcp4(
+        REMOTE,
+        CLIENT,
+        443,
+        41000,
+        5001,
+        900_000,
+        ACK | PSH,
+        b"x",
+    ));
     // An idle gap longer than any closing timeout: still established.
     c.wait(300);
-    c.inbound(tcp4(REMOTE, CLIENT, 443, 41000, 5001, 1001, ACK | PSH, b"hello"));
+    c.inbound(tcp4(
+        REMOTE,
+        CLIENT,
+        443,
+        41000,
+        5001,
+        1001,
+        ACK | PSH,
+        b"hello",
+    ));
     c.outbound(tcp4(CLIENT, REMOTE, 41000, 443, 1001, 5006, ACK, &[]));
     // The real RST, exact: closes.
     c.inbound(tcp4(REMOTE, CLIENT, 443, 41000, 5006, 0, RST, &[]));
@@ -440,12 +583,39 @@ fn case_7_an_answered_syn_flood_does_not_keep_a_new_flow_out() {
     for i in 0..300u32 {
         let src = [203, 0, (i >> 8) as u8, i as u8];
         c.inbound(tcp4(src, WEB, 1024 + i as u16, 80, i, 0, SYN, &[]));
-        c.outbound(tcp4(WEB, src, 80, 1024 + i as u16, 9, i + 1, SYN | ACK, &[]));
+        c.outbound(tcp4(
+            WEB,
+            src,
+            80,
+            1024 + i as u16,
+            9,
+            i + 1,
+            SYN | ACK,
+            &[],
+        ));
         want.extend(["allow", "allow"]);
     }
     web_handshake(&mut c, 44444);
-    c.inbound(tcp4(ATTACKER, WEB, 44444, 80, 1001, 5001, ACK | PSH, b"GET /"));
-    c.outbound(tcp4(WEB, ATTACKER, 80, 44444, 5001, 1006, ACK | PSH, b"200 OK"));
+    c.inbound(tcp4(
+        ATTACKER,
+        WEB,
+        44444,
+        80,
+        1001,
+        5001,
+        ACK | PSH,
+        b"GET /",
+    ));
+    c.outbound(tcp4(
+        WEB,
+        ATTACKER,
+        80,
+        44444,
+        5001,
+        1006,
+        ACK | PSH,
+        b"200 OK",
+    ));
     want.extend(["allow", "allow", "allow", "allow", "allow"]);
     c.expect(&want);
 }
@@ -475,7 +645,11 @@ fn case_9_packet_too_big_quoting_extension_headers_is_related() {
     let ptb = frames::icmp(2, 0, 1280u32.to_be_bytes(), &out);
     c.inbound(eth(&[], 0x86dd, &ipv6(v6(254, true), client, 58, &ptb)));
     // The same error addressed to the other inside host is not related.
-    c.inbound(eth(&[], 0x86dd, &ipv6(v6(254, true), v6(2, false), 58, &ptb)));
+    c.inbound(eth(
+        &[],
+        0x86dd,
+        &ipv6(v6(254, true), v6(2, false), 58, &ptb),
+    ));
     c.expect(&["allow", "allow", "deny"]);
 }
 
@@ -489,21 +663,21 @@ fn case_13_a_policy_change_cuts_open_flows_and_their_related_errors() {
     c.change(&[("web.yaml", WEB_POLICY)]);
     // An error about the UDP flow, before any of its packets: the new table decides the flow.
     c.inbound(icmp4_error(ROUTER, CLIENT, 3, 3, &l3(&query)[..28]));
-    c.inbound(tcp4(REMOTE, CLIENT, 443, 42000, 5001, 1001, ACK | PSH, b"late"));
+    c.inbound(tcp4(
+        REMOTE,
+        CLIENT,
+        443,
+        42000,
+        5001,
+        1001,
+        ACK | PSH,
+        b"late",
+    ));
     // The web server stays open: its flows still pass after another change.
     let (cs, ss) = web_handshake(&mut c, 43000);
     c.change(&[("web.yaml", WEB_POLICY), ("out.yaml", EGRESS_POLICY)]);
     c.outbound(tcp4(WEB, ATTACKER, 80, 43000, ss, cs, ACK | PSH, b"hi"));
     c.expect(&[
-        "allow",
-        "allow",
-        "allow",
-        "allow",
-        "deny",
-        "deny",
-        "allow",
-        "allow",
-        "allow",
-        "allow",
+        "allow", "allow", "allow", "allow", "deny", "deny", "allow", "allow", "allow", "allow",
     ]);
 }

@@ -252,9 +252,7 @@ fn options(opts: &[u8], seg: &mut Segment) {
     for o in tcp.options_iterator() {
         match o {
             Ok(TcpOptionElement::WindowScale(shift)) if syn => seg.wscale = shift,
-            Ok(TcpOptionElement::SelectiveAcknowledgementPermitted) if syn => {
-                seg.sack_perm = true
-            }
+            Ok(TcpOptionElement::SelectiveAcknowledgementPermitted) if syn => seg.sack_perm = true,
             Ok(TcpOptionElement::SelectiveAcknowledgement(first, rest)) => {
                 for (_, right) in std::iter::once(first).chain(rest.into_iter().flatten()) {
                     if (right.wrapping_sub(seg.sack) as i32) > 0 {
@@ -296,7 +294,10 @@ struct Ip<'a> {
 /// transport protocol, the rest, and the fragment position. `Err(None)`: the chain runs past the
 /// end of `p`.
 #[allow(clippy::type_complexity)]
-fn v6_chain(mut next: u8, mut p: &[u8]) -> Result<(u8, &[u8], Option<(u32, bool, u32)>), Option<Reason>> {
+fn v6_chain(
+    mut next: u8,
+    mut p: &[u8],
+) -> Result<(u8, &[u8], Option<(u32, bool, u32)>), Option<Reason>> {
     let mut frag = None;
     for n in 0.. {
         if n >= 16 {

@@ -67,9 +67,9 @@ impl std::str::FromStr for Change {
 
     /// `TS=DIR`.
     fn from_str(s: &str) -> Result<Change, String> {
-        let (ts, dir) = s
-            .split_once('=')
-            .ok_or_else(|| format!("`{s}`: expected TS=DIR (capture time in seconds, a policy directory)"))?;
+        let (ts, dir) = s.split_once('=').ok_or_else(|| {
+            format!("`{s}`: expected TS=DIR (capture time in seconds, a policy directory)")
+        })?;
         let ts: f64 = ts
             .trim()
             .parse()

@@ -372,12 +372,10 @@ fn track_probed(
                     && t.tcp_flags & (conntrack::tcp_flags::SYN | conntrack::tcp_flags::ACK)
                         == conntrack::tcp_flags::SYN;
                 match ct.update(&hit, tuple, &t.seg, now) {
-                    Update::Pass(_) if syn || older(hit.generation, generation) => {
-                        Tracked::Decide(
-                            hit.original_tuple(tuple).key(),
-                            Pending::Recheck(hit, *tuple),
-                        )
-                    }
+                    Update::Pass(_) if syn || older(hit.generation, generation) => Tracked::Decide(
+                        hit.original_tuple(tuple).key(),
+                        Pending::Recheck(hit, *tuple),
+                    ),
                     Update::Pass(_) => {
                         passed(ct, k, t, now);
                         Tracked::Pass(CtEvent::Established)

@@ -8,7 +8,11 @@
 pub fn eth(tags: &[u16], ethertype: u16, l3: &[u8]) -> Vec<u8> {
     let mut f = vec![2, 0x99, 0, 0, 0, 2, 2, 0x99, 0, 0, 0, 1];
     for (i, vid) in tags.iter().enumerate() {
-        let tpid: u16 = if tags.len() > 1 && i == 0 { 0x88a8 } else { 0x8100 };
+        let tpid: u16 = if tags.len() > 1 && i == 0 {
+            0x88a8
+        } else {
+            0x8100
+        };
         f.extend_from_slice(&tpid.to_be_bytes());
         f.extend_from_slice(&vid.to_be_bytes());
     }
@@ -49,7 +53,7 @@ pub fn ipv6(src: [u8; 16], dst: [u8; 16], next: u8, body: &[u8]) -> Vec<u8> {
 /// An IPv6 Fragment header (RFC 8200 §4.5): next header, reserved, then 13 bits of offset in
 /// 8-octet units, two reserved bits and the M flag, then the identification.
 pub fn v6_fragment(next: u8, offset_bytes: u16, more: bool, id: u32) -> Vec<u8> {
-    assert_eq!(offset_bytes % 8, 0);
+    assert!(offset_bytes.is_multiple_of(8));
     let field = (offset_bytes / 8) << 3 | more as u16;
     let mut h = vec![next, 0];
     h.extend_from_slice(&field.to_be_bytes());
@@ -105,7 +109,7 @@ pub fn tcp(
     bad_checksum: bool,
 ) -> Vec<u8> {
     let mut o = opts.to_vec();
-    while o.len() % 4 != 0 {
+    while !o.len().is_multiple_of(4) {
         o.push(1); // NOP
     }
     let doff = (20 + o.len()) / 4;

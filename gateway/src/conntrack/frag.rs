@@ -36,7 +36,11 @@ impl Datagram {
             self.src as u64,
             (self.dst >> 64) as u64,
             self.dst as u64,
-            self.id as u64 | (self.proto as u64) << 32 | (self.v6 as u64) << 40 | (self.dir as u64) << 41 | 1 << 63,
+            self.id as u64
+                | (self.proto as u64) << 32
+                | (self.v6 as u64) << 40
+                | (self.dir as u64) << 41
+                | 1 << 63,
             0,
         ]
     }
@@ -185,7 +189,11 @@ mod tests {
         let mut other_way = d(7);
         other_way.dir = Direction::Egress;
         assert_eq!(f.later(&other_way, 1448, 20, 1_000), Later::NoFirst);
-        assert_eq!(f.later(&d(7), 1448, 2_000, 1_000), Later::NoFirst, "timed out");
+        assert_eq!(
+            f.later(&d(7), 1448, 2_000, 1_000),
+            Later::NoFirst,
+            "timed out"
+        );
     }
 
     #[test]
@@ -198,6 +206,10 @@ mod tests {
             .filter(|&id| f.later(&d(id), 8, 200, 1_000) == Later::Pass)
             .count();
         assert_eq!(passing, WAYS);
-        assert_eq!(f.later(&d(99), 8, 200, 1_000), Later::Pass, "the newest stays");
+        assert_eq!(
+            f.later(&d(99), 8, 200, 1_000),
+            Later::Pass,
+            "the newest stays"
+        );
     }
 }

@@ -528,7 +528,9 @@ pub fn opens_flow(key: &FlowKey, t: &Track) -> bool {
             use tcp_flags::*;
             t.tcp_flags & (SYN | ACK | RST | FIN) == SYN
         }
-        p if is_icmp(p) => key.sport <= 0xff && icmp_reply_of(p == proto::ICMPV6, key.sport as u8).is_some(),
+        p if is_icmp(p) => {
+            key.sport <= 0xff && icmp_reply_of(p == proto::ICMPV6, key.sport as u8).is_some()
+        }
         _ => true,
     }
 }
@@ -889,9 +891,7 @@ impl Conntrack {
             TimeWait => t.tcp_time_wait_s,
             Closed => t.tcp_closed_s,
             Unreplied | Replied if is_icmp(proto_) => t.icmp_s,
-            Unreplied | Replied if !matches!(proto_, proto::UDP | proto::SCTP | 136) => {
-                t.generic_s
-            }
+            Unreplied | Replied if !matches!(proto_, proto::UDP | proto::SCTP | 136) => t.generic_s,
             Unreplied => t.udp_unreplied_s,
             Replied => t.udp_replied_s,
         };
@@ -1246,7 +1246,11 @@ impl Conntrack {
             // From a fresh copy, not the hit's: another worker may have moved the flow on since
             // the lookup (a reply), and this packet may then change it (assure it).
             if let Some(c) = self.read(hit.slot) {
-                let expect = if hit.original { *packet } else { packet.reversed() };
+                let expect = if hit.original {
+                    *packet
+                } else {
+                    packet.reversed()
+                };
                 if c.tuple == expect && !self.expired(&c, now) {
                     let (info, state) = generic_next(c.info, hit.original);
                     if info == c.info && now.saturating_sub(c.seen) < SEEN_GRANULARITY_NS {
@@ -1321,7 +1325,9 @@ impl Conntrack {
         }
         match tcp_step(e.info, &e.win, original, seg) {
             (tcp::Verdict::Valid, info, win, state) => {
-                if info != e.info || win != e.win || now.saturating_sub(e.seen) >= SEEN_GRANULARITY_NS
+                if info != e.info
+                    || win != e.win
+                    || now.saturating_sub(e.seen) >= SEEN_GRANULARITY_NS
                 {
                     self.begin(i);
                     s.info.store(info, Ordering::Relaxed);

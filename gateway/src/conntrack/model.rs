@@ -59,10 +59,17 @@ enum Shape {
 #[derive(Debug, Clone)]
 enum Op {
     /// Worker `w` looks up a packet of flow `i` (a reply if `reply`).
-    Lookup { w: usize, i: usize, reply: bool },
+    Lookup {
+        w: usize,
+        i: usize,
+        reply: bool,
+    },
     /// Worker `w` applies its looked-up packet: to the flow it found, or, if it found none, as
     /// an insert (original direction only: the datapath opens flows that way).
-    Apply { w: usize, shape: Shape },
+    Apply {
+        w: usize,
+        shape: Shape,
+    },
     /// Policy no longer admits flow `i`.
     Remove(usize),
     Sweep(usize),
@@ -275,9 +282,15 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
                             (Err(InsertError::Full), _) => {
                                 let assured = model
                                     .iter()
-                                    .filter(|(j, k)| k.assured && live(&ct, k, now, flows[**j].proto))
+                                    .filter(|(j, k)| {
+                                        k.assured && live(&ct, k, now, flows[**j].proto)
+                                    })
                                     .count();
-                                prop_assert!(assured >= WAYS, "full with only {} assured flows", assured);
+                                prop_assert!(
+                                    assured >= WAYS,
+                                    "full with only {} assured flows",
+                                    assured
+                                );
                             }
                         }
                     }

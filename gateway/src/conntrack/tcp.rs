@@ -73,9 +73,10 @@ impl Default for Segment {
 }
 
 /// A connection's state, netfilter's names.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
 #[repr(u8)]
 pub enum TcpState {
+    #[default]
     None = 0,
     SynSent = 1,
     SynRecv = 2,
@@ -126,12 +127,6 @@ pub struct TcpConn {
     /// The direction (0 original, 1 reply) and index of the last in-window segment.
     pub last_dir: u8,
     pub last_index: u8,
-}
-
-impl Default for TcpState {
-    fn default() -> Self {
-        TcpState::None
-    }
 }
 
 /// Why a segment was not accepted into the flow's state.
@@ -454,7 +449,10 @@ impl TcpConn {
             // Beyond the window. Some stacks send a little more than the receiver allowed.
             let overshot = end.wrapping_sub(sender.maxend).wrapping_add(1);
             let in_recv_win = receiver.maxwin != 0
-                && after(end, sender.end.wrapping_sub(receiver.maxwin).wrapping_sub(1));
+                && after(
+                    end,
+                    sender.end.wrapping_sub(receiver.maxwin).wrapping_sub(1),
+                );
             if in_recv_win
                 && ack_ok
                 && overshot <= receiver.maxwin
@@ -471,7 +469,10 @@ impl TcpConn {
             return Win::Invalid;
         }
         let in_recv_win = receiver.maxwin == 0
-            || after(end, sender.end.wrapping_sub(receiver.maxwin).wrapping_sub(1));
+            || after(
+                end,
+                sender.end.wrapping_sub(receiver.maxwin).wrapping_sub(1),
+            );
         if !in_recv_win || !ack_ok {
             // Entirely old (a late retransmit), or an old acknowledgement.
             return Win::Ignore;
@@ -561,7 +562,10 @@ mod tests {
         synack.wscale = 7;
         assert_eq!(c.packet_seen(true, &synack, false), Verdict::Valid);
         assert_eq!(c.state, TcpState::SynRecv);
-        assert_eq!(c.packet(false, &seg(ACK, 1001, 5001, 502, 0)), Verdict::Valid);
+        assert_eq!(
+            c.packet(false, &seg(ACK, 1001, 5001, 502, 0)),
+            Verdict::Valid
+        );
         assert_eq!(c.state, TcpState::Established);
         c
     }
@@ -577,11 +581,20 @@ mod tests {
                 Verdict::Valid
             );
             sseq = sseq.wrapping_add(1448);
-            assert_eq!(c.packet(false, &seg(ACK, 1001, sseq, 502, 0)), Verdict::Valid);
+            assert_eq!(
+                c.packet(false, &seg(ACK, 1001, sseq, 502, 0)),
+                Verdict::Valid
+            );
         }
-        assert_eq!(c.packet(false, &seg(FIN | ACK, 1001, sseq, 502, 0)), Verdict::Valid);
+        assert_eq!(
+            c.packet(false, &seg(FIN | ACK, 1001, sseq, 502, 0)),
+            Verdict::Valid
+        );
         assert_eq!(c.state, TcpState::FinWait);
-        assert_eq!(c.packet(true, &seg(FIN | ACK, sseq, 1002, 509, 0)), Verdict::Valid);
+        assert_eq!(
+            c.packet(true, &seg(FIN | ACK, sseq, 1002, 509, 0)),
+            Verdict::Valid
+        );
         assert_eq!(c.state, TcpState::LastAck);
         assert_eq!(
             c.packet(false, &seg(ACK, 1002, sseq.wrapping_add(1), 502, 0)),
@@ -620,7 +633,10 @@ mod tests {
     fn forged_fin_and_data_outside_the_window_change_nothing() {
         let mut c = established();
         assert_eq!(
-            c.packet(true, &seg(FIN | ACK, 5001u32.wrapping_add(1 << 30), 1001, 10, 0)),
+            c.packet(
+                true,
+                &seg(FIN | ACK, 5001u32.wrapping_add(1 << 30), 1001, 10, 0)
+            ),
             Verdict::Invalid(Invalid::Window)
         );
         assert_eq!(
@@ -844,17 +860,14 @@ mod window_model {
                 ..Segment::default()
             }
         };
-        let mut cross = |s: Seg,
-                         ends: &mut [End; 2],
-                         m: &mut [MSide; 2],
-                         conn: &mut TcpConn,
-                         seen: &mut usize|
+        let cross = |s: Seg,
+                     ends: &mut [End; 2],
+                     m: &mut [MSide; 2],
+                     conn: &mut TcpConn,
+                     seen: &mut usize|
          -> (bool, bool) {
             let model_ok = model_in_window(m, &s).is_some();
-            let tracker_ok = !matches!(
-                conn.packet(s.from_b, &wire(ends, &s)),
-                Verdict::Invalid(_)
-            );
+            let tracker_ok = !matches!(conn.packet(s.from_b, &wire(ends, &s)), Verdict::Invalid(_));
             // The receiver takes it if it is next in order, and learns the sender's window.
             let sender_scale = ends[s.from_b as usize].scale;
             let r = &mut ends[1 - s.from_b as usize];
@@ -969,7 +982,10 @@ mod window_model {
         // of 8 and more, netfilter's tolerance for overshooting senders, up to a whole window,
         // can reach it: then only the agreement above is checked).
         if forged && scales.0.max(scales.1) < 8 {
-            prop_assert!(first_tracker.is_some(), "a forged segment far past the window passed");
+            prop_assert!(
+                first_tracker.is_some(),
+                "a forged segment far past the window passed"
+            );
         }
         Ok(())
     }

@@ -121,10 +121,7 @@ fn a_syn_on_a_finished_flow_ends_it_in_either_direction() {
         step(&ct, &r, &seg(FIN | ACK, 5001, 1002), S);
         step(&ct, &t, &seg(ACK, 1002, 5002), S);
         let who = if from_server { r } else { t };
-        assert_eq!(
-            step(&ct, &who, &seg(SYN, 77_777, 0), 2 * S),
-            Update::Reopen
-        );
+        assert_eq!(step(&ct, &who, &seg(SYN, 77_777, 0), 2 * S), Update::Reopen);
         assert!(ct.lookup(&t, 2 * S).is_none(), "the old entry is gone");
         assert_eq!(ct.entries(), 0);
     }
@@ -145,7 +142,12 @@ fn a_rst_closes_only_with_the_expected_sequence_number_and_checksum() {
         Update::Invalid(tcp::Invalid::Checksum)
     );
     assert_eq!(
-        step(&ct, &r, &seg(FIN | ACK, 5001u32.wrapping_add(1 << 31), 1001), S),
+        step(
+            &ct,
+            &r,
+            &seg(FIN | ACK, 5001u32.wrapping_add(1 << 31), 1001),
+            S
+        ),
         Update::Invalid(tcp::Invalid::Window),
         "a forged FIN"
     );
@@ -269,8 +271,7 @@ fn icmp_queries_pair_by_type_and_identifier() {
         };
         ct.insert(&t, &Segment::default(), 1, 0).unwrap();
         let lookup = |ty, id, dir, src, dst| {
-            let Kind::Flow(r) = classify_packet(&icmp_key(dir, src, dst, ty), &with_id(id))
-            else {
+            let Kind::Flow(r) = classify_packet(&icmp_key(dir, src, dst, ty), &with_id(id)) else {
                 panic!()
             };
             ct.lookup(&r, S)
@@ -360,7 +361,8 @@ fn a_full_bucket_pair_evicts_the_oldest_unassured_flow_never_an_assured_one() {
         assert!(ct.lookup(t, 0).unwrap().assured);
     }
     for i in 0..4u16 {
-        ct.insert(&udp(200 + i), &none, 1, u64::from(i) * S).unwrap();
+        ct.insert(&udp(200 + i), &none, 1, u64::from(i) * S)
+            .unwrap();
     }
     assert_eq!(ct.entries(), WAYS);
     assert_eq!(
@@ -435,15 +437,16 @@ fn the_bucket_hash_is_keyed() {
     let same = (0..1000u16)
         .filter(|&p| a.place(&tcp(p, 80)).0 == b.place(&tcp(p, 80)).0)
         .count();
-    assert!(same < 5, "{same} of 1000 tuples share buckets under two keys");
+    assert!(
+        same < 5,
+        "{same} of 1000 tuples share buckets under two keys"
+    );
     // Direction-independent under any key.
     for p in 0..100 {
         let t = tcp(p, 80);
         assert_eq!(a.place(&t), a.place(&t.reversed()));
-        let Kind::Flow(q) = classify_packet(
-            &icmp_key(Direction::Egress, 1, 2, 8),
-            &with_id(p),
-        ) else {
+        let Kind::Flow(q) = classify_packet(&icmp_key(Direction::Egress, 1, 2, 8), &with_id(p))
+        else {
             panic!()
         };
         assert_eq!(a.place(&q), a.place(&q.reversed()));
@@ -474,7 +477,10 @@ pub(super) fn first_refusal(cap: usize) -> f64 {
 #[test]
 fn established_flows_fill_the_table_past_ninety_percent() {
     let load = first_refusal(1 << 18);
-    eprintln!("256K slots: first established flow refused at {:.1} % load", load * 100.0);
+    eprintln!(
+        "256K slots: first established flow refused at {:.1} % load",
+        load * 100.0
+    );
     assert!(load >= 0.90, "refused at {load:.3}");
 }
 
@@ -614,7 +620,7 @@ pub(super) fn stress(seconds: f64) -> (u64, u64, u64) {
                     if ct.insert(&t, &seg(SYN, i, 0), 1, S).is_ok() {
                         n += 1;
                     }
-                    if i % 64 == 0 {
+                    if i.is_multiple_of(64) {
                         let mut cursor = i as usize;
                         ct.sweep(&mut cursor, 16, S);
                     }
