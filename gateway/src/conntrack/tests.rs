@@ -476,12 +476,14 @@ pub(super) fn first_refusal(cap: usize) -> f64 {
 
 #[test]
 fn established_flows_fill_the_table_past_ninety_percent() {
-    let load = first_refusal(1 << 18);
-    eprintln!(
-        "256K slots: first established flow refused at {:.1} % load",
-        load * 100.0
-    );
-    assert!(load >= 0.90, "refused at {load:.3}");
+    for (cap, name) in [(1 << 18, "256K"), (1 << 20, "1M")] {
+        let load = first_refusal(cap);
+        eprintln!(
+            "{name} slots: first established flow refused at {:.1} % load",
+            load * 100.0
+        );
+        assert!(load >= 0.90, "{name}: refused at {load:.3}");
+    }
 }
 
 #[test]
