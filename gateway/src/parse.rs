@@ -873,6 +873,45 @@ mod tests {
     }
 
     #[test]
+    fn the_ipv6_fragment_field_is_read_as_rfc_8200_lays_it_out() {
+        // Offset 13 bits (8-octet units), 2 reserved bits, M last: the bytes etherparse 0.19
+        // misread (JulianSchmid/etherparse#150).
+        assert_eq!(frag_field(0x00, 0x01), (0, true), "first fragment");
+        assert_eq!(frag_field(0x00, 0x20), (32, false), "offset 4 units, last");
+        assert_eq!(frag_field(0x00, 0x41), (64, true));
+        assert_eq!(frag_field(0x00, 0x80), (128, false));
+        assert_eq!(
+            frag_field(0xff, 0xf8),
+            (8191 * 8, false),
+            "the largest offset"
+        );
+        assert_eq!(
+            frag_field(0x00, 0x06),
+            (0, false),
+            "reserved bits are not M"
+        );
+        // A trailing fragment at 32 bytes that carries what looks like a TCP SYN is a later
+        // fragment, without ports.
+        let mut f = vec![2, 0, 0, 0, 0, 2, 2, 0, 0, 0, 0, 1, 0x86, 0xdd];
+        f.extend_from_slice(&[0x60, 0, 0, 0, 0, 28, 44, 64]);
+        f.extend_from_slice(&[0u8; 32]);
+        f.extend_from_slice(&[6, 0, 0x00, 0x20, 0, 0, 0, 9]);
+        f.extend_from_slice(&[
+            0x9c, 0x40, 0, 80, 0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0,
+        ]);
+        let (frame, track) = parse_tracked(&f, Direction::Ingress).unwrap();
+        assert!(!ip_key(Ok(frame)).ports_known);
+        assert_eq!(track.frag, Frag::Later { id: 9, offset: 32 });
+        // The same bytes as a first fragment (M set, offset 0): ports and flags read.
+        f[14 + 40 + 2..14 + 40 + 4].copy_from_slice(&[0, 1]);
+        let (frame, track) = parse_tracked(&f, Direction::Ingress).unwrap();
+        let k = ip_key(Ok(frame));
+        assert_eq!((k.proto, k.sport, k.dport), (6, 40000, 80));
+        assert_eq!(track.frag, Frag::First { id: 9, end: 20 });
+        assert_eq!(track.tcp_flags, crate::conntrack::tcp_flags::SYN);
+    }
+
+    #[test]
     fn l2_frames() {
         let mut arp = vec![0xff; 6];
         arp.extend_from_slice(&MAC_A);

@@ -15,7 +15,7 @@ use crate::config::{Config, KubernetesApi, Startup};
 use crate::conntrack::Conntrack;
 use crate::metrics::{self, Observed};
 use crate::preflight;
-use crate::stats::{SharedLatency, WorkerCounters};
+use crate::stats::{Reason, SharedLatency, WorkerCounters};
 use crate::sys::xdp;
 use crate::sys::xsk::{open_pair, SocketOptions};
 use crate::worker::{self, FlowRecord, WorkerSetup};
@@ -399,9 +399,15 @@ fn control_loop(
                     tracing::info!(target: "portcullis::flows", flow = %f.key, verdict = "allow", rule = origin.as_str(), logged_by = logged_by.as_str(), worker = f.worker, "logged flow")
                 }
                 Verdict::Deny(r) => {
-                    // A reply-looking packet (SYN-ACK, echo reply) that no tracked flow expected.
-                    let state = if f.no_flow { "no_flow" } else { "new" };
-                    tracing::info!(target: "portcullis::flows", flow = %f.key, verdict = "deny", reason = r.as_str(), rule = origin.as_str(), state, logged_by = logged_by.as_str(), worker = f.worker, "denied flow")
+                    // A reply-looking packet (SYN-ACK, echo reply) that no tracked flow expected;
+                    // a packet its flow's state refused; a fragment without its first.
+                    let (reason, state, rule) = match f.tracker {
+                        Some(Reason::Invalid) => ("invalid", "invalid", origin.as_str()),
+                        Some(t) => (t.as_str(), "fragment", "-"),
+                        None if f.no_flow => (r.as_str(), "no_flow", origin.as_str()),
+                        None => (r.as_str(), "new", origin.as_str()),
+                    };
+                    tracing::info!(target: "portcullis::flows", flow = %f.key, verdict = "deny", reason, rule, state, logged_by = logged_by.as_str(), worker = f.worker, "denied flow")
                 }
             }
         }

@@ -51,6 +51,10 @@ pub struct FlowRecord {
     pub worker: u16,
     /// A denied packet that looked like a reply (SYN-ACK, echo reply) and had no tracked flow.
     pub no_flow: bool,
+    /// The tracker's word, when it decided the drop: `invalid` (a packet its flow's state
+    /// refused, which the rules denied too), `fragment_no_first` or `fragment_overlap` (then
+    /// `rule` is `u32::MAX`: no rule was consulted).
+    pub tracker: Option<Reason>,
 }
 
 /// Everything a worker needs, moved into its thread.
@@ -217,6 +221,19 @@ impl<R: Rings> Datapath<R> {
                         Tracked::Drop(reason) => {
                             self.tally.drop(reason);
                             s.slot[i] = SLOT_DROP;
+                            if self.flow_tokens > 0 {
+                                self.flow_tokens -= 1;
+                                let _ = self.flows.push(FlowRecord {
+                                    key: s.parsed[i],
+                                    verdict: Verdict::Deny(policy::rule::DenyReason::Policy),
+                                    rule: u32::MAX,
+                                    log_rule: u32::MAX,
+                                    generation: table.generation(),
+                                    worker: self.index as u16,
+                                    no_flow: false,
+                                    tracker: Some(reason),
+                                });
+                            }
                             continue;
                         }
                     }
@@ -274,6 +291,8 @@ impl<R: Rings> Datapath<R> {
                             no_flow: denied
                                 && matches!(s.pending[k], Pending::Open(..))
                                 && conntrack::looks_like_reply(&s.keys[k], track),
+                            tracker: (denied && outcome == Outcome::Invalid)
+                                .then_some(Reason::Invalid),
                         });
                     }
                     match (verdict, outcome) {
