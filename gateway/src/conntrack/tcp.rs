@@ -228,28 +228,38 @@ const TABLE: [[[u8; 10]; 6]; 2] = {
     ]
 };
 
-/// netfilter's `tcp_valid_flags`: the combinations a stack sends (ECE and CWR aside).
+/// netfilter's `tcp_valid_flags`: the combinations a stack sends (ECE and CWR aside), as a
+/// 64-entry bit set over the low six flag bits (one load and a shift per segment).
+const VALID_FLAGS: u64 = {
+    let valid: [u8; 14] = [
+        SYN,
+        SYN | URG,
+        SYN | ACK,
+        RST,
+        RST | ACK,
+        RST | ACK | PSH,
+        FIN | ACK,
+        FIN | ACK | URG,
+        ACK,
+        ACK | URG,
+        ACK | PSH,
+        ACK | PSH | URG,
+        FIN | ACK | PSH,
+        FIN | ACK | PSH | URG,
+    ];
+    let mut set = 0u64;
+    let mut i = 0;
+    while i < valid.len() {
+        set |= 1 << valid[i];
+        i += 1;
+    }
+    set
+};
+
+/// Whether `flags` is a combination a TCP stack sends (netfilter `tcp_valid_flags`).
+#[inline(always)]
 pub fn valid_flags(flags: u8) -> bool {
-    const URG: u8 = 0x20;
-    const PSH: u8 = 0x08;
-    let f = flags & !(0x40 | 0x80);
-    matches!(
-        f,
-        x if x == SYN
-            || x == SYN | URG
-            || x == SYN | ACK
-            || x == RST
-            || x == RST | ACK
-            || x == RST | ACK | PSH
-            || x == FIN | ACK
-            || x == FIN | ACK | URG
-            || x == ACK
-            || x == ACK | URG
-            || x == ACK | PSH
-            || x == ACK | PSH | URG
-            || x == FIN | ACK | PSH
-            || x == FIN | ACK | PSH | URG
-    )
+    VALID_FLAGS >> (flags & 0x3f) & 1 == 1
 }
 
 #[inline(always)]
@@ -649,6 +659,35 @@ mod tests {
             c.packet(true, &seg(SYN | FIN, 5001, 0, 10, 0)),
             Verdict::Invalid(Invalid::Flags)
         );
+    }
+
+    #[test]
+    fn valid_flags_are_netfilters_fourteen_with_ece_and_cwr_ignored() {
+        // netfilter's tcp_valid_flags, as written there (TCPHDR_* values).
+        let (f, s, r, p, a, u) = (0x01u8, 0x02, 0x04, 0x08, 0x10, 0x20);
+        let nf = [
+            s,
+            s | u,
+            s | a,
+            r,
+            r | a,
+            r | a | p,
+            f | a,
+            f | a | u,
+            a,
+            a | u,
+            a | p,
+            a | p | u,
+            f | a | p,
+            f | a | p | u,
+        ];
+        for flags in 0..=255u8 {
+            assert_eq!(
+                valid_flags(flags),
+                nf.contains(&(flags & 0x3f)),
+                "{flags:#04x}"
+            );
+        }
     }
 
     #[test]
