@@ -272,7 +272,7 @@ fn case_1_related_icmp_must_go_to_the_quoted_sender_quote_only_itself_and_be_of_
             v6(254, true),
             v6(1, false),
             58,
-            &frames::icmp(1, 4, [0; 4], quote),
+            &frames::icmp6(v6(254, true), v6(1, false), 1, 4, [0; 4], quote),
         ),
     ));
     // Time exceeded about it, properly addressed: related.
@@ -642,15 +642,17 @@ fn case_9_packet_too_big_quoting_extension_headers_is_related() {
     let out = ipv6(client, server, 60, &body);
     c.outbound(eth(&[], 0x86dd, &out));
     // Packet too big from a router, quoting the packet with its Destination Options header.
-    let ptb = frames::icmp(2, 0, 1280u32.to_be_bytes(), &out);
-    c.inbound(eth(&[], 0x86dd, &ipv6(v6(254, true), client, 58, &ptb)));
+    let router = v6(254, true);
+    let ptb = |to| frames::icmp6(router, to, 2, 0, 1280u32.to_be_bytes(), &out);
+    c.inbound(eth(&[], 0x86dd, &ipv6(router, client, 58, &ptb(client))));
     // The same error addressed to the other inside host is not related.
-    c.inbound(eth(
-        &[],
-        0x86dd,
-        &ipv6(v6(254, true), v6(2, false), 58, &ptb),
-    ));
-    c.expect(&["allow", "allow", "deny"]);
+    let other = v6(2, false);
+    c.inbound(eth(&[], 0x86dd, &ipv6(router, other, 58, &ptb(other))));
+    // Related, but with a bad checksum: not related (netfilter verifies ICMP checksums).
+    let mut bad = ptb(client);
+    bad[2] ^= 0x55;
+    c.inbound(eth(&[], 0x86dd, &ipv6(router, client, 58, &bad)));
+    c.expect(&["allow", "allow", "deny", "deny"]);
 }
 
 #[test]

@@ -229,7 +229,12 @@ fn tcp_segment(l4: &[u8], addrs: &[u8], fragment: bool) -> Result<(u8, Segment),
     if doff > 20 {
         options(&l4[20..doff], &mut seg);
     }
-    if flags & (tcp_flags::SYN | tcp_flags::FIN | tcp_flags::RST) != 0 && !fragment {
+    if fragment {
+        // The checksum covers the whole datagram, which a first fragment does not hold: a FIN
+        // or RST that cannot be verified (and that a host which never reassembles the datagram
+        // never sees) changes no state. A SYN may still open its flow.
+        seg.csum_ok = flags & (tcp_flags::FIN | tcp_flags::RST) == 0;
+    } else if flags & (tcp_flags::SYN | tcp_flags::FIN | tcp_flags::RST) != 0 {
         seg.csum_ok = tcp_checksum_ok(l4, addrs);
     }
     Ok((flags, seg))
@@ -277,6 +282,17 @@ pub fn frag_field(b2: u8, b3: u8) -> (u32, bool) {
     (u32::from(v >> 3) * 8, v & 1 == 1)
 }
 
+/// An IPv6 Fragment header as read: offset (bytes) and M flag, identification, next header, and
+/// the length of what follows it (the fragment's share of the fragmentable part).
+#[derive(Debug, Clone, Copy)]
+struct V6Frag {
+    offset: u32,
+    more: bool,
+    id: u32,
+    next: u8,
+    len: u32,
+}
+
 /// Where an IP packet's transport header starts, and what the walk learnt.
 struct Ip<'a> {
     v6: bool,
@@ -294,10 +310,7 @@ struct Ip<'a> {
 /// transport protocol, the rest, and the fragment position. `Err(None)`: the chain runs past the
 /// end of `p`.
 #[allow(clippy::type_complexity)]
-fn v6_chain(
-    mut next: u8,
-    mut p: &[u8],
-) -> Result<(u8, &[u8], Option<(u32, bool, u32)>), Option<Reason>> {
+fn v6_chain(mut next: u8, mut p: &[u8]) -> Result<(u8, &[u8], Option<V6Frag>), Option<Reason>> {
     let mut frag = None;
     for n in 0.. {
         if n >= 16 {
@@ -326,7 +339,13 @@ fn v6_chain(
                     return Err(None);
                 }
                 let (offset, more) = frag_field(p[2], p[3]);
-                frag = Some((offset, more, be32(p, 4)));
+                frag = Some(V6Frag {
+                    offset,
+                    more,
+                    id: be32(p, 4),
+                    next: p[0],
+                    len: (p.len() - 8) as u32,
+                });
                 next = p[0];
                 p = &p[8..];
                 if offset != 0 {
@@ -394,13 +413,20 @@ fn ip_layer(ip: &[u8], v4: bool) -> Result<Ip<'_>, Reason> {
             proto_ = payload[0];
             payload = &payload[len..];
         }
+        // The fragmentable part starts after the IPv4 header (an AH is part of it).
+        let (raw_proto, frag_len) = (ip[9], (total - ihl) as u32);
         let frag = match (offset, more) {
             (0, false) => Frag::Whole,
             (0, true) => Frag::First {
                 id,
-                end: payload.len() as u32,
+                end: frag_len,
+                proto: raw_proto,
             },
-            (o, _) => Frag::Later { id, offset: o },
+            (o, _) => Frag::Later {
+                id,
+                offset: o,
+                proto: raw_proto,
+            },
         };
         return Ok(Ip {
             v6: false,
@@ -436,12 +462,18 @@ fn ip_layer(ip: &[u8], v4: bool) -> Result<Ip<'_>, Reason> {
         }
     };
     let frag = match frag {
-        None | Some((0, false, _)) => Frag::Whole,
-        Some((0, true, id)) => Frag::First {
-            id,
-            end: payload.len() as u32,
+        None => Frag::Whole,
+        Some(f) if f.offset == 0 && !f.more => Frag::Whole,
+        Some(f) if f.offset == 0 => Frag::First {
+            id: f.id,
+            end: f.len,
+            proto: f.next,
         },
-        Some((offset, _, id)) => Frag::Later { id, offset },
+        Some(f) => Frag::Later {
+            id: f.id,
+            offset: f.offset,
+            proto: f.next,
+        },
     };
     Ok(Ip {
         v6: true,
@@ -519,7 +551,7 @@ fn quoted(inner: &[u8], outer_v6: bool, error_dir: Direction, vlan: u16) -> Opti
             k.src = u128::from_be_bytes(inner[8..24].try_into().ok()?);
             k.dst = u128::from_be_bytes(inner[24..40].try_into().ok()?);
             let (p, rest, frag) = v6_chain(inner[6], &inner[40..]).ok()?;
-            if matches!(frag, Some((o, _, _)) if o != 0) {
+            if frag.is_some_and(|f| f.offset != 0) {
                 return None;
             }
             k.proto = p;
@@ -677,6 +709,16 @@ pub fn parse_sliced(data: &[u8], direction: Direction) -> Result<(Frame, Track),
             } else {
                 be16(l3, 2) as usize
             });
+            // netfilter verifies ICMP checksums (`icmp_error`): a message with a bad one is
+            // not tracked (neither a query nor a related error). A fragment's cannot be.
+            if !fragment {
+                let acc = if ip.v6 {
+                    sum16(ip.addrs, proto::ICMPV6 as u64 + p.len() as u64)
+                } else {
+                    0
+                };
+                track.seg.csum_ok = fold(sum16(p, acc)) == 0xffff;
+            }
             icmp_track(&key, p, ip_len, &mut track);
         }
         // A protocol without ports (GRE, ESP, ...): rules that need ports cannot match it.
@@ -901,13 +943,27 @@ mod tests {
         ]);
         let (frame, track) = parse_tracked(&f, Direction::Ingress).unwrap();
         assert!(!ip_key(Ok(frame)).ports_known);
-        assert_eq!(track.frag, Frag::Later { id: 9, offset: 32 });
+        assert_eq!(
+            track.frag,
+            Frag::Later {
+                id: 9,
+                offset: 32,
+                proto: 6
+            }
+        );
         // The same bytes as a first fragment (M set, offset 0): ports and flags read.
         f[14 + 40 + 2..14 + 40 + 4].copy_from_slice(&[0, 1]);
         let (frame, track) = parse_tracked(&f, Direction::Ingress).unwrap();
         let k = ip_key(Ok(frame));
         assert_eq!((k.proto, k.sport, k.dport), (6, 40000, 80));
-        assert_eq!(track.frag, Frag::First { id: 9, end: 20 });
+        assert_eq!(
+            track.frag,
+            Frag::First {
+                id: 9,
+                end: 20,
+                proto: 6
+            }
+        );
         assert_eq!(track.tcp_flags, crate::conntrack::tcp_flags::SYN);
     }
 

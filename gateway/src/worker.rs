@@ -350,22 +350,25 @@ pub(crate) fn track_packet(
 }
 
 /// The datagram a fragment belongs to.
-fn datagram(k: &FlowKey, id: u32) -> Datagram {
+fn datagram(k: &FlowKey, t: &Track, id: u32, proto: u8) -> Datagram {
     Datagram {
         dir: k.dir,
         v6: k.v6,
         src: k.src,
         dst: k.dst,
-        proto: k.proto,
+        proto,
         id,
+        vlan: k.vlan,
+        vlan2: t.vlan2,
     }
 }
 
 /// A first fragment that passed admits its datagram's later fragments.
 #[inline(always)]
-fn passed(ct: &Conntrack, k: &FlowKey, t: &Track, now: u64) {
-    if let Frag::First { id, end } = t.frag {
-        ct.frags().first(&datagram(k, id), end, now);
+fn passed(ct: &Conntrack, k: &FlowKey, t: &Track, now: u64, generation: u32) {
+    if let Frag::First { id, end, proto } = t.frag {
+        ct.frags()
+            .first(&datagram(k, t, id, proto), end, now, generation);
     }
 }
 
@@ -396,7 +399,7 @@ fn track_probed(
                         Pending::Recheck(hit, *tuple),
                     ),
                     Update::Pass(_) => {
-                        passed(ct, k, t, now);
+                        passed(ct, k, t, now, generation);
                         Tracked::Pass(CtEvent::Established)
                     }
                     Update::Invalid(_) => Tracked::Decide(*k, Pending::Invalid),
@@ -418,13 +421,16 @@ fn track_probed(
             None => Tracked::Decide(*k, Pending::Untracked),
         },
         Kind::Fragment => {
-            let Frag::Later { id, offset } = t.frag else {
+            let Frag::Later { id, offset, proto } = t.frag else {
                 return Tracked::Decide(*k, Pending::Untracked);
             };
-            match ct
-                .frags()
-                .later(&datagram(k, id), offset, now, ct.fragment_timeout_ns())
-            {
+            match ct.frags().later(
+                &datagram(k, t, id, proto),
+                offset,
+                now,
+                ct.fragment_timeout_ns(),
+                generation,
+            ) {
                 Later::Pass => Tracked::Pass(CtEvent::Fragment),
                 Later::NoFirst => Tracked::Drop(Reason::FragmentNoFirst),
                 Later::Overlap => Tracked::Drop(Reason::FragmentOverlap),
@@ -464,14 +470,14 @@ pub(crate) fn settle(
     match pending {
         Pending::Untracked => {
             if allowed {
-                passed(ct, k, t, now);
+                passed(ct, k, t, now, generation);
             }
             Outcome::Table
         }
         Pending::Invalid => {
             tally.ct(CtEvent::Invalid);
             if allowed {
-                passed(ct, k, t, now);
+                passed(ct, k, t, now, generation);
                 Outcome::Table
             } else {
                 Outcome::Invalid
@@ -479,14 +485,14 @@ pub(crate) fn settle(
         }
         Pending::Open(..) if !allowed => Outcome::Table,
         Pending::Open(tuple, place) => {
-            passed(ct, k, t, now);
             // Only a SYN opens a TCP flow, only a request an ICMP one. A mid-stream segment the
             // rules allow passes on its own but opens nothing: otherwise the surviving half of a
             // connection that a new Deny just cut would open it again the other way.
             if !conntrack::opens_flow(k, t) {
+                passed(ct, k, t, now, generation);
                 return Outcome::Table;
             }
-            match ct.insert_at(tuple, place, &t.seg, generation, now) {
+            let outcome = match ct.insert_at(tuple, place, &t.seg, generation, now) {
                 Ok(Opened::New(displaced)) => {
                     tally.ct(CtEvent::New);
                     match displaced {
@@ -505,12 +511,17 @@ pub(crate) fn settle(
                 }
                 Ok(Opened::Exists(_)) => Outcome::Table,
                 Err(InsertError::Full) => Outcome::Full,
+            };
+            // A first fragment admits the rest of its datagram only if it passes.
+            if outcome == Outcome::Table {
+                passed(ct, k, t, now, generation);
             }
+            outcome
         }
         Pending::Recheck(hit, tuple) | Pending::RecheckRelated(hit, tuple) => {
             if allowed {
                 ct.revalidate(hit, tuple, generation, now);
-                passed(ct, k, t, now);
+                passed(ct, k, t, now, generation);
             } else {
                 ct.remove(hit, tuple, now);
                 tally.ct(CtEvent::RevalidatedDrop);

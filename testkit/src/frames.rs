@@ -152,6 +152,23 @@ pub fn icmp(ty: u8, code: u8, rest: [u8; 4], body: &[u8]) -> Vec<u8> {
     s
 }
 
+/// An ICMPv6 message between `src` and `dst` (its checksum covers the IPv6 pseudo-header).
+pub fn icmp6(
+    src: [u8; 16],
+    dst: [u8; 16],
+    ty: u8,
+    code: u8,
+    rest: [u8; 4],
+    body: &[u8],
+) -> Vec<u8> {
+    let mut s = vec![ty, code, 0, 0];
+    s.extend_from_slice(&rest);
+    s.extend_from_slice(body);
+    let c = !fold(sum(&s, pseudo(&src, &dst, 58, s.len())));
+    s[2..4].copy_from_slice(&c.to_be_bytes());
+    s
+}
+
 /// An ICMP query: identifier and sequence number in the four bytes after the checksum.
 pub fn icmp_query(ty: u8, id: u16, seq: u16) -> Vec<u8> {
     let mut rest = [0; 4];

@@ -18,7 +18,8 @@ use policy::rule::Direction;
 
 const WAYS: usize = 4;
 
-/// A fragmented datagram's identity.
+/// A fragmented datagram's identity: the direction, both VLAN tags, the addresses, the
+/// protocol its fragments carry and the identification.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Datagram {
     pub dir: Direction,
@@ -27,6 +28,8 @@ pub struct Datagram {
     pub dst: u128,
     pub proto: u8,
     pub id: u32,
+    pub vlan: u16,
+    pub vlan2: u16,
 }
 
 impl Datagram {
@@ -41,14 +44,16 @@ impl Datagram {
                 | (self.v6 as u64) << 40
                 | (self.dir as u64) << 41
                 | 1 << 63,
-            0,
+            self.vlan as u64 | (self.vlan2 as u64) << 16,
         ]
     }
 }
 
 #[derive(Default)]
 struct Entry {
-    key: [AtomicU64; 5],
+    key: [AtomicU64; 6],
+    /// The table generation that admitted the first fragment.
+    generation: AtomicU32,
     /// Bytes of data the first fragment covers.
     end: AtomicU32,
     /// When the first fragment passed (0: free).
@@ -110,10 +115,10 @@ impl Frags {
         r
     }
 
-    /// Remembers that the first fragment of `d` passed at `now` (`end`: bytes of data it
-    /// carries). `now` is never 0 in a live table (the clock starts before the first packet);
-    /// a 0 is taken as 1.
-    pub fn first(&self, d: &Datagram, end: u32, now: u64) {
+    /// Remembers that the first fragment of `d` passed at `now` under table `generation`
+    /// (`end`: bytes of the fragmentable part it carries). `now` is never 0 in a live table (the
+    /// clock starts before the first packet); a 0 is taken as 1.
+    pub fn first(&self, d: &Datagram, end: u32, now: u64, generation: u32) {
         let w = d.words();
         let now = now.max(1);
         self.locked(self.bucket(d), |b| {
@@ -121,7 +126,7 @@ impl Frags {
             let mut oldest = u64::MAX;
             for (i, e) in b.entries.iter().enumerate() {
                 let seen = e.seen.load(Ordering::Relaxed);
-                if seen != 0 && (0..5).all(|k| e.key[k].load(Ordering::Relaxed) == w[k]) {
+                if seen != 0 && (0..6).all(|k| e.key[k].load(Ordering::Relaxed) == w[k]) {
                     pick = i;
                     break;
                 }
@@ -135,21 +140,32 @@ impl Frags {
                 k.store(v, Ordering::Relaxed);
             }
             e.end.store(end, Ordering::Relaxed);
+            e.generation.store(generation, Ordering::Relaxed);
             e.seen.store(now, Ordering::Relaxed);
         })
     }
 
-    /// Decides a later fragment of `d` at `offset` bytes, at `now`; entries older than
-    /// `timeout_ns` are gone.
-    pub fn later(&self, d: &Datagram, offset: u32, now: u64, timeout_ns: u64) -> Later {
+    /// Decides a later fragment of `d` at `offset` bytes, at `now`, under table `generation`;
+    /// entries older than `timeout_ns`, or admitted by an older table (a policy change applies
+    /// to datagrams in flight too), are gone.
+    pub fn later(
+        &self,
+        d: &Datagram,
+        offset: u32,
+        now: u64,
+        timeout_ns: u64,
+        generation: u32,
+    ) -> Later {
         let w = d.words();
         self.locked(self.bucket(d), |b| {
             for e in &b.entries {
                 let seen = e.seen.load(Ordering::Relaxed);
-                if seen == 0 || !(0..5).all(|k| e.key[k].load(Ordering::Relaxed) == w[k]) {
+                if seen == 0 || !(0..6).all(|k| e.key[k].load(Ordering::Relaxed) == w[k]) {
                     continue;
                 }
-                if now.saturating_sub(seen) > timeout_ns {
+                if now.saturating_sub(seen) > timeout_ns
+                    || super::older(e.generation.load(Ordering::Relaxed), generation)
+                {
                     return Later::NoFirst;
                 }
                 return if offset < e.end.load(Ordering::Relaxed) {
@@ -175,22 +191,32 @@ mod tests {
             dst: 2,
             proto: 17,
             id,
+            vlan: 0xffff,
+            vlan2: 0xffff,
         }
     }
 
     #[test]
     fn later_fragments_follow_their_first() {
         let f = Frags::new(64, (1, 2));
-        assert_eq!(f.later(&d(7), 1448, 10, 1_000), Later::NoFirst);
-        f.first(&d(7), 1448, 10);
-        assert_eq!(f.later(&d(7), 1448, 20, 1_000), Later::Pass);
-        assert_eq!(f.later(&d(7), 8, 20, 1_000), Later::Overlap);
-        assert_eq!(f.later(&d(8), 1448, 20, 1_000), Later::NoFirst);
+        assert_eq!(f.later(&d(7), 1448, 10, 1_000, 1), Later::NoFirst);
+        f.first(&d(7), 1448, 10, 1);
+        assert_eq!(f.later(&d(7), 1448, 20, 1_000, 1), Later::Pass);
+        assert_eq!(f.later(&d(7), 8, 20, 1_000, 1), Later::Overlap);
+        assert_eq!(f.later(&d(8), 1448, 20, 1_000, 1), Later::NoFirst);
         let mut other_way = d(7);
         other_way.dir = Direction::Egress;
-        assert_eq!(f.later(&other_way, 1448, 20, 1_000), Later::NoFirst);
+        assert_eq!(f.later(&other_way, 1448, 20, 1_000, 1), Later::NoFirst);
+        let mut other_vlan = d(7);
+        other_vlan.vlan = 20;
+        assert_eq!(f.later(&other_vlan, 1448, 20, 1_000, 1), Later::NoFirst);
         assert_eq!(
-            f.later(&d(7), 1448, 2_000, 1_000),
+            f.later(&d(7), 1448, 20, 1_000, 2),
+            Later::NoFirst,
+            "admitted by an older table"
+        );
+        assert_eq!(
+            f.later(&d(7), 1448, 2_000, 1_000, 1),
             Later::NoFirst,
             "timed out"
         );
@@ -200,14 +226,14 @@ mod tests {
     fn a_flood_of_firsts_replaces_the_oldest() {
         let f = Frags::new(4, (1, 2));
         for id in 0..100 {
-            f.first(&d(id), 8, 1 + id as u64);
+            f.first(&d(id), 8, 1 + id as u64, 1);
         }
         let passing = (0..100)
-            .filter(|&id| f.later(&d(id), 8, 200, 1_000) == Later::Pass)
+            .filter(|&id| f.later(&d(id), 8, 200, 1_000, 1) == Later::Pass)
             .count();
         assert_eq!(passing, WAYS);
         assert_eq!(
-            f.later(&d(99), 8, 200, 1_000),
+            f.later(&d(99), 8, 200, 1_000, 1),
             Later::Pass,
             "the newest stays"
         );

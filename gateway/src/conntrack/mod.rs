@@ -179,16 +179,19 @@ impl FlowState {
     }
 }
 
-/// Where a packet sits in a fragmented datagram.
+/// Where a packet sits in a fragmented datagram. Offsets count from the start of the
+/// fragmentable part (after the IPv4 header, or after the IPv6 Fragment header), and `proto` is
+/// what the fragments themselves say comes next (the IPv4 protocol field, the Fragment header's
+/// next header), so a datagram's fragments share it whatever headers the first one carries.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Frag {
     /// Not fragmented (or an atomic fragment: offset 0, no more fragments).
     #[default]
     Whole,
     /// The first fragment: it carries the transport header; its data covers `[0, end)` bytes.
-    First { id: u32, end: u32 },
+    First { id: u32, end: u32, proto: u8 },
     /// A later fragment, at `offset` bytes.
-    Later { id: u32, offset: u32 },
+    Later { id: u32, offset: u32, proto: u8 },
 }
 
 /// What the tracker needs from a packet beyond its [`FlowKey`]: read by the parser.
@@ -202,7 +205,8 @@ pub struct Track {
     /// the opposite of the error's). `None` when the quote is unusable (too short, another
     /// family, longer than the packet it claims to quote).
     pub quoted: Option<FlowKey>,
-    /// The TCP segment's sequence space, window and options.
+    /// The TCP segment's sequence space, window and options. For ICMP, `seg.csum_ok` says
+    /// whether the message's checksum is right.
     pub seg: Segment,
     /// The inner VLAN id of a QinQ frame, or [`NO_VLAN`].
     pub vlan2: u16,
@@ -475,7 +479,7 @@ fn classify_icmp(key: &FlowKey, t: &Track) -> Kind {
     base.vlan2 = t.vlan2;
     let v6 = key.proto == proto::ICMPV6;
     let ty = key.sport as u8;
-    if key.sport > 0xff || (v6 != key.v6) {
+    if key.sport > 0xff || (v6 != key.v6) || !t.seg.csum_ok {
         return Kind::Untracked;
     }
     if icmp_reply_of(v6, ty).is_some() {
@@ -1251,8 +1255,14 @@ impl Conntrack {
                 } else {
                     packet.reversed()
                 };
-                if c.tuple == expect && !self.expired(&c, now) {
-                    let (info, state) = generic_next(c.info, hit.original);
+                // A UDP flow whose assurance may be due needs its opening time (second line):
+                // the locked path reads it.
+                let due = udp_like(c.tuple.proto)
+                    && c.info & I_SEEN_REPLY != 0
+                    && c.info & I_ASSURED == 0;
+                if c.tuple == expect && !self.expired(&c, now) && !due {
+                    let (info, state) =
+                        generic_next(c.info, hit.original, c.tuple.proto, now, None);
                     if info == c.info && now.saturating_sub(c.seen) < SEEN_GRANULARITY_NS {
                         return Update::Pass(state);
                     }
@@ -1303,7 +1313,9 @@ impl Conntrack {
             {
                 Some(Update::Pass(state))
             }
-            (tcp::Verdict::Ignore, _, w, state) if w == win => Some(Update::Pass(state)),
+            (tcp::Verdict::Ignore, info, w, state) if w == win && info == c.info => {
+                Some(Update::Pass(state))
+            }
             _ => None,
         }
     }
@@ -1314,11 +1326,12 @@ impl Conntrack {
         };
         let s = &self.slots[i];
         if e.tuple.proto != proto::TCP {
-            let (info, state) = generic_next(e.info, original);
+            // The second line of a non-TCP entry holds when it opened.
+            let (info, state) = generic_next(e.info, original, e.tuple.proto, now, Some(e.win[0]));
             if info != e.info || now.saturating_sub(e.seen) >= SEEN_GRANULARITY_NS {
                 self.begin(i);
                 s.info.store(info, Ordering::Relaxed);
-                s.seen.store(now, Ordering::Relaxed);
+                s.seen.store(now.max(e.seen), Ordering::Relaxed);
                 self.end(i);
             }
             return Update::Pass(state);
@@ -1334,16 +1347,17 @@ impl Conntrack {
                     for (w, v) in s.win.iter().zip(win) {
                         w.store(v, Ordering::Relaxed);
                     }
-                    s.seen.store(now, Ordering::Relaxed);
+                    s.seen.store(now.max(e.seen), Ordering::Relaxed);
                     self.end(i);
                 }
                 Update::Pass(state)
             }
-            (tcp::Verdict::Ignore, _, win, state) => {
+            (tcp::Verdict::Ignore, info, win, state) => {
                 // Part of the flow, moves nothing but what the window check itself keeps (an
                 // overshooting sender's end); like netfilter, it does not refresh the timeout.
-                if win != e.win {
+                if win != e.win || info != e.info {
                     self.begin(i);
+                    s.info.store(info, Ordering::Relaxed);
                     for (w, v) in s.win.iter().zip(win) {
                         w.store(v, Ordering::Relaxed);
                     }
@@ -1371,7 +1385,9 @@ impl Conntrack {
         let b = hit.slot / WAYS;
         self.lock(b);
         if let Some((e, _)) = self.holds(hit.slot, packet, now) {
-            if older(e.generation, generation) {
+            // The same instance (a flow removed and opened again in this slot since carries
+            // another generation), and not admitted by a newer table meanwhile.
+            if e.generation == hit.generation && older(e.generation, generation) {
                 self.begin(hit.slot);
                 self.slots[hit.slot]
                     .generation
@@ -1411,7 +1427,7 @@ impl Conntrack {
             };
             (pack_tcp(0, &conn), win_words(&conn))
         } else {
-            (CODE_UNREPLIED, [0; 4])
+            (CODE_UNREPLIED, [now, 0, 0, 0])
         };
         let b = [place.b[0] as usize, place.b[1] as usize];
         self.lock_pair(b);
@@ -1435,17 +1451,51 @@ impl Conntrack {
         let pair: &[usize] = if b[0] == b[1] { &b[..1] } else { &b[..] };
         // Is it there already? Nothing can add it meanwhile: every insert of it holds these two
         // locks, and under them the tag words are exact.
+        // An entry of the same flow that this worker's clock calls expired (another worker's
+        // clock may lag) is replaced in place, so there is never a second one.
         let (m, rm) = (t.meta(), t.reversed().meta());
-        for &x in pair {
+        let mut same: Option<usize> = None;
+        'exists: for &x in pair {
             let mut cand = tag_matches(self.heads[x].tags.load(Ordering::Relaxed), tag);
             while cand != 0 {
                 let i = x * WAYS + (cand.trailing_zeros() / 8) as usize;
                 cand &= cand - 1;
                 let w = self.slots[i].meta.load(Ordering::Relaxed);
-                if (w == m || w == rm) && self.holds(i, t, now).is_some() {
-                    return Ok(Opened::Exists(self.update_locked(i, t, seg, now)));
+                if w != m && w != rm {
+                    continue;
+                }
+                if self.holds(i, t, now).is_some() {
+                    match self.update_locked(i, t, seg, now) {
+                        // A SYN that ended a closed entry: the new flow goes in below.
+                        Update::Reopen => break 'exists,
+                        r => return Ok(Opened::Exists(r)),
+                    }
+                }
+                if self
+                    .entry(i)
+                    .is_some_and(|e| e.tuple == *t || e.tuple == t.reversed())
+                {
+                    same = Some(i);
+                    break 'exists;
                 }
             }
+        }
+        if let Some(i) = same {
+            let home = i / WAYS;
+            let alt = if home == b[0] { b[1] } else { b[0] };
+            self.put(
+                i,
+                &Entry {
+                    tuple: *t,
+                    info,
+                    generation,
+                    seen: now,
+                    win,
+                    alt: alt as u32,
+                },
+                tag,
+            );
+            return Ok(Opened::New(Displaced::Expired));
         }
         // A free slot, the primary bucket first; else an expired one; else room a move makes;
         // else the oldest unassured entry. Only each slot's first line is read.
@@ -1584,7 +1634,9 @@ impl Conntrack {
     pub fn remove(&self, hit: &Hit, packet: &Tuple, now: u64) -> bool {
         let b = hit.slot / WAYS;
         self.lock(b);
-        let done = self.holds(hit.slot, packet, now).is_some();
+        let done = self
+            .holds(hit.slot, packet, now)
+            .is_some_and(|(e, _)| e.generation == hit.generation);
         if done {
             self.clear(hit.slot);
             self.entries.fetch_sub(1, Ordering::Relaxed);
@@ -1628,30 +1680,26 @@ impl Conntrack {
         freed
     }
 
-    /// Every live flow for which `keep` holds (off the datapath: walks the whole table).
+    /// Every live flow for which `keep` holds (off the datapath: walks the whole table with
+    /// seqlocked copies, taking no lock a worker could wait on).
     pub fn list(&self, now: u64, mut keep: impl FnMut(&Tuple) -> bool) -> Vec<FlowEntry> {
         let mut out = Vec::new();
         for i in 0..self.slots.len() {
-            let Some(c) = self.read(i) else { continue };
+            let Some((c, win)) = self.read_full(i) else {
+                continue;
+            };
             if self.expired(&c, now) || !keep(&c.tuple) {
                 continue;
             }
             let window = (c.tuple.proto == proto::TCP).then(|| {
-                let b = i / WAYS;
-                self.lock(b);
-                let e = self.entry(i);
-                self.unlock(b);
-                e.filter(|e| e.tuple == c.tuple).map(|e| {
-                    let conn = tcp_of(e.info, &e.win);
-                    conn.sides.map(|s| WindowView {
-                        end: s.end,
-                        maxend: s.maxend,
-                        maxwin: s.maxwin,
-                        scale: s.scale,
-                    })
+                tcp_of(c.info, &win).sides.map(|s| WindowView {
+                    end: s.end,
+                    maxend: s.maxend,
+                    maxwin: s.maxwin,
+                    scale: s.scale,
                 })
             });
-            out.push(entry_view(&c, now, window.flatten()));
+            out.push(entry_view(&c, now, window));
         }
         out
     }
@@ -1704,11 +1752,29 @@ fn hit(i: usize, c: &SlotCopy, original: bool) -> Hit {
     }
 }
 
-/// A protocol without TCP's states: a reply makes it replied, any packet after that assured.
-fn generic_next(info: u32, original: bool) -> (u32, FlowState) {
-    let state = info & I_STATE;
+/// Protocols netfilter assures like UDP (a stream): UDP, UDP-Lite, and SCTP, which we track
+/// without its own state machine.
+fn udp_like(p: u8) -> bool {
+    matches!(p, proto::UDP | proto::SCTP | 136)
+}
+
+/// A protocol without TCP's states: a reply makes it replied. Only UDP-like flows become
+/// assured, and only as netfilter's `stream_ts` says: a packet after the reply was seen, at
+/// least 2 s after the flow opened (`created`; `None` when unknown: then never). ICMP and the
+/// generic protocols are never assured, so a flood of answered pings or ESP cannot fill the
+/// table with entries that may not be evicted.
+fn generic_next(
+    info: u32,
+    original: bool,
+    proto_: u8,
+    now: u64,
+    created: Option<u64>,
+) -> (u32, FlowState) {
     let mut next = info;
-    if state == CODE_REPLIED {
+    if udp_like(proto_)
+        && info & I_SEEN_REPLY != 0
+        && created.is_some_and(|c| now >= c.saturating_add(2 * NS))
+    {
         next |= I_ASSURED;
     }
     if !original {
@@ -1745,6 +1811,14 @@ fn tcp_step(
             }
             (v, next, win_words(&conn), FlowState::of_tcp(conn.state))
         }
+        // Ignored: the state stays, but what the window check itself keeps (a re-initialised
+        // side's options, an overshooting sender's end) is kept whole, as netfilter keeps it.
+        tcp::Verdict::Ignore => (
+            v,
+            pack_tcp(info, &conn),
+            win_words(&conn),
+            FlowState::of_tcp(old),
+        ),
         _ => (v, info, win_words(&conn), FlowState::of_tcp(old)),
     }
 }

@@ -104,6 +104,8 @@ struct Known {
     assured: bool,
     seen_reply: bool,
     seen: u64,
+    /// When the flow opened (UDP assurance waits 2 s from it).
+    created: u64,
 }
 
 fn occupied(ct: &Conntrack) -> usize {
@@ -145,8 +147,8 @@ fn segment(shape: Shape, k: Option<&Known>, reply: bool) -> Segment {
 fn expect(k: &Known, reply: bool, seg: &Segment, now: u64) -> (Update, Option<Known>) {
     let mut n = *k;
     if k.tcp.state == TcpState::None {
-        // Not TCP: the generic rules.
-        if k.state == FlowState::Replied {
+        // Not TCP (the pool's others are UDP): a packet after the reply, 2 s after opening.
+        if k.seen_reply && now >= k.created + 2 * S {
             n.assured = true;
         }
         if reply {
@@ -273,6 +275,7 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
                                         assured: false,
                                         seen_reply: false,
                                         seen: now,
+                                        created: now,
                                     },
                                 );
                             }

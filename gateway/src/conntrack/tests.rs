@@ -192,7 +192,21 @@ fn udp_is_unreplied_then_replied_then_assured() {
     );
     assert!(!ct.lookup(&t, S).unwrap().assured, "a request and a reply");
     step(&ct, &t, &none, 2 * S);
-    assert!(ct.lookup(&t, 2 * S).unwrap().assured, "and then more");
+    assert!(
+        ct.lookup(&t, 2 * S).unwrap().assured,
+        "and then more, 2 s after it opened"
+    );
+    // ICMP and other protocols are never assured (netfilter): an answered ping flood evicts.
+    let ping = Tuple {
+        proto: proto::ICMP,
+        sport: 7,
+        dport: 8,
+        ..udp(0)
+    };
+    ct.insert(&ping, &none, 1, 0).unwrap();
+    step(&ct, &ping.reversed(), &none, S);
+    step(&ct, &ping, &none, 5 * S);
+    assert!(!ct.lookup(&ping, 5 * S).unwrap().assured);
     assert!(ct.lookup(&t, 100 * S).is_some());
     assert!(ct.lookup(&t, 123 * S).is_none(), "120 s replied");
 }
@@ -357,8 +371,13 @@ fn a_full_bucket_pair_evicts_the_oldest_unassured_flow_never_an_assured_one() {
     for t in &assured {
         ct.insert(t, &none, 1, 0).unwrap();
         step(&ct, &t.reversed(), &none, 0);
-        step(&ct, t, &none, 0);
-        assert!(ct.lookup(t, 0).unwrap().assured);
+        step(&ct, t, &none, S);
+        assert!(
+            !ct.lookup(t, S).unwrap().assured,
+            "too soon (netfilter: 2 s)"
+        );
+        step(&ct, t, &none, 2 * S);
+        assert!(ct.lookup(t, 2 * S).unwrap().assured);
     }
     for i in 0..4u16 {
         ct.insert(&udp(200 + i), &none, 1, u64::from(i) * S)
@@ -380,19 +399,19 @@ fn a_full_bucket_pair_evicts_the_oldest_unassured_flow_never_an_assured_one() {
     for t in (200..400).map(udp) {
         if ct.lookup(&t, 6 * S).is_some() {
             step(&ct, &t.reversed(), &none, 6 * S);
-            step(&ct, &t, &none, 6 * S);
+            step(&ct, &t, &none, 9 * S);
         }
     }
     let live = (200..400)
-        .filter(|&p| ct.lookup(&udp(p), 6 * S).is_some())
+        .filter(|&p| ct.lookup(&udp(p), 9 * S).is_some())
         .count();
     assert_eq!(live, 4);
     assert_eq!(
-        ct.insert(&udp(400), &none, 1, 6 * S),
+        ct.insert(&udp(400), &none, 1, 9 * S),
         Err(InsertError::Full)
     );
     for t in &assured {
-        assert!(ct.lookup(t, 6 * S).is_some(), "assured flows stay");
+        assert!(ct.lookup(t, 9 * S).is_some(), "assured flows stay");
     }
     // Past their timeout, assured flows make room.
     assert_eq!(
@@ -466,7 +485,7 @@ pub(super) fn first_refusal(cap: usize) -> f64 {
         match ct.insert(&t, &none, 1, 0) {
             Ok(_) => {
                 step(&ct, &t.reversed(), &none, 0);
-                step(&ct, &t, &none, 0);
+                step(&ct, &t, &none, 2 * S);
             }
             Err(_) => return ct.entries() as f64 / ct.capacity() as f64,
         }
