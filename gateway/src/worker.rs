@@ -384,8 +384,8 @@ fn track_probed(
     now: u64,
 ) -> Tracked {
     match kind {
-        Kind::Flow(tuple) => match ct.lookup_probed(tuple, probe, now) {
-            Some(hit) => {
+        Kind::Flow(tuple) => match ct.lookup_update(tuple, probe, &t.seg, now) {
+            Some((hit, update)) => {
                 // The flow's state sees the packet first (netfilter: conntrack before the
                 // rules). A flow an older table admitted, and a new SYN, are then decided by the
                 // current table, in the flow's original direction.
@@ -393,7 +393,7 @@ fn track_probed(
                     && k.proto == proto::TCP
                     && t.tcp_flags & (conntrack::tcp_flags::SYN | conntrack::tcp_flags::ACK)
                         == conntrack::tcp_flags::SYN;
-                match ct.update(&hit, tuple, &t.seg, now) {
+                match update {
                     Update::Pass(_) if syn || older(hit.generation, generation) => Tracked::Decide(
                         hit.original_tuple(tuple).key(),
                         Pending::Recheck(hit, *tuple),

@@ -376,6 +376,18 @@ impl Tuple {
 
     /// The words the bucket hash reads: the same for a tuple and its reverse (the endpoints in a
     /// fixed order, no direction).
+    /// The words the bucket hash reads (see [`Tuple::hash_words`]), packed: an IPv4 tuple's two
+    /// addresses share one word, so it hashes three words where IPv6 hashes six.
+    #[inline(always)]
+    fn hash_input(&self) -> ([u64; 6], usize) {
+        let w = self.hash_words();
+        if self.v6 {
+            (w, 6)
+        } else {
+            ([w[1] | w[3] << 32, w[4], w[5], 0, 0, 0], 3)
+        }
+    }
+
     #[inline(always)]
     fn hash_words(&self) -> [u64; 6] {
         let (a, pa, b, pb) = if is_icmp(self.proto) {
@@ -764,7 +776,7 @@ pub fn older(a: u32, b: u32) -> bool {
 /// SipHash-1-3 of six words (the flow's canonical tuple): the bucket hash, keyed so that an
 /// outsider cannot compute tuples that collide (netfilter hashes its tuples with siphash too).
 #[inline(always)]
-fn siphash13(k: (u64, u64), words: &[u64; 6]) -> u64 {
+fn siphash13(k: (u64, u64), words: &[u64]) -> u64 {
     let mut v0 = k.0 ^ 0x736f_6d65_7073_6575;
     let mut v1 = k.1 ^ 0x646f_7261_6e64_6f6d;
     let mut v2 = k.0 ^ 0x6c79_6765_6e65_7261;
@@ -792,7 +804,7 @@ fn siphash13(k: (u64, u64), words: &[u64; 6]) -> u64 {
         round!();
         v0 ^= m;
     }
-    let b = 48u64 << 56;
+    let b = ((words.len() * 8) as u64) << 56;
     v3 ^= b;
     round!();
     v0 ^= b;
@@ -917,7 +929,8 @@ impl Conntrack {
     /// [`Conntrack::place`] as a [`Place`].
     #[inline(always)]
     pub(crate) fn locate(&self, t: &Tuple) -> Place {
-        let h = siphash13(self.key, &t.hash_words());
+        let (w, n) = t.hash_input();
+        let h = siphash13(self.key, &w[..n]);
         let b1 = range(h as u32, self.buckets);
         let mut b2 = range((h >> 32) as u32, self.buckets);
         if b2 == b1 {
@@ -1049,6 +1062,42 @@ impl Conntrack {
     /// is not missed: the move counter says to look again.
     #[inline(always)]
     pub(crate) fn lookup_probed(&self, t: &Tuple, p: &Probe, now: u64) -> Option<Hit> {
+        self.find(t, p, now, false)
+            .map(|(i, c, _, original)| hit(i, &c, original))
+    }
+
+    /// The datapath's lookup and update in one: the flow's slot is copied once (both lines for
+    /// TCP), the packet is decided on that copy when it changes nothing, and otherwise applied
+    /// under the bucket lock from the current state, as [`Conntrack::update`] does.
+    #[inline(always)]
+    pub(crate) fn lookup_update(
+        &self,
+        t: &Tuple,
+        p: &Probe,
+        seg: &Segment,
+        now: u64,
+    ) -> Option<(Hit, Update)> {
+        let tcp = t.proto == proto::TCP;
+        let (i, c, win, original) = self.find(t, p, now, tcp)?;
+        let h = hit(i, &c, original);
+        let quick = if tcp {
+            self.tcp_unlocked(i, &c, &win, original, seg, now)
+        } else {
+            self.generic_unlocked(i, &c, original, now)
+        };
+        Some((h, quick.unwrap_or_else(|| self.update_slow(i, t, seg, now))))
+    }
+
+    /// Finds the live entry of `t` in either direction: its slot, a consistent copy of it (with
+    /// the window words when `full`), and whether `t` is its original direction.
+    #[inline(always)]
+    fn find(
+        &self,
+        t: &Tuple,
+        p: &Probe,
+        now: u64,
+        full: bool,
+    ) -> Option<(usize, SlotCopy, [u64; 4], bool)> {
         let rev = t.reversed();
         let (m, rm) = (t.meta(), rev.meta());
         let mut p = *p;
@@ -1072,7 +1121,12 @@ impl Conntrack {
                     if w != m && w != rm {
                         continue;
                     }
-                    let Some(c) = self.read(i) else { continue };
+                    let copy = if full {
+                        self.read_full(i)
+                    } else {
+                        self.read(i).map(|c| (c, [0; 4]))
+                    };
+                    let Some((c, win)) = copy else { continue };
                     let original = c.tuple == *t;
                     if !original && c.tuple != rev {
                         continue;
@@ -1081,7 +1135,7 @@ impl Conntrack {
                         // An expired copy (the flow may have opened again in another slot).
                         continue;
                     }
-                    return Some(hit(i, &c, original));
+                    return Some((i, c, win, original));
                 }
             }
             fence(Ordering::Acquire);
@@ -1244,34 +1298,81 @@ impl Conntrack {
     pub fn update(&self, hit: &Hit, packet: &Tuple, seg: &Segment, now: u64) -> Update {
         // A packet that changes nothing (and a fresh last-seen time) writes nothing and takes no
         // lock, so the slot's cache lines stay shared between the workers that see the two
-        // directions. Deciding so from a copy is sound: had a concurrent writer moved the flow
-        // on, this packet is ordered before that write, against the state it was checked on.
-        if hit.proto != proto::TCP {
-            // From a fresh copy, not the hit's: another worker may have moved the flow on since
-            // the lookup (a reply), and this packet may then change it (assure it).
-            if let Some(c) = self.read(hit.slot) {
-                let expect = if hit.original {
-                    *packet
-                } else {
-                    packet.reversed()
-                };
-                // A UDP flow whose assurance may be due needs its opening time (second line):
-                // the locked path reads it.
-                let due = udp_like(c.tuple.proto)
-                    && c.info & I_SEEN_REPLY != 0
-                    && c.info & I_ASSURED == 0;
-                if c.tuple == expect && !self.expired(&c, now) && !due {
-                    let (info, state) =
-                        generic_next(c.info, hit.original, c.tuple.proto, now, None);
-                    if info == c.info && now.saturating_sub(c.seen) < SEEN_GRANULARITY_NS {
-                        return Update::Pass(state);
-                    }
-                }
-            }
-        } else if let Some(r) = self.check_unlocked(hit, packet, seg, now) {
-            return r;
+        // directions. It is decided on a fresh copy, not the hit's (another worker may have
+        // moved the flow on since the lookup); had a concurrent writer moved it on after the
+        // copy, this packet is ordered before that write, against the state it was checked on.
+        let expect = if hit.original {
+            *packet
+        } else {
+            packet.reversed()
+        };
+        let quick = if hit.proto != proto::TCP {
+            self.read(hit.slot)
+                .filter(|c| c.tuple == expect && !self.expired(c, now))
+                .and_then(|c| self.generic_unlocked(hit.slot, &c, hit.original, now))
+        } else {
+            self.read_full(hit.slot)
+                .filter(|(c, _)| c.tuple == expect && !self.expired(c, now))
+                .and_then(|(c, win)| self.tcp_unlocked(hit.slot, &c, &win, hit.original, seg, now))
+        };
+        quick.unwrap_or_else(|| self.update_slow(hit.slot, packet, seg, now))
+    }
+
+    /// A packet of a non-TCP flow decided on a copy: `Some` when it changes nothing.
+    #[inline(always)]
+    fn generic_unlocked(&self, i: usize, c: &SlotCopy, original: bool, now: u64) -> Option<Update> {
+        // A UDP flow whose assurance may be due needs its opening time (second line): the
+        // locked path reads it.
+        let due = udp_like(c.tuple.proto) && c.info & I_SEEN_REPLY != 0 && c.info & I_ASSURED == 0;
+        if due {
+            return None;
         }
-        let mut slot = hit.slot;
+        let (info, state) = generic_next(c.info, original, c.tuple.proto, now, None);
+        (info == c.info).then(|| {
+            self.refresh(i, c.seen, now);
+            Update::Pass(state)
+        })
+    }
+
+    /// Refreshes slot `i`'s last-seen time when it is staler than [`SEEN_GRANULARITY_NS`]. No
+    /// lock and no sequence bump: the time only ever grows (`fetch_max`, here and in the locked
+    /// writes), and a reader that copies it torn from the rest sees a flow fresh a moment
+    /// early, which only delays its expiry by that moment.
+    #[inline(always)]
+    fn refresh(&self, i: usize, seen: u64, now: u64) {
+        if now.saturating_sub(seen) >= SEEN_GRANULARITY_NS {
+            self.slots[i].seen.fetch_max(now, Ordering::Relaxed);
+        }
+    }
+
+    /// A TCP packet decided on a copy of its flow: `Some` when it changes nothing (an invalid
+    /// segment, a duplicate ACK, a replayed frame), `None` when the locked path must apply it.
+    #[inline(always)]
+    fn tcp_unlocked(
+        &self,
+        i: usize,
+        c: &SlotCopy,
+        win: &[u64; 4],
+        original: bool,
+        seg: &Segment,
+        now: u64,
+    ) -> Option<Update> {
+        match tcp_step(c.info, win, original, seg) {
+            (tcp::Verdict::Invalid(why), ..) => Some(Update::Invalid(why)),
+            (tcp::Verdict::Valid, info, w, state) if info == c.info && w == *win => {
+                self.refresh(i, c.seen, now);
+                Some(Update::Pass(state))
+            }
+            (tcp::Verdict::Ignore, info, w, state) if w == *win && info == c.info => {
+                Some(Update::Pass(state))
+            }
+            _ => None,
+        }
+    }
+
+    /// Applies a packet under the bucket lock of slot `slot`, finding the flow again if it moved.
+    fn update_slow(&self, slot: usize, packet: &Tuple, seg: &Segment, now: u64) -> Update {
+        let mut slot = slot;
         for _ in 0..4 {
             let b = slot / WAYS;
             self.lock(b);
@@ -1289,37 +1390,6 @@ impl Conntrack {
         Update::Gone
     }
 
-    /// A TCP packet decided on a copy of its flow: `Some` when it changes nothing (an invalid
-    /// segment, a duplicate ACK, a replayed frame), `None` when the locked path must apply it.
-    #[inline(always)]
-    fn check_unlocked(&self, hit: &Hit, packet: &Tuple, seg: &Segment, now: u64) -> Option<Update> {
-        let (c, win) = self.read_full(hit.slot)?;
-        let original = if c.tuple == *packet {
-            true
-        } else if c.tuple == packet.reversed() {
-            false
-        } else {
-            return None;
-        };
-        if self.expired(&c, now) {
-            return None;
-        }
-        match tcp_step(c.info, &win, original, seg) {
-            (tcp::Verdict::Invalid(why), ..) => Some(Update::Invalid(why)),
-            (tcp::Verdict::Valid, info, w, state)
-                if info == c.info
-                    && w == win
-                    && now.saturating_sub(c.seen) < SEEN_GRANULARITY_NS =>
-            {
-                Some(Update::Pass(state))
-            }
-            (tcp::Verdict::Ignore, info, w, state) if w == win && info == c.info => {
-                Some(Update::Pass(state))
-            }
-            _ => None,
-        }
-    }
-
     fn update_locked(&self, i: usize, packet: &Tuple, seg: &Segment, now: u64) -> Update {
         let Some((e, original)) = self.holds(i, packet, now) else {
             return Update::Gone;
@@ -1331,7 +1401,7 @@ impl Conntrack {
             if info != e.info || now.saturating_sub(e.seen) >= SEEN_GRANULARITY_NS {
                 self.begin(i);
                 s.info.store(info, Ordering::Relaxed);
-                s.seen.store(now.max(e.seen), Ordering::Relaxed);
+                s.seen.fetch_max(now, Ordering::Relaxed);
                 self.end(i);
             }
             return Update::Pass(state);
@@ -1347,7 +1417,7 @@ impl Conntrack {
                     for (w, v) in s.win.iter().zip(win) {
                         w.store(v, Ordering::Relaxed);
                     }
-                    s.seen.store(now.max(e.seen), Ordering::Relaxed);
+                    s.seen.fetch_max(now, Ordering::Relaxed);
                     self.end(i);
                 }
                 Update::Pass(state)
@@ -1739,6 +1809,7 @@ fn first_tag(tags: u64, tag: u8) -> Option<usize> {
     (m != 0).then(|| (m.trailing_zeros() / 8) as usize)
 }
 
+#[inline(always)]
 fn hit(i: usize, c: &SlotCopy, original: bool) -> Hit {
     Hit {
         slot: i,

@@ -70,6 +70,13 @@ enum Op {
         w: usize,
         shape: Shape,
     },
+    /// The datapath's way: a packet of flow `i` looked up and applied at once
+    /// (`Conntrack::lookup_update`, one copy of the slot).
+    LookupApply {
+        i: usize,
+        reply: bool,
+        shape: Shape,
+    },
     /// Policy no longer admits flow `i`.
     Remove(usize),
     Sweep(usize),
@@ -88,7 +95,8 @@ fn op() -> impl Strategy<Value = Op> {
     ];
     prop_oneof![
         6 => (0..3usize, 0..40usize, any::<bool>()).prop_map(|(w, i, reply)| Op::Lookup { w, i, reply }),
-        6 => (0..3usize, shape).prop_map(|(w, shape)| Op::Apply { w, shape }),
+        6 => (0..3usize, shape.clone()).prop_map(|(w, shape)| Op::Apply { w, shape }),
+        3 => (0..40usize, any::<bool>(), shape).prop_map(|(i, reply, shape)| Op::LookupApply { i, reply, shape }),
         1 => (0..40usize).prop_map(Op::Remove),
         1 => (1..64usize).prop_map(Op::Sweep),
         1 => prop_oneof![Just(0u64), Just(1), Just(5), Just(11), Just(31), Just(61), Just(121)].prop_map(Op::Wait),
@@ -298,6 +306,40 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
                         }
                     }
                     None => {}
+                }
+            }
+            Op::LookupApply { i, reply, shape } => {
+                let t = flows[i];
+                let pkt = if reply { t.reversed() } else { t };
+                let known = model
+                    .get(&i)
+                    .copied()
+                    .filter(|k| live(&ct, k, now, t.proto));
+                let seg = segment(shape, known.as_ref(), reply);
+                match (ct.lookup_update(&pkt, &ct.probe(&pkt), &seg, now), known) {
+                    (Some((h, got)), Some(k)) => {
+                        prop_assert_eq!(h.original, !reply);
+                        let (want, after) = expect(&k, reply, &seg, now);
+                        prop_assert_eq!(got, want, "flow {} {:?} with {:?}", i, k, seg);
+                        match after {
+                            Some(n) => {
+                                model.insert(i, n);
+                            }
+                            None => {
+                                model.remove(&i);
+                            }
+                        }
+                    }
+                    (Some(_), None) => {
+                        prop_assert!(false, "found flow {}, unknown to the model", i)
+                    }
+                    (None, Some(k)) => {
+                        prop_assert!(!k.assured, "assured flow {} ({:?}) not found", i, k.state);
+                        model.remove(&i);
+                    }
+                    (None, None) => {
+                        model.remove(&i);
+                    }
                 }
             }
             Op::Remove(i) => {
