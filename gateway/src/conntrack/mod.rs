@@ -654,6 +654,10 @@ struct Slot {
 struct Head {
     tags: AtomicU64,
     lock: AtomicU32,
+    /// Set (never cleared) once a flow whose primary bucket this is was placed in its other
+    /// bucket: until then a lookup need not read the other bucket at all, which spares a new
+    /// flow's lookup a cache miss.
+    spilled: AtomicU32,
 }
 
 /// A consistent copy of a slot's first line.
@@ -678,6 +682,7 @@ pub struct Place {
 pub(crate) struct Probe {
     pub(crate) place: Place,
     tags: u64,
+    spilled: bool,
     moves: u64,
 }
 
@@ -849,6 +854,16 @@ impl Conntrack {
         let buckets = capacity.div_ceil(WAYS).max(1);
         let slots: Box<[Slot]> = (0..buckets * WAYS).map(|_| Slot::default()).collect();
         let heads: Box<[Head]> = (0..buckets).map(|_| Head::default()).collect();
+        // Fault every page in now: a zeroed allocation is mapped lazily, and the first packets
+        // of each page would otherwise pay its page fault (and a host short of memory would
+        // fail then, not at start). Atomic stores cannot be elided.
+        for s in slots.iter().step_by(4096 / std::mem::size_of::<Slot>()) {
+            s.seq.store(0, Ordering::Relaxed);
+            s.win[0].store(0, Ordering::Relaxed);
+        }
+        for h in heads.iter().step_by(4096 / std::mem::size_of::<Head>()) {
+            h.lock.store(0, Ordering::Relaxed);
+        }
         Conntrack {
             slots,
             heads,
@@ -1031,9 +1046,11 @@ impl Conntrack {
     pub(crate) fn probe(&self, t: &Tuple) -> Probe {
         let moves = self.moves.load(Ordering::Acquire);
         let place = self.locate(t);
+        let head = &self.heads[place.b[0] as usize];
         Probe {
             place,
-            tags: self.heads[place.b[0] as usize].tags.load(Ordering::Acquire),
+            tags: head.tags.load(Ordering::Acquire),
+            spilled: head.spilled.load(Ordering::Acquire) != 0,
             moves,
         }
     }
@@ -1106,7 +1123,7 @@ impl Conntrack {
                 let b = p.place.b[k] as usize;
                 let tags = if k == 0 {
                     p.tags
-                } else if b == p.place.b[0] as usize {
+                } else if b == p.place.b[0] as usize || !p.spilled {
                     break;
                 } else {
                     self.heads[b].tags.load(Ordering::Acquire)
@@ -1604,8 +1621,16 @@ impl Conntrack {
         let Some((i, displaced)) = chosen else {
             return Err(InsertError::Full);
         };
+        // Counted before the slot is written: a locked add after the stores would wait for
+        // them (two cache lines, likely missing) to drain from the store buffer.
+        if matches!(displaced, Displaced::Nothing | Displaced::Moved) {
+            self.entries.fetch_add(1, Ordering::Relaxed);
+        }
         let home = i / WAYS;
         let alt = if home == b[0] { b[1] } else { b[0] };
+        if home != b[0] {
+            self.heads[b[0]].spilled.store(1, Ordering::Release);
+        }
         self.put(
             i,
             &Entry {
@@ -1618,9 +1643,6 @@ impl Conntrack {
             },
             tag,
         );
-        if matches!(displaced, Displaced::Nothing | Displaced::Moved) {
-            self.entries.fetch_add(1, Ordering::Relaxed);
-        }
         Ok(Opened::New(displaced))
     }
 
@@ -1649,6 +1671,9 @@ impl Conntrack {
         let to_was_live = self.entry(to).is_some();
         let (b, tag) = self.place(&e.tuple);
         e.alt = (if to / WAYS == b[0] { b[1] } else { b[0] }) as u32;
+        if to / WAYS != b[0] {
+            self.heads[b[0]].spilled.store(1, Ordering::Release);
+        }
         self.put(to, &e, tag);
         self.moves.fetch_add(1, Ordering::Release);
         self.clear(from);
