@@ -682,3 +682,94 @@ fn an_assured_flow_is_never_reported_absent_under_flooding_inserts() {
     assert!(inserts > 1000 && lookups > 1000);
     assert_eq!(misses, 0);
 }
+
+/// The shortcut for segments that change nothing agrees with the full TCP step: whenever
+/// `tcp_unchanged` says a segment is valid and moves nothing, `tcp_step` says exactly that, on
+/// connections driven through handshakes, data both ways, window changes and random probes.
+#[test]
+fn the_unchanged_shortcut_agrees_with_the_full_tcp_step() {
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let (mut hits, mut checked) = (0u32, 0u32);
+    for _ in 0..300 {
+        let (ci, si) = (next() as u32, next() as u32);
+        let (cs, ss) = ((next() % 15) as u8, (next() % 15) as u8);
+        let mut syn = seg(SYN, ci, 0);
+        syn.wscale = cs;
+        syn.sack_perm = next() % 2 == 0;
+        let (conn, _) = TcpConn::open(&syn).unwrap();
+        let mut info = pack_tcp(0, &conn);
+        let mut win = win_words(&conn);
+        let mut synack = seg(SYN | ACK, si, ci.wrapping_add(1));
+        synack.wscale = ss;
+        synack.sack_perm = next() % 2 == 0;
+        let mut apply = |info: &mut u32, win: &mut [u64; 4], original: bool, s: &Segment| {
+            let (v, i, w, _) = tcp_step(*info, win, original, s);
+            if matches!(v, tcp::Verdict::Valid | tcp::Verdict::Ignore) {
+                *info = i;
+                *win = w;
+            }
+        };
+        apply(&mut info, &mut win, false, &synack);
+        let (mut c_nxt, mut s_nxt) = (ci.wrapping_add(1), si.wrapping_add(1));
+        apply(&mut info, &mut win, true, &seg(ACK, c_nxt, s_nxt));
+        for _ in 0..200 {
+            // Move the connection on: data one way or the other, acknowledged or not.
+            let from_server = next() % 2 == 0;
+            let len = (next() % 1500) as u32 * (next() % 2) as u32;
+            let mut s = if from_server {
+                seg(ACK | PSH, s_nxt, c_nxt)
+            } else {
+                seg(ACK | PSH, c_nxt, s_nxt)
+            };
+            s.len = len;
+            s.win = (next() % 65_536) as u16;
+            apply(&mut info, &mut win, !from_server, &s);
+            // A duplicate of it (a replayed ACK: the most common segment that changes nothing).
+            checked += 1;
+            if tcp_unchanged(info, &win, !from_server, &s) {
+                hits += 1;
+                let (v, i, w, _) = tcp_step(info, &win, !from_server, &s);
+                assert_eq!((v, i, w), (tcp::Verdict::Valid, info, win), "{s:?}");
+            }
+            if from_server {
+                s_nxt = s_nxt.wrapping_add(len);
+            } else {
+                c_nxt = c_nxt.wrapping_add(len);
+            }
+            // Probe: a segment near the bounds, either way.
+            let original = next() % 2 == 0;
+            let (me, peer) = if original {
+                (c_nxt, s_nxt)
+            } else {
+                (s_nxt, c_nxt)
+            };
+            let jitter = |v: u32, r: u64| v.wrapping_add((r % 4000) as u32).wrapping_sub(2000);
+            let mut p = seg(
+                [ACK, ACK | PSH, ACK | 0x20, ACK | FIN, ACK | 0x40][(next() % 5) as usize],
+                jitter(me, next()),
+                jitter(peer, next()),
+            );
+            p.len = (next() % 3000) as u32 * (next() % 2) as u32;
+            p.win = (next() % 65_536) as u16;
+            p.sack = jitter(p.ack, next());
+            checked += 1;
+            if tcp_unchanged(info, &win, original, &p) {
+                hits += 1;
+                let (v, i, w, st) = tcp_step(info, &win, original, &p);
+                assert_eq!(
+                    (v, i, w, st),
+                    (tcp::Verdict::Valid, info, win, FlowState::Established),
+                    "{p:?}"
+                );
+            }
+        }
+    }
+    eprintln!("shortcut taken on {hits} of {checked} probes");
+    assert!(hits > 500, "the shortcut is exercised: {hits}");
+}
