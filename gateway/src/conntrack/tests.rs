@@ -708,7 +708,7 @@ fn the_unchanged_shortcut_agrees_with_the_full_tcp_step() {
         let mut synack = seg(SYN | ACK, si, ci.wrapping_add(1));
         synack.wscale = ss;
         synack.sack_perm = next() % 2 == 0;
-        let mut apply = |info: &mut u32, win: &mut [u64; 4], original: bool, s: &Segment| {
+        let apply = |info: &mut u32, win: &mut [u64; 4], original: bool, s: &Segment| {
             let (v, i, w, _) = tcp_step(*info, win, original, s);
             if matches!(v, tcp::Verdict::Valid | tcp::Verdict::Ignore) {
                 *info = i;
