@@ -1062,8 +1062,8 @@ impl Conntrack {
     pub(crate) fn touch(&self, p: &Probe) {
         if let Some(i) = first_tag(p.tags, p.place.tag) {
             let s = &self.slots[p.place.b[0] as usize * WAYS + i];
-            std::hint::black_box(s.meta.load(Ordering::Relaxed));
-            std::hint::black_box(s.win[0].load(Ordering::Relaxed));
+            crate::sys::prefetch(&s.meta);
+            crate::sys::prefetch(&s.win[0]);
         }
     }
 
