@@ -229,19 +229,30 @@ fn tcp_segment(l4: &[u8], addrs: &[u8], fragment: bool) -> Result<(u8, Segment),
     if doff > 20 {
         options(&l4[20..doff], &mut seg);
     }
+    if flags & (tcp_flags::SYN | tcp_flags::FIN | tcp_flags::RST) != 0 {
+        state_changing(&mut seg, l4, addrs, fragment);
+    }
+    Ok((flags, seg))
+}
+
+/// The checksum verdict of a segment that can change state (SYN, FIN, RST): out of line, off
+/// the data path.
+#[inline(never)]
+fn state_changing(seg: &mut Segment, l4: &[u8], addrs: &[u8], fragment: bool) {
+    let flags = seg.flags;
     if fragment {
         // The checksum covers the whole datagram, which a first fragment does not hold: a FIN
         // or RST that cannot be verified (and that a host which never reassembles the datagram
         // never sees) changes no state. A SYN may still open its flow.
         seg.csum_ok = flags & (tcp_flags::FIN | tcp_flags::RST) == 0;
-    } else if flags & (tcp_flags::SYN | tcp_flags::FIN | tcp_flags::RST) != 0 {
+    } else {
         seg.csum_ok = tcp_checksum_ok(l4, addrs);
     }
-    Ok((flags, seg))
 }
 
 /// The options the tracker reads: window scale and SACK permitted (on a SYN), the highest SACK
 /// block edge (on any segment). Malformed options end the walk, as in netfilter.
+#[inline(never)]
 fn options(opts: &[u8], seg: &mut Segment) {
     let syn = seg.flags & tcp_flags::SYN != 0;
     let header = {
