@@ -304,9 +304,19 @@ fn case_2_icmp_queries_pair_by_type_and_identifier() {
     c.inbound(ping(REMOTE, CLIENT, 18, 79));
     c.outbound(ping(CLIENT, REMOTE, 15, 80)); // information request
     c.inbound(ping(REMOTE, CLIENT, 16, 80));
+    // A reply must carry the request's code (netfilter keeps it in the tuple).
+    c.outbound(ping(CLIENT, REMOTE, 8, 81));
+    let mut rest = [0u8; 4];
+    rest[..2].copy_from_slice(&81u16.to_be_bytes());
+    c.inbound(eth(
+        &[],
+        0x0800,
+        &ipv4(REMOTE, CLIENT, 1, 4, 0, &frames::icmp(0, 3, rest, b"query")),
+    ));
+    c.inbound(ping(REMOTE, CLIENT, 0, 81));
     c.expect(&[
         "allow", "deny", "deny", "allow", "allow", "allow", "allow", "deny", "allow", "allow",
-        "allow", "allow",
+        "allow", "allow", "allow", "deny", "allow",
     ]);
 }
 

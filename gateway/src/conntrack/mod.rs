@@ -242,7 +242,8 @@ pub enum Kind {
 const ICMP_REPLY: u16 = 0x8000;
 
 /// A flow's identity as tracked: the exact tuple plus both VLAN tags and the direction. An ICMP
-/// query uses `sport` for its identifier and `dport` for the request type, with [`ICMP_REPLY`]
+/// query uses `sport` for its identifier and `dport` for the request type (the code in bits
+/// 8-14), with [`ICMP_REPLY`]
 /// set on a reply; reversing an ICMP tuple flips that bit instead of swapping the ports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Tuple {
@@ -346,7 +347,7 @@ impl Tuple {
     }
 
     /// The classification key of a packet of this flow in the tuple's direction (an ICMP query
-    /// comes back as its request or reply type, code 0).
+    /// comes back as its request or reply type, with its code).
     pub fn key(&self) -> FlowKey {
         let (sport, dport, ports_known) = if is_icmp(self.proto) {
             let req = (self.dport & 0xff) as u8;
@@ -355,7 +356,7 @@ impl Tuple {
             } else {
                 req
             };
-            (ty as u16, 0, true)
+            (ty as u16, (self.dport >> 8) & 0x7f, true)
         } else if has_ports(self.proto) {
             (self.sport, self.dport, true)
         } else {
@@ -494,19 +495,26 @@ fn classify_icmp(key: &FlowKey, t: &Track) -> Kind {
     if key.sport > 0xff || (v6 != key.v6) || !t.seg.csum_ok {
         return Kind::Untracked;
     }
-    if icmp_reply_of(v6, ty).is_some() {
+    // A query's code is part of its tuple, as in netfilter (a reply must carry the request's
+    // code). Codes of queries are 0 in practice; one above 127 does not fit and is not tracked.
+    let code = key.dport;
+    let queryable = code <= 0x7f;
+    if icmp_reply_of(v6, ty).is_some() && queryable {
         return Kind::Flow(Tuple {
             sport: t.icmp_id,
-            dport: ty as u16,
+            dport: ty as u16 | code << 8,
             ..base
         });
     }
-    if let Some(req) = icmp_request_of(v6, ty) {
+    if let Some(req) = icmp_request_of(v6, ty).filter(|_| queryable) {
         return Kind::Flow(Tuple {
             sport: t.icmp_id,
-            dport: req as u16 | ICMP_REPLY,
+            dport: req as u16 | code << 8 | ICMP_REPLY,
             ..base
         });
+    }
+    if icmp_reply_of(v6, ty).is_some() || icmp_request_of(v6, ty).is_some() {
+        return Kind::Untracked;
     }
     if !icmp_error(v6, ty) {
         return Kind::Untracked;
@@ -2031,7 +2039,7 @@ fn entry_view(c: &SlotCopy, now: u64, window: Option<[WindowView; 2]>) -> FlowEn
     let t = &c.tuple;
     let k = t.key();
     let (sport, dport) = if is_icmp(t.proto) {
-        (t.sport, t.dport & !ICMP_REPLY)
+        (t.sport, t.dport & 0xff)
     } else {
         (t.sport, t.dport)
     };

@@ -298,6 +298,17 @@ fn icmp_queries_pair_by_type_and_identifier() {
         );
         let other_reply = if rep == 0 { 14 } else { 0 };
         assert!(lookup(other_reply, 77, Direction::Ingress, outside, inside).is_none());
+        // The reply must carry the request's code.
+        let Kind::Flow(r) = classify_packet(
+            &FlowKey {
+                dport: 1,
+                ..icmp_key(Direction::Ingress, outside, inside, rep)
+            },
+            &with_id(77),
+        ) else {
+            panic!()
+        };
+        assert!(ct.lookup(&r, S).is_none(), "a reply with another code");
         ct.flush(|_| true);
     }
     // A reply going out opens nothing; an ICMPv6 echo reply neither.
