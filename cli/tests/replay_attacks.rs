@@ -439,6 +439,10 @@ fn case_3_ipv4_fragments_follow_their_first() {
     );
     c.inbound(frag(23, 0x2000, &closed[..24]));
     c.inbound(frag(23, 3, &closed[24..]));
+    // Later fragments that overlap each other (not the first): the second is dropped.
+    c.inbound(frag(24, 0x2000, &syn[..24]));
+    c.inbound(frag(24, 0x2000 | 3, &syn[24..40]));
+    c.inbound(frag(24, 4, &syn[32..]));
     c.expect(&[
         "allow",
         "allow",
@@ -447,6 +451,9 @@ fn case_3_ipv4_fragments_follow_their_first() {
         "deny:fragment_overlap",
         "deny",
         "deny:fragment_no_first",
+        "allow",
+        "allow",
+        "deny:fragment_overlap",
     ]);
 }
 

@@ -436,6 +436,7 @@ fn ip_layer(ip: &[u8], v4: bool) -> Result<Ip<'_>, Reason> {
             (o, _) => Frag::Later {
                 id,
                 offset: o,
+                len: frag_len,
                 proto: raw_proto,
             },
         };
@@ -483,6 +484,7 @@ fn ip_layer(ip: &[u8], v4: bool) -> Result<Ip<'_>, Reason> {
         Some(f) => Frag::Later {
             id: f.id,
             offset: f.offset,
+            len: f.len,
             proto: f.next,
         },
     };
@@ -959,6 +961,7 @@ mod tests {
             Frag::Later {
                 id: 9,
                 offset: 32,
+                len: 20,
                 proto: 6
             }
         );

@@ -421,12 +421,19 @@ fn track_probed(
             None => Tracked::Decide(*k, Pending::Untracked),
         },
         Kind::Fragment => {
-            let Frag::Later { id, offset, proto } = t.frag else {
+            let Frag::Later {
+                id,
+                offset,
+                len,
+                proto,
+            } = t.frag
+            else {
                 return Tracked::Decide(*k, Pending::Untracked);
             };
             match ct.frags().later(
                 &datagram(k, t, id, proto),
                 offset,
+                len,
                 now,
                 ct.fragment_timeout_ns(),
                 generation,

@@ -7,6 +7,11 @@
 //! rewrite the transport header the decision was made on (RFC 1858, RFC 5722:
 //! `fragment_overlap`).
 //!
+//! Each datagram keeps the byte ranges that passed ([`RANGES`] of them; adjacent ones merge, so
+//! fragments in order take one): a later fragment that overlaps any of them is dropped, as
+//! Linux drops overlapping IPv4 fragments and RFC 5722 IPv6 ones. A datagram with more holes
+//! than that drops its next out-of-order fragment (`fragment_overlap`; the sender retransmits).
+//!
 //! A small table of buckets of [`WAYS`] entries under a keyed hash, each bucket behind a spin
 //! lock (fragments are rare; two workers seldom meet on one bucket). A full bucket replaces its
 //! oldest entry: a flood of first fragments can make later fragments of other datagrams wait for
@@ -17,6 +22,16 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use policy::rule::Direction;
 
 const WAYS: usize = 4;
+
+/// Byte ranges kept per datagram.
+pub const RANGES: usize = 6;
+
+/// An unused range.
+const NO_RANGE: u64 = u64::MAX;
+
+fn range_of(start: u32, end: u32) -> u64 {
+    start as u64 | (end as u64) << 32
+}
 
 /// A fragmented datagram's identity: the direction, both VLAN tags, the addresses, the
 /// protocol its fragments carry and the identification.
@@ -54,6 +69,8 @@ struct Entry {
     key: [AtomicU64; 6],
     /// The table generation that admitted the first fragment.
     generation: AtomicU32,
+    /// The byte ranges `[start, end)` that passed (`start | end << 32`), or [`NO_RANGE`].
+    ranges: [AtomicU64; RANGES],
     /// Bytes of data the first fragment covers.
     end: AtomicU32,
     /// When the first fragment passed (0: free).
@@ -142,16 +159,23 @@ impl Frags {
             e.end.store(end, Ordering::Relaxed);
             e.generation.store(generation, Ordering::Relaxed);
             e.seen.store(now, Ordering::Relaxed);
+            for (k, r) in e.ranges.iter().enumerate() {
+                r.store(
+                    if k == 0 { range_of(0, end) } else { NO_RANGE },
+                    Ordering::Relaxed,
+                );
+            }
         })
     }
 
-    /// Decides a later fragment of `d` at `offset` bytes, at `now`, under table `generation`;
-    /// entries older than `timeout_ns`, or admitted by an older table (a policy change applies
-    /// to datagrams in flight too), are gone.
+    /// Decides a later fragment of `d` of `len` bytes at `offset`, at `now`, under table
+    /// `generation`; entries older than `timeout_ns`, or admitted by an older table (a policy
+    /// change applies to datagrams in flight too), are gone.
     pub fn later(
         &self,
         d: &Datagram,
         offset: u32,
+        len: u32,
         now: u64,
         timeout_ns: u64,
         generation: u32,
@@ -168,14 +192,50 @@ impl Frags {
                 {
                     return Later::NoFirst;
                 }
-                return if offset < e.end.load(Ordering::Relaxed) {
-                    Later::Overlap
-                } else {
-                    Later::Pass
-                };
+                return record(e, offset, offset.saturating_add(len));
             }
             Later::NoFirst
         })
+    }
+}
+
+/// Records `[start, end)` among the entry's ranges (the caller holds its bucket's lock): an
+/// overlap with any of them, or no room for one more hole, drops the fragment.
+fn record(e: &Entry, start: u32, end: u32) -> Later {
+    let mut free = None;
+    for (k, r) in e.ranges.iter().enumerate() {
+        let v = r.load(Ordering::Relaxed);
+        if v == NO_RANGE {
+            free.get_or_insert(k);
+            continue;
+        }
+        let (s, t) = (v as u32, (v >> 32) as u32);
+        if start < t && s < end {
+            return Later::Overlap;
+        }
+    }
+    // Grow a range this one touches; else take a free one.
+    for r in &e.ranges {
+        let v = r.load(Ordering::Relaxed);
+        if v == NO_RANGE {
+            continue;
+        }
+        let (s, t) = (v as u32, (v >> 32) as u32);
+        if t == start {
+            r.store(range_of(s, end), Ordering::Relaxed);
+            return Later::Pass;
+        }
+        if end == s {
+            r.store(range_of(start, t), Ordering::Relaxed);
+            return Later::Pass;
+        }
+    }
+    match free {
+        Some(k) => {
+            e.ranges[k].store(range_of(start, end), Ordering::Relaxed);
+            Later::Pass
+        }
+        None => Later::Overlap,
     }
 }
 
@@ -199,26 +259,57 @@ mod tests {
     #[test]
     fn later_fragments_follow_their_first() {
         let f = Frags::new(64, (1, 2));
-        assert_eq!(f.later(&d(7), 1448, 10, 1_000, 1), Later::NoFirst);
+        assert_eq!(f.later(&d(7), 1448, 8, 10, 1_000, 1), Later::NoFirst);
         f.first(&d(7), 1448, 10, 1);
-        assert_eq!(f.later(&d(7), 1448, 20, 1_000, 1), Later::Pass);
-        assert_eq!(f.later(&d(7), 8, 20, 1_000, 1), Later::Overlap);
-        assert_eq!(f.later(&d(8), 1448, 20, 1_000, 1), Later::NoFirst);
+        assert_eq!(f.later(&d(7), 1448, 8, 20, 1_000, 1), Later::Pass);
+        assert_eq!(f.later(&d(7), 8, 8, 20, 1_000, 1), Later::Overlap);
+        assert_eq!(f.later(&d(8), 1448, 8, 20, 1_000, 1), Later::NoFirst);
         let mut other_way = d(7);
         other_way.dir = Direction::Egress;
-        assert_eq!(f.later(&other_way, 1448, 20, 1_000, 1), Later::NoFirst);
+        assert_eq!(f.later(&other_way, 1448, 8, 20, 1_000, 1), Later::NoFirst);
         let mut other_vlan = d(7);
         other_vlan.vlan = 20;
-        assert_eq!(f.later(&other_vlan, 1448, 20, 1_000, 1), Later::NoFirst);
+        assert_eq!(f.later(&other_vlan, 1448, 8, 20, 1_000, 1), Later::NoFirst);
         assert_eq!(
-            f.later(&d(7), 1448, 20, 1_000, 2),
+            f.later(&d(7), 1448, 8, 20, 1_000, 2),
             Later::NoFirst,
             "admitted by an older table"
         );
         assert_eq!(
-            f.later(&d(7), 1448, 2_000, 1_000, 1),
+            f.later(&d(7), 1448, 8, 2_000, 1_000, 1),
             Later::NoFirst,
             "timed out"
+        );
+    }
+
+    #[test]
+    fn overlapping_later_fragments_are_dropped_and_in_order_ones_merge() {
+        let f = Frags::new(64, (1, 2));
+        f.first(&d(5), 24, 1, 1);
+        assert_eq!(f.later(&d(5), 24, 24, 2, 1_000, 1), Later::Pass);
+        assert_eq!(
+            f.later(&d(5), 40, 16, 2, 1_000, 1),
+            Later::Overlap,
+            "into [24, 48)"
+        );
+        assert_eq!(f.later(&d(5), 48, 8, 2, 1_000, 1), Later::Pass, "merged");
+        // Out of order: holes up to the table's ranges, then refused.
+        for k in 0..(RANGES as u32 - 1) {
+            assert_eq!(
+                f.later(&d(5), 1000 + 100 * k, 8, 2, 1_000, 1),
+                Later::Pass,
+                "hole {k}"
+            );
+        }
+        assert_eq!(
+            f.later(&d(5), 5000, 8, 2, 1_000, 1),
+            Later::Overlap,
+            "too many holes"
+        );
+        assert_eq!(
+            f.later(&d(5), 56, 944, 2, 1_000, 1),
+            Later::Pass,
+            "a hole filled"
         );
     }
 
@@ -229,11 +320,11 @@ mod tests {
             f.first(&d(id), 8, 1 + id as u64, 1);
         }
         let passing = (0..100)
-            .filter(|&id| f.later(&d(id), 8, 200, 1_000, 1) == Later::Pass)
+            .filter(|&id| f.later(&d(id), 8, 8, 200, 1_000, 1) == Later::Pass)
             .count();
         assert_eq!(passing, WAYS);
         assert_eq!(
-            f.later(&d(99), 8, 200, 1_000, 1),
+            f.later(&d(99), 16, 8, 200, 1_000, 1),
             Later::Pass,
             "the newest stays"
         );

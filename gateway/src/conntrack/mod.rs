@@ -190,8 +190,13 @@ pub enum Frag {
     Whole,
     /// The first fragment: it carries the transport header; its data covers `[0, end)` bytes.
     First { id: u32, end: u32, proto: u8 },
-    /// A later fragment, at `offset` bytes.
-    Later { id: u32, offset: u32, proto: u8 },
+    /// A later fragment of `len` bytes at `offset`.
+    Later {
+        id: u32,
+        offset: u32,
+        len: u32,
+        proto: u8,
+    },
 }
 
 /// What the tracker needs from a packet beyond its [`FlowKey`]: read by the parser.
