@@ -1449,7 +1449,10 @@ fn the_two_directions_of_a_flow_on_different_workers() {
             "the SYN-ACK, on the other worker, finds the flow the SYN opened"
         );
     }
-    let after = f.gw.status().unwrap();
+    // Settled: a worker flushes its tally field by field, so a status read in the middle of a
+    // flush (a worker preempted there, on a loaded machine) can show a frame's rx count without
+    // its tracker event yet.
+    let after = settled_status(&f.gw);
     let w = |s: &Status, i: usize| s.workers[i].clone();
     let (w0, w1) = (w(&after, 0), w(&after, 1));
     let (b0, b1) = (w(&before, 0), w(&before, 1));
