@@ -272,6 +272,10 @@ struct LabArgs {
 
 fn main() {
     let cli = Cli::parse();
+    if !matches!(cli.cmd, Cmd::Run { .. }) {
+        // A printing command whose reader goes away stops quietly, like any filter.
+        gateway::sys::default_sigpipe();
+    }
     let format = cli.log_format;
     init_logs(format);
     if let Err(e) = dispatch(cli) {

@@ -375,3 +375,34 @@ fn check_and_explain_read_the_kubernetes_api_when_configured() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_printing_command_stops_quietly_when_its_reader_goes_away() {
+    // `portcullis check DIR | head -1`: the pipe closes after one line; the command must not
+    // panic (exit 101) on the failed write, but end as a filter does (SIGPIPE).
+    use std::io::Read;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args([
+            "check",
+            "--policies",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/lab/policies"),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = child.stdout.take().unwrap();
+    let mut first = [0u8; 1];
+    out.read_exact(&mut first).unwrap();
+    drop(out);
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(!err.contains("panicked"), "{err}");
+    assert_ne!(status.code(), Some(101), "{err}");
+}

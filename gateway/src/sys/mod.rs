@@ -7,7 +7,8 @@
 //! - [`xsk`]: the real rings (AF_XDP through xsk-rs) and the kernel's socket statistics;
 //! - [`fake`]: in-memory rings for tests and benchmarks;
 //! - [`xdp`]: which XDP program an interface runs, and detaching it;
-//! - [`prefetch`]: a cache hint for the connection tracker's burst.
+//! - [`prefetch`]: a cache hint for the connection tracker's burst;
+//! - [`default_sigpipe`]: SIGPIPE's default action back, for the printing subcommands.
 
 pub mod fake;
 pub mod ring;
@@ -18,6 +19,17 @@ pub mod xsk;
 
 use std::io;
 use std::os::fd::RawFd;
+
+/// Restores the default action of SIGPIPE (end the process quietly), which the Rust runtime
+/// replaces with "ignore": a command whose output goes to a pipe that closes (`portcullis check
+/// | head -1`) then stops like any Unix filter, instead of failing a write and panicking. Only
+/// for the printing subcommands: the gateway itself keeps ignoring it.
+pub fn default_sigpipe() {
+    use nix::sys::signal::{signal, SigHandler, Signal};
+    // SAFETY: installing SIG_DFL runs no handler code of ours, so there is no handler that could
+    // touch non-async-signal-safe state; it is done once, at start, before any thread exists.
+    let _ = unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) };
+}
 
 /// Asks the CPU to bring the cache line of `r` in, without waiting for it (a hint: no fault, no
 /// effect on the program's results). The tracker's burst prefetches the slots its lookups will
