@@ -308,12 +308,7 @@ fn settled_status(gw: &GatewayProcess) -> Status {
 
 /// A minimal Ethernet + IPv4 frame from the client to the server, built by hand.
 fn v4_frame(ihl_words: u8, total_len: u16, proto: u8, payload: &[u8]) -> Vec<u8> {
-    let mac = |m: &str| {
-        m.split(':')
-            .map(|x| u8::from_str_radix(x, 16).unwrap())
-            .collect::<Vec<u8>>()
-    };
-    let mut f = mac(SERVER_MAC);
+    let mut f = mac(SERVER_MAC).to_vec();
     f.extend(mac(CLIENT_MAC));
     f.extend_from_slice(&[0x08, 0x00, 0x40 | ihl_words, 0]);
     f.extend_from_slice(&total_len.to_be_bytes());
@@ -326,12 +321,7 @@ fn v4_frame(ihl_words: u8, total_len: u16, proto: u8, payload: &[u8]) -> Vec<u8>
 }
 
 fn v6_frame(next: u8, payload_len: u16, rest: &[u8]) -> Vec<u8> {
-    let mac = |m: &str| {
-        m.split(':')
-            .map(|x| u8::from_str_radix(x, 16).unwrap())
-            .collect::<Vec<u8>>()
-    };
-    let mut f = mac(SERVER_MAC);
+    let mut f = mac(SERVER_MAC).to_vec();
     f.extend(mac(CLIENT_MAC));
     f.extend_from_slice(&[0x86, 0xdd, 0x60, 0, 0, 0]);
     f.extend_from_slice(&payload_len.to_be_bytes());
@@ -996,6 +986,55 @@ fn set(map: &mut serde_norway::Mapping, path: &[&str], value: serde_norway::Valu
     m.insert(path[path.len() - 1].into(), value);
 }
 
+/// A MAC address in the lab's notation as bytes.
+fn mac(m: &str) -> [u8; 6] {
+    let v: Vec<u8> = m
+        .split(':')
+        .map(|x| u8::from_str_radix(x, 16).unwrap())
+        .collect();
+    v.try_into().unwrap()
+}
+
+/// Sends up to `count` TCP SYNs to the server's port 80 from the client's interface, each from
+/// the (source address, port) `source` gives for its number, within 20 s; paced (200 µs every
+/// 64) when `pace`. Returns the number sent.
+fn syn_flood(
+    lab: &Lab,
+    count: u32,
+    pace: bool,
+    source: impl Fn(u32) -> ([u8; 4], u16) + Send + Sync + 'static,
+) -> std::thread::JoinHandle<u32> {
+    let ns = lab.client_ns();
+    let iface = lab.client_if();
+    let (src_mac, dst_mac) = (mac(CLIENT_MAC), mac(SERVER_MAC));
+    std::thread::spawn(move || {
+        in_netns(&ns, || {
+            let tx = RawSender::open(&iface).unwrap();
+            let started = Instant::now();
+            let mut sent = 0u32;
+            let mut frame = Vec::with_capacity(64);
+            while sent < count && started.elapsed() < Duration::from_secs(20) {
+                frame.clear();
+                let (src, sport) = source(sent);
+                etherparse::PacketBuilder::ethernet2(src_mac, dst_mac)
+                    .ipv4(src, [10, 99, 0, 2], 64)
+                    .tcp(sport, 80, sent, 1024)
+                    .syn()
+                    .write(&mut frame, &[])
+                    .unwrap();
+                if tx.send(&frame).is_ok() {
+                    sent += 1;
+                }
+                if pace && sent.is_multiple_of(64) {
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+            }
+            sent
+        })
+        .unwrap()
+    })
+}
+
 /// A TCP connect from the client namespace to the server's `port`.
 fn client_connects(lab: &Lab, port: u16) -> TcpOutcome {
     tcp_connect(
@@ -1335,49 +1374,18 @@ fn a_flood_of_new_flows_does_not_break_an_established_one() {
     let t = Transfer::start(&f.lab, 80);
     assert!(t.rate_over(Duration::from_millis(500)) > 0);
     let before = f.gw.status().unwrap();
-    let mac = |m: &str| -> [u8; 6] {
-        let v: Vec<u8> = m
-            .split(':')
-            .map(|x| u8::from_str_radix(x, 16).unwrap())
-            .collect();
-        v.try_into().unwrap()
-    };
     // SYNs to the allowed web port from spoofed sources (198.18.0.0/15, which the server has no
     // route back to), bounded in count and time.
     const FLOOD: u32 = 200_000;
-    let flood = {
-        let ns = f.lab.client_ns();
-        let iface = f.lab.client_if();
-        let (src_mac, dst_mac) = (mac(CLIENT_MAC), mac(SERVER_MAC));
-        std::thread::spawn(move || {
-            in_netns(&ns, || {
-                let tx = RawSender::open(&iface).unwrap();
-                let started = Instant::now();
-                let mut sent = 0u32;
-                let mut frame = Vec::with_capacity(64);
-                while sent < FLOOD && started.elapsed() < Duration::from_secs(20) {
-                    frame.clear();
-                    let src = [
-                        198,
-                        18 + (sent >> 16) as u8 % 2,
-                        (sent >> 8) as u8,
-                        sent as u8,
-                    ];
-                    etherparse::PacketBuilder::ethernet2(src_mac, dst_mac)
-                        .ipv4(src, [10, 99, 0, 2], 64)
-                        .tcp(1024 + (sent % 50_000) as u16, 80, sent, 1024)
-                        .syn()
-                        .write(&mut frame, &[])
-                        .unwrap();
-                    if tx.send(&frame).is_ok() {
-                        sent += 1;
-                    }
-                }
-                sent
-            })
-            .unwrap()
-        })
-    };
+    let flood = syn_flood(&f.lab, FLOOD, false, |sent| {
+        let src = [
+            198,
+            18 + (sent >> 16) as u8 % 2,
+            (sent >> 8) as u8,
+            sent as u8,
+        ];
+        (src, 1024 + (sent % 50_000) as u16)
+    });
     // The established transfer keeps flowing in every window while the flood runs.
     let mut windows = Vec::new();
     while !flood.is_finished() && windows.len() < 60 {
@@ -1567,53 +1575,21 @@ fn an_answered_syn_flood_aimed_at_a_bucket_does_not_keep_a_new_connection_out() 
         }
         i += 1;
     }
-    let mac = |m: &str| -> [u8; 6] {
-        let v: Vec<u8> = m
-            .split(':')
-            .map(|x| u8::from_str_radix(x, 16).unwrap())
-            .collect();
-        v.try_into().unwrap()
-    };
     const FLOOD: u32 = 60_000;
     let flood = {
-        let ns = f.lab.client_ns();
-        let iface = f.lab.client_if();
-        let (src_mac, dst_mac) = (mac(CLIENT_MAC), mac(SERVER_MAC));
         let aimed = aimed.clone();
-        std::thread::spawn(move || {
-            in_netns(&ns, || {
-                let tx = RawSender::open(&iface).unwrap();
-                let started = Instant::now();
-                let mut sent = 0u32;
-                let mut frame = Vec::with_capacity(64);
-                while sent < FLOOD && started.elapsed() < Duration::from_secs(20) {
-                    frame.clear();
-                    // One in four aimed at the bucket, the rest from anywhere in 198.18/15.
-                    let (src, sport) = if sent.is_multiple_of(4) {
-                        aimed[(sent / 4) as usize % aimed.len()]
-                    } else {
-                        (
-                            0xc612_0000 | (sent & 0x1_ffff),
-                            1024 + (sent % 50_000) as u16,
-                        )
-                    };
-                    etherparse::PacketBuilder::ethernet2(src_mac, dst_mac)
-                        .ipv4(src.to_be_bytes(), [10, 99, 0, 2], 64)
-                        .tcp(sport, 80, sent, 1024)
-                        .syn()
-                        .write(&mut frame, &[])
-                        .unwrap();
-                    if tx.send(&frame).is_ok() {
-                        sent += 1;
-                    }
-                    if sent.is_multiple_of(64) {
-                        // Leave the server time to answer (bounded: 20 s in all).
-                        std::thread::sleep(Duration::from_micros(200));
-                    }
-                }
-                sent
-            })
-            .unwrap()
+        // One in four aimed at the bucket, the rest from anywhere in 198.18/15; paced, to leave
+        // the server time to answer.
+        syn_flood(&f.lab, FLOOD, true, move |sent| {
+            let (src, sport) = if sent.is_multiple_of(4) {
+                aimed[(sent / 4) as usize % aimed.len()]
+            } else {
+                (
+                    0xc612_0000 | (sent & 0x1_ffff),
+                    1024 + (sent % 50_000) as u16,
+                )
+            };
+            (src.to_be_bytes(), sport)
         })
     };
     // Mid-flood, the legitimate client connects from the aimed-at tuple, three times over.

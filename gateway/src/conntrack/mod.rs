@@ -1013,10 +1013,23 @@ impl Conntrack {
 
     // ---- reading -------------------------------------------------------------------------
 
-    /// A consistent copy of slot `i`'s first line, if it holds a flow. Retries while a writer
-    /// holds the slot (a writer's critical section is a few dozen instructions).
+    /// A consistent copy of slot `i`'s first line, if it holds a flow.
     #[inline(always)]
     fn read(&self, i: usize) -> Option<SlotCopy> {
+        self.copy::<false>(i).map(|(c, _)| c)
+    }
+
+    /// A consistent copy of slot `i`'s two lines (first line, window words), if it holds a flow.
+    #[inline(always)]
+    fn read_full(&self, i: usize) -> Option<(SlotCopy, [u64; 4])> {
+        self.copy::<true>(i)
+    }
+
+    /// The seqlock read behind [`Conntrack::read`] and [`Conntrack::read_full`]: retries while a
+    /// writer holds the slot (a writer's critical section is a few dozen instructions). The
+    /// window words are read (else zero) when `FULL`.
+    #[inline(always)]
+    fn copy<const FULL: bool>(&self, i: usize) -> Option<(SlotCopy, [u64; 4])> {
         let s = &self.slots[i];
         loop {
             let seq = s.seq.load(Ordering::Acquire);
@@ -1028,13 +1041,13 @@ impl Conntrack {
             let generation = s.generation.load(Ordering::Relaxed);
             let vlan2 = s.vlan2.load(Ordering::Relaxed);
             let seen = s.seen.load(Ordering::Relaxed);
-            let addr = [
-                s.addr[0].load(Ordering::Relaxed),
-                s.addr[1].load(Ordering::Relaxed),
-                s.addr[2].load(Ordering::Relaxed),
-                s.addr[3].load(Ordering::Relaxed),
-            ];
+            let addr = s.addr.each_ref().map(|w| w.load(Ordering::Relaxed));
             let meta = s.meta.load(Ordering::Relaxed);
+            let win = if FULL {
+                s.win.each_ref().map(|w| w.load(Ordering::Relaxed))
+            } else {
+                [0; 4]
+            };
             fence(Ordering::Acquire);
             if s.seq.load(Ordering::Relaxed) != seq {
                 continue;
@@ -1042,12 +1055,13 @@ impl Conntrack {
             if info & I_STATE == 0 {
                 return None;
             }
-            return Some(SlotCopy {
+            let c = SlotCopy {
                 tuple: Tuple::from_words(&addr, meta, vlan2),
                 info,
                 generation,
                 seen,
-            });
+            };
+            return Some((c, win));
         }
     }
 
@@ -1178,52 +1192,6 @@ impl Conntrack {
         }
     }
 
-    /// A consistent copy of slot `i`'s two lines (first line, window words), if it holds a flow.
-    #[inline(always)]
-    fn read_full(&self, i: usize) -> Option<(SlotCopy, [u64; 4])> {
-        let s = &self.slots[i];
-        loop {
-            let seq = s.seq.load(Ordering::Acquire);
-            if seq & 1 == 1 {
-                std::hint::spin_loop();
-                continue;
-            }
-            let info = s.info.load(Ordering::Relaxed);
-            let generation = s.generation.load(Ordering::Relaxed);
-            let vlan2 = s.vlan2.load(Ordering::Relaxed);
-            let seen = s.seen.load(Ordering::Relaxed);
-            let addr = [
-                s.addr[0].load(Ordering::Relaxed),
-                s.addr[1].load(Ordering::Relaxed),
-                s.addr[2].load(Ordering::Relaxed),
-                s.addr[3].load(Ordering::Relaxed),
-            ];
-            let meta = s.meta.load(Ordering::Relaxed);
-            let win = [
-                s.win[0].load(Ordering::Relaxed),
-                s.win[1].load(Ordering::Relaxed),
-                s.win[2].load(Ordering::Relaxed),
-                s.win[3].load(Ordering::Relaxed),
-            ];
-            fence(Ordering::Acquire);
-            if s.seq.load(Ordering::Relaxed) != seq {
-                continue;
-            }
-            if info & I_STATE == 0 {
-                return None;
-            }
-            return Some((
-                SlotCopy {
-                    tuple: Tuple::from_words(&addr, meta, vlan2),
-                    info,
-                    generation,
-                    seen,
-                },
-                win,
-            ));
-        }
-    }
-
     // ---- writing -------------------------------------------------------------------------
 
     /// Starts a write of slot `i` (the caller holds its bucket lock).
@@ -1242,33 +1210,15 @@ impl Conntrack {
 
     /// Reads the whole slot `i` (the caller holds its bucket lock, so nothing moves under it).
     fn entry(&self, i: usize) -> Option<Entry> {
-        let s = &self.slots[i];
-        let info = s.info.load(Ordering::Relaxed);
-        if info & I_STATE == 0 {
-            return None;
-        }
-        let addr = [
-            s.addr[0].load(Ordering::Relaxed),
-            s.addr[1].load(Ordering::Relaxed),
-            s.addr[2].load(Ordering::Relaxed),
-            s.addr[3].load(Ordering::Relaxed),
-        ];
+        // Under the bucket lock no other writer is in the slot: the copy takes one pass.
+        let (c, win) = self.read_full(i)?;
         Some(Entry {
-            tuple: Tuple::from_words(
-                &addr,
-                s.meta.load(Ordering::Relaxed),
-                s.vlan2.load(Ordering::Relaxed),
-            ),
-            info,
-            generation: s.generation.load(Ordering::Relaxed),
-            seen: s.seen.load(Ordering::Relaxed),
-            win: [
-                s.win[0].load(Ordering::Relaxed),
-                s.win[1].load(Ordering::Relaxed),
-                s.win[2].load(Ordering::Relaxed),
-                s.win[3].load(Ordering::Relaxed),
-            ],
-            alt: s.alt.load(Ordering::Relaxed),
+            tuple: c.tuple,
+            info: c.info,
+            generation: c.generation,
+            seen: c.seen,
+            win,
+            alt: self.slots[i].alt.load(Ordering::Relaxed),
         })
     }
 
