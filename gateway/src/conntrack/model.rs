@@ -187,6 +187,18 @@ fn expect(k: &Known, reply: bool, seg: &Segment, now: u64) -> (Update, Option<Kn
     }
 }
 
+/// Keeps the model's copy of flow `i` as a packet left it (`None`: the flow is gone).
+fn follow(model: &mut HashMap<usize, Known>, i: usize, after: Option<Known>) {
+    match after {
+        Some(n) => {
+            model.insert(i, n);
+        }
+        None => {
+            model.remove(&i);
+        }
+    }
+}
+
 fn run(ops: &[Op]) -> Result<(), TestCaseError> {
     let ct = Conntrack::with_key(32, Timeouts::default(), (7, 11));
     let flows = pool();
@@ -227,14 +239,7 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
                             Some(k) => {
                                 let (want, after) = expect(&k, reply, &seg, now);
                                 prop_assert_eq!(got, want, "flow {} {:?} with {:?}", i, k, seg);
-                                match after {
-                                    Some(n) => {
-                                        model.insert(i, n);
-                                    }
-                                    None => {
-                                        model.remove(&i);
-                                    }
-                                }
+                                follow(&mut model, i, after);
                             }
                             None => {
                                 prop_assert_eq!(got, Update::Gone, "flow {} is gone", i);
@@ -249,14 +254,7 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
                                 // Another worker opened it between the miss and this insert.
                                 let (want, after) = expect(&k, reply, &seg, now);
                                 prop_assert_eq!(got, want);
-                                match after {
-                                    Some(n) => {
-                                        model.insert(i, n);
-                                    }
-                                    None => {
-                                        model.remove(&i);
-                                    }
-                                }
+                                follow(&mut model, i, after);
                             }
                             (Ok(Opened::Exists(_)), None) => {
                                 prop_assert!(false, "flow {} exists but the model has none", i)
@@ -321,14 +319,7 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
                         prop_assert_eq!(h.original, !reply);
                         let (want, after) = expect(&k, reply, &seg, now);
                         prop_assert_eq!(got, want, "flow {} {:?} with {:?}", i, k, seg);
-                        match after {
-                            Some(n) => {
-                                model.insert(i, n);
-                            }
-                            None => {
-                                model.remove(&i);
-                            }
-                        }
+                        follow(&mut model, i, after);
                     }
                     (Some(_), None) => {
                         prop_assert!(false, "found flow {}, unknown to the model", i)

@@ -932,12 +932,8 @@ mod window_model {
                         len: 10,
                     };
                     let (mo, tr) = cross(s, &mut ends, &mut m, &mut conn, &mut seen);
-                    if !mo && first_model.is_none() {
-                        first_model = Some(seen);
-                    }
-                    if !tr && first_tracker.is_none() {
-                        first_tracker = Some(seen);
-                    }
+                    first_model = first_model.or((!mo).then_some(seen));
+                    first_tracker = first_tracker.or((!tr).then_some(seen));
                 }
             }
             match *a {
@@ -996,12 +992,8 @@ mod window_model {
                     let at = (back as usize).min(queue.len() - 1);
                     let s = queue.remove(at);
                     let (mo, tr) = cross(s, &mut ends, &mut m, &mut conn, &mut seen);
-                    if !mo && first_model.is_none() {
-                        first_model = Some(seen);
-                    }
-                    if !tr && first_tracker.is_none() {
-                        first_tracker = Some(seen);
-                    }
+                    first_model = first_model.or((!mo).then_some(seen));
+                    first_tracker = first_tracker.or((!tr).then_some(seen));
                 }
                 Act::Lose => {
                     if !queue.is_empty() {
