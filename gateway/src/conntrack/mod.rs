@@ -1534,25 +1534,9 @@ impl Conntrack {
                 }
             }
         }
-        if let Some(i) = same {
-            let home = i / WAYS;
-            let alt = if home == b[0] { b[1] } else { b[0] };
-            self.put(
-                i,
-                &Entry {
-                    tuple: *t,
-                    info,
-                    generation,
-                    seen: now,
-                    win,
-                    alt: alt as u32,
-                },
-                tag,
-            );
-            return Ok(Opened::New(Displaced::Expired));
-        }
-        // A free slot, the primary bucket first; else an expired one; else room a move makes;
-        // else the oldest unassured entry. Only each slot's first line is read.
+        // The same flow's expired entry; else a free slot, the primary bucket first; else an
+        // expired one; else room a move makes; else the oldest unassured entry. Only each slot's
+        // first line is read.
         let mut free: Option<usize> = None;
         let mut expired: Option<usize> = None;
         let mut victim: Option<(usize, u64)> = None;
@@ -1573,8 +1557,9 @@ impl Conntrack {
                 }
             }
         }
-        let chosen = free
-            .map(|i| (i, Displaced::Nothing))
+        let chosen = same
+            .map(|i| (i, Displaced::Expired))
+            .or(free.map(|i| (i, Displaced::Nothing)))
             .or(expired.map(|i| (i, Displaced::Expired)));
         let chosen = match chosen {
             Some(c) => Some(c),
