@@ -1808,3 +1808,53 @@ fn a_captured_real_transfer_reordered_and_retransmitted_replays_with_no_invalid_
     assert!(invalid.is_empty(), "{:?}", &invalid[..invalid.len().min(5)]);
     assert_eq!(denied, 0);
 }
+
+#[test]
+#[ignore = "needs root (AF_XDP sockets, network namespaces): scripts/test runs it with --include-ignored"]
+fn one_device_under_two_names_is_refused_before_any_socket() {
+    // ext and int given as a device and its alternative name: the names differ, the ifindex
+    // does not. Binding both would put one queue on one UMEM twice.
+    require_root();
+    let ns = format!("pcalt{:x}", std::process::id() % 0xfff);
+    struct Netns(String);
+    impl Drop for Netns {
+        fn drop(&mut self) {
+            let _ = sh(&["ip", "netns", "del", &self.0]);
+        }
+    }
+    let _ = sh(&["ip", "netns", "del", &ns]);
+    sh(&["ip", "netns", "add", &ns]).unwrap();
+    let _guard = Netns(ns.clone());
+    sh(&[
+        "ip", "-n", &ns, "link", "add", "pcx0", "type", "veth", "peer", "name", "pcx1",
+    ])
+    .unwrap();
+    sh(&[
+        "ip", "-n", &ns, "link", "property", "add", "dev", "pcx0", "altname", "pcalias0",
+    ])
+    .unwrap();
+    for dev in ["pcx0", "pcx1"] {
+        sh(&["ip", "-n", &ns, "link", "set", dev, "up"]).unwrap();
+    }
+    let dir = TempDir(std::env::temp_dir().join(format!("portcullis-test-{ns}")));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let config = dir.0.join("gateway.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "interfaces: {{ext: pcx0, int: pcalias0}}\npolicy_dir: {}\nmetrics: {{listen: null}}\n",
+            repo().join("configs/lab/policies").display()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new("timeout")
+        .args(["30", "ip", "netns", "exec", &ns])
+        .arg(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("name one device"), "{err}");
+}
