@@ -179,10 +179,11 @@ impl Reloader {
         // The Kubernetes objects are moved in behind a copy of the files' (small) and moved
         // back after, instead of being copied whole for every compile.
         let mut snap = self.files.clone();
-        let kube = self.kube.as_mut().map(|k| snap.append(k));
+        let kube = self.kube.as_mut().map(|k| (k.calico_api, snap.append(k)));
         let result = self.compile_merged(&snap, started);
-        if let (Some(at), Some(k)) = (kube, self.kube.as_mut()) {
+        if let (Some((calico_api, at)), Some(k)) = (kube, self.kube.as_mut()) {
             *k = snap.split_off(at);
+            k.calico_api = calico_api;
         }
         result
     }

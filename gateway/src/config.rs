@@ -238,6 +238,10 @@ pub struct Kubernetes {
     pub pods_routable: bool,
     #[serde(default = "default_no_endpoints")]
     pub no_endpoints: NoEndpoints,
+    /// Who enforces NetworkPolicies: `auto` (Calico when the cluster or the policy files have
+    /// Calico objects), `calico` (as Calico's order-1000 default-tier policies) or `kubernetes`.
+    #[serde(default)]
+    pub policy_engine: policy::compile::PolicyEngine,
     /// Watch the Kubernetes API (absent: the policy directory is the only source).
     #[serde(default)]
     pub api: Option<KubernetesApi>,
@@ -298,6 +302,7 @@ impl Default for Kubernetes {
         Kubernetes {
             pods_routable: false,
             no_endpoints: default_no_endpoints(),
+            policy_engine: Default::default(),
             api: None,
         }
     }
@@ -613,6 +618,7 @@ impl Config {
                 pods_routable: w.kubernetes.pods_routable,
                 drop_no_endpoints: w.kubernetes.no_endpoints == NoEndpoints::Drop,
                 budget: w.limits,
+                policy_engine: w.kubernetes.policy_engine,
             },
             kubernetes_api,
         })

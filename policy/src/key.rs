@@ -93,6 +93,7 @@ pub mod proto {
     pub const UDP: u8 = 17;
     pub const ICMPV6: u8 = 58;
     pub const SCTP: u8 = 132;
+    pub const UDPLITE: u8 = 136;
 
     /// A protocol's lowercase name, or its number.
     pub fn name(p: u8) -> std::borrow::Cow<'static, str> {
@@ -102,6 +103,7 @@ pub mod proto {
             UDP => "udp".into(),
             ICMPV6 => "icmpv6".into(),
             SCTP => "sctp".into(),
+            UDPLITE => "udplite".into(),
             other => other.to_string().into(),
         }
     }
@@ -114,6 +116,7 @@ pub mod proto {
             "udp" => Some(UDP),
             "icmpv6" => Some(ICMPV6),
             "sctp" => Some(SCTP),
+            "udplite" => Some(UDPLITE),
             n => n.parse().ok(),
         }
     }

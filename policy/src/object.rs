@@ -6,7 +6,8 @@ use serde::Deserialize;
 
 use crate::gateway_policy::{FieldError, GatewayPolicy, API_VERSION};
 use crate::k8s::{
-    CalicoPolicy, EndpointSlice, Namespace, NetworkPolicy, Node, SecurityGroup, Service, Workload,
+    CalicoPolicy, EndpointSlice, HostEndpoint, Namespace, NetworkPolicy, NetworkSet, Node,
+    SecurityGroup, Service, ServiceAccount, Tier, Workload,
 };
 use crate::snapshot::{Located, Snapshot};
 
@@ -98,6 +99,12 @@ pub fn add_object(
         ("projectcalico.org/v3" | "crd.projectcalico.org/v1", k @ ("GlobalNetworkPolicy" | "NetworkPolicy")) => {
             snap.calico_policies.push(Located::new(source, CalicoPolicy::from_yaml(value, k == "GlobalNetworkPolicy").map_err(field)?))
         }
+        ("projectcalico.org/v3" | "crd.projectcalico.org/v1", "Tier") => snap.tiers.push(Located::new(source, Tier::from_yaml(value).map_err(field)?)),
+        ("projectcalico.org/v3" | "crd.projectcalico.org/v1", k @ ("GlobalNetworkSet" | "NetworkSet")) => {
+            snap.network_sets.push(Located::new(source, NetworkSet::from_yaml(value, k == "GlobalNetworkSet").map_err(field)?))
+        }
+        ("projectcalico.org/v3" | "crd.projectcalico.org/v1", "HostEndpoint") => snap.host_endpoints.push(Located::new(source, HostEndpoint::from_yaml(value).map_err(field)?)),
+        ("v1", "ServiceAccount") => snap.service_accounts.push(Located::new(source, ServiceAccount::from_yaml(value).map_err(field)?)),
         // CRD manifests may sit beside the objects (configs/deploy); they change no verdict.
         ("apiextensions.k8s.io/v1", "CustomResourceDefinition") => {}
         (v, k) => {
@@ -105,7 +112,7 @@ pub fn add_object(
                 object.clone(),
                 Some("kind".into()),
                 format!(
-                    "`{v}` `{k}` is not a kind this source reads (expected Namespace, Pod, Node, Service, EndpointSlice, NetworkPolicy, Calico (Global)NetworkPolicy, VirtualMachineInstance, {API_VERSION} GatewayPolicy or SecurityGroup, or a List of them)"
+                    "`{v}` `{k}` is not a kind this source reads (expected Namespace, Pod, ServiceAccount, Node, Service, EndpointSlice, NetworkPolicy, Calico (Global)NetworkPolicy, Tier, (Global)NetworkSet or HostEndpoint, VirtualMachineInstance, {API_VERSION} GatewayPolicy or SecurityGroup, or a List of them)"
                 ),
             ))
         }

@@ -390,6 +390,13 @@ pub enum Action {
     Decide(Verdict),
     /// Skip the rest of this rule's layer; evaluation continues at the next layer.
     Pass,
+    /// Calico's Pass: skip the rest of this rule's tier; evaluation continues at the next tier
+    /// (after the last tier, at the next layer).
+    NextTier,
+    /// A negated field of a written rule matched (`notProtocol`, `notICMP`, a named `notPorts`
+    /// entry, `notSelector`): the written rule does not match, so evaluation continues after the
+    /// rules it was lowered to.
+    Skip,
     /// Count and log, then continue with the next rule.
     Log,
     /// An audit-mode rule: count what it would have done, then continue with the next rule.
@@ -526,6 +533,9 @@ pub struct Rule {
     /// Log flows that hit this rule (rate-limited).
     pub log: bool,
     pub origin: Origin,
+    /// The rule's tier within its layer (Calico tiers; 0 elsewhere): where a
+    /// [`Action::NextTier`] continues. Tiers never decrease along a rule list.
+    pub tier: u32,
 }
 
 impl Rule {
@@ -545,7 +555,22 @@ impl Rule {
             action,
             log,
             origin,
+            tier: 0,
         }
+    }
+
+    /// The same rule in tier `tier` of its layer.
+    pub fn in_tier(mut self, tier: u32) -> Rule {
+        self.tier = tier;
+        self
+    }
+
+    /// Whether `other` was lowered from the same written rule (same object, position and
+    /// direction).
+    fn same_written_rule(&self, other: &Rule) -> bool {
+        self.origin.object == other.origin.object
+            && self.origin.index == other.origin.index
+            && self.matcher.direction == other.matcher.direction
     }
 }
 
@@ -583,7 +608,7 @@ pub struct RuleSet {
 /// Why a rule list cannot be a [`RuleSet`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RuleSetError {
-    #[error("rule {index} ({object}) is in layer {layer:?} after a rule of a later layer")]
+    #[error("rule {index} ({object}) is in layer {layer:?} after a rule of a later layer or tier")]
     LayerOrder {
         index: usize,
         object: String,
@@ -600,16 +625,16 @@ impl RuleSet {
     /// decisive catch-all, so every frame gets a verdict.
     pub fn new(rules: Vec<Rule>) -> Result<RuleSet, RuleSetError> {
         let mut layer_start = [rules.len() as u32; 5];
-        let mut last = Layer::Failsafe;
+        let mut last = (Layer::Failsafe, 0);
         for (i, r) in rules.iter().enumerate() {
-            if r.origin.layer < last {
+            if (r.origin.layer, r.tier) < last {
                 return Err(RuleSetError::LayerOrder {
                     index: i,
                     object: r.origin.object.clone(),
                     layer: r.origin.layer,
                 });
             }
-            last = r.origin.layer;
+            last = (r.origin.layer, r.tier);
             let l = r.origin.layer as usize;
             layer_start[l] = layer_start[l].min(i as u32);
         }
@@ -652,6 +677,35 @@ impl RuleSet {
     /// Index of the first rule after `layer` (where a Pass continues).
     pub(crate) fn next_layer_start(&self, layer: Layer) -> u32 {
         self.layer_start[layer as usize + 1]
+    }
+
+    /// Where evaluation continues after each rule when it does not decide: the next rule, or for
+    /// [`Action::Pass`] the next layer, for [`Action::NextTier`] the next tier, for
+    /// [`Action::Skip`] the first rule lowered from another written rule.
+    pub(crate) fn continue_at(&self) -> Vec<u32> {
+        let n = self.rules.len();
+        let mut out = vec![0u32; n];
+        // Scanning backwards, the start of the following tier and of the following written
+        // rule are known at each step.
+        let (mut next_tier, mut next_written) = (n as u32, n as u32);
+        for i in (0..n).rev() {
+            let r = &self.rules[i];
+            if let Some(after) = self.rules.get(i + 1) {
+                if (after.origin.layer, after.tier) != (r.origin.layer, r.tier) {
+                    next_tier = i as u32 + 1;
+                }
+                if !after.same_written_rule(r) {
+                    next_written = i as u32 + 1;
+                }
+            }
+            out[i] = match r.action {
+                Action::Pass => self.next_layer_start(r.origin.layer),
+                Action::NextTier => next_tier,
+                Action::Skip => next_written,
+                _ => i as u32 + 1,
+            };
+        }
+        out
     }
 }
 
@@ -796,6 +850,7 @@ impl PrefixSet {
     }
 
     /// Both families, whole.
+    #[cfg(test)]
     pub(crate) fn everything() -> PrefixSet {
         PrefixSet(vec![Prefix::any(false), Prefix::any(true)])
     }

@@ -62,6 +62,31 @@ pub struct LabelSelector {
 }
 
 impl LabelSelector {
+    /// The same selector as a Calico expression (how Calico converts a Kubernetes
+    /// NetworkPolicy's selectors).
+    pub fn to_expr(&self) -> Expr {
+        let mut terms: Vec<Expr> = self
+            .match_labels
+            .iter()
+            .flatten()
+            .map(|(k, v)| Expr::Eq(k.clone(), v.clone()))
+            .collect();
+        for r in self.match_expressions.iter().flatten() {
+            let values = r.values.clone().unwrap_or_default();
+            terms.push(match r.operator {
+                Operator::In => Expr::In(r.key.clone(), values),
+                Operator::NotIn => Expr::NotIn(r.key.clone(), values),
+                Operator::Exists => Expr::Has(r.key.clone()),
+                Operator::DoesNotExist => Expr::Not(Box::new(Expr::Has(r.key.clone()))),
+            });
+        }
+        match terms.len() {
+            0 => Expr::All,
+            1 => terms.pop().unwrap_or(Expr::All),
+            _ => Expr::And(terms),
+        }
+    }
+
     /// `k8s.io/apimachinery/pkg/labels` semantics: NotIn and DoesNotExist match an object that
     /// lacks the key.
     pub fn matches(&self, labels: &Labels) -> bool {
@@ -110,6 +135,9 @@ impl LabelSelector {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Expr {
     All,
+    /// `global()`: as a rule's `namespaceSelector`, only endpoints in no namespace (host
+    /// endpoints, global network sets); elsewhere it matches like `all()`.
+    Global,
     Has(String),
     Eq(String, String),
     Ne(String, String),
@@ -138,7 +166,7 @@ impl Expr {
     /// Calico semantics: `!=` and `not in` match when the label is absent.
     pub fn matches(&self, labels: &Labels) -> bool {
         match self {
-            Expr::All => true,
+            Expr::All | Expr::Global => true,
             Expr::Has(k) => labels.contains_key(k),
             Expr::Eq(k, v) => labels.get(k) == Some(v),
             Expr::Ne(k, v) => labels.get(k) != Some(v),
@@ -267,8 +295,11 @@ impl Parser<'_> {
             self.depth -= 1;
             return Ok(e);
         }
-        if self.eat("all()") || self.eat("global()") {
+        if self.eat("all()") {
             return Ok(Expr::All);
+        }
+        if self.eat("global()") {
+            return Ok(Expr::Global);
         }
         if self.eat("has(") {
             let k = self.key()?;

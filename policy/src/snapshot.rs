@@ -2,7 +2,8 @@
 
 use crate::gateway_policy::GatewayPolicy;
 use crate::k8s::{
-    CalicoPolicy, EndpointSlice, Namespace, NetworkPolicy, Node, SecurityGroup, Service, Workload,
+    CalicoPolicy, EndpointSlice, HostEndpoint, Namespace, NetworkPolicy, NetworkSet, Node,
+    SecurityGroup, Service, ServiceAccount, Tier, Workload,
 };
 
 /// Where an object was read from: a file and document, or an API path.
@@ -34,6 +35,13 @@ pub struct Snapshot {
     pub endpoint_slices: Vec<Located<EndpointSlice>>,
     pub network_policies: Vec<Located<NetworkPolicy>>,
     pub security_groups: Vec<Located<SecurityGroup>>,
+    pub tiers: Vec<Located<Tier>>,
+    /// GlobalNetworkSets and NetworkSets.
+    pub network_sets: Vec<Located<NetworkSet>>,
+    pub host_endpoints: Vec<Located<HostEndpoint>>,
+    pub service_accounts: Vec<Located<ServiceAccount>>,
+    /// The Kubernetes source found Calico's API on the cluster (Calico is its policy engine).
+    pub calico_api: bool,
 }
 
 fn plain<T: Clone>(v: &[Located<T>]) -> Vec<T> {
@@ -77,11 +85,17 @@ impl Snapshot {
             .extend_from_slice(&other.network_policies);
         self.security_groups
             .extend_from_slice(&other.security_groups);
+        self.tiers.extend_from_slice(&other.tiers);
+        self.network_sets.extend_from_slice(&other.network_sets);
+        self.host_endpoints.extend_from_slice(&other.host_endpoints);
+        self.service_accounts
+            .extend_from_slice(&other.service_accounts);
+        self.calico_api |= other.calico_api;
     }
 
     /// Moves every object of `other` to the end of this snapshot's lists (no copies), and
     /// returns where they start: [`Snapshot::split_off`] gives them back.
-    pub fn append(&mut self, other: &mut Snapshot) -> [usize; 9] {
+    pub fn append(&mut self, other: &mut Snapshot) -> [usize; 13] {
         let at = [
             self.gateway_policies.len(),
             self.calico_policies.len(),
@@ -92,6 +106,10 @@ impl Snapshot {
             self.endpoint_slices.len(),
             self.network_policies.len(),
             self.security_groups.len(),
+            self.tiers.len(),
+            self.network_sets.len(),
+            self.host_endpoints.len(),
+            self.service_accounts.len(),
         ];
         self.gateway_policies.append(&mut other.gateway_policies);
         self.calico_policies.append(&mut other.calico_policies);
@@ -102,11 +120,17 @@ impl Snapshot {
         self.endpoint_slices.append(&mut other.endpoint_slices);
         self.network_policies.append(&mut other.network_policies);
         self.security_groups.append(&mut other.security_groups);
+        self.tiers.append(&mut other.tiers);
+        self.network_sets.append(&mut other.network_sets);
+        self.host_endpoints.append(&mut other.host_endpoints);
+        self.service_accounts.append(&mut other.service_accounts);
+        // The flag is restored by split_off's caller, which knows its own.
+        self.calico_api |= other.calico_api;
         at
     }
 
     /// Takes back what [`Snapshot::append`] moved in at `at`.
-    pub fn split_off(&mut self, at: [usize; 9]) -> Snapshot {
+    pub fn split_off(&mut self, at: [usize; 13]) -> Snapshot {
         Snapshot {
             gateway_policies: self.gateway_policies.split_off(at[0]),
             calico_policies: self.calico_policies.split_off(at[1]),
@@ -117,6 +141,11 @@ impl Snapshot {
             endpoint_slices: self.endpoint_slices.split_off(at[6]),
             network_policies: self.network_policies.split_off(at[7]),
             security_groups: self.security_groups.split_off(at[8]),
+            tiers: self.tiers.split_off(at[9]),
+            network_sets: self.network_sets.split_off(at[10]),
+            host_endpoints: self.host_endpoints.split_off(at[11]),
+            service_accounts: self.service_accounts.split_off(at[12]),
+            calico_api: false,
         }
     }
 
@@ -138,7 +167,19 @@ impl Snapshot {
             ("EndpointSlice", self.endpoint_slices.len()),
             ("NetworkPolicy", self.network_policies.len()),
             ("SecurityGroup", self.security_groups.len()),
+            ("Calico Tier", self.tiers.len()),
+            ("Calico network set", self.network_sets.len()),
+            ("Calico HostEndpoint", self.host_endpoints.len()),
+            ("ServiceAccount", self.service_accounts.len()),
         ]
+    }
+
+    /// Whether any Calico object is present (then Calico is taken to be the policy engine).
+    pub fn has_calico_objects(&self) -> bool {
+        !self.calico_policies.is_empty()
+            || !self.tiers.is_empty()
+            || !self.network_sets.is_empty()
+            || !self.host_endpoints.is_empty()
     }
 
     pub fn cluster_objects(&self) -> ClusterObjects {

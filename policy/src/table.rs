@@ -137,13 +137,10 @@ impl Table {
         let steps = rules
             .rules()
             .iter()
-            .enumerate()
-            .map(|(i, r)| Step {
+            .zip(rules.continue_at())
+            .map(|(r, next)| Step {
                 action: r.action,
-                next: match r.action {
-                    Action::Pass => rules.next_layer_start(r.origin.layer),
-                    _ => i as u32 + 1,
-                },
+                next,
                 // Audit rules log what they would have done (DESIGN §6).
                 log: r.log || matches!(r.action, Action::Log | Action::Audit(_)),
             })
@@ -228,7 +225,7 @@ impl Table {
                         log_rule,
                     }
                 }
-                Action::Pass | Action::Log | Action::Audit(_) => {
+                Action::Pass | Action::NextTier | Action::Skip | Action::Log | Action::Audit(_) => {
                     i = self.classifier.first_match(key, step.next)
                 }
             }

@@ -42,14 +42,21 @@ fn verdict(t: &Table, src: &str, dst: &str, proto: u8, dport: u16) -> Verdict {
 
 #[test]
 fn calico_ip_version_restricts_the_family() {
+    // A GlobalNetworkPolicy applies to endpoints (here one dual-stack pod), never to addresses
+    // that are no endpoint.
     let t = table(
-        "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: v6-only}\nspec:\n  order: 1\n  ingress: [{action: Deny, ipVersion: 6}, {action: Allow, ipVersion: 4}]",
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: a}\nstatus: {podIPs: [{ip: 10.0.0.1}, {ip: '2001:db8::2'}]}\n---\napiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: v6-only}\nspec:\n  order: 1\n  ingress: [{action: Deny, ipVersion: 6}, {action: Allow, ipVersion: 4}]",
         GatewayContext::default(),
     );
     assert_eq!(verdict(&t, "192.0.2.1", "10.0.0.1", 6, 80), Verdict::Allow);
     assert_eq!(
         verdict(&t, "2001:db8::1", "2001:db8::2", 6, 80),
         Verdict::Deny(DenyReason::Policy)
+    );
+    assert_eq!(
+        verdict(&t, "192.0.2.1", "10.0.0.9", 6, 80),
+        Verdict::Deny(DenyReason::Default),
+        "an address that is no endpoint gets no Calico verdict"
     );
 }
 

@@ -57,6 +57,7 @@ fn state(st: &Value, key: &str) -> (Vec<Namespace>, Vec<Workload>, Vec<NetworkPo
                     proto: proto(c["protocol"].as_str().unwrap()),
                 })
                 .collect(),
+            service_account: Some("default".into()),
         })
         .collect();
     let policies = st[key]

@@ -38,14 +38,25 @@ fn hosts(addrs: &[IpAddr]) -> AddrSet {
 
 /// Emits the layer's rules: Service frontends, and with routable pods, each pod's ingress and
 /// its egress toward external addresses (replies are the connection tracker's).
+///
+/// `pod_policies`: NetworkPolicies decide traffic to and from pod addresses here. When Calico is
+/// the policy engine they were decided in the Calico layer already, so pods count as not
+/// isolated here (Calico's namespace profile, which allows); Service frontends still admit by
+/// their backends' NetworkPolicies.
 pub(super) fn compile(
     snap: &Snapshot,
     ctx: &GatewayContext,
+    pod_policies: bool,
     rules: &mut Vec<Rule>,
     warnings: &mut BTreeSet<String>,
 ) {
     let objects = snap.cluster_objects();
     let cluster = objects.cluster();
+    let mut pod_objects = objects.clone();
+    if !pod_policies {
+        pod_objects.policies.clear();
+    }
+    let pod_cluster = pod_objects.cluster();
     unknown_references(snap, warnings);
     let mut services: Vec<&Located<Service>> = snap.services.iter().collect();
     services.sort_by_key(|s| s.object.id());
@@ -62,10 +73,10 @@ pub(super) fn compile(
             .collect();
         workloads.sort_by_key(|w| w.object.id());
         for w in &workloads {
-            pod_rules(&cluster, w, rules);
+            pod_rules(&pod_cluster, w, rules);
         }
         for w in &workloads {
-            pod_egress_rules(&cluster, w, rules);
+            pod_egress_rules(&pod_cluster, w, rules);
         }
     }
 }

@@ -36,6 +36,21 @@ pub struct GatewayContext {
     pub drop_no_endpoints: bool,
     /// How much classifier work one object, and the whole table, may cost.
     pub budget: Budget,
+    /// Who enforces Kubernetes NetworkPolicies: Calico (as its order-1000 default-tier
+    /// policies) or plain Kubernetes semantics (their own layer).
+    pub policy_engine: PolicyEngine,
+}
+
+/// Which semantics Kubernetes NetworkPolicies get.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PolicyEngine {
+    /// Calico's when the cluster runs Calico (the Kubernetes source finds Calico's API group,
+    /// or the policy files hold Calico objects); Kubernetes' otherwise.
+    #[default]
+    Auto,
+    Calico,
+    Kubernetes,
 }
 
 /// Compile budgets, in classifier atoms: a rule lowers to (source prefixes x destination
@@ -68,6 +83,7 @@ impl Default for GatewayContext {
             pods_routable: false,
             drop_no_endpoints: true,
             budget: Budget::default(),
+            policy_engine: PolicyEngine::Auto,
         }
     }
 }
@@ -260,71 +276,114 @@ pub fn compile_with(
             });
         }
     }
-    // GatewayPolicies and Calico policies share one order: priority / `order` (Calico policies
-    // without an order come last), then kind, then name.
-    enum Item<'a> {
-        Gateway(&'a crate::snapshot::Located<crate::gateway_policy::GatewayPolicy>),
-        Calico(&'a crate::snapshot::Located<crate::k8s::CalicoPolicy>),
-    }
-    let mut items: Vec<(f64, u8, String, Item)> = snap
-        .gateway_policies
-        .iter()
-        .map(|p| {
-            (
-                p.object.priority as f64,
-                0,
-                p.object.name.clone(),
-                Item::Gateway(p),
-            )
-        })
-        .chain(snap.calico_policies.iter().map(|p| {
-            (
-                p.object.order.unwrap_or(f64::INFINITY),
-                1,
-                p.object.id(),
-                Item::Calico(p),
-            )
-        }))
-        .collect();
-    items.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
+    // The gateway layer, in segments (tiers): Calico's untracked and preDNAT tiers, then its
+    // normal tiers. GatewayPolicies are edge policy: they run in the preDNAT pass, ordered with
+    // that pass's default-tier policies by priority / `order`.
+    let calico_engine = match ctx.policy_engine {
+        PolicyEngine::Calico => true,
+        PolicyEngine::Kubernetes => false,
+        PolicyEngine::Auto => snap.calico_api || snap.has_calico_objects(),
+    };
+    let converted: Vec<crate::snapshot::Located<crate::k8s::CalicoPolicy>> = if calico_engine {
+        snap.network_policies
+            .iter()
+            .map(|p| {
+                crate::snapshot::Located::new(p.source.clone(), calico::from_kubernetes(&p.object))
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let calico_policies: Vec<&crate::snapshot::Located<crate::k8s::CalicoPolicy>> =
+        snap.calico_policies.iter().chain(&converted).collect();
     let mut notes = BTreeSet::new();
-    let mut calico_covered = Vec::new();
-    for (_, _, _, item) in items {
-        let p = match item {
-            Item::Calico(c) => {
-                calico_covered.extend(calico::compile(snap, c, &mut rules, &mut notes));
+    let model = calico::Model::new(snap);
+    let tiers = calico::tiers(snap, &calico_policies, &mut notes);
+    let mut segment = 0u32;
+    for phase in [
+        calico::Phase::Untracked,
+        calico::Phase::PreDnat,
+        calico::Phase::Normal,
+    ] {
+        for (tier, _) in &tiers {
+            enum Item<'a> {
+                Gateway(&'a crate::snapshot::Located<GatewayPolicy>),
+                Calico(&'a crate::snapshot::Located<crate::k8s::CalicoPolicy>),
+            }
+            let mut items: Vec<((f64, u8, String), Item)> = calico_policies
+                .iter()
+                .filter(|p| p.object.tier == tier.name && calico::phase(&p.object) == phase)
+                .map(|p| {
+                    let (order, key) = calico::policy_key(&p.object);
+                    ((order, 1, key), Item::Calico(p))
+                })
+                .collect();
+            if phase == calico::Phase::PreDnat && tier.name == "default" {
+                items.extend(snap.gateway_policies.iter().map(|p| {
+                    (
+                        (p.object.priority as f64, 0, p.object.name.clone()),
+                        Item::Gateway(p),
+                    )
+                }));
+            }
+            if items.is_empty() {
                 continue;
             }
-            Item::Gateway(p) => p,
-        };
-        match memo.gateway.get_mut(&p.object.name) {
-            Some(m) if m.source == p.source && m.policy == p.object => {
-                rules.extend_from_slice(&m.rules);
-                warnings.extend_from_slice(&m.warnings);
-                m.epoch = memo.epoch;
-                memo.last_reused += 1;
+            items.sort_by(|(a, _), (b, _)| {
+                a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2))
+            });
+            let mut covered = [Vec::new(), Vec::new()];
+            for (_, item) in items {
+                let p = match item {
+                    Item::Calico(c) => {
+                        let [i, e] = calico::compile(&model, c, segment, &mut rules, &mut notes);
+                        covered[0].extend(i);
+                        covered[1].extend(e);
+                        continue;
+                    }
+                    Item::Gateway(p) => p,
+                };
+                let r0 = rules.len();
+                match memo.gateway.get_mut(&p.object.name) {
+                    Some(m) if m.source == p.source && m.policy == p.object => {
+                        rules.extend_from_slice(&m.rules);
+                        warnings.extend_from_slice(&m.warnings);
+                        m.epoch = memo.epoch;
+                        memo.last_reused += 1;
+                    }
+                    _ => {
+                        let w0 = warnings.len();
+                        gateway_rules(p, budget, &mut rules, &mut warnings);
+                        memo.gateway.insert(
+                            p.object.name.clone(),
+                            Compiled1 {
+                                policy: p.object.clone(),
+                                source: p.source.clone(),
+                                rules: rules[r0..].to_vec(),
+                                warnings: warnings[w0..].to_vec(),
+                                epoch: memo.epoch,
+                            },
+                        );
+                        memo.last_compiled += 1;
+                    }
+                }
+                for r in &mut rules[r0..] {
+                    r.tier = segment;
+                }
             }
-            _ => {
-                let (r0, w0) = (rules.len(), warnings.len());
-                gateway_rules(p, budget, &mut rules, &mut warnings);
-                memo.gateway.insert(
-                    p.object.name.clone(),
-                    Compiled1 {
-                        policy: p.object.clone(),
-                        source: p.source.clone(),
-                        rules: rules[r0..].to_vec(),
-                        warnings: warnings[w0..].to_vec(),
-                        epoch: memo.epoch,
-                    },
-                );
-                memo.last_compiled += 1;
+            if phase == calico::Phase::Normal {
+                for c in &mut covered {
+                    c.sort_unstable();
+                    c.dedup();
+                }
+                calico::end_of_tier(&model, tier, segment, covered, &mut rules);
             }
+            segment += 1;
         }
     }
     let epoch = memo.epoch;
     memo.gateway.retain(|_, m| m.epoch == epoch);
-    calico::end_of_tier(calico_covered, &mut rules);
-    kubernetes::compile(snap, ctx, &mut rules, &mut notes);
+    kubernetes::compile(snap, ctx, !calico_engine, &mut rules, &mut notes);
     warnings.extend(notes);
 
     for (dir, verdict) in [

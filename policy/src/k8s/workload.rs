@@ -31,6 +31,9 @@ pub struct Workload {
     pub ips: Vec<IpAddr>,
     pub node: Option<String>,
     pub ports: Vec<NamedPort>,
+    /// The pod's service account (`spec.serviceAccountName`, `default` when unset, as the API
+    /// server's admission sets it); `None` for VMIs.
+    pub service_account: Option<String>,
 }
 
 impl Workload {
@@ -41,6 +44,7 @@ impl Workload {
         ips: Vec<IpAddr>,
         node: Option<String>,
         ports: Vec<NamedPort>,
+        service_account: Option<String>,
     ) -> Result<Workload, FieldError> {
         Ok(Workload {
             kind,
@@ -50,6 +54,7 @@ impl Workload {
             ips,
             node,
             ports,
+            service_account,
         })
     }
 }
@@ -91,6 +96,8 @@ struct PodSpecW {
     node_name: Option<String>,
     #[serde(default)]
     host_network: bool,
+    #[serde(default)]
+    service_account_name: Option<String>,
     #[serde(default)]
     containers: Vec<ContainerW>,
 }
@@ -155,6 +162,12 @@ impl Workload {
             ips,
             w.spec.node_name,
             ports,
+            Some(
+                w.spec
+                    .service_account_name
+                    .filter(|s| !s.is_empty())
+                    .unwrap_or_else(|| "default".into()),
+            ),
         )?))
     }
 }
@@ -205,6 +218,7 @@ impl Workload {
             ips,
             w.status.node_name,
             Vec::new(),
+            None,
         )
     }
 }
