@@ -24,13 +24,14 @@
 //! or forwards after DNAT; neither is visible as such at the edge, so they stay Calico's job.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
 
 use foldhash::{HashMap, HashMapExt};
 
 use crate::gateway_policy::RuleAction;
 use crate::k8s::{
     CalicoEntity, CalicoKind, CalicoPolicy, CalicoPort, CalicoRule, NamedPort, NetworkPolicy,
-    NpRule, Tier,
+    NpRule, ServiceMatch, Tier,
 };
 use crate::key::proto;
 use crate::rule::{
@@ -65,6 +66,7 @@ struct Endpoint<'a> {
 
 /// The endpoints of a snapshot, and the labels selectors read besides theirs.
 pub(super) struct Model<'a> {
+    snap: &'a Snapshot,
     endpoints: Vec<Endpoint<'a>>,
     /// Namespace labels plus `projectcalico.org/name`.
     namespaces: HashMap<&'a str, Labels>,
@@ -163,6 +165,7 @@ impl<'a> Model<'a> {
             service_accounts.insert((s.namespace.as_str(), s.name.as_str()), labels);
         }
         Model {
+            snap,
             endpoints,
             namespaces,
             service_accounts,
@@ -243,6 +246,37 @@ impl<'a> Model<'a> {
                 .map(|(i, _)| i)
                 .collect(),
         )
+    }
+
+    /// A Service's members as felix's service IP sets hold them (felix `serviceindex`): each
+    /// EndpointSlice address with each slice port (protocol, port), never the cluster IP.
+    fn service_members(
+        &self,
+        svc: &ServiceMatch,
+        policy_ns: Option<&str>,
+    ) -> Vec<(IpAddr, u8, u16)> {
+        let Some(ns) = svc.namespace.as_deref().or(policy_ns) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for sl in self
+            .snap
+            .endpoint_slices
+            .iter()
+            .map(|s| &s.object)
+            .filter(|s| s.namespace == ns && s.service == svc.name)
+        {
+            for e in &sl.endpoints {
+                for a in &e.addresses {
+                    for p in &sl.ports {
+                        if let Some(port) = p.port {
+                            out.push((*a, p.proto, port));
+                        }
+                    }
+                }
+            }
+        }
+        out
     }
 
     fn addrs(&self, ids: &[usize], v6: bool) -> PrefixSet {
@@ -539,6 +573,17 @@ impl Lowering<'_, '_> {
                 if let Some(ids) = eps {
                     s = and(s, Some(m.addrs(ids, v6)));
                 }
+                if let Some(svc) = &e.services {
+                    s = and(
+                        s,
+                        Some(PrefixSet::of(
+                            m.service_members(svc, ns)
+                                .into_iter()
+                                .map(|(a, _, _)| Prefix::host(a))
+                                .filter(|p| p.v6 == v6),
+                        )),
+                    );
+                }
                 s
             };
             let own_set = Some(m.addrs(own, v6));
@@ -612,6 +657,38 @@ impl Lowering<'_, '_> {
                         }),
                     }],
                 ),
+                None if r.destination.services.is_some() => {
+                    // A destination Service matches its members' (address, protocol, port).
+                    let mut groups: BTreeMap<(u8, u16), Vec<Prefix>> = BTreeMap::new();
+                    for (a, pr, port) in r
+                        .destination
+                        .services
+                        .as_ref()
+                        .map(|svc| m.service_members(svc, ns))
+                        .unwrap_or_default()
+                    {
+                        if r.proto.is_none_or(|x| x == pr) && a.is_ipv6() == v6 {
+                            groups.entry((pr, port)).or_default().push(Prefix::host(a));
+                        }
+                    }
+                    let src_parts = port_parts(
+                        m,
+                        &r.source.ports,
+                        &r.source.not_ports,
+                        r.proto,
+                        &src_cands,
+                        v6,
+                    );
+                    let dst_parts = groups
+                        .into_iter()
+                        .map(|((pr, port), v)| PortPart {
+                            proto: Some(pr),
+                            only: Some(PrefixSet::of(v)),
+                            range: PortRange::single(port),
+                        })
+                        .collect();
+                    (src_parts, dst_parts)
+                }
                 None => (
                     port_parts(
                         m,

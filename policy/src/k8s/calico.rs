@@ -450,7 +450,40 @@ impl CalicoPolicy {
             .enumerate()
         {
             for (i, r) in list.iter().enumerate() {
-                rules[k].push(rule(r, &format!("spec.{key}[{i}]"))?);
+                let f = format!("spec.{key}[{i}]");
+                let r = rule(r, &f)?;
+                // Calico's validator: a Service is a destination of egress rules and a source
+                // of ingress rules only, and a destination Service brings its own ports.
+                let misplaced = if k == 0 {
+                    r.destination.services.is_some().then_some("destination")
+                } else {
+                    r.source.services.is_some().then_some("source")
+                };
+                if let Some(side) = misplaced {
+                    return Err(FieldError::new(
+                        format!("{f}.{side}.services"),
+                        "is allowed only in the source of ingress rules and the destination of egress rules",
+                    ));
+                }
+                if r.destination.services.is_some()
+                    && (!r.destination.ports.is_empty() || !r.destination.not_ports.is_empty())
+                {
+                    return Err(FieldError::new(
+                        format!("{f}.destination.ports"),
+                        "cannot be combined with destination.services (the Service's ports apply)",
+                    ));
+                }
+                if global
+                    && [&r.source, &r.destination]
+                        .iter()
+                        .any(|e| e.services.as_ref().is_some_and(|s| s.namespace.is_none()))
+                {
+                    return Err(FieldError::new(
+                        format!("{f}.services.namespace"),
+                        "is required in a GlobalNetworkPolicy",
+                    ));
+                }
+                rules[k].push(r);
             }
         }
         let [ingress, egress] = rules;
