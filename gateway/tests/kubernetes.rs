@@ -475,6 +475,55 @@ fn calico_policies_appear_when_the_crd_is_installed() {
 }
 
 #[test]
+fn calico_tiers_network_sets_host_endpoints_and_service_accounts_are_watched() {
+    let live = Live::start("calico-kinds");
+    for kind in [
+        "GlobalNetworkPolicy",
+        "Tier",
+        "GlobalNetworkSet",
+        "HostEndpoint",
+    ] {
+        live.api
+            .set_served(&format!("{kind}.crd.projectcalico.org"), true);
+    }
+    live.api.apply(yaml(
+        "apiVersion: crd.projectcalico.org/v1\nkind: Tier\nmetadata: {name: edge}\nspec: {order: 100}\n",
+    ));
+    live.api.apply(yaml(
+        "apiVersion: crd.projectcalico.org/v1\nkind: HostEndpoint\nmetadata: {name: n1-eth0, labels: {hep: edge}}\nspec: {node: n1, interfaceName: eth0, expectedIPs: [10.0.0.11]}\n",
+    ));
+    live.api.apply(yaml(
+        "apiVersion: crd.projectcalico.org/v1\nkind: GlobalNetworkSet\nmetadata: {name: partners, labels: {feed: partner}}\nspec: {nets: [198.51.100.0/24]}\n",
+    ));
+    live.api.apply(yaml(
+        "apiVersion: crd.projectcalico.org/v1\nkind: GlobalNetworkPolicy\nmetadata: {name: edge.block}\nspec:\n  tier: edge\n  preDNAT: true\n  applyOnForward: true\n  selector: hep == 'edge'\n  ingress: [{action: Deny, protocol: TCP, source: {selector: feed == 'partner'}}]\n",
+    ));
+    live.api.apply(yaml(
+        "apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: web, namespace: shop}\n",
+    ));
+    live.expect(PARTNER, N1, 30080, POLICY, "GlobalNetworkPolicy/edge.block");
+    live.expect(PARTNER, N2, 30080, ALLOW, "Service/shop/web-cluster");
+    for kind in ["Tier", "GlobalNetworkSet", "HostEndpoint", "ServiceAccount"] {
+        assert_eq!(live.kind(kind).objects, 1, "{kind}: {:#?}", live.kind(kind));
+    }
+    // Deleting the network set empties the rule's source: the partner is admitted again.
+    assert!(live
+        .api
+        .delete("crd.projectcalico.org/v1", "GlobalNetworkSet", "partners"));
+    live.expect(PARTNER, N1, 30080, ALLOW, "Service/shop/web-cluster");
+    assert!(live
+        .api
+        .delete("crd.projectcalico.org/v1", "HostEndpoint", "n1-eth0"));
+    assert!(live.api.delete("crd.projectcalico.org/v1", "Tier", "edge"));
+    assert!(live.api.delete("v1", "ServiceAccount", "shop/web"));
+    live.wait("the deletions to be seen", |l| {
+        ["Tier", "HostEndpoint", "ServiceAccount"]
+            .iter()
+            .all(|k| l.kind(k).objects == 0)
+    });
+}
+
+#[test]
 fn pod_status_churn_does_not_recompile() {
     let live = Live::start("churn");
     let generation = live.generation();

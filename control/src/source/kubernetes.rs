@@ -98,6 +98,7 @@ pub const KINDS: &[KindSpec] = &[
     kind("", "v1", "Pod", "pods", false),
     kind("", "v1", "Node", "nodes", false),
     kind("", "v1", "Service", "services", false),
+    kind("", "v1", "ServiceAccount", "serviceaccounts", false),
     kind(
         "discovery.k8s.io",
         "v1",
@@ -124,6 +125,28 @@ pub const KINDS: &[KindSpec] = &[
         "v1",
         "NetworkPolicy",
         "networkpolicies",
+        true,
+    ),
+    kind("crd.projectcalico.org", "v1", "Tier", "tiers", true),
+    kind(
+        "crd.projectcalico.org",
+        "v1",
+        "GlobalNetworkSet",
+        "globalnetworksets",
+        true,
+    ),
+    kind(
+        "crd.projectcalico.org",
+        "v1",
+        "NetworkSet",
+        "networksets",
+        true,
+    ),
+    kind(
+        "crd.projectcalico.org",
+        "v1",
+        "HostEndpoint",
+        "hostendpoints",
         true,
     ),
     kind(
@@ -758,7 +781,13 @@ async fn run(
             }
             _ = sleep_until(deadline) => {
                 let began = Instant::now();
-                let snap = build_snapshot(&stores);
+                let mut snap = build_snapshot(&stores);
+                // Calico's CRDs are served: Calico is the cluster's policy engine.
+                snap.calico_api = lock(&status)
+                    .kinds
+                    .iter()
+                    .zip(KINDS)
+                    .any(|(k, spec)| spec.group == "crd.projectcalico.org" && k.state == KindState::Synced);
                 let result = publish(snap, &pending);
                 let mut s = lock(&status);
                 match result {
