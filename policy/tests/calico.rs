@@ -463,3 +463,31 @@ fn a_network_set_of_100000_cidrs_compiles_as_one_rule() {
     assert_eq!(ingress(&t, "44.134.159.1", "10.244.1.10", 6, 80), DENY);
     assert_eq!(ingress(&t, "46.0.0.1", "10.244.1.10", 6, 80), DEFAULT_IN);
 }
+
+/// `check` warns when a Calico workload policy decides on client addresses for the backends of
+/// a Cluster-policy NodePort Service: SNAT replaces the client with the node there.
+#[test]
+fn check_warns_about_client_address_policy_behind_snat() {
+    let docs = with("apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec: {type: NodePort, ports: [{port: 80, targetPort: 8080, nodePort: 30080}]}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: web-1, namespace: shop, labels: {kubernetes.io/service-name: web}}\nports: [{port: 8080, protocol: TCP}]\nendpoints: [{addresses: [10.244.1.10]}]\n---\napiVersion: projectcalico.org/v3\nkind: NetworkPolicy\nmetadata: {name: clients, namespace: shop}\nspec:\n  selector: app == 'web'\n  ingress: [{action: Allow, source: {nets: [192.0.2.0/24]}}]");
+    let c = compile(&snapshot(&docs), &GatewayContext::default()).unwrap();
+    assert!(
+        c.warnings.iter().any(
+            |w| w.starts_with("SNAT pitfall: CalicoNetworkPolicy/shop/clients")
+                && w.contains("Service shop/web")
+                && w.contains("preDNAT")
+        ),
+        "{:#?}",
+        c.warnings
+    );
+    // With a preDNAT policy instead, nothing to warn about.
+    let pre = docs.replace(
+        "kind: NetworkPolicy\nmetadata: {name: clients, namespace: shop}\nspec:\n  selector: app == 'web'",
+        "kind: GlobalNetworkPolicy\nmetadata: {name: clients}\nspec:\n  preDNAT: true\n  applyOnForward: true\n  selector: all()",
+    );
+    let c = compile(&snapshot(&pre), &GatewayContext::default()).unwrap();
+    assert!(
+        !c.warnings.iter().any(|w| w.starts_with("SNAT pitfall")),
+        "{:#?}",
+        c.warnings
+    );
+}

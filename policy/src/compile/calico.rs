@@ -1040,3 +1040,56 @@ pub(super) fn end_of_tier(
         }
     }
 }
+
+/// `check`'s SNAT pitfall for Calico: with `externalTrafficPolicy: Cluster`, kube-proxy may
+/// forward NodePort traffic to another node with the client's address replaced by the node's,
+/// so a workload policy that decides on the client's address (`nets`, `notNets`) sees the node
+/// instead. Calico's documented answer is a preDNAT policy on the host endpoints.
+pub(super) fn snat_warnings(
+    model: &Model,
+    snap: &Snapshot,
+    policies: &[&Located<CalicoPolicy>],
+    warnings: &mut BTreeSet<String>,
+) {
+    for svc in snap.services.iter().map(|s| &s.object) {
+        if svc.etp_local || !(svc.kind == "NodePort" || svc.kind == "LoadBalancer") {
+            continue;
+        }
+        let backends: BTreeSet<IpAddr> = snap
+            .endpoint_slices
+            .iter()
+            .map(|s| &s.object)
+            .filter(|s| s.namespace == svc.namespace && s.service == svc.name)
+            .flat_map(|s| s.endpoints.iter().flat_map(|e| e.addresses.iter().copied()))
+            .collect();
+        if backends.is_empty() {
+            continue;
+        }
+        for l in policies {
+            let p = &l.object;
+            if phase(p) != Phase::Normal || p.kind == CalicoKind::KubernetesNetworkPolicy {
+                continue;
+            }
+            let by_client = p
+                .ingress
+                .iter()
+                .any(|r| !r.source.nets.is_empty() || !r.source.not_nets.is_empty());
+            if !by_client {
+                continue;
+            }
+            let hit = model.applies_to(p).into_iter().find(|&i| {
+                model.endpoints[i]
+                    .addrs
+                    .iter()
+                    .any(|a| backends.contains(&a.addr()))
+            });
+            if hit.is_some() {
+                warnings.insert(format!(
+                    "SNAT pitfall: {} decides on client addresses (source nets) for backends of Service {} (NodePort, externalTrafficPolicy Cluster); kube-proxy may forward such traffic to another node with the source rewritten to the node address, so the pod's policy sees the node, not the client. Enforce client addresses with a preDNAT GlobalNetworkPolicy on the host endpoints (which the gateway enforces at the edge), or use externalTrafficPolicy: Local",
+                    p.id(),
+                    svc.id()
+                ));
+            }
+        }
+    }
+}

@@ -381,6 +381,7 @@ pub fn compile_with(
             segment += 1;
         }
     }
+    calico::snat_warnings(&model, snap, &calico_policies, &mut notes);
     let epoch = memo.epoch;
     memo.gateway.retain(|_, m| m.epoch == epoch);
     kubernetes::compile(snap, ctx, !calico_engine, &mut rules, &mut notes);
