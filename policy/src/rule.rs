@@ -913,6 +913,14 @@ impl PrefixSet {
         self.0.is_empty()
     }
 
+    pub(crate) fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub(crate) fn prefixes(&self) -> &[Prefix] {
+        &self.0
+    }
+
     pub(crate) fn contains(&self, v6: bool, bits: u128) -> bool {
         self.0.iter().any(|p| p.contains_bits(v6, bits))
     }

@@ -35,8 +35,8 @@ use crate::k8s::{
 };
 use crate::key::proto;
 use crate::rule::{
-    Action, DenyReason, Direction, Layer, Match, Origin, PortRange, Prefix, PrefixSet, Rule,
-    Verdict,
+    Action, AddrSet, DenyReason, Direction, Layer, Match, Origin, PortRange, Prefix, PrefixSet,
+    Rule, Verdict,
 };
 use crate::selector::{Expr, Labels};
 use crate::snapshot::{Located, Snapshot};
@@ -347,6 +347,9 @@ fn minus_ranges(v: Vec<PortRange>, holes: &[PortRange]) -> Vec<PortRange> {
     }
     v
 }
+
+/// Above this many (source x destination) prefixes, a rule's smaller side becomes a guard.
+const SPLIT_PRODUCT: usize = 4096;
 
 const NAMED_PROTOS: [u8; 4] = [proto::TCP, proto::UDP, proto::SCTP, proto::UDPLITE];
 
@@ -708,6 +711,31 @@ impl Lowering<'_, '_> {
                     ),
                 ),
             };
+            // A large set on one side (a threat feed) times the endpoints on the other would
+            // lower to their product in the classifier. Past a bound the smaller side becomes a
+            // guard, "elsewhere: skip the written rule", and the rule keeps the large side
+            // alone: the sum of the two instead of their product.
+            let (mut src, mut dst) = (src, dst);
+            let size = |x: &Side| x.as_ref().map_or(1, PrefixSet::len);
+            if size(&src) * size(&dst) > SPLIT_PRODUCT && size(&src).min(size(&dst)) > 1 {
+                let small_is_dst = size(&dst) <= size(&src);
+                let small = if small_is_dst { dst.take() } else { src.take() };
+                let elsewhere = AddrSet {
+                    include: vec![Prefix::any(v6)],
+                    except: small.map(|p| p.prefixes().to_vec()).unwrap_or_default(),
+                };
+                let mut mat = Match::any(direction);
+                if small_is_dst {
+                    mat.dst = elsewhere;
+                } else {
+                    mat.src = elsewhere;
+                }
+                guard(
+                    rules,
+                    mat,
+                    "the address is none of this side's, the rule does not apply",
+                );
+            }
             for s in &sparts {
                 for d in &dparts {
                     let proto = match (s.proto, d.proto) {
