@@ -24,10 +24,20 @@ use policy::key::FlowKey;
 use policy::snapshot::{ClusterObjects, Snapshot};
 use policy::table::Table;
 
+/// `portcullis --version`: the version, the commit and the build date.
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("PORTCULLIS_COMMIT"),
+    ", built ",
+    env!("PORTCULLIS_BUILD_DATE"),
+    ")"
+);
+
 #[derive(Parser)]
 #[command(
     name = "portcullis",
-    version,
+    version = VERSION,
     about = "AF_XDP packet-filter gateway for Kubernetes edge nodes"
 )]
 struct Cli {
@@ -271,6 +281,7 @@ struct LabArgs {
 }
 
 fn main() {
+    gateway::metrics::set_build_info(env!("PORTCULLIS_COMMIT"), env!("PORTCULLIS_BUILD_DATE"));
     let cli = Cli::parse();
     if !matches!(cli.cmd, Cmd::Run { .. }) {
         // A printing command whose reader goes away stops quietly, like any filter.
@@ -599,8 +610,8 @@ fn stats(addr: SocketAddr, json: bool) -> Result<()> {
         .with_context(|| format!("{addr}/status is not a portcullis status document"))?;
     let t = &s.totals;
     println!(
-        "portcullis {} up {}s, ext={} int={} queues={} copy_mode={}",
-        s.version, s.uptime_s, s.ext, s.int, s.queues, s.copy_mode
+        "portcullis {} (commit {}) up {}s, ext={} int={} queues={} copy_mode={}",
+        s.version, s.commit, s.uptime_s, s.ext, s.int, s.queues, s.copy_mode
     );
     let p = &s.policy;
     println!(

@@ -168,6 +168,58 @@ fn metrics_parse_and_agree_with_status() {
         value("portcullis_table_generation", &[]),
         status.policy.generation as f64
     );
+    // Conventions dashboards rely on (prometheus.io/docs/practices/naming): base units, counters
+    // end in `_total`, no series twice, no label that moves when a rule is inserted above.
+    let mut series = std::collections::BTreeSet::new();
+    for l in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let key = l.rsplit_once(' ').unwrap().0.to_string();
+        assert!(series.insert(key.clone()), "duplicate series {key}");
+        for bad in ["nanoseconds", "milliseconds", "_ms{", "_ns{", "index=\""] {
+            assert!(
+                !key.contains(bad),
+                "{key}: not in base units / unstable label"
+            );
+        }
+    }
+    for l in text.lines().filter_map(|l| l.strip_prefix("# TYPE ")) {
+        let (name, kind) = l.split_once(' ').unwrap();
+        if kind == "counter" {
+            assert!(
+                name.ends_with("_total"),
+                "counter {name} does not end in _total"
+            );
+        }
+        if kind == "summary" {
+            panic!("{name}: summaries cannot be aggregated across workers; use a histogram");
+        }
+    }
+    assert!(
+        !text.contains("portcullis_conntrack_full_drops_total"),
+        "duplicates portcullis_drops_total{{reason=\"conntrack_full\"}}"
+    );
+    let build = scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == "portcullis_build_info")
+        .expect("portcullis_build_info");
+    assert!(build.labels.get("version").is_some() && build.labels.get("commit").is_some());
+    for name in [
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        "process_start_time_seconds",
+        "process_open_fds",
+    ] {
+        assert!(scrape.samples.iter().any(|s| s.metric == name), "no {name}");
+    }
+    assert!(value("process_resident_memory_bytes", &[]) > 1e6);
+    assert!(value("process_open_fds", &[]) >= 3.0);
+    assert!(
+        text.contains("portcullis_burst_service_seconds_bucket{worker=\"0\",le=\"+Inf\"}"),
+        "{text}"
+    );
     // Every family has HELP and TYPE, and every sample belongs to a family.
     for s in &scrape.samples {
         let family = s
@@ -201,4 +253,48 @@ fn unknown_paths_and_bad_explain_queries_get_clear_answers() {
     assert_eq!((code, body.trim()), (200, "[]"));
     let (code, body) = get(srv.addr, "/conntrack?addr=nowhere");
     assert_eq!(code, 400, "{body}");
+}
+
+/// A rule's hit series keeps its labels when another rule is inserted above it: the labels are
+/// the rule's id (a hash of its origin and match) and its origin, never its table position.
+#[test]
+fn rule_hit_labels_survive_an_insertion_above() {
+    use policy::compile::{compile, GatewayContext};
+    use policy::object::add_object;
+    use policy::snapshot::Snapshot;
+    let policy = |name: &str, priority: u32, port: u16| {
+        format!("apiVersion: portcullis.io/v1alpha1\nkind: GatewayPolicy\nmetadata: {{name: {name}}}\nspec: {{priority: {priority}, ingress: [{{action: Allow, protocol: TCP, destination: {{ports: [{port}]}}}}]}}")
+    };
+    let labels = |docs: &[String]| {
+        let mut snap = Snapshot::default();
+        for (i, d) in docs.iter().enumerate() {
+            add_object(
+                serde_norway::from_str(d).unwrap(),
+                &format!("t#{i}"),
+                &mut snap,
+            )
+            .unwrap();
+        }
+        let c = compile(&snap, &GatewayContext::default()).unwrap();
+        let r = c
+            .rules
+            .rules()
+            .iter()
+            .position(|r| r.origin.object == "GatewayPolicy/web")
+            .unwrap();
+        let rule = &c.rules.rules()[r];
+        (
+            r,
+            format!(
+                "rule=\"{}\",layer=\"gateway\",object=\"{}\",position=\"{}\"",
+                rule.id,
+                rule.origin.object,
+                rule.origin.index.unwrap()
+            ),
+        )
+    };
+    let (before_at, before) = labels(&[policy("web", 100, 443)]);
+    let (after_at, after) = labels(&[policy("web", 100, 443), policy("first", 10, 22)]);
+    assert_ne!(before_at, after_at, "the rule moved down the table");
+    assert_eq!(before, after, "but its series did not change");
 }

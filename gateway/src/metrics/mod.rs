@@ -65,10 +65,46 @@ pub struct KernelSocket {
     pub stats: KernelStats,
 }
 
+/// What the binary was built from, set once by the binary at start (the library crates are not
+/// rebuilt for every commit).
+static BUILD: OnceLock<(String, String)> = OnceLock::new();
+
+/// Records the commit and build date `portcullis --version` names, for `/status` and
+/// `portcullis_build_info`.
+pub fn set_build_info(commit: &str, date: &str) {
+    let _ = BUILD.set((commit.to_string(), date.to_string()));
+}
+
+fn build_info() -> (String, String) {
+    BUILD
+        .get()
+        .cloned()
+        .unwrap_or_else(|| ("unknown".into(), "unknown".into()))
+}
+
+/// Upper bounds (seconds) of the burst service-time histogram buckets.
+pub const BURST_BUCKETS_S: [f64; 12] = [
+    1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 1e-2,
+];
+
+/// One worker's burst service times as a Prometheus histogram.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct WorkerLatency {
+    /// Cumulative (le seconds, count) buckets.
+    pub buckets: Vec<(f64, u64)>,
+    pub sum_s: f64,
+    pub count: u64,
+}
+
 /// The `/status` document.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Status {
     pub version: String,
+    /// The commit and date the binary was built from.
+    #[serde(default)]
+    pub commit: String,
+    #[serde(default)]
+    pub build_date: String,
     pub uptime_s: u64,
     pub config: String,
     pub ext: String,
@@ -87,6 +123,9 @@ pub struct Status {
     pub totals: CounterSnapshot,
     pub workers: Vec<CounterSnapshot>,
     pub burst_latency: LatencySummary,
+    /// Per worker, for the histograms.
+    #[serde(default)]
+    pub worker_latency: Vec<WorkerLatency>,
     /// Frames the kernel dropped before the gateway saw them, per socket.
     pub kernel: Vec<KernelSocket>,
     pub rules: Vec<RuleHits>,
@@ -103,9 +142,21 @@ impl Observed {
             totals.add(w);
         }
         let mut h = new_histogram();
+        let mut worker_latency = Vec::with_capacity(self.latency.len());
         for l in &self.latency {
-            l.merge_into(&mut h);
+            let mut one = new_histogram();
+            l.merge_into(&mut one);
+            worker_latency.push(WorkerLatency {
+                buckets: BURST_BUCKETS_S
+                    .iter()
+                    .map(|le| (*le, one.count_between(0, (le * 1e9) as u64)))
+                    .collect(),
+                sum_s: one.mean() * one.len() as f64 / 1e9,
+                count: one.len(),
+            });
+            let _ = h.add(&one);
         }
+        let (commit, build_date) = build_info();
         let (policy, rules, buckets, sum) = {
             let mut r = self.reloader.lock().unwrap_or_else(|p| p.into_inner());
             let h = r.swap_latency();
@@ -118,6 +169,8 @@ impl Observed {
         };
         Status {
             version: env!("CARGO_PKG_VERSION").to_string(),
+            commit,
+            build_date,
             uptime_s: self.started.elapsed().as_secs(),
             config: self.config.clone(),
             ext: self.ext.clone(),
@@ -135,6 +188,7 @@ impl Observed {
             totals,
             workers,
             burst_latency: LatencySummary::of(&h),
+            worker_latency,
             kernel: self
                 .sockets
                 .lock()

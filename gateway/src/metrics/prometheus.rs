@@ -85,16 +85,24 @@ pub fn prometheus(s: &Status) -> String {
             "Non-empty bursts processed.",
             |w| w.bursts,
         ),
-        (
-            "portcullis_busy_nanoseconds_total",
-            "Time spent in turns that moved frames (the work, where busy polling keeps the core at 100 %).",
-            |w| w.busy_ns,
-        ),
     ] {
         family(name, "counter", help, &mut o);
         for (i, w) in s.workers.iter().enumerate() {
             let _ = writeln!(o, "{name}{{worker=\"{i}\"}} {}", get(w));
         }
+    }
+    family(
+        "portcullis_busy_seconds_total",
+        "counter",
+        "Time spent in turns that moved frames (the work, where busy polling keeps the core at 100 %).",
+        &mut o,
+    );
+    for (i, w) in s.workers.iter().enumerate() {
+        let _ = writeln!(
+            o,
+            "portcullis_busy_seconds_total{{worker=\"{i}\"}} {}",
+            w.busy_ns as f64 / 1e9
+        );
     }
     if let Some(ct) = &s.conntrack {
         conntrack_metrics(s, ct, &mut o);
@@ -119,15 +127,14 @@ pub fn prometheus(s: &Status) -> String {
     family(
         "portcullis_rule_hits_total",
         "counter",
-        "Frames that matched each rule of the current table, carried across table swaps.",
+        "Frames that matched each rule, by the rule's stable id and origin (object and its rule's position in it), carried across table swaps.",
         &mut o,
     );
     for r in &s.rules {
         let _ = writeln!(
             o,
-            "portcullis_rule_hits_total{{rule=\"{}\",index=\"{}\",layer=\"{}\",object=\"{}\",position=\"{}\"}} {}",
+            "portcullis_rule_hits_total{{rule=\"{}\",layer=\"{}\",object=\"{}\",position=\"{}\"}} {}",
             r.id,
-            r.index,
             serde_json::to_value(r.layer).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default(),
             label(&r.object),
             r.rule.map_or(String::new(), |p| p.to_string()),
@@ -208,29 +215,47 @@ pub fn prometheus(s: &Status) -> String {
     }
     family(
         "portcullis_burst_service_seconds",
-        "summary",
-        "Time a worker spends on one non-empty burst.",
+        "histogram",
+        "Time a worker spends on one non-empty burst, per worker.",
         &mut o,
     );
-    let l = &s.burst_latency;
-    for (q, v) in [
-        ("0.5", l.p50_ns),
-        ("0.99", l.p99_ns),
-        ("0.999", l.p999_ns),
-        ("1", l.max_ns),
-    ] {
+    for (i, w) in s.worker_latency.iter().enumerate() {
+        for (le, n) in &w.buckets {
+            let _ = writeln!(
+                o,
+                "portcullis_burst_service_seconds_bucket{{worker=\"{i}\",le=\"{le}\"}} {n}"
+            );
+        }
         let _ = writeln!(
             o,
-            "portcullis_burst_service_seconds{{quantile=\"{q}\"}} {}",
-            v as f64 / 1e9
+            "portcullis_burst_service_seconds_bucket{{worker=\"{i}\",le=\"+Inf\"}} {}",
+            w.count
+        );
+        let _ = writeln!(
+            o,
+            "portcullis_burst_service_seconds_sum{{worker=\"{i}\"}} {}",
+            w.sum_s
+        );
+        let _ = writeln!(
+            o,
+            "portcullis_burst_service_seconds_count{{worker=\"{i}\"}} {}",
+            w.count
         );
     }
+    family(
+        "portcullis_build_info",
+        "gauge",
+        "Always 1; the labels name the version and the commit the binary was built from.",
+        &mut o,
+    );
     let _ = writeln!(
         o,
-        "portcullis_burst_service_seconds_sum {}",
-        l.sum_ns as f64 / 1e9
+        "portcullis_build_info{{version=\"{}\",commit=\"{}\",build_date=\"{}\"}} 1",
+        label(&s.version),
+        label(&s.commit),
+        label(&s.build_date)
     );
-    let _ = writeln!(o, "portcullis_burst_service_seconds_count {}", l.count);
+    process_metrics(&mut o);
 
     family(
         "portcullis_policy_event_to_swap_seconds",
@@ -428,17 +453,86 @@ fn conntrack_metrics(s: &Status, ct: &super::ConntrackStatus, o: &mut String) {
             let _ = writeln!(o, "{name}{{worker=\"{i}\"}} {}", w.ct_count(event));
         }
     }
-    family(
-        "portcullis_conntrack_full_drops_total",
-        "counter",
-        "New flows dropped because their bucket held only answered flows (same as portcullis_drops_total{reason=\"conntrack_full\"}).",
-        o,
-    );
-    for (i, w) in s.workers.iter().enumerate() {
-        let _ = writeln!(
-            o,
-            "portcullis_conntrack_full_drops_total{{worker=\"{i}\"}} {}",
-            w.drop_count(crate::stats::Reason::ConntrackFull)
-        );
+}
+
+/// The standard `process_*` metrics (as the Prometheus client libraries export them), from
+/// `/proc/self`.
+fn process_metrics(o: &mut String) {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name, which may hold spaces: it ends at the last ')'.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let field = |n: usize| -> f64 {
+        // `n` is the field's number in proc(5) (1-based, pid = 1, comm = 2, state = 3).
+        fields
+            .get(n - 3)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let (ticks, page) = crate::sys::clock_ticks_and_page_size();
+    let boot = std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("btime ")
+                    .and_then(|v| v.trim().parse::<f64>().ok())
+            })
+        })
+        .unwrap_or(0.0);
+    let fds = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count());
+    let max_fds = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Max open files"))
+                .and_then(|l| {
+                    l.split_whitespace()
+                        .nth(3)
+                        .and_then(|v| v.parse::<f64>().ok())
+                })
+        })
+        .unwrap_or(0.0);
+    for (name, kind, help, value) in [
+        (
+            "process_cpu_seconds_total",
+            "counter",
+            "Total user and system CPU time spent in seconds.",
+            (field(14) + field(15)) / ticks,
+        ),
+        (
+            "process_resident_memory_bytes",
+            "gauge",
+            "Resident memory size in bytes.",
+            field(24) * page,
+        ),
+        (
+            "process_virtual_memory_bytes",
+            "gauge",
+            "Virtual memory size in bytes.",
+            field(23),
+        ),
+        (
+            "process_start_time_seconds",
+            "gauge",
+            "Start time of the process since unix epoch in seconds.",
+            boot + field(22) / ticks,
+        ),
+        (
+            "process_open_fds",
+            "gauge",
+            "Number of open file descriptors.",
+            fds as f64,
+        ),
+        (
+            "process_max_fds",
+            "gauge",
+            "Maximum number of open file descriptors.",
+            max_fds,
+        ),
+    ] {
+        family(name, kind, help, o);
+        let _ = writeln!(o, "{name} {value}");
     }
 }

@@ -31,6 +31,21 @@ pub fn default_sigpipe() {
     let _ = unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) };
 }
 
+/// Clock ticks per second and the page size (for `process_*` metrics from /proc).
+pub fn clock_ticks_and_page_size() -> (f64, f64) {
+    // SAFETY: sysconf only reads system constants; it has no memory effects.
+    let (ticks, page) = unsafe {
+        (
+            libc::sysconf(libc::_SC_CLK_TCK),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    (
+        if ticks > 0 { ticks as f64 } else { 100.0 },
+        if page > 0 { page as f64 } else { 4096.0 },
+    )
+}
+
 /// Asks the CPU to bring the cache line of `r` in, without waiting for it (a hint: no fault, no
 /// effect on the program's results). The tracker's burst prefetches the slots its lookups will
 /// read, so that a burst's cache misses overlap. A no-op off x86-64.
