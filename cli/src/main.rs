@@ -80,6 +80,8 @@ fn init_logs(format: LogFormat) {
 enum Cmd {
     /// Run the gateway until SIGINT/SIGTERM (SIGHUP reloads the policies).
     Run {
+        /// The gateway config (YAML): interfaces, queues, policy directory, defaults, tracker,
+        /// metrics and the Kubernetes API.
         #[arg(long)]
         config: PathBuf,
     },
@@ -93,22 +95,31 @@ enum Cmd {
     Explain {
         #[command(flatten)]
         src: PolicySource,
+        /// Ask the running instance whose metrics.listen address this is about its live table
+        /// (files and Kubernetes API merged, exactly what the workers use). Run it where that
+        /// address is reachable (inside the namespace, in the lab).
+        #[arg(long, conflicts_with_all = ["config", "policies", "files_only", "probes"])]
+        addr: Option<SocketAddr>,
         /// Source address.
         #[arg(long = "src", required_unless_present = "probes")]
         src_addr: Option<IpAddr>,
+        /// Destination address (the same family as --src).
         #[arg(long, required_unless_present = "probes")]
         dst: Option<IpAddr>,
+        /// Source port (TCP, UDP, SCTP).
         #[arg(long, default_value_t = 40000)]
         sport: u16,
-        /// Destination port, or ICMP code with --proto icmp.
+        /// Destination port, or the ICMP code with --icmp-type.
         #[arg(long, default_value_t = 0)]
         dport: u16,
-        /// tcp, udp, sctp, icmp, icmpv6 or a number.
-        #[arg(long, default_value = "tcp")]
-        proto: String,
-        /// ICMP type (with --proto icmp/icmpv6).
+        /// tcp, udp, sctp, icmp, icmpv6 or a number [default: tcp; icmp or icmpv6 with
+        /// --icmp-type].
+        #[arg(long)]
+        proto: Option<String>,
+        /// ICMP type: the flow is ICMP (ICMPv6 for IPv6 addresses) unless --proto says which.
         #[arg(long)]
         icmp_type: Option<u8>,
+        /// Which way the flow crosses the gateway: ingress (ext to int) or egress.
         #[arg(long, value_enum, default_value_t = Dir::Ingress)]
         direction: Dir,
         /// Print JSON instead of text.
@@ -121,9 +132,11 @@ enum Cmd {
     },
     /// Print counters of a running instance.
     Stats {
-        /// The instance's metrics.listen address.
+        /// The instance's metrics.listen address (run where it is reachable: inside the
+        /// namespace, in the lab).
         #[arg(long, default_value = "127.0.0.1:9477")]
         addr: SocketAddr,
+        /// Print the /status document (JSON) instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -164,6 +177,13 @@ enum Cmd {
         #[arg(long)]
         write: Option<PathBuf>,
     },
+    /// Print a shell completion script (bash, zsh, fish, elvish or powershell).
+    Completions {
+        /// The shell to complete for.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), generated from these command definitions.
+    Man,
 }
 
 #[derive(Subcommand)]
@@ -172,6 +192,7 @@ enum ConntrackCmd {
     List {
         #[command(flatten)]
         filter: FlowFilter,
+        /// One JSON array of flows instead of a table.
         #[arg(long)]
         json: bool,
     },
@@ -223,19 +244,12 @@ struct PolicySource {
     #[arg(long)]
     policies: Option<PathBuf>,
     /// With a config that watches the Kubernetes API: read the policy directory only.
-    #[arg(long)]
+    #[arg(long, requires = "config")]
     files_only: bool,
-    /// `explain` only: ask the running instance at this metrics address about its live table
-    /// (files and Kubernetes API merged, exactly what the workers use).
-    #[arg(long, conflicts_with_all = ["config", "policies"])]
-    addr: Option<SocketAddr>,
 }
 
 impl PolicySource {
     fn load(&self) -> Result<(PathBuf, GatewayContext, Option<KubernetesApi>)> {
-        if let Some(addr) = self.addr {
-            bail!("--addr {addr} works with `explain` only; `check` reads --config or --policies");
-        }
         match (&self.config, &self.policies) {
             (Some(c), _) => {
                 let cfg = Config::load(c)?;
@@ -243,14 +257,16 @@ impl PolicySource {
                 Ok((cfg.policy_dir, cfg.context, api))
             }
             (None, Some(p)) => Ok((p.clone(), GatewayContext::default(), None)),
-            (None, None) => bail!("give --config FILE or --policies DIR (or --addr for explain)"),
+            (None, None) => bail!("give --config FILE or --policies DIR"),
         }
     }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
 enum Dir {
+    /// ext to int.
     Ingress,
+    /// int to ext.
     Egress,
 }
 
@@ -267,17 +283,48 @@ enum LabCmd {
     Demo {
         #[command(flatten)]
         lab: LabArgs,
-        #[arg(long, default_value = "configs/lab/gateway.yaml")]
-        config: PathBuf,
+        /// The gateway config to run [default: the lab's, configs/lab/gateway.yaml, found from
+        /// the current directory, the source tree or /usr/share/portcullis].
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
 }
 
 #[derive(clap::Args)]
 struct LabArgs {
+    /// Prefix of the lab's namespace and interface names (several labs can coexist).
     #[arg(long, default_value = "pc")]
     prefix: String,
+    /// Queues (and gateway workers) per interface.
     #[arg(long, default_value_t = 1)]
     queues: u32,
+}
+
+/// The lab config `lab demo` runs when none is given: from the current directory, the source
+/// tree this binary was built in, or where the package installs it.
+fn lab_config() -> Result<PathBuf> {
+    let tried = [
+        PathBuf::from("configs/lab/gateway.yaml"),
+        PathBuf::from(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../configs/lab/gateway.yaml"
+        )),
+        PathBuf::from("/usr/share/portcullis/configs/lab/gateway.yaml"),
+    ];
+    tried
+        .iter()
+        .find(|p| p.is_file())
+        .cloned()
+        .with_context(|| {
+            format!(
+                "no lab config found (tried {}); give --config",
+                tried
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })
 }
 
 fn main() {
@@ -306,6 +353,7 @@ fn dispatch(cli: Cli) -> Result<()> {
         Cmd::Check { src } => check(&src),
         Cmd::Explain {
             src,
+            addr,
             src_addr,
             dst,
             sport,
@@ -316,18 +364,28 @@ fn dispatch(cli: Cli) -> Result<()> {
             json,
             probes,
         } => {
-            if src.addr.is_some() && probes.is_some() {
-                bail!("--probes reads policies (--config or --policies); with --addr, explain one flow at a time");
-            }
-            if src.addr.is_none() {
+            if addr.is_none() {
                 if let Some(file) = &probes {
                     return explain_probes(&build(&src)?, file);
                 }
             }
+            let src_ip = src_addr.context("give --src IP")?;
+            let proto = match (p, icmp_type) {
+                (Some(p), None) => p,
+                (None, None) => "tcp".into(),
+                (None, Some(_)) if src_ip.is_ipv6() => "icmpv6".into(),
+                (None, Some(_)) => "icmp".into(),
+                (Some(p), Some(_)) => match policy::key::proto::parse(&p) {
+                    Some(policy::key::proto::ICMP | policy::key::proto::ICMPV6) => p,
+                    _ => {
+                        bail!("--icmp-type needs --proto icmp or icmpv6 (or no --proto), not `{p}`")
+                    }
+                },
+            };
             let probe = FlowQuery {
-                src: src_addr.context("give --src IP")?,
+                src: src_ip,
                 dst: dst.context("give --dst IP")?,
-                proto: p,
+                proto,
                 sport,
                 dport,
                 icmp_type,
@@ -337,7 +395,7 @@ fn dispatch(cli: Cli) -> Result<()> {
                 },
             };
             let key = probe.key()?;
-            match src.addr {
+            match addr {
                 Some(addr) => explain_live(addr, &probe, json),
                 None => explain(&build(&src)?, &key, json),
             }
@@ -367,9 +425,23 @@ fn dispatch(cli: Cli) -> Result<()> {
             LabCmd::Demo { lab, config } => {
                 let exe =
                     std::env::current_exe().context("cannot find the portcullis executable")?;
+                let config = match config {
+                    Some(c) => c,
+                    None => lab_config()?,
+                };
                 lab::demo::run(&exe, &config, &lab.prefix, lab.queues)
             }
         },
+        Cmd::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "portcullis", &mut std::io::stdout());
+            Ok(())
+        }
+        Cmd::Man => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            clap_mangen::Man::new(cmd).render(&mut std::io::stdout())?;
+            Ok(())
+        }
     }
 }
 
@@ -772,4 +844,36 @@ fn crds(write: Option<&std::path::Path>) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every flag and argument of every subcommand says what it is for.
+    #[test]
+    fn every_argument_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for a in cmd.get_arguments() {
+                let id = a.get_id().as_str();
+                if id == "help" || id == "version" {
+                    continue;
+                }
+                if a.get_help().is_none() && a.get_long_help().is_none() {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                if sub.get_about().is_none() {
+                    missing.push(format!("{path} {} (no about)", sub.get_name()));
+                }
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let cmd = <Cli as clap::CommandFactory>::command();
+        cmd.clone().debug_assert();
+        let mut missing = Vec::new();
+        walk(&cmd, "portcullis", &mut missing);
+        assert!(missing.is_empty(), "no help text: {missing:#?}");
+    }
 }

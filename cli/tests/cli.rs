@@ -301,9 +301,10 @@ fn startup_errors_say_what_to_fix() {
         err.contains("cannot reach a running portcullis at 127.0.0.1:9"),
         "{err}"
     );
+    // `check` has no --addr at all (only `explain` asks a running instance).
     let (code, _, err) = portcullis(&["check", "--addr", "127.0.0.1:9"]);
-    assert_eq!(code, 1);
-    assert!(err.contains("works with `explain` only"), "{err}");
+    assert_eq!(code, 2);
+    assert!(err.contains("unexpected argument '--addr'"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -405,4 +406,106 @@ fn a_printing_command_stops_quietly_when_its_reader_goes_away() {
         .unwrap();
     assert!(!err.contains("panicked"), "{err}");
     assert_ne!(status.code(), Some(101), "{err}");
+}
+
+#[test]
+fn version_names_the_commit_and_build_date() {
+    let (code, out, _) = portcullis(&["--version"]);
+    assert_eq!(code, 0);
+    let out = out.trim();
+    assert!(out.starts_with("portcullis 0."), "{out}");
+    let commit = out
+        .split("(commit ")
+        .nth(1)
+        .and_then(|r| r.split(',').next())
+        .unwrap();
+    assert!(commit == "unknown" || commit.len() >= 12, "{out}");
+    let date = out.split("built ").nth(1).unwrap().trim_end_matches(')');
+    assert_eq!(date.len(), 10, "{out}");
+    assert!(
+        date.starts_with("20") && date.as_bytes()[4] == b'-',
+        "{out}"
+    );
+}
+
+#[test]
+fn completions_and_man_page_come_from_the_command_definitions() {
+    for shell in ["bash", "zsh", "fish"] {
+        let (code, out, err) = portcullis(&["completions", shell]);
+        assert_eq!(code, 0, "{err}");
+        assert!(
+            out.contains("explain") && out.contains("conntrack"),
+            "{shell}: {out}"
+        );
+    }
+    let (code, out, err) = portcullis(&["man"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.starts_with(".ie") || out.contains(".TH portcullis"),
+        "{out}"
+    );
+    assert!(out.contains("explain"), "{out}");
+}
+
+#[test]
+fn explain_icmp_flags_and_json_verdicts() {
+    let base = [
+        "explain",
+        "--config",
+        "configs/lab/gateway.yaml",
+        "--src",
+        "198.51.100.7",
+        "--dst",
+        "10.99.0.2",
+    ];
+    // --icmp-type alone means ICMP (ICMPv6 for IPv6 addresses), never a silently ignored flag.
+    let (code, out, err) = portcullis(&[&base[..], &["--icmp-type", "8"]].concat());
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("icmp") && out.contains("type 8"), "{out}");
+    let (code, _, err) = portcullis(&[&base[..], &["--icmp-type", "8", "--proto", "udp"]].concat());
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("--icmp-type needs --proto icmp or icmpv6"),
+        "{err}"
+    );
+    // The JSON verdict is a word; `result` names the reason.
+    let (code, out, err) = portcullis(&[&base[..], &["--dport", "22", "--json"]].concat());
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["verdict"], "deny");
+    assert_eq!(v["result"], "policy_deny");
+    let (_, out, _) = portcullis(&[&base[..], &["--dport", "443", "--json"]].concat());
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["verdict"], "allow");
+    // Flags that make no sense together are refused by the parser.
+    let (code, _, err) = portcullis(&[&base[..], &["--addr", "127.0.0.1:9477"]].concat());
+    assert_eq!(code, 2);
+    assert!(err.contains("cannot be used with"), "{err}");
+}
+
+#[test]
+fn object_errors_name_the_field_in_plain_words() {
+    let dir = std::env::temp_dir().join(format!("portcullis-words-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("a.yaml"),
+        "kind: GatewayPolicy\nmetadata: {name: x}\nspec: {}\n---\napiVersion: portcullis.io/v1alpha1\nkind: GatewayPolicy\nmetadata: {name: y}\nspec: {ingress: [{action: Allow, protocol: TCP, destination: {ports: [70000]}}]}\n---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: n, namespace: a}\nspec: {podSelector: {}, ingress: [{ports: [{port: true}]}]}\n",
+    )
+    .unwrap();
+    let (code, _, err) = portcullis(&["check", "--policies", dir.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("(GatewayPolicy/x): apiVersion: missing (a GatewayPolicy needs one, e.g. portcullis.io/v1alpha1)"),
+        "{err}"
+    );
+    assert!(
+        err.contains(
+            "destination.ports[0]: port must be 1-65535, a \"lo:hi\" range or a name, not 70000"
+        ),
+        "{err}"
+    );
+    assert!(err.contains("ports[0].port: "), "{err}");
+    assert!(!err.contains("untagged enum"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -28,11 +28,20 @@ pub struct KubernetesVerdict {
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
     pub flow: String,
+    /// `allow` or `deny` in JSON; `result` names the drop reason.
+    #[serde(serialize_with = "verdict_word")]
     pub verdict: Verdict,
     /// `allow`, or the drop reason.
     pub result: &'static str,
     pub steps: Vec<ExplainStep>,
     pub kubernetes: Option<KubernetesVerdict>,
+}
+
+fn verdict_word<S: serde::Serializer>(v: &Verdict, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(match v {
+        Verdict::Allow => "allow",
+        Verdict::Deny(_) => "deny",
+    })
 }
 
 /// One line of `explain --probes`: a flow to explain.

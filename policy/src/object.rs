@@ -74,6 +74,23 @@ pub fn add_object(
     let field = |e: FieldError| err(object.clone(), Some(e.field), e.message);
     match (meta.api_version.as_str(), meta.kind.as_str()) {
         (_, "") => return Err(err(None, Some("kind".into()), "missing".into())),
+        ("", k) => {
+            return Err(err(
+                object.clone(),
+                Some("apiVersion".into()),
+                format!(
+                    "missing (a {k} needs one, e.g. {})",
+                    match k {
+                        "GatewayPolicy" | "SecurityGroup" => API_VERSION,
+                        "NetworkPolicy" => "networking.k8s.io/v1 or projectcalico.org/v3",
+                        "GlobalNetworkPolicy" | "Tier" | "GlobalNetworkSet" | "NetworkSet" | "HostEndpoint" => "projectcalico.org/v3",
+                        "EndpointSlice" => "discovery.k8s.io/v1",
+                        "VirtualMachineInstance" => "kubevirt.io/v1",
+                        _ => "v1",
+                    }
+                ),
+            ))
+        }
         ("v1", "List") => {
             let items = value.get("items").and_then(|v| v.as_sequence()).cloned().unwrap_or_default();
             for (j, item) in items.into_iter().enumerate() {

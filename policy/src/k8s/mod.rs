@@ -68,11 +68,48 @@ fn namespace_of(m: &ObjectMeta) -> Result<String, FieldError> {
 }
 
 /// A port by number or by name (IntOrString).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 #[serde(untagged)]
 pub enum PortRef {
     Number(u16),
     Name(String),
+}
+
+impl<'de> Deserialize<'de> for PortRef {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = PortRef;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a port: 1-65535 or a name")
+            }
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<PortRef, E> {
+                match u16::try_from(n) {
+                    Ok(p) if p > 0 => Ok(PortRef::Number(p)),
+                    _ => Err(E::custom(format!(
+                        "port must be 1-65535 or a name, not {n}"
+                    ))),
+                }
+            }
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<PortRef, E> {
+                match u64::try_from(n) {
+                    Ok(n) => self.visit_u64(n),
+                    Err(_) => Err(E::custom(format!(
+                        "port must be 1-65535 or a name, not {n}"
+                    ))),
+                }
+            }
+            fn visit_f64<E: serde::de::Error>(self, n: f64) -> Result<PortRef, E> {
+                Err(E::custom(format!(
+                    "port must be 1-65535 or a name, not {n}"
+                )))
+            }
+            fn visit_str<E: serde::de::Error>(self, t: &str) -> Result<PortRef, E> {
+                Ok(PortRef::Name(t.to_string()))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 #[cfg(feature = "schema")]
