@@ -320,8 +320,8 @@ fn host_endpoints_with_pre_dnat_policy() {
     );
     assert_eq!(
         ingress(&t, "198.51.100.1", "10.0.0.22", 6, 30080),
-        DEFAULT_IN,
-        "another address"
+        DENY,
+        "an address that is no host endpoint's arrives on the edge's interface too"
     );
     // preDNAT needs applyOnForward, and has no egress.
     let mut snap = Snapshot::default();
@@ -498,5 +498,95 @@ fn check_warns_about_client_address_policy_behind_snat() {
         !c.warnings.iter().any(|w| w.starts_with("SNAT pitfall")),
         "{:#?}",
         c.warnings
+    );
+}
+
+/// A GatewayPolicy's Pass goes on to Calico's tiers: it never skips a Calico end of tier.
+#[test]
+fn a_gateway_policy_pass_does_not_skip_calico() {
+    let t = table(&with("apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: egress-lockdown}\nspec: {order: 10, selector: all(), types: [Egress], egress: [{action: Allow, destination: {nets: [192.0.2.0/24]}}]}\n---\napiVersion: portcullis.io/v1alpha1\nkind: GatewayPolicy\nmetadata: {name: partner}\nspec: {priority: 100, egress: [{action: Pass, destination: {nets: [198.51.100.0/24]}}]}"));
+    assert_eq!(egress(&t, "10.244.1.10", "198.51.100.7", 6, 443), DENY);
+    assert_eq!(
+        egress(&t, "10.244.1.10", "192.0.2.7", 6, 443),
+        Verdict::Allow
+    );
+}
+
+/// A Calico Pass concerns Calico's tiers only: the GatewayPolicies (the edge's own client-CIDR
+/// denies) run before them and are never skipped.
+#[test]
+fn a_calico_pass_does_not_skip_gateway_policies() {
+    let t = table(&with("apiVersion: v1\nkind: Node\nmetadata: {name: edge1, labels: {role: edge}}\nstatus: {addresses: [{type: InternalIP, address: 10.0.0.21}]}\n---\napiVersion: portcullis.io/v1alpha1\nkind: GatewayPolicy\nmetadata: {name: block-bad-clients}\nspec: {priority: 100, ingress: [{action: Deny, source: {nets: [203.0.113.0/24]}}]}\n---\napiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: pass-nodeports}\nspec: {order: 10, preDNAT: true, applyOnForward: true, selector: role == 'edge', ingress: [{action: Pass, protocol: TCP, destination: {ports: ['30000:32767']}}]}"));
+    assert_eq!(ingress(&t, "203.0.113.5", "10.0.0.21", 6, 30080), DENY);
+}
+
+/// HostEndpoint doc: preDNAT policy applies to everything arriving on the host endpoint's
+/// interface, so a LoadBalancer IP (no node's address) is covered; another node's address is
+/// that node's endpoint's business.
+#[test]
+fn pre_dnat_policy_covers_loadbalancer_addresses() {
+    let t = table(&with("apiVersion: v1\nkind: Node\nmetadata: {name: edge1, labels: {role: edge}}\nstatus: {addresses: [{type: InternalIP, address: 10.0.0.21}]}\n---\napiVersion: v1\nkind: Node\nmetadata: {name: worker1, labels: {role: worker}}\nstatus: {addresses: [{type: InternalIP, address: 10.0.0.31}]}\n---\napiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: edge}\nspec:\n  order: 20\n  preDNAT: true\n  applyOnForward: true\n  selector: role == 'edge'\n  ingress:\n  - {action: Allow, source: {nets: [10.0.0.0/8]}}\n  - {action: Deny, protocol: TCP, destination: {nets: [192.0.2.50/32], ports: [80]}}"));
+    assert_eq!(ingress(&t, "203.0.113.5", "192.0.2.50", 6, 80), DENY);
+    assert_eq!(ingress(&t, "10.1.1.1", "192.0.2.50", 6, 80), Verdict::Allow);
+    assert_eq!(
+        ingress(&t, "203.0.113.5", "10.0.0.31", 6, 80),
+        DEFAULT_IN,
+        "the worker's address"
+    );
+}
+
+/// notPorts are guards, so 50 ports and 50 notPorts on each side stay linear.
+#[test]
+fn many_ports_and_not_ports_stay_linear() {
+    let ports: Vec<String> = (1..=50).map(|i| format!("'{i}:65535'")).collect();
+    let holes: Vec<String> = (1..=50).map(|i| (i * 1000 + 1).to_string()).collect();
+    let side = format!(
+        "{{ports: [{}], notPorts: [{}]}}",
+        ports.join(", "),
+        holes.join(", ")
+    );
+    let docs = with(&format!("apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {{name: wide}}\nspec:\n  selector: all()\n  ingress: [{{action: Deny, protocol: TCP, source: {side}, destination: {side}}}, {{action: Allow}}]"));
+    let started = std::time::Instant::now();
+    let c = compile(&snapshot(&docs), &GatewayContext::default()).unwrap();
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(c.rules.len() < 5000, "{} rules", c.rules.len());
+    let t = Table::build(c.rules, 1, 1);
+    assert_eq!(ingress(&t, "192.0.2.1", "10.244.1.10", 6, 80), DENY);
+    assert_eq!(
+        ingress(&t, "192.0.2.1", "10.244.1.10", 6, 2001),
+        Verdict::Allow,
+        "a notPorts hole"
+    );
+}
+
+/// rules.go: a rule namespaceSelector is evaluated over the `pcns.` labels every endpoint
+/// inherits, so a negated one also matches endpoints in no namespace (global network sets).
+#[test]
+fn a_negated_namespace_selector_matches_global_network_sets() {
+    let t = table(&with("apiVersion: projectcalico.org/v3\nkind: GlobalNetworkSet\nmetadata: {name: scanners}\nspec: {nets: [198.51.100.0/24]}\n---\napiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: p}\nspec: {order: 10, selector: app == 'web', ingress: [{action: Deny, source: {namespaceSelector: '!has(trusted)'}}, {action: Allow}]}"));
+    assert_eq!(ingress(&t, "198.51.100.7", "10.244.1.10", 6, 8080), DENY);
+    assert_eq!(
+        ingress(&t, "203.0.113.7", "10.244.1.10", 6, 8080),
+        Verdict::Allow
+    );
+}
+
+/// The same Calico object twice (a stale file beside the live one) is refused, not merged.
+#[test]
+fn duplicate_calico_objects_are_refused() {
+    let p = "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: web-ingress}\nspec: {order: 10, selector: all(), ingress: [{action: Allow}]}";
+    let e = compile(
+        &snapshot(&with(&format!("{p}\n---\n{p}"))),
+        &GatewayContext::default(),
+    )
+    .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("GlobalNetworkPolicy/web-ingress` is defined twice"),
+        "{e}"
     );
 }

@@ -172,23 +172,48 @@ impl<'a> Model<'a> {
         }
     }
 
+    /// A namespaceSelector as felix evaluates it (rules.go): over the `pcns.` labels every
+    /// endpoint inherits from its namespace, which an endpoint in no namespace (host endpoint,
+    /// global network set) does not have; `all()` is `has(projectcalico.org/namespace)`,
+    /// `global()` its negation. So a negated selector (`!has(x)`) matches those endpoints too.
     fn in_namespaces(&self, e: &Endpoint, sel: &Expr) -> bool {
         match (sel, e.namespace) {
             (Expr::Global, ns) => ns.is_none(),
-            (_, None) => false,
-            (sel, Some(ns)) => self.namespaces.get(ns).is_some_and(|l| sel.matches(l)),
+            (Expr::All, ns) => ns.is_some(),
+            (sel, None) => sel.matches(&Labels::new()),
+            (sel, Some(ns)) => match self.namespaces.get(ns) {
+                Some(l) => sel.matches(l),
+                // A namespace the gateway has not read has only its name label.
+                None => sel.matches(&Labels::from([(NAME_LABEL.to_string(), ns.to_string())])),
+            },
         }
     }
 
+    /// A service-account selector over the `pcsa.` labels an endpoint inherits from its service
+    /// account (none without one); `all()` is `has(projectcalico.org/serviceaccount)`.
     fn sa_matches(&self, e: &Endpoint, sel: &Expr) -> bool {
         let (Some(ns), Some(sa)) = (e.namespace, e.service_account) else {
-            return false;
+            return *sel != Expr::All && sel.matches(&Labels::new());
         };
         match self.service_accounts.get(&(ns, sa)) {
             Some(l) => sel.matches(l),
             // A service account the gateway has not read has only its name label.
             None => sel.matches(&Labels::from([(NAME_LABEL.to_string(), sa.to_string())])),
         }
+    }
+
+    /// Every address of the family that is no host endpoint's: traffic to such an address (a
+    /// LoadBalancer IP, an external IP, a pod) arrives on the edge nodes' interfaces, so the
+    /// host endpoints' preDNAT and untracked policies see it.
+    fn not_hosts(&self, v6: bool) -> PrefixSet {
+        let hosts: Vec<Prefix> = self
+            .endpoints
+            .iter()
+            .filter(|e| e.kind == EpKind::Host)
+            .flat_map(|e| e.addrs.iter().copied())
+            .filter(|p| p.v6 == v6)
+            .collect();
+        family(v6).minus(&hosts)
     }
 
     /// The endpoints a policy applies to (indices into `endpoints`).
@@ -207,7 +232,7 @@ impl<'a> Model<'a> {
             .filter(|(_, e)| {
                 p.namespace_selector
                     .as_ref()
-                    .is_none_or(|s| e.namespace.is_some() && self.in_namespaces(e, s))
+                    .is_none_or(|s| self.in_namespaces(e, s))
             })
             .filter(|(_, e)| {
                 p.service_account_selector
@@ -238,8 +263,9 @@ impl<'a> Model<'a> {
                 .filter(|(_, x)| e.selector.as_ref().is_none_or(|s| s.matches(&x.labels)))
                 .filter(|(_, x)| {
                     e.service_accounts.as_ref().is_none_or(|m| {
-                        x.service_account
-                            .is_some_and(|sa| m.names.is_empty() || m.names.iter().any(|n| n == sa))
+                        (m.names.is_empty()
+                            || x.service_account
+                                .is_some_and(|sa| m.names.iter().any(|n| n == sa)))
                             && m.selector.as_ref().is_none_or(|s| self.sa_matches(x, s))
                     })
                 })
@@ -318,36 +344,6 @@ struct PortPart {
     range: PortRange,
 }
 
-fn minus_ranges(v: Vec<PortRange>, holes: &[PortRange]) -> Vec<PortRange> {
-    let mut v = v;
-    for hole in holes {
-        v = v
-            .into_iter()
-            .flat_map(|r| {
-                let mut out = Vec::new();
-                if hole.hi < r.lo || hole.lo > r.hi {
-                    out.push(r);
-                } else {
-                    if hole.lo > r.lo {
-                        out.push(PortRange {
-                            lo: r.lo,
-                            hi: hole.lo - 1,
-                        });
-                    }
-                    if hole.hi < r.hi {
-                        out.push(PortRange {
-                            lo: hole.hi + 1,
-                            hi: r.hi,
-                        });
-                    }
-                }
-                out
-            })
-            .collect();
-    }
-    v
-}
-
 /// Above this many (source x destination) prefixes, a rule's smaller side becomes a guard.
 const SPLIT_PRODUCT: usize = 4096;
 
@@ -382,50 +378,37 @@ fn named_groups(
         .collect()
 }
 
-/// A side's `ports` and numeric `notPorts` as parts. `candidates`: the endpoints a named port
+/// A side's `ports` as parts. `candidates`: the endpoints a named port
 /// may resolve on.
 fn port_parts(
     m: &Model,
     ports: &[CalicoPort],
-    not_ports: &[CalicoPort],
     rule_proto: Option<u8>,
     candidates: &[usize],
     v6: bool,
 ) -> Vec<PortPart> {
-    let holes: Vec<PortRange> = not_ports
-        .iter()
-        .filter_map(|p| match p {
-            CalicoPort::Range(r) => Some(*r),
-            CalicoPort::Named(_) => None,
-        })
-        .collect();
+    // notPorts are guard rules (see the lowering), not holes cut here: cutting multiplied the
+    // parts by the holes on each side.
     let mut out = Vec::new();
     if ports.is_empty() {
-        for range in minus_ranges(vec![PortRange::ANY], &holes) {
-            out.push(PortPart {
-                proto: rule_proto,
-                only: None,
-                range,
-            });
-        }
+        out.push(PortPart {
+            proto: rule_proto,
+            only: None,
+            range: PortRange::ANY,
+        });
         return out;
     }
     for p in ports {
         match p {
             CalicoPort::Range(r) => {
-                for range in minus_ranges(vec![*r], &holes) {
-                    out.push(PortPart {
-                        proto: rule_proto,
-                        only: None,
-                        range,
-                    });
-                }
+                out.push(PortPart {
+                    proto: rule_proto,
+                    only: None,
+                    range: *r,
+                });
             }
             CalicoPort::Named(name) => {
                 for ((pr, num), addrs) in named_groups(m, candidates, name, rule_proto, v6) {
-                    if holes.iter().any(|h| h.contains(num)) {
-                        continue;
-                    }
                     out.push(PortPart {
                         proto: Some(pr),
                         only: Some(addrs),
@@ -444,6 +427,9 @@ struct Lowering<'m, 'a> {
     policy: &'m CalicoPolicy,
     /// The endpoints the policy applies to.
     own: &'m [usize],
+    /// A preDNAT or untracked policy: its host endpoints also see traffic to addresses that are
+    /// no host endpoint's (LoadBalancer and external IPs, pods).
+    host_phase: bool,
     /// The tier's position among the layer's segments.
     tier: u32,
     /// Calico Allow decides (always, today: preDNAT and untracked Allow are the edge's decision).
@@ -589,7 +575,11 @@ impl Lowering<'_, '_> {
                 }
                 s
             };
-            let own_set = Some(m.addrs(own, v6));
+            let own_set = Some(if self.host_phase {
+                m.addrs(own, v6).union(&m.not_hosts(v6))
+            } else {
+                m.addrs(own, v6)
+            });
             let (src, dst) = match direction {
                 Direction::Ingress => (
                     side(&r.source, &src_eps),
@@ -618,7 +608,29 @@ impl Lowering<'_, '_> {
             };
             let src_cands = candidates(&src_eps, direction == Direction::Egress);
             let dst_cands = candidates(&dst_eps, direction == Direction::Ingress);
-            // Named notPorts: guards per endpoint number.
+            // notPorts: guards (numbers and ranges as written, names per endpoint number), so
+            // holes never multiply the port list.
+            for (which, e) in [(0, &r.source), (1, &r.destination)] {
+                for p in &e.not_ports {
+                    let CalicoPort::Range(range) = p else {
+                        continue;
+                    };
+                    let mut mat = Match {
+                        proto: r.proto,
+                        ..Match::any(direction)
+                    };
+                    if which == 0 {
+                        mat.sport = *range;
+                    } else {
+                        mat.dport = *range;
+                    }
+                    guard(
+                        rules,
+                        mat,
+                        "a notPorts entry matched, the rule does not apply",
+                    );
+                }
+            }
             for (which, e, cands) in [(0, &r.source, &src_cands), (1, &r.destination, &dst_cands)] {
                 for p in &e.not_ports {
                     let CalicoPort::Named(name) = p else { continue };
@@ -674,14 +686,7 @@ impl Lowering<'_, '_> {
                             groups.entry((pr, port)).or_default().push(Prefix::host(a));
                         }
                     }
-                    let src_parts = port_parts(
-                        m,
-                        &r.source.ports,
-                        &r.source.not_ports,
-                        r.proto,
-                        &src_cands,
-                        v6,
-                    );
+                    let src_parts = port_parts(m, &r.source.ports, r.proto, &src_cands, v6);
                     let dst_parts = groups
                         .into_iter()
                         .map(|((pr, port), v)| PortPart {
@@ -693,22 +698,8 @@ impl Lowering<'_, '_> {
                     (src_parts, dst_parts)
                 }
                 None => (
-                    port_parts(
-                        m,
-                        &r.source.ports,
-                        &r.source.not_ports,
-                        r.proto,
-                        &src_cands,
-                        v6,
-                    ),
-                    port_parts(
-                        m,
-                        &r.destination.ports,
-                        &r.destination.not_ports,
-                        r.proto,
-                        &dst_cands,
-                        v6,
-                    ),
+                    port_parts(m, &r.source.ports, r.proto, &src_cands, v6),
+                    port_parts(m, &r.destination.ports, r.proto, &dst_cands, v6),
                 ),
             };
             // A large set on one side (a threat feed) times the endpoints on the other would
@@ -1000,6 +991,7 @@ pub(super) fn compile(
         model,
         policy: p,
         own: &own,
+        host_phase: phase(p) != Phase::Normal,
         tier,
         source: l.source.clone(),
     };
@@ -1120,4 +1112,41 @@ pub(super) fn snat_warnings(
             }
         }
     }
+}
+
+/// Two Calico objects of one kind and name (a policy directory and the API both holding it, or
+/// a stale copy) would both apply; refuse the table instead, as for GatewayPolicies.
+pub(super) fn duplicates(
+    snap: &Snapshot,
+    policies: &[&Located<CalicoPolicy>],
+) -> Result<(), super::CompileError> {
+    let mut seen: HashMap<String, &str> = HashMap::new();
+    let ids = policies
+        .iter()
+        .map(|p| (p.object.id(), p.source.as_str()))
+        .chain(
+            snap.tiers
+                .iter()
+                .map(|t| (format!("Tier/{}", t.object.name), t.source.as_str())),
+        )
+        .chain(
+            snap.network_sets
+                .iter()
+                .map(|n| (n.object.id(), n.source.as_str())),
+        )
+        .chain(
+            snap.host_endpoints
+                .iter()
+                .map(|h| (format!("HostEndpoint/{}", h.object.name), h.source.as_str())),
+        );
+    for (id, source) in ids {
+        if let Some(first) = seen.insert(id.clone(), source) {
+            return Err(super::CompileError::DuplicatePolicy {
+                name: id,
+                first: first.to_string(),
+                second: source.to_string(),
+            });
+        }
+    }
+    Ok(())
 }

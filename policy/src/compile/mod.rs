@@ -91,7 +91,7 @@ impl Default for GatewayContext {
 /// Why a snapshot does not compile.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CompileError {
-    #[error("GatewayPolicy `{name}` is defined twice: in {first} and in {second}")]
+    #[error("`{name}` is defined twice: in {first} and in {second}")]
     DuplicatePolicy {
         name: String,
         first: String,
@@ -137,7 +137,8 @@ fn action_of(a: RuleAction, audit: bool) -> Action {
         RuleAction::Deny => decide(Verdict::Deny(DenyReason::Policy)),
         // An audit policy changes no verdict, so its Pass cannot skip anything either.
         RuleAction::Pass if audit => Action::Log,
-        RuleAction::Pass => Action::Pass,
+        // On to the next segment of the gateway layer: Calico's tiers, then the next layer.
+        RuleAction::Pass => Action::NextTier,
         RuleAction::Log => Action::Log,
     }
 }
@@ -276,9 +277,43 @@ pub fn compile_with(
             });
         }
     }
-    // The gateway layer, in segments (tiers): Calico's untracked and preDNAT tiers, then its
-    // normal tiers. GatewayPolicies are edge policy: they run in the preDNAT pass, ordered with
-    // that pass's default-tier policies by priority / `order`.
+    // The gateway layer, in segments (tiers): the GatewayPolicies (the operator's own edge
+    // policy, by priority then name), then Calico's untracked, preDNAT and normal tiers. A Pass
+    // goes on to the next segment: a GatewayPolicy's to Calico's tiers, a Calico policy's to its
+    // next tier; neither skips the other's policies.
+    let mut gateway: Vec<&crate::snapshot::Located<GatewayPolicy>> =
+        snap.gateway_policies.iter().collect();
+    gateway.sort_by(|a, b| {
+        a.object
+            .priority
+            .cmp(&b.object.priority)
+            .then(a.object.name.cmp(&b.object.name))
+    });
+    for p in gateway {
+        match memo.gateway.get_mut(&p.object.name) {
+            Some(m) if m.source == p.source && m.policy == p.object => {
+                rules.extend_from_slice(&m.rules);
+                warnings.extend_from_slice(&m.warnings);
+                m.epoch = memo.epoch;
+                memo.last_reused += 1;
+            }
+            _ => {
+                let (r0, w0) = (rules.len(), warnings.len());
+                gateway_rules(p, budget, &mut rules, &mut warnings);
+                memo.gateway.insert(
+                    p.object.name.clone(),
+                    Compiled1 {
+                        policy: p.object.clone(),
+                        source: p.source.clone(),
+                        rules: rules[r0..].to_vec(),
+                        warnings: warnings[w0..].to_vec(),
+                        epoch: memo.epoch,
+                    },
+                );
+                memo.last_compiled += 1;
+            }
+        }
+    }
     let calico_engine = match ctx.policy_engine {
         PolicyEngine::Calico => true,
         PolicyEngine::Kubernetes => false,
@@ -296,80 +331,31 @@ pub fn compile_with(
     };
     let calico_policies: Vec<&crate::snapshot::Located<crate::k8s::CalicoPolicy>> =
         snap.calico_policies.iter().chain(&converted).collect();
+    calico::duplicates(snap, &calico_policies)?;
     let mut notes = BTreeSet::new();
     let model = calico::Model::new(snap);
     let tiers = calico::tiers(snap, &calico_policies, &mut notes);
-    let mut segment = 0u32;
+    let mut segment = 1u32;
     for phase in [
         calico::Phase::Untracked,
         calico::Phase::PreDnat,
         calico::Phase::Normal,
     ] {
         for (tier, _) in &tiers {
-            enum Item<'a> {
-                Gateway(&'a crate::snapshot::Located<GatewayPolicy>),
-                Calico(&'a crate::snapshot::Located<crate::k8s::CalicoPolicy>),
-            }
-            let mut items: Vec<((f64, u8, String), Item)> = calico_policies
+            let mut items: Vec<_> = calico_policies
                 .iter()
                 .filter(|p| p.object.tier == tier.name && calico::phase(&p.object) == phase)
-                .map(|p| {
-                    let (order, key) = calico::policy_key(&p.object);
-                    ((order, 1, key), Item::Calico(p))
-                })
+                .map(|p| (calico::policy_key(&p.object), *p))
                 .collect();
-            if phase == calico::Phase::PreDnat && tier.name == "default" {
-                items.extend(snap.gateway_policies.iter().map(|p| {
-                    (
-                        (p.object.priority as f64, 0, p.object.name.clone()),
-                        Item::Gateway(p),
-                    )
-                }));
-            }
             if items.is_empty() {
                 continue;
             }
-            items.sort_by(|(a, _), (b, _)| {
-                a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2))
-            });
+            items.sort_by(|(a, _), (b, _)| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
             let mut covered = [Vec::new(), Vec::new()];
-            for (_, item) in items {
-                let p = match item {
-                    Item::Calico(c) => {
-                        let [i, e] = calico::compile(&model, c, segment, &mut rules, &mut notes);
-                        covered[0].extend(i);
-                        covered[1].extend(e);
-                        continue;
-                    }
-                    Item::Gateway(p) => p,
-                };
-                let r0 = rules.len();
-                match memo.gateway.get_mut(&p.object.name) {
-                    Some(m) if m.source == p.source && m.policy == p.object => {
-                        rules.extend_from_slice(&m.rules);
-                        warnings.extend_from_slice(&m.warnings);
-                        m.epoch = memo.epoch;
-                        memo.last_reused += 1;
-                    }
-                    _ => {
-                        let w0 = warnings.len();
-                        gateway_rules(p, budget, &mut rules, &mut warnings);
-                        memo.gateway.insert(
-                            p.object.name.clone(),
-                            Compiled1 {
-                                policy: p.object.clone(),
-                                source: p.source.clone(),
-                                rules: rules[r0..].to_vec(),
-                                warnings: warnings[w0..].to_vec(),
-                                epoch: memo.epoch,
-                            },
-                        );
-                        memo.last_compiled += 1;
-                    }
-                }
-                for r in &mut rules[r0..] {
-                    r.tier = segment;
-                }
+            for (_, c) in items {
+                let [i, e] = calico::compile(&model, c, segment, &mut rules, &mut notes);
+                covered[0].extend(i);
+                covered[1].extend(e);
             }
             if phase == calico::Phase::Normal {
                 for c in &mut covered {
@@ -609,7 +595,7 @@ mod tests {
             actions[0],
             Action::Decide(Verdict::Deny(DenyReason::Policy))
         );
-        assert_eq!(actions[1], Action::Pass);
+        assert_eq!(actions[1], Action::NextTier);
         assert_eq!(actions[2], Action::Audit(Verdict::Deny(DenyReason::Policy)));
         assert_eq!(
             actions[4],

@@ -325,8 +325,28 @@ fn ports(v: &[PortSpec], field: &str) -> Result<Vec<CalicoPort>, FieldError> {
         .collect()
 }
 
+/// `global()` means "no namespace" only on its own (Calico's validator refuses it combined).
+fn global_alone(e: &Option<Expr>, field: &str) -> Result<(), FieldError> {
+    fn has_global(e: &Expr) -> bool {
+        match e {
+            Expr::Global => true,
+            Expr::Not(x) => has_global(x),
+            Expr::And(v) | Expr::Or(v) => v.iter().any(has_global),
+            _ => false,
+        }
+    }
+    match e {
+        Some(x) if *x != Expr::Global && has_global(x) => Err(FieldError::new(
+            field,
+            "global() must stand alone in a namespaceSelector",
+        )),
+        _ => Ok(()),
+    }
+}
+
 fn entity(e: &CalicoEntityW, field: &str) -> Result<CalicoEntity, FieldError> {
     let namespace_selector = expr(&e.namespace_selector, &format!("{field}.namespaceSelector"))?;
+    global_alone(&namespace_selector, &format!("{field}.namespaceSelector"))?;
     let service_accounts = match &e.service_accounts {
         None => None,
         Some(sa) => Some(ServiceAccountMatch {
@@ -397,6 +417,15 @@ fn rule(r: &CalicoRuleW, f: &str) -> Result<CalicoRule, FieldError> {
     }
     let source = entity(&r.source, &format!("{f}.source"))?;
     let destination = entity(&r.destination, &format!("{f}.destination"))?;
+    // Each (source port, destination port) pair is a classifier rule: bound the product as
+    // GatewayPolicy does (Calico itself allows 50 entries per list).
+    let pairs = source.ports.len().max(1) * destination.ports.len().max(1);
+    if pairs > 4096 {
+        return Err(FieldError::new(
+            format!("{f}.destination.ports"),
+            format!("{pairs} source x destination port pairs; at most 4096 (split the rule)"),
+        ));
+    }
     let numeric = |e: &CalicoEntity| {
         e.ports
             .iter()
@@ -487,6 +516,9 @@ impl CalicoPolicy {
             }
         }
         let [ingress, egress] = rules;
+        if s.order.is_some_and(|o| !o.is_finite()) {
+            return Err(FieldError::new("spec.order", "must be a finite number"));
+        }
         // Calico's defaulting (api/pkg/defaults `defaultPolicyTypesField`): egress rules only
         // give [Egress], both kinds give both, anything else [Ingress].
         let (ingress_type, egress_type) = match &s.types {
@@ -657,6 +689,9 @@ impl Tier {
                 ))
             }
         };
+        if spec.order.is_some_and(|o| !o.is_finite()) {
+            return Err(FieldError::new("spec.order", "must be a finite number"));
+        }
         let order = match (name.as_str(), spec.order) {
             ("default", None) => Some(DEFAULT_TIER_ORDER),
             (_, o) => o,
