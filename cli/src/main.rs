@@ -59,8 +59,12 @@ enum LogFormat {
 /// Sets up logging to standard error in `format`.
 fn init_logs(format: LogFormat) {
     use std::io::IsTerminal;
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    // libbpf's and libxdp's own lines come through tracing (targets `libbpf`, `libxdp`); their
+    // warnings are mostly capability probes that fail by design, so they are off unless RUST_LOG
+    // asks for them (RUST_LOG=info,libbpf=debug,libxdp=debug).
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "info,libbpf=off,libxdp=off".into());
+    gateway::sys::liblog::route_library_logs();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

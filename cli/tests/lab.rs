@@ -1860,3 +1860,48 @@ fn one_device_under_two_names_is_refused_before_any_socket() {
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("name one device"), "{err}");
 }
+
+/// With `--log-format json` every line the gateway writes is a JSON object, libbpf's and
+/// libxdp's included (they come through tracing, never as raw `libbpf: ...` lines).
+#[test]
+#[ignore = "needs root (AF_XDP sockets, network namespaces): scripts/test runs it with --include-ignored"]
+fn json_logs_are_json_lines_only() {
+    require_root();
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let prefix = unique_prefix("tj");
+    let lab = Lab::new(&prefix, 1).unwrap();
+    let _ = lab.down();
+    lab.up().unwrap();
+    let _guard = LabGuard(lab.clone());
+    let dir = TempDir(std::env::temp_dir().join(format!("portcullis-test-{prefix}")));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let config = dir.0.join("gateway.yaml");
+    lab.write_config(
+        &repo().join("configs/lab/gateway.yaml"),
+        &repo().join("configs/lab/policies"),
+        &config,
+    )
+    .unwrap();
+    let mut gw = GatewayProcess::spawn_with(
+        &lab,
+        Path::new(env!("CARGO_BIN_EXE_portcullis")),
+        &config,
+        "127.0.0.1:9477".parse().unwrap(),
+        &dir.0.join("gateway.log"),
+        &["--log-format", "json"],
+    )
+    .unwrap();
+    gw.wait_ready(Duration::from_secs(20)).unwrap();
+    gw.signal(nix::sys::signal::Signal::SIGHUP).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    gw.stop(Duration::from_secs(10)).unwrap();
+    let log = gw.log();
+    let mut lines = 0;
+    for l in log.lines().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value = serde_json::from_str(l)
+            .unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}\n--- whole log:\n{log}"));
+        assert!(v["level"].is_string() && v["fields"].is_object(), "{l}");
+        lines += 1;
+    }
+    assert!(lines >= 3, "start, swap and stop are logged:\n{log}");
+}

@@ -46,6 +46,18 @@ impl GatewayProcess {
         metrics: std::net::SocketAddr,
         log: &Path,
     ) -> Result<GatewayProcess, LabError> {
+        Self::spawn_with(lab, exe, config, metrics, log, &[])
+    }
+
+    /// [`GatewayProcess::spawn`] with global options before `run` (e.g. `--log-format json`).
+    pub fn spawn_with(
+        lab: &Lab,
+        exe: &Path,
+        config: &Path,
+        metrics: std::net::SocketAddr,
+        log: &Path,
+        global: &[&str],
+    ) -> Result<GatewayProcess, LabError> {
         let out = File::create(log).map_err(|source| LabError::Spawn {
             cmd: format!("create {}", log.display()),
             source,
@@ -56,6 +68,7 @@ impl GatewayProcess {
         })?;
         let gw = lab.gw_ns();
         let mut cmd = netns_command(&gw, exe);
+        cmd.args(global);
         cmd.args([Path::new("run"), Path::new("--config"), config]);
         let child = cmd
             .env(

@@ -11,6 +11,8 @@
 //! - [`default_sigpipe`]: SIGPIPE's default action back, for the printing subcommands.
 
 pub mod fake;
+#[cfg(feature = "runtime")]
+pub mod liblog;
 pub mod ring;
 #[cfg(feature = "runtime")]
 pub mod xdp;
