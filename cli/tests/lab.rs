@@ -1893,15 +1893,57 @@ fn json_logs_are_json_lines_only() {
     .unwrap();
     gw.wait_ready(Duration::from_secs(20)).unwrap();
     gw.signal(nix::sys::signal::Signal::SIGHUP).unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+    // A denied SYN and its retransmits (about 1 s and 3 s later): one flow.
+    let outcome = tcp_connect(
+        &lab.client_ns(),
+        addr(SERVER_V4, 22),
+        Duration::from_millis(3500),
+    )
+    .unwrap();
+    assert_eq!(outcome, TcpOutcome::TimedOut);
     gw.stop(Duration::from_secs(10)).unwrap();
     let log = gw.log();
-    let mut lines = 0;
+    let mut lines = Vec::new();
     for l in log.lines().filter(|l| !l.trim().is_empty()) {
         let v: serde_json::Value = serde_json::from_str(l)
             .unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}\n--- whole log:\n{log}"));
         assert!(v["level"].is_string() && v["fields"].is_object(), "{l}");
-        lines += 1;
+        lines.push(v);
     }
-    assert!(lines >= 3, "start, swap and stop are logged:\n{log}");
+    assert!(lines.len() >= 3, "start, swap and stop are logged:\n{log}");
+    // The flow log: every field apart, the retransmits folded into one `repeated` line.
+    let flows: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|v| v["target"] == "portcullis::flows" && v["fields"]["dport"] == 22)
+        .collect();
+    let first = flows
+        .iter()
+        .find(|v| v["fields"]["message"] == "denied flow")
+        .unwrap_or_else(|| panic!("no denied flow line:\n{log}"));
+    let f = &first["fields"];
+    assert_eq!(f["direction"], "ingress", "{f}");
+    assert_eq!(f["proto"], "tcp");
+    assert_eq!(f["src"], CLIENT_V4);
+    assert_eq!(f["dst"], SERVER_V4);
+    assert!(f["sport"].as_u64().unwrap() > 1024);
+    assert_eq!(f["verdict"], "deny");
+    assert_eq!(f["reason"], "policy_deny");
+    assert_eq!(f["rule_origin"], "GatewayPolicy/deny-ssh rule 0");
+    assert_eq!(f["rule"].as_str().unwrap().len(), 16, "the rule's id");
+    assert_eq!(f["tracker"], "new");
+    assert_eq!(f["count"], 1);
+    let repeated: Vec<_> = flows
+        .iter()
+        .filter(|v| v["fields"]["message"] == "denied flow repeated")
+        .collect();
+    assert_eq!(
+        flows.len(),
+        1 + repeated.len(),
+        "one line per flow and interval:\n{log}"
+    );
+    let retransmits: u64 = repeated
+        .iter()
+        .map(|v| v["fields"]["count"].as_u64().unwrap())
+        .sum();
+    assert!(retransmits >= 1, "the SYN retransmits are counted:\n{log}");
 }

@@ -9,6 +9,7 @@ use anyhow::{Context, Result};
 use control::reload::Reloader;
 use control::source::kubernetes::{self, Connection, KubeSource};
 use crossbeam_queue::ArrayQueue;
+use policy::key::FlowKey;
 use policy::rule::Verdict;
 
 use crate::config::{Config, KubernetesApi, Startup};
@@ -345,6 +346,7 @@ fn control_loop(
     hup: &AtomicBool,
 ) {
     let mut last_check = Instant::now() - Duration::from_secs(1);
+    let mut flow_log = FlowLog::default();
     while !stop.load(Relaxed) {
         let force = hup.swap(false, Relaxed);
         if force || last_check.elapsed() >= Duration::from_millis(250) {
@@ -371,46 +373,153 @@ fn control_loop(
         }
         let table = reloader.lock().map(|mut r| r.publisher().current()).ok();
         while let Some(f) = flows.pop() {
-            let name = |rule: u32| {
-                table
-                    .as_ref()
-                    .filter(|t| t.generation() == f.generation)
-                    .and_then(|t| t.rules().get(rule as usize))
-                    .map(|r| match r.origin.index {
-                        Some(i) => format!("{} rule {i}", r.origin.object),
-                        None => r.origin.object.clone(),
-                    })
-                    .unwrap_or_else(|| format!("rule #{rule} of generation {}", f.generation))
-            };
-            let origin = name(f.rule);
-            // An audit or Log rule on the way: say which, and what it would have done.
-            let logged_by = (f.log_rule != f.rule && f.log_rule != u32::MAX).then(|| {
-                let what = table
-                    .as_ref()
-                    .filter(|t| t.generation() == f.generation)
-                    .and_then(|t| t.rules().get(f.log_rule as usize))
-                    .map(|r| format!("{:?}", r.action))
-                    .unwrap_or_default();
-                format!("{} ({what})", name(f.log_rule))
-            });
-            let logged_by = logged_by.unwrap_or_default();
-            match f.verdict {
-                Verdict::Allow => {
-                    tracing::info!(target: "portcullis::flows", flow = %f.key, verdict = "allow", rule = origin.as_str(), logged_by = logged_by.as_str(), worker = f.worker, "logged flow")
-                }
-                Verdict::Deny(r) => {
-                    // A reply-looking packet (SYN-ACK, echo reply) that no tracked flow expected;
-                    // a packet its flow's state refused; a fragment without its first.
-                    let (reason, state, rule) = match f.tracker {
-                        Some(Reason::Invalid) => ("invalid", "invalid", origin.as_str()),
-                        Some(t) => (t.as_str(), "fragment", "-"),
-                        None if f.no_flow => (r.as_str(), "no_flow", origin.as_str()),
-                        None => (r.as_str(), "new", origin.as_str()),
-                    };
-                    tracing::info!(target: "portcullis::flows", flow = %f.key, verdict = "deny", reason, rule, state, logged_by = logged_by.as_str(), worker = f.worker, "denied flow")
-                }
+            flow_log.record(&f, table.as_deref(), Instant::now());
+        }
+        flow_log.flush_repeats(Instant::now(), false);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    flow_log.flush_repeats(Instant::now(), true);
+}
+
+/// How long repeats of one denied flow are folded into one line.
+const FOLD_INTERVAL: Duration = Duration::from_secs(10);
+/// Flows whose repeats are being counted at once (beyond it, repeats are logged as they come).
+const FOLD_FLOWS: usize = 4096;
+
+/// The flow log: one event per logged flow with its fields apart (direction, protocol, both
+/// ends, verdict, reason, rule id and origin, tracker state). The first denial of a flow is
+/// logged at once; its repeats within [`FOLD_INTERVAL`] (SYN retransmits, a client retrying) are
+/// counted and logged as one `repeated` line when the interval ends.
+#[derive(Default)]
+struct FlowLog {
+    repeats: std::collections::HashMap<FlowKey, (Instant, u64, FlowEvent)>,
+}
+
+/// One flow-log event's fields.
+#[derive(Clone)]
+struct FlowEvent {
+    direction: &'static str,
+    proto: String,
+    src: String,
+    sport: u16,
+    dst: String,
+    dport: u16,
+    verdict: &'static str,
+    reason: &'static str,
+    rule: String,
+    origin: String,
+    tracker: &'static str,
+    logged_by: String,
+    worker: u16,
+}
+
+impl FlowEvent {
+    fn new(f: &FlowRecord, table: Option<&policy::table::Table>) -> FlowEvent {
+        // By id: the rule keeps it in the newer tables a swap brought in meanwhile.
+        let by_id = |id: Option<policy::rule::RuleId>| {
+            let id = id?;
+            table.and_then(|t| t.rules().iter().find(|r| r.id == id))
+        };
+        let (rule, origin) = match by_id(f.rule_id) {
+            Some(r) => (
+                r.id.to_string(),
+                match r.origin.index {
+                    Some(i) => format!("{} rule {i}", r.origin.object),
+                    None => r.origin.object.clone(),
+                },
+            ),
+            None if f.rule == u32::MAX => ("-".into(), "-".into()),
+            None => (
+                f.rule_id.map_or("-".into(), |id| id.to_string()),
+                format!(
+                    "rule #{} of generation {} (no longer in the table)",
+                    f.rule, f.generation
+                ),
+            ),
+        };
+        // An audit or Log rule on the way: which, and what it would have done.
+        let logged_by = (f.log_rule != f.rule && f.log_rule != u32::MAX)
+            .then(|| by_id(f.log_rule_id))
+            .flatten()
+            .map(|r| format!("{} ({:?})", r.origin.object, r.action))
+            .unwrap_or_default();
+        let (verdict, reason, tracker) = match f.verdict {
+            Verdict::Allow => ("allow", "-", "new"),
+            // A reply-looking packet (SYN-ACK, echo reply) no tracked flow expected; a packet
+            // its flow's state refused; a fragment without its first.
+            Verdict::Deny(r) => match f.tracker {
+                Some(Reason::Invalid) => ("deny", "invalid", "invalid"),
+                Some(t) => ("deny", t.as_str(), "fragment"),
+                None if f.no_flow => ("deny", r.as_str(), "no_flow"),
+                None => ("deny", r.as_str(), "new"),
+            },
+        };
+        let k = &f.key;
+        FlowEvent {
+            direction: k.direction().as_str(),
+            proto: policy::key::proto::name(k.proto).into_owned(),
+            src: k.src_addr().to_string(),
+            sport: k.sport,
+            dst: k.dst_addr().to_string(),
+            dport: k.dport,
+            verdict,
+            reason,
+            rule,
+            origin,
+            tracker,
+            logged_by,
+            worker: f.worker,
+        }
+    }
+
+    fn emit(&self, count: u64, message: &str) {
+        tracing::info!(
+            target: "portcullis::flows",
+            direction = self.direction,
+            proto = self.proto.as_str(),
+            src = self.src.as_str(),
+            sport = self.sport,
+            dst = self.dst.as_str(),
+            dport = self.dport,
+            verdict = self.verdict,
+            reason = self.reason,
+            rule = self.rule.as_str(),
+            rule_origin = self.origin.as_str(),
+            tracker = self.tracker,
+            logged_by = self.logged_by.as_str(),
+            worker = self.worker,
+            count,
+            "{message}"
+        );
+    }
+}
+
+impl FlowLog {
+    fn record(&mut self, f: &FlowRecord, table: Option<&policy::table::Table>, now: Instant) {
+        let denied = f.verdict != Verdict::Allow;
+        if denied {
+            if let Some((_, n, _)) = self.repeats.get_mut(&f.key) {
+                *n += 1;
+                return;
             }
         }
-        std::thread::sleep(Duration::from_millis(50));
+        let e = FlowEvent::new(f, table);
+        e.emit(1, if denied { "denied flow" } else { "logged flow" });
+        if denied && self.repeats.len() < FOLD_FLOWS {
+            self.repeats.insert(f.key, (now, 0, e));
+        }
+    }
+
+    /// Logs the repeats of every flow whose interval ended (all of them with `all`).
+    fn flush_repeats(&mut self, now: Instant, all: bool) {
+        self.repeats.retain(|_, (since, n, e)| {
+            if !all && now.duration_since(*since) < FOLD_INTERVAL {
+                return true;
+            }
+            if *n > 0 {
+                e.emit(*n, "denied flow repeated");
+            }
+            false
+        });
     }
 }

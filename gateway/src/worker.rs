@@ -48,6 +48,10 @@ pub struct FlowRecord {
     /// The first rule that asked for logging (an audit or Log rule), or `u32::MAX`.
     pub log_rule: u32,
     pub generation: u64,
+    /// The ids of `rule` and `log_rule` (stable across table swaps, so the control thread can
+    /// name them after a newer table replaced this one).
+    pub rule_id: Option<policy::rule::RuleId>,
+    pub log_rule_id: Option<policy::rule::RuleId>,
     pub worker: u16,
     /// A denied packet that looked like a reply (SYN-ACK, echo reply) and had no tracked flow.
     pub no_flow: bool,
@@ -229,6 +233,8 @@ impl<R: Rings> Datapath<R> {
                                     rule: u32::MAX,
                                     log_rule: u32::MAX,
                                     generation: table.generation(),
+                                    rule_id: None,
+                                    log_rule_id: None,
                                     worker: self.index as u16,
                                     no_flow: false,
                                     tracker: Some(reason),
@@ -287,6 +293,8 @@ impl<R: Rings> Datapath<R> {
                             rule: d.rule,
                             log_rule: d.log_rule,
                             generation: table.generation(),
+                            rule_id: table.rules().get(d.rule as usize).map(|r| r.id),
+                            log_rule_id: table.rules().get(d.log_rule as usize).map(|r| r.id),
                             worker: self.index as u16,
                             no_flow: denied
                                 && matches!(s.pending[k], Pending::Open(..))
