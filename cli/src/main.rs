@@ -99,11 +99,12 @@ enum Cmd {
     Explain {
         #[command(flatten)]
         src: PolicySource,
-        /// Ask the running instance whose metrics.listen address this is about its live table
-        /// (files and Kubernetes API merged, exactly what the workers use). Run it where that
-        /// address is reachable (inside the namespace, in the lab).
+        /// Ask a running instance about its live table (files and Kubernetes API merged, exactly
+        /// what the workers use) instead of reading policies: --admin or --addr say where.
         #[arg(long, conflicts_with_all = ["config", "policies", "files_only", "probes"])]
-        addr: Option<SocketAddr>,
+        live: bool,
+        #[command(flatten)]
+        admin: AdminArgs,
         /// Source address.
         #[arg(long = "src", required_unless_present = "probes")]
         src_addr: Option<IpAddr>,
@@ -136,10 +137,8 @@ enum Cmd {
     },
     /// Print counters of a running instance.
     Stats {
-        /// The instance's metrics.listen address (run where it is reachable: inside the
-        /// namespace, in the lab).
-        #[arg(long, default_value = "127.0.0.1:9477")]
-        addr: SocketAddr,
+        #[command(flatten)]
+        admin: AdminArgs,
         /// Print the /status document (JSON) instead of text.
         #[arg(long)]
         json: bool,
@@ -209,9 +208,8 @@ enum ConntrackCmd {
 
 #[derive(clap::Args)]
 struct FlowFilter {
-    /// The instance's metrics.listen address.
-    #[arg(long, default_value = "127.0.0.1:9477")]
-    addr: SocketAddr,
+    #[command(flatten)]
+    admin: AdminArgs,
     /// Only flows with this address at either end.
     #[arg(long = "ip")]
     ip: Option<IpAddr>,
@@ -236,6 +234,67 @@ impl FlowFilter {
             q.push(format!("proto={p}"));
         }
         format!("/conntrack?{}", q.join("&"))
+    }
+}
+
+/// Where a running instance's admin API is: its unix socket (the default), or TCP with a token.
+#[derive(clap::Args)]
+struct AdminArgs {
+    /// The running instance's admin socket (admin.socket in its config)
+    /// [default: /run/portcullis/admin.sock].
+    #[arg(long, value_name = "PATH")]
+    admin: Option<PathBuf>,
+    /// The admin API over TCP (admin.listen in its config) instead of the socket.
+    #[arg(long, conflicts_with = "admin", requires = "token_file")]
+    addr: Option<SocketAddr>,
+    /// A file holding the admin API's bearer token (admin.token_file), with --addr.
+    #[arg(long, requires = "addr", value_name = "FILE")]
+    token_file: Option<PathBuf>,
+}
+
+impl AdminArgs {
+    fn given(&self) -> bool {
+        self.admin.is_some() || self.addr.is_some()
+    }
+
+    fn endpoint(&self) -> Result<lab::http::Endpoint> {
+        Ok(match (&self.addr, &self.token_file) {
+            (Some(a), Some(f)) => lab::http::Endpoint::Tcp(
+                *a,
+                Some(
+                    std::fs::read_to_string(f)
+                        .with_context(|| format!("cannot read the token file {}", f.display()))?
+                        .trim()
+                        .to_string(),
+                ),
+            ),
+            (Some(a), None) => lab::http::Endpoint::Tcp(*a, None),
+            (None, _) => lab::http::Endpoint::Unix(
+                self.admin
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from(gateway::config::DEFAULT_ADMIN_SOCKET)),
+            ),
+        })
+    }
+
+    /// `method path` on the admin API, with an error that says what to check.
+    fn request(&self, method: &str, path: &str, timeout: Duration) -> Result<(u16, String)> {
+        let e = self.endpoint()?;
+        e.request(method, path, timeout).map_err(|err| {
+            let hint = match (&e, err.kind()) {
+                (lab::http::Endpoint::Unix(_), std::io::ErrorKind::PermissionDenied) => {
+                    "permission denied: the socket's mode (admin.mode) decides who may use it; run as its owner or group"
+                }
+                (lab::http::Endpoint::Unix(_), std::io::ErrorKind::NotFound) => {
+                    "no such socket: is portcullis running, and is this its admin.socket? (--admin PATH)"
+                }
+                (_, std::io::ErrorKind::ConnectionRefused) => {
+                    "connection refused: is portcullis running with this admin.socket or admin.listen?"
+                }
+                _ => "is portcullis running, and is this its admin API?",
+            };
+            anyhow::anyhow!("cannot reach a running portcullis at {e}: {err} ({hint})")
+        })
     }
 }
 
@@ -357,7 +416,8 @@ fn dispatch(cli: Cli) -> Result<()> {
         Cmd::Check { src } => check(&src),
         Cmd::Explain {
             src,
-            addr,
+            live,
+            admin,
             src_addr,
             dst,
             sport,
@@ -368,10 +428,16 @@ fn dispatch(cli: Cli) -> Result<()> {
             json,
             probes,
         } => {
-            if addr.is_none() {
+            let live = live || admin.given();
+            if live && (src.config.is_some() || src.policies.is_some()) {
+                bail!("--admin/--addr ask a running instance; --config/--policies read policies: give one or the other");
+            }
+            if !live {
                 if let Some(file) = &probes {
                     return explain_probes(&build(&src)?, file);
                 }
+            } else if probes.is_some() {
+                bail!("--probes reads policies (--config or --policies); a running instance is asked one flow at a time");
             }
             let src_ip = src_addr.context("give --src IP")?;
             let proto = match (p, icmp_type) {
@@ -399,12 +465,12 @@ fn dispatch(cli: Cli) -> Result<()> {
                 },
             };
             let key = probe.key()?;
-            match addr {
-                Some(addr) => explain_live(addr, &probe, json),
-                None => explain(&build(&src)?, &key, json),
+            match live {
+                true => explain_live(&admin, &probe, json),
+                false => explain(&build(&src)?, &key, json),
             }
         }
-        Cmd::Stats { addr, json } => stats(addr, json),
+        Cmd::Stats { admin, json } => stats(&admin, json),
         Cmd::Conntrack { action } => conntrack(action),
         Cmd::Crds { write } => crds(write.as_deref()),
         Cmd::Replay {
@@ -597,7 +663,7 @@ fn explain(b: &Built, key: &FlowKey, json: bool) -> Result<()> {
     } else {
         print!("{}", r.render());
         println!(
-            "tracker: explained as a new flow (the rules decide it; an allowed one opens a flow whose packets and replies then pass); `--addr` asks a running instance whether it is already tracked"
+            "tracker: explained as a new flow (the rules decide it; an allowed one opens a flow whose packets and replies then pass); `--live` asks a running instance whether it is already tracked"
         );
     }
     if r.steps.is_empty() {
@@ -606,8 +672,8 @@ fn explain(b: &Built, key: &FlowKey, json: bool) -> Result<()> {
     Ok(())
 }
 
-/// `explain --addr`: asks a running instance about its live table (whatever its sources).
-fn explain_live(addr: SocketAddr, probe: &FlowQuery, json: bool) -> Result<()> {
+/// `explain --live`: asks a running instance about its live table (whatever its sources).
+fn explain_live(admin: &AdminArgs, probe: &FlowQuery, json: bool) -> Result<()> {
     let mut path = format!(
         "/explain?src={}&dst={}&proto={}&sport={}&dport={}&direction={}&format={}",
         probe.src,
@@ -621,11 +687,9 @@ fn explain_live(addr: SocketAddr, probe: &FlowQuery, json: bool) -> Result<()> {
     if let Some(t) = probe.icmp_type {
         path.push_str(&format!("&icmp_type={t}"));
     }
-    let (code, body) = lab::http::get(addr, &path, Duration::from_secs(3)).with_context(|| {
-        format!("cannot reach a running portcullis at {addr} (is metrics.listen set to it?)")
-    })?;
+    let (code, body) = admin.request("GET", &path, Duration::from_secs(3))?;
     if code != 200 {
-        bail!("{addr} answered {code}: {}", body.trim());
+        bail!("{} answered {code}: {}", admin.endpoint()?, body.trim());
     }
     print!("{body}");
     Ok(())
@@ -670,20 +734,18 @@ fn explain_probes(b: &Built, file: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
-fn stats(addr: SocketAddr, json: bool) -> Result<()> {
-    let (code, body) =
-        lab::http::get(addr, "/status", Duration::from_secs(3)).with_context(|| {
-            format!("cannot reach a running portcullis at {addr} (is metrics.listen set to it?)")
-        })?;
+fn stats(admin: &AdminArgs, json: bool) -> Result<()> {
+    let (code, body) = admin.request("GET", "/status", Duration::from_secs(3))?;
+    let addr = admin.endpoint()?;
     if code != 200 {
-        bail!("{addr}/status answered {code}");
+        bail!("{addr} /status answered {code}: {}", body.trim());
     }
     if json {
         println!("{body}");
         return Ok(());
     }
     let s: Status = serde_json::from_str(&body)
-        .with_context(|| format!("{addr}/status is not a portcullis status document"))?;
+        .with_context(|| format!("{addr} /status is not a portcullis status document"))?;
     let t = &s.totals;
     println!(
         "portcullis {} (commit {}) up {}s, ext={} int={} queues={} copy_mode={}",
@@ -761,11 +823,10 @@ fn conntrack(action: ConntrackCmd) -> Result<()> {
         ConntrackCmd::List { filter, json } => ("GET", filter, *json),
         ConntrackCmd::Flush { filter } => ("DELETE", filter, true),
     };
-    let addr = filter.addr;
-    let (code, body) = lab::http::request(method, addr, &filter.query(), Duration::from_secs(10))
-        .with_context(|| {
-        format!("cannot reach a running portcullis at {addr} (is metrics.listen set to it?)")
-    })?;
+    let addr = filter.admin.endpoint()?;
+    let (code, body) = filter
+        .admin
+        .request(method, &filter.query(), Duration::from_secs(10))?;
     if code != 200 {
         bail!("{addr} answered {code}: {}", body.trim());
     }

@@ -289,8 +289,8 @@ fn startup_errors_say_what_to_fix() {
     // Live explain needs a running instance, and says so.
     let (code, _, err) = portcullis(&[
         "explain",
-        "--addr",
-        "127.0.0.1:9",
+        "--admin",
+        "/nonexistent/admin.sock",
         "--src",
         "10.0.0.1",
         "--dst",
@@ -298,9 +298,14 @@ fn startup_errors_say_what_to_fix() {
     ]);
     assert_eq!(code, 1);
     assert!(
-        err.contains("cannot reach a running portcullis at 127.0.0.1:9"),
+        err.contains("cannot reach a running portcullis at /nonexistent/admin.sock")
+            && err.contains("no such socket"),
         "{err}"
     );
+    // The admin API over TCP needs its token.
+    let (code, _, err) = portcullis(&["stats", "--addr", "127.0.0.1:9"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("--token-file"), "{err}");
     // `check` has no --addr at all (only `explain` asks a running instance).
     let (code, _, err) = portcullis(&["check", "--addr", "127.0.0.1:9"]);
     assert_eq!(code, 2);
@@ -477,10 +482,13 @@ fn explain_icmp_flags_and_json_verdicts() {
     let (_, out, _) = portcullis(&[&base[..], &["--dport", "443", "--json"]].concat());
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["verdict"], "allow");
-    // Flags that make no sense together are refused by the parser.
-    let (code, _, err) = portcullis(&[&base[..], &["--addr", "127.0.0.1:9477"]].concat());
+    // Flags that make no sense together are refused.
+    let (code, _, err) = portcullis(&[&base[..], &["--live"]].concat());
     assert_eq!(code, 2);
     assert!(err.contains("cannot be used with"), "{err}");
+    let (code, _, err) = portcullis(&[&base[..], &["--admin", "/run/x.sock"]].concat());
+    assert_eq!(code, 1);
+    assert!(err.contains("give one or the other"), "{err}");
 }
 
 #[test]

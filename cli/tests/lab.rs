@@ -1947,3 +1947,65 @@ fn json_logs_are_json_lines_only() {
         .sum();
     assert!(retransmits >= 1, "the SYN retransmits are counted:\n{log}");
 }
+
+/// In a real run: the metrics listener refuses DELETE and POST (no flush from the scrape port)
+/// and the admin paths; the admin socket serves exactly the callers its file mode admits.
+#[test]
+#[ignore = "needs root (AF_XDP sockets, network namespaces): scripts/test runs it with --include-ignored"]
+fn the_admin_api_is_apart_from_the_scrape_port() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    require_root();
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let f = start("tm", 1, &repo().join("configs/lab/policies"));
+    for method in ["DELETE", "POST"] {
+        let (code, body) = f.gw.request_metrics(method, "/conntrack").unwrap();
+        assert!(
+            code == 404 || code == 405,
+            "{method} /conntrack: {code} {body}"
+        );
+        let (code, _) = f.gw.request_metrics(method, "/metrics").unwrap();
+        assert_eq!(code, 405, "{method} /metrics");
+    }
+    assert_eq!(f.gw.request_metrics("GET", "/status").unwrap().0, 404);
+    assert_eq!(f.gw.request_metrics("GET", "/metrics").unwrap().0, 200);
+    let sock = f.gw.admin_socket().to_path_buf();
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the default admin.mode");
+    // The directory lets anyone through; the socket's own mode decides.
+    std::fs::set_permissions(
+        sock.parent().unwrap(),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    let stats_as = |uid: u32| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+            .args(["stats", "--admin"])
+            .arg(&sock)
+            .uid(uid)
+            .gid(65534)
+            .output()
+            .unwrap()
+    };
+    let out = stats_as(0);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = stats_as(65534);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("permission denied"), "{err}");
+    // Opened up by its mode, the same caller gets in; flush works there and only there.
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let out = stats_as(65534);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (code, body) = f.gw.request_admin("DELETE", "/conntrack").unwrap();
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("flushed"), "{body}");
+}

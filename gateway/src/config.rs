@@ -183,9 +183,53 @@ pub struct Failsafe {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Metrics {
-    /// Where `/metrics`, `/status` and `/healthz` are served; `null` turns the endpoint off.
+    /// Where `/metrics` and `/healthz` are served, read-only (GET); `null` turns it off. Safe
+    /// to open for scraping: nothing on it changes state or tells the policy's details.
     #[serde(default = "default_listen")]
     pub listen: Option<SocketAddr>,
+}
+
+/// The admin API: `/status`, `/explain`, `/conntrack` (list and flush), besides `/metrics` and
+/// `/healthz`. On a unix socket whose file permissions decide who may use it; over TCP only
+/// with a bearer token, and only when configured.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Admin {
+    /// The unix socket (`null`: none). Its directory is created if missing.
+    #[serde(default = "default_admin_socket")]
+    pub socket: Option<PathBuf>,
+    /// The socket file's permission bits (octal in YAML: 0o600 is owner only; 0o660 adds the
+    /// group).
+    #[serde(default = "default_admin_mode")]
+    pub mode: u32,
+    /// Also serve the admin API on this TCP address (off by default); needs `token_file`.
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
+    /// A file holding the bearer token TCP admin clients must send (`Authorization: Bearer`).
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+}
+
+/// Where the admin socket lives when the config does not say.
+pub const DEFAULT_ADMIN_SOCKET: &str = "/run/portcullis/admin.sock";
+
+fn default_admin_socket() -> Option<PathBuf> {
+    Some(PathBuf::from(DEFAULT_ADMIN_SOCKET))
+}
+
+fn default_admin_mode() -> u32 {
+    0o600
+}
+
+impl Default for Admin {
+    fn default() -> Self {
+        Admin {
+            socket: default_admin_socket(),
+            mode: default_admin_mode(),
+            listen: None,
+            token_file: None,
+        }
+    }
 }
 
 fn default_listen() -> Option<SocketAddr> {
@@ -340,6 +384,8 @@ struct ConfigWire {
     #[serde(default)]
     metrics: Metrics,
     #[serde(default)]
+    admin: Admin,
+    #[serde(default)]
     logging: Logging,
     #[serde(default)]
     conntrack: Conntrack,
@@ -420,6 +466,7 @@ pub struct Config {
     pub policy_dir: PathBuf,
     pub l2: L2,
     pub metrics: Metrics,
+    pub admin: Admin,
     pub logging: Logging,
     pub conntrack: Conntrack,
     pub context: GatewayContext,
@@ -595,6 +642,23 @@ impl Config {
             }
             api.kubeconfig = api.kubeconfig.take().map(anchor);
         }
+        let mut admin = w.admin;
+        if admin.mode > 0o777 {
+            return Err(err(
+                "admin.mode",
+                format!("{:o} is not a file mode (0o000-0o777)", admin.mode),
+            ));
+        }
+        if let Some(addr) = admin.listen {
+            if admin.token_file.is_none() {
+                return Err(err(
+                    "admin.listen",
+                    format!("serving the admin API on {addr} needs admin.token_file (a bearer token); without one, use the unix socket"),
+                ));
+            }
+        }
+        admin.socket = admin.socket.take().map(anchor);
+        admin.token_file = admin.token_file.take().map(anchor);
         Ok(Config {
             path: path.to_path_buf(),
             interfaces: w.interfaces,
@@ -609,6 +673,7 @@ impl Config {
             policy_dir,
             l2: w.l2,
             metrics: w.metrics,
+            admin,
             logging: w.logging,
             conntrack: w.conntrack,
             context: GatewayContext {

@@ -93,6 +93,43 @@ pub fn run(cfg: Config) -> Result<()> {
         })?),
         None => None,
     };
+    // The admin API: a unix socket (its permissions decide who may use it) and, when
+    // configured, TCP with a bearer token.
+    let admin_socket = match &cfg.admin.socket {
+        Some(path) => Some((
+            metrics::bind_unix(path, cfg.admin.mode).with_context(|| {
+                format!(
+                    "cannot serve the admin socket {} (admin.socket in {})",
+                    path.display(),
+                    cfg.path.display()
+                )
+            })?,
+            SocketFile(path.clone()),
+        )),
+        None => None,
+    };
+    let admin_tcp = match (cfg.admin.listen, &cfg.admin.token_file) {
+        (Some(addr), Some(file)) => {
+            let token = std::fs::read_to_string(file)
+                .with_context(|| format!("cannot read admin.token_file {}", file.display()))?;
+            let token = token.trim().to_string();
+            if token.len() < 16 {
+                anyhow::bail!(
+                    "admin.token_file {} holds a token of {} characters; use at least 16 (e.g. `openssl rand -hex 32`)",
+                    file.display(),
+                    token.len()
+                );
+            }
+            let l = metrics::bind(addr).with_context(|| {
+                format!(
+                    "cannot listen on {addr} (admin.listen in {})",
+                    cfg.path.display()
+                )
+            })?;
+            Some((l, Arc::<str>::from(token)))
+        }
+        _ => None,
+    };
 
     let counters: Vec<Arc<WorkerCounters>> = (0..workers).map(|_| Arc::default()).collect();
     let latency: Vec<Arc<SharedLatency>> = (0..workers).map(|_| Arc::default()).collect();
@@ -133,6 +170,39 @@ pub fn run(cfg: Config) -> Result<()> {
             std::thread::Builder::new()
                 .name("pc-metrics".into())
                 .spawn(move || metrics::serve(l, obs, stop))?,
+        );
+    }
+    let _admin_file =
+        match admin_socket {
+            Some((l, file)) => {
+                let (obs, stop) = (Arc::clone(&obs), Arc::clone(&stop));
+                handles.push(std::thread::Builder::new().name("pc-admin".into()).spawn(
+                    move || {
+                        metrics::serve_with(
+                            metrics::Listener::Unix(l),
+                            metrics::Access::Admin,
+                            obs,
+                            stop,
+                        )
+                    },
+                )?);
+                Some(file)
+            }
+            None => None,
+        };
+    if let Some((l, token)) = admin_tcp {
+        let (obs, stop) = (Arc::clone(&obs), Arc::clone(&stop));
+        handles.push(
+            std::thread::Builder::new()
+                .name("pc-admin-tcp".into())
+                .spawn(move || {
+                    metrics::serve_with(
+                        metrics::Listener::Tcp(l),
+                        metrics::Access::Token(token),
+                        obs,
+                        stop,
+                    )
+                })?,
         );
     }
 
@@ -221,7 +291,7 @@ pub fn run(cfg: Config) -> Result<()> {
         );
     }
     obs.forwarding.store(true, Relaxed);
-    tracing::info!(ext = cfg.interfaces.ext.as_str(), int = cfg.interfaces.int.as_str(), queues = cfg.queues, copy_mode, listen = ?cfg.metrics.listen, "portcullis running");
+    tracing::info!(ext = cfg.interfaces.ext.as_str(), int = cfg.interfaces.int.as_str(), queues = cfg.queues, copy_mode, listen = ?cfg.metrics.listen, admin = ?cfg.admin.socket, "portcullis running");
 
     control_loop(&reloader, &flows, &stop, &hup);
 
@@ -521,5 +591,14 @@ impl FlowLog {
             }
             false
         });
+    }
+}
+
+/// Removes the admin socket's file when the gateway stops.
+struct SocketFile(std::path::PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
     }
 }

@@ -183,7 +183,35 @@ fn deploy_manifests_fit_together() {
     // answers, so losing the API never restarts a gateway that still forwards.
     let c = &pod["containers"][0];
     assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/healthz");
-    assert_eq!(c["readinessProbe"]["httpGet"]["host"], "127.0.0.1");
+    assert_eq!(c["readinessProbe"]["httpGet"]["port"], "metrics");
+    // Metrics are scraped on the node address, read-only; the admin API is a root-only socket
+    // in a volume of its own, which the liveness probe and `kubectl exec` use.
+    let listen = cfg.metrics.listen.expect("metrics.listen");
+    assert_eq!(listen.port(), 9477);
+    assert!(listen.ip().is_unspecified(), "{listen}");
+    assert!(c["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p["name"] == "metrics" && p["containerPort"] == 9477));
+    let sock = cfg.admin.socket.as_ref().expect("admin.socket");
+    assert_eq!(cfg.admin.mode, 0o600);
+    assert!(cfg.admin.listen.is_none(), "no admin API over TCP");
+    assert!(c["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|m| Path::new(m["mountPath"].as_str().unwrap()) == sock.parent().unwrap()));
+    let live: Vec<&str> = c["livenessProbe"]["exec"]["command"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert!(
+        live.contains(&"stats") && live.contains(&sock.to_str().unwrap()),
+        "{live:?}"
+    );
     assert!(
         c["livenessProbe"]["httpGet"].is_null()
             || c["livenessProbe"]["httpGet"]["path"] != "/healthz"

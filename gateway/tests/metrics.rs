@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use control::reload::Reloader;
 use gateway::config::Config;
 use gateway::conntrack::{Conntrack, Timeouts};
-use gateway::metrics::{bind, serve, Observed, Status};
+use gateway::metrics::{bind, serve_with, Access, Listener, Observed, Status};
 use gateway::stats::{SharedLatency, Tally, WorkerCounters};
 
 struct Server {
@@ -35,6 +35,15 @@ impl Drop for Server {
 }
 
 fn server() -> Server {
+    server_with(Access::Admin)
+}
+
+/// The metrics listener as `run` serves it: read-only.
+fn metrics_only() -> Server {
+    server_with(Access::Metrics)
+}
+
+fn server_with(access: Access) -> Server {
     let cfg = Config::load(
         &PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../configs/lab/gateway.yaml"),
     )
@@ -61,7 +70,7 @@ fn server() -> Server {
     let stop = Arc::new(AtomicBool::new(false));
     let thread = {
         let stop = Arc::clone(&stop);
-        std::thread::spawn(move || serve(listener, obs, stop))
+        std::thread::spawn(move || serve_with(Listener::Tcp(listener), access, obs, stop))
     };
     Server {
         addr,
@@ -72,10 +81,17 @@ fn server() -> Server {
 }
 
 fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+    request(addr, "GET", path, "")
+}
+
+fn request(addr: SocketAddr, method: &str, path: &str, headers: &str) -> (u16, String) {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .unwrap();
+    s.write_all(
+        format!("{method} {path} HTTP/1.1\r\nHost: x\r\n{headers}Connection: close\r\nContent-Length: 0\r\n\r\n")
+            .as_bytes(),
+    )
+    .unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
     let code = out.split_whitespace().nth(1).unwrap().parse().unwrap();
@@ -297,4 +313,104 @@ fn rule_hit_labels_survive_an_insertion_above() {
     let (after_at, after) = labels(&[policy("web", 100, 443), policy("first", 10, 22)]);
     assert_ne!(before_at, after_at, "the rule moved down the table");
     assert_eq!(before, after, "but its series did not change");
+}
+
+/// The metrics listener is read-only and shows no policy detail: a scraper and a probe get
+/// `/metrics` and `/healthz`; DELETE and POST (a flush), `/status`, `/explain` and `/conntrack`
+/// are refused there (they are the admin API's).
+#[test]
+fn the_metrics_listener_is_read_only() {
+    let srv = metrics_only();
+    assert_eq!(get(srv.addr, "/metrics").0, 200);
+    assert_eq!(get(srv.addr, "/healthz").0, 200);
+    for method in ["DELETE", "POST", "PUT"] {
+        let (code, body) = request(srv.addr, method, "/metrics", "");
+        assert_eq!(code, 405, "{method}: {body}");
+        assert!(body.contains("read-only"), "{body}");
+    }
+    for path in [
+        "/status",
+        "/explain?src=10.99.0.1&dst=10.99.0.2",
+        "/conntrack",
+    ] {
+        let (code, body) = get(srv.addr, path);
+        assert_eq!(code, 404, "{path}: {body}");
+        assert!(body.contains("admin API"), "{body}");
+    }
+    let (code, _) = request(srv.addr, "DELETE", "/conntrack", "");
+    assert_eq!(code, 404);
+}
+
+/// The admin API over TCP answers only with the token.
+#[test]
+fn the_tcp_admin_api_needs_its_token() {
+    let srv = server_with(Access::Token("0123456789abcdef0123".into()));
+    assert_eq!(get(srv.addr, "/status").0, 401);
+    assert_eq!(
+        request(
+            srv.addr,
+            "GET",
+            "/status",
+            "Authorization: Bearer wrong\r\n"
+        )
+        .0,
+        401
+    );
+    assert_eq!(
+        request(
+            srv.addr,
+            "GET",
+            "/status",
+            "Authorization: Bearer 0123456789abcdef0123\r\n"
+        )
+        .0,
+        200
+    );
+}
+
+/// Every metric the shipped dashboard and alerts use exists: in the exposition, or (for the
+/// Kubernetes source's, absent here) in the code that renders it.
+#[test]
+fn the_dashboard_and_alerts_use_metrics_that_exist() {
+    let srv = server();
+    let (_, text) = get(srv.addr, "/metrics");
+    let code = include_str!("../src/metrics/prometheus.rs");
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../configs/monitoring");
+    let mut checked = 0;
+    for file in ["alerts.yaml", "grafana-dashboard.json"] {
+        let body = std::fs::read_to_string(dir.join(file)).unwrap();
+        if file.ends_with(".json") {
+            let _: serde_json::Value = serde_json::from_str(&body).expect("the dashboard is JSON");
+        }
+        let bytes = body.as_bytes();
+        let mut i = 0;
+        while i < bytes.len() {
+            let rest = &body[i..];
+            let starts = rest.starts_with("portcullis_") || rest.starts_with("process_");
+            let boundary =
+                i == 0 || !(bytes[i - 1].is_ascii_alphanumeric() || bytes[i - 1] == b'_');
+            if starts && boundary {
+                let name: String = rest
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                i += name.len();
+                let family = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|s| name.strip_suffix(s))
+                    .unwrap_or(&name);
+                let exported = text.contains(&format!("# TYPE {family} "));
+                let rendered = code.contains(&format!("\"{family}\""))
+                    || code.contains(&format!("\"{family}{{"));
+                assert!(
+                    exported || rendered,
+                    "{file} uses {name}, which Portcullis does not export"
+                );
+                checked += 1;
+            } else {
+                i += 1;
+            }
+        }
+    }
+    assert!(checked > 20, "{checked} metric references");
 }

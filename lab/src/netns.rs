@@ -354,6 +354,13 @@ impl Lab {
         map.remove("cores");
         let dir = std::fs::canonicalize(policy_dir)?;
         map.insert("policy_dir".into(), dir.display().to_string().into());
+        // Each lab gateway has its own admin socket, beside its config.
+        let mut admin = serde_norway::Mapping::new();
+        admin.insert(
+            "socket".into(),
+            admin_socket_for(out).display().to_string().into(),
+        );
+        map.insert("admin".into(), serde_norway::Value::Mapping(admin));
         std::fs::write(
             out,
             serde_norway::to_string(&v).map_err(std::io::Error::other)?,
@@ -370,4 +377,12 @@ impl Drop for LabGuard {
             eprintln!("lab teardown: {e}");
         }
     }
+}
+
+/// The admin socket [`Lab::write_config`] gives the gateway whose config is `config`.
+pub fn admin_socket_for(config: &Path) -> std::path::PathBuf {
+    let dir = config.parent().unwrap_or(Path::new("."));
+    std::fs::canonicalize(dir)
+        .unwrap_or_else(|_| dir.to_path_buf())
+        .join("admin.sock")
 }

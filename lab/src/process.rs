@@ -32,6 +32,8 @@ pub struct GatewayProcess {
     child: std::process::Child,
     ns: String,
     metrics: std::net::SocketAddr,
+    /// The admin socket the lab's config gave it.
+    admin: std::path::PathBuf,
     log_path: std::path::PathBuf,
 }
 
@@ -87,6 +89,7 @@ impl GatewayProcess {
             child,
             ns: gw,
             metrics,
+            admin: crate::netns::admin_socket_for(config),
             log_path: log.to_path_buf(),
         })
     }
@@ -100,16 +103,40 @@ impl GatewayProcess {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
-    /// GETs `path` from the gateway's metrics endpoint, from inside its namespace.
+    /// GETs `path`: `/metrics` and `/healthz` from the metrics listener, inside the gateway's
+    /// namespace; the rest from the admin socket (a file: reachable from anywhere).
     pub fn get(&self, path: &str) -> Result<(u16, String), LabError> {
+        let p = path.split('?').next().unwrap_or(path);
+        if p == "/metrics" || p == "/healthz" {
+            return self.request_metrics("GET", path);
+        }
+        self.request_admin("GET", path)
+    }
+
+    /// `method path` on the metrics listener (read-only), from inside the gateway's namespace.
+    pub fn request_metrics(&self, method: &str, path: &str) -> Result<(u16, String), LabError> {
         let addr = self.metrics;
         in_netns(&self.ns, || {
-            crate::http::get(addr, path, std::time::Duration::from_secs(3))
+            crate::http::request(method, addr, path, std::time::Duration::from_secs(3))
         })?
         .map_err(|source| LabError::Http {
             path: path.to_string(),
             source,
         })
+    }
+
+    /// `method path` on the admin socket.
+    pub fn request_admin(&self, method: &str, path: &str) -> Result<(u16, String), LabError> {
+        crate::http::request_unix(method, &self.admin, path, std::time::Duration::from_secs(3))
+            .map_err(|source| LabError::Http {
+                path: path.to_string(),
+                source,
+            })
+    }
+
+    /// The admin socket's path.
+    pub fn admin_socket(&self) -> &std::path::Path {
+        &self.admin
     }
 
     /// The `/status` document.

@@ -2,9 +2,16 @@
 //! on the metrics thread. Every connection is its own task with a deadline for the request head
 //! and for the whole connection, so a client that connects and sends nothing, or reads slowly,
 //! delays no other client (a kubelet probe with a 1 s timeout keeps passing).
+//!
+//! Two kinds of listener, one server: the metrics listener (TCP, read-only: `GET /metrics` and
+//! `/healthz`, what a scraper and a probe need) and the admin API (a unix socket whose file
+//! permissions decide who may use it, or TCP with a bearer token): `/status`, `/explain` and
+//! `/conntrack` (list, and flush with DELETE or POST) besides.
 
 use std::convert::Infallible;
 use std::net::{SocketAddr, TcpListener};
+use std::os::unix::net::UnixListener;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,8 +37,59 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     Ok(l)
 }
 
-/// Serves requests on the calling thread until `stop` is set.
+/// Binds the admin socket at `path` with permission bits `mode`, creating its directory. A
+/// socket file left by a process that is gone is replaced; one a running gateway answers on is
+/// not (two gateways must not share an admin socket).
+pub fn bind_unix(path: &Path, mode: u32) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                format!("{} exists and is not a socket", path.display()),
+            ));
+        }
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                format!("another process serves the admin socket {}", path.display()),
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let l = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    l.set_nonblocking(true)?;
+    Ok(l)
+}
+
+/// What a listener's clients may ask for.
+#[derive(Debug, Clone)]
+pub enum Access {
+    /// `GET /metrics` and `/healthz` only.
+    Metrics,
+    /// Everything (the unix socket: its permissions decide who connects).
+    Admin,
+    /// Everything, with `Authorization: Bearer <token>` (the admin API over TCP).
+    Token(Arc<str>),
+}
+
+/// A bound listener.
+pub enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+/// Serves the metrics listener (read-only) on the calling thread until `stop` is set.
 pub fn serve(listener: TcpListener, obs: Arc<Observed>, stop: Arc<AtomicBool>) {
+    serve_with(Listener::Tcp(listener), Access::Metrics, obs, stop)
+}
+
+/// Serves `listener` with `access` on the calling thread until `stop` is set.
+pub fn serve_with(listener: Listener, access: Access, obs: Arc<Observed>, stop: Arc<AtomicBool>) {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -43,25 +101,38 @@ pub fn serve(listener: TcpListener, obs: Arc<Observed>, stop: Arc<AtomicBool>) {
         }
     };
     rt.block_on(async move {
-        let listener = match tokio::net::TcpListener::from_std(listener) {
+        enum L {
+            Tcp(tokio::net::TcpListener),
+            Unix(tokio::net::UnixListener),
+        }
+        let listener = match listener {
+            Listener::Tcp(l) => tokio::net::TcpListener::from_std(l).map(L::Tcp),
+            Listener::Unix(l) => tokio::net::UnixListener::from_std(l).map(L::Unix),
+        };
+        let listener = match listener {
             Ok(l) => l,
             Err(e) => {
-                tracing::error!(error = %e, "cannot serve the metrics listener; the endpoints are off");
+                tracing::error!(error = %e, "cannot serve a metrics or admin listener; its endpoints are off");
                 return;
             }
         };
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         while !stop.load(Relaxed) {
+            let (obs, access) = (Arc::clone(&obs), access.clone());
             tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok((stream, _)) => {
-                        let obs = Arc::clone(&obs);
-                        tokio::spawn(connection(stream, obs));
+                accepted = async {
+                    match &listener {
+                        L::Tcp(l) => l.accept().await.map(|(s, _)| {
+                            let _ = s.set_nodelay(true);
+                            tokio::spawn(connection(s, obs, access));
+                        }),
+                        L::Unix(l) => l.accept().await.map(|(s, _)| {
+                            tokio::spawn(connection(s, obs, access));
+                        }),
                     }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "metrics accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
+                } => if let Err(e) = accepted {
+                    tracing::warn!(error = %e, "metrics/admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                 },
                 _ = tick.tick() => {}
             }
@@ -69,11 +140,14 @@ pub fn serve(listener: TcpListener, obs: Arc<Observed>, stop: Arc<AtomicBool>) {
     });
 }
 
-async fn connection(stream: tokio::net::TcpStream, obs: Arc<Observed>) {
-    let _ = stream.set_nodelay(true);
+async fn connection<S>(stream: S, obs: Arc<Observed>, access: Access)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
         let obs = Arc::clone(&obs);
-        async move { Ok::<_, Infallible>(route(&obs, &req)) }
+        let access = access.clone();
+        async move { Ok::<_, Infallible>(route(&obs, &req, &access)) }
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
@@ -94,9 +168,55 @@ fn reply(code: StatusCode, ctype: &'static str, body: String) -> Response<Full<B
     r
 }
 
-fn route(obs: &Observed, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+/// Compares without an early exit on the first differing byte.
+fn same_token(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn route(obs: &Observed, req: &Request<Incoming>, access: &Access) -> Response<Full<Bytes>> {
     let text = "text/plain; charset=utf-8";
-    match req.uri().path() {
+    let path = req.uri().path();
+    match access {
+        Access::Metrics => {
+            if !matches!(path, "/metrics" | "/healthz") {
+                let known = matches!(path, "/status" | "/explain" | "/conntrack");
+                return reply(
+                    StatusCode::NOT_FOUND,
+                    text,
+                    if known {
+                        format!("{path} is on the admin API (admin.socket, or admin.listen with a token), not on the metrics listener\n")
+                    } else {
+                        "the metrics listener serves GET /metrics and /healthz\n".into()
+                    },
+                );
+            }
+            if !matches!(*req.method(), hyper::Method::GET | hyper::Method::HEAD) {
+                return reply(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    text,
+                    "the metrics listener is read-only (GET /metrics, GET /healthz)\n".into(),
+                );
+            }
+        }
+        Access::Admin => {}
+        Access::Token(token) => {
+            let given = req
+                .headers()
+                .get(hyper::header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .unwrap_or("");
+            if !same_token(given.trim().as_bytes(), token.as_bytes()) {
+                return reply(
+                    StatusCode::UNAUTHORIZED,
+                    text,
+                    "the admin API needs Authorization: Bearer <token from admin.token_file>\n"
+                        .into(),
+                );
+            }
+        }
+    }
+    match path {
         "/metrics" => reply(
             StatusCode::OK,
             "text/plain; version=0.0.4; charset=utf-8",
@@ -142,7 +262,7 @@ fn route(obs: &Observed, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         _ => reply(
             StatusCode::NOT_FOUND,
             text,
-            "try /metrics, /status, /healthz or /explain?src=IP&dst=IP&proto=tcp&dport=N\n"
+            "try /metrics, /healthz, /status, /conntrack or /explain?src=IP&dst=IP&proto=tcp&dport=N\n"
                 .to_string(),
         ),
     }

@@ -9,7 +9,7 @@
 mod http;
 mod prometheus;
 
-pub use http::{bind, serve};
+pub use http::{bind, bind_unix, serve, serve_with, Access, Listener};
 pub use prometheus::prometheus;
 
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
