@@ -61,9 +61,10 @@ fn init_logs(format: LogFormat) {
     use std::io::IsTerminal;
     // libbpf's and libxdp's own lines come through tracing (targets `libbpf`, `libxdp`); their
     // warnings are mostly capability probes that fail by design, so they are off unless RUST_LOG
-    // asks for them (RUST_LOG=info,libbpf=debug,libxdp=debug).
+    // asks for them (RUST_LOG=info,libbpf=debug,libxdp=debug). kube's client logs every failed
+    // request; the Kubernetes source summarises failures with their cause instead.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| "info,libbpf=off,libxdp=off".into());
+        .unwrap_or_else(|_| "info,libbpf=off,libxdp=off,kube_client=off".into());
     gateway::sys::liblog::route_library_logs();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -561,12 +562,16 @@ fn api_snapshot(api: &KubernetesApi) -> Result<(String, Snapshot, Vec<String>)> 
     let status = source.status();
     drop(source);
     if !synced {
+        let pending = status.pending().join(", ");
+        // The API-wide error, unless the kinds' own errors said it already.
+        let last = match status.last_error.as_deref() {
+            Some(e) if !pending.contains(e) => format!("; last error: {e}"),
+            _ => String::new(),
+        };
         bail!(
-            "no complete list from the Kubernetes API at {} within {}s; pending: {}; last error: {} (--files-only skips the API)",
+            "no complete list from the Kubernetes API at {} within {}s; pending: {pending}{last} (--files-only skips the API)",
             status.server,
             limit.as_secs(),
-            status.pending().join(", "),
-            status.last_error.as_deref().unwrap_or("none")
         );
     }
     let snap = got

@@ -517,3 +517,41 @@ fn object_errors_name_the_field_in_plain_words() {
     assert!(!err.contains("untagged enum"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// An API server that refuses connections: a few lines that say so and what to check, not a
+/// line per kind and retry, and the final error names the cause once.
+#[test]
+fn kubernetes_connection_errors_are_summarised_with_their_cause() {
+    let dir = std::env::temp_dir().join(format!("portcullis-kbad-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("policies")).unwrap();
+    std::fs::write(
+        dir.join("kubeconfig"),
+        "apiVersion: v1\nkind: Config\nclusters: [{name: c, cluster: {server: 'https://127.0.0.1:1'}}]\nusers: [{name: u, user: {token: abc}}]\ncontexts: [{name: x, context: {cluster: c, user: u}}]\ncurrent-context: x\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("gateway.yaml"),
+        "interfaces: {ext: e0, int: i0}\npolicy_dir: policies\nkubernetes: {api: {kubeconfig: kubeconfig, startup_timeout_s: 4}}\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["check", "--config"])
+        .arg(dir.join("gateway.yaml"))
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let lines: Vec<&str> = err.lines().collect();
+    assert!(lines.len() <= 6, "{} lines:\n{err}", lines.len());
+    assert!(err.contains("connection refused"), "{err}");
+    assert!(err.contains("server address"), "what to check: {err}");
+    let last = lines.last().unwrap();
+    assert_eq!(
+        last.matches("connection refused").count(),
+        1,
+        "the cause once, with the kinds it stopped: {last}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -283,6 +283,86 @@ pub struct Status {
     /// Events that changed what the compiler reads / events that did not.
     pub relevant_events: u64,
     pub ignored_events: u64,
+    /// List and watch failures not yet reported in a log line (they are summarised).
+    #[serde(skip)]
+    failures: FailureSummary,
+}
+
+/// List and watch failures since the last warning: one warning per [`WARN_INTERVAL`] with the
+/// cause and what to check, instead of one line per kind and retry.
+#[derive(Debug, Clone, Default)]
+struct FailureSummary {
+    last_warned: Option<Instant>,
+    cause: String,
+    count: u64,
+    kinds: std::collections::BTreeSet<String>,
+}
+
+/// How often failures of the same cause are reported.
+const WARN_INTERVAL: Duration = Duration::from_secs(30);
+
+/// The root cause of a list or watch failure in words an operator knows, and what to check.
+pub fn diagnose(e: &(dyn std::error::Error + 'static)) -> (String, &'static str) {
+    // The deepest error says why; the ones above repeat it in their own words.
+    let mut chain: Vec<String> = Vec::new();
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    let mut io_kind = None;
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            io_kind = Some(io.kind());
+        }
+        let m = err.to_string();
+        if !chain.iter().any(|c| c.contains(&m)) {
+            chain.push(m);
+        }
+        cur = err.source();
+    }
+    let all = chain.join(": ").to_lowercase();
+    let (cause, hint) = if io_kind == Some(std::io::ErrorKind::ConnectionRefused)
+        || all.contains("connection refused")
+    {
+        ("connection refused", "is the API server running, and is the kubeconfig's server address (host and port) right?")
+    } else if all.contains("certificate") || all.contains("unknownissuer") || all.contains("tls") {
+        ("TLS certificate rejected", "does the kubeconfig's certificate-authority match the API server's certificate, and the server name its SAN?")
+    } else if all.contains("dns")
+        || all.contains("lookup address")
+        || all.contains("name or service not known")
+    {
+        (
+            "the server's name does not resolve",
+            "check the kubeconfig's server host name and the node's DNS",
+        )
+    } else if io_kind == Some(std::io::ErrorKind::TimedOut)
+        || all.contains("timed out")
+        || all.contains("deadline")
+    {
+        (
+            "timed out",
+            "is the API server reachable from this node (routes, firewalls)?",
+        )
+    } else if all.contains("401") || all.contains("unauthorized") {
+        (
+            "401 unauthorized",
+            "are the kubeconfig's credentials (token, client certificate) valid and unexpired?",
+        )
+    } else if all.contains("403") || all.contains("forbidden") {
+        ("403 forbidden", "does the ClusterRole (configs/deploy/10-rbac.yaml) grant get, list and watch on every kind?")
+    } else if io_kind == Some(std::io::ErrorKind::ConnectionReset)
+        || all.contains("reset")
+        || all.contains("broken pipe")
+    {
+        (
+            "connection reset",
+            "the API server or a proxy in between closed the connection; it is retried",
+        )
+    } else {
+        (
+            "request failed",
+            "see the error, and `portcullis stats` for each kind's state",
+        )
+    };
+    let detail = chain.last().cloned().unwrap_or_default();
+    (format!("{cause} ({detail})"), hint)
 }
 
 impl Status {
@@ -312,20 +392,31 @@ impl Status {
             publish_errors: 0,
             last_publish_error: None,
             relevant_events: 0,
+            failures: FailureSummary::default(),
             ignored_events: 0,
         }
     }
 
     /// Kinds still waiting for their first list, for start-up logs.
+    /// Kinds that share an error are named together with it once.
     pub fn pending(&self) -> Vec<String> {
-        self.kinds
-            .iter()
-            .filter(|k| k.state == KindState::Pending)
-            .map(|k| match &k.last_error {
-                Some(e) => format!("{} ({e})", k.kind),
-                None => k.kind.clone(),
-            })
-            .collect()
+        let mut plain = Vec::new();
+        let mut by_error: Vec<(&str, Vec<&str>)> = Vec::new();
+        for k in self.kinds.iter().filter(|k| k.state == KindState::Pending) {
+            match &k.last_error {
+                None => plain.push(k.kind.clone()),
+                Some(e) => match by_error.iter_mut().find(|(x, _)| x == e) {
+                    Some((_, kinds)) => kinds.push(&k.kind),
+                    None => by_error.push((e, vec![&k.kind])),
+                },
+            }
+        }
+        plain.extend(
+            by_error
+                .into_iter()
+                .map(|(e, kinds)| format!("{} ({e})", kinds.join(", "))),
+        );
+        plain
     }
 }
 
@@ -704,7 +795,7 @@ async fn run(
                         // An answer, even `403` from a server whose authorization caches are
                         // still cold, means the server is there.
                         Ok(Err(kube::Error::Api(_))) => mark_reachable(&mut s),
-                        Ok(Err(e)) => mark_unreachable(&mut s, &e.to_string()),
+                        Ok(Err(e)) => mark_unreachable(&mut s, &diagnose(&e).0),
                         Err(_) => mark_unreachable(&mut s, "GET /version timed out"),
                     }
                 }
@@ -838,7 +929,7 @@ fn mark_unreachable(s: &mut Status, why: &str) {
     if s.api_reachable || s.unreachable_since_unix.is_none() {
         tracing::warn!(
             server = s.server.as_str(),
-            error = why,
+            cause = why,
             "Kubernetes API unreachable; keeping the last good table"
         );
         s.unreachable_since_unix = Some(unix_now());
@@ -922,15 +1013,31 @@ fn apply(
                 return false;
             }
             store.forbidden_since = None;
-            let msg = e.to_string();
-            tracing::warn!(
-                kind = spec.label(),
-                error = msg.as_str(),
-                "watch failed; retrying"
-            );
-            k.last_error = Some(msg.clone());
+            let (cause, hint) = diagnose(&e);
+            k.last_error = Some(cause.clone());
+            let label = spec.label();
+            let server = s.server.clone();
+            let f = &mut s.failures;
+            f.count += 1;
+            f.kinds.insert(label);
+            let due =
+                f.last_warned.is_none_or(|t| t.elapsed() >= WARN_INTERVAL) || f.cause != cause;
+            if due {
+                tracing::warn!(
+                    server = server.as_str(),
+                    cause = cause.as_str(),
+                    check = hint,
+                    failures = f.count,
+                    kinds = f.kinds.len(),
+                    "Kubernetes list/watch failing; retrying with backoff"
+                );
+                f.last_warned = Some(Instant::now());
+                f.cause = cause.clone();
+                f.count = 0;
+                f.kinds.clear();
+            }
             if transport_error(&e) || code.is_some_and(|c| c >= 500) {
-                mark_unreachable(&mut s, &msg);
+                mark_unreachable(&mut s, &cause);
             }
             return false;
         }
