@@ -210,6 +210,7 @@ fn bench(rules: &RuleSet, ct: Option<Arc<Conntrack>>) -> Bench {
         l2: L2::default(),
         conntrack: ct,
         sweep_per_turn: 64,
+        monitor: std::sync::Arc::new(gateway::monitor::Monitor::new(1)),
     });
     Bench {
         worker,

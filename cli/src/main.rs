@@ -144,6 +144,40 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Watch a running instance's verdicts live: drops by default, allowed ones too with --all.
+    Monitor {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Allowed frames too (by default only drops).
+        #[arg(long)]
+        all: bool,
+        /// Only frames with this address at either end.
+        #[arg(long = "ip")]
+        ip: Option<IpAddr>,
+        /// Only frames with this port at either end (TCP, UDP, SCTP).
+        #[arg(long)]
+        port: Option<u16>,
+        /// Only frames of this protocol (tcp, udp, icmp, ... or a number).
+        #[arg(long)]
+        proto: Option<String>,
+        /// Only drops for this reason (policy_deny, default_deny, invalid, conntrack_full, ...).
+        #[arg(long, conflicts_with = "all")]
+        reason: Option<String>,
+        /// One JSON object per verdict (every field apart) instead of a line of text.
+        #[arg(long)]
+        json: bool,
+        /// Also write the matching frames as pcap: those received on ext to FILE, those received
+        /// on int to FILE with `.int` before its extension (`portcullis replay --ext --int`
+        /// reads them; so does tcpdump).
+        #[arg(long, value_name = "FILE")]
+        pcap: Option<PathBuf>,
+        /// Stop after this many verdicts.
+        #[arg(long)]
+        count: Option<u64>,
+        /// Stop after this many seconds.
+        #[arg(long)]
+        seconds: Option<u64>,
+    },
     /// The connection tracker of a running instance.
     Conntrack {
         #[command(subcommand)]
@@ -472,6 +506,46 @@ fn dispatch(cli: Cli) -> Result<()> {
             }
         }
         Cmd::Stats { admin, json } => stats(&admin, json),
+        Cmd::Monitor {
+            admin,
+            all,
+            ip,
+            port,
+            proto,
+            reason,
+            json,
+            pcap,
+            count,
+            seconds,
+        } => {
+            let mut q = Vec::new();
+            if all {
+                q.push("all=1".to_string());
+            }
+            if let Some(a) = ip {
+                q.push(format!("addr={a}"));
+            }
+            if let Some(p) = port {
+                q.push(format!("port={p}"));
+            }
+            if let Some(p) = &proto {
+                q.push(format!("proto={p}"));
+            }
+            if let Some(r) = &reason {
+                q.push(format!("reason={r}"));
+            }
+            if pcap.is_some() {
+                q.push("frames=1".into());
+            }
+            monitor(
+                &admin,
+                &format!("/monitor?{}", q.join("&")),
+                json,
+                pcap.as_deref(),
+                count,
+                seconds.map(Duration::from_secs),
+            )
+        }
         Cmd::Conntrack { action } => conntrack(action),
         Cmd::Crds { write } => crds(write.as_deref()),
         Cmd::Replay {
@@ -737,6 +811,134 @@ fn explain_probes(b: &Built, file: &std::path::Path) -> Result<()> {
         bail!("{bad} probe line(s) could not be explained (see their error lines)");
     }
     Ok(())
+}
+
+/// `portcullis monitor`: prints the verdict stream (and writes its frames as pcap) until a
+/// limit is reached, the instance stops, or the reader goes away.
+fn monitor(
+    admin: &AdminArgs,
+    path: &str,
+    json: bool,
+    pcap: Option<&std::path::Path>,
+    count: Option<u64>,
+    limit: Option<Duration>,
+) -> Result<()> {
+    use std::io::{BufRead, Write};
+    let endpoint = admin.endpoint()?;
+    let (code, mut body) = endpoint.stream(path).map_err(|e| {
+        anyhow::anyhow!("cannot reach a running portcullis at {endpoint}: {e} (is this its admin.socket? --admin PATH)")
+    })?;
+    if code != 200 {
+        let mut msg = String::new();
+        let _ = body.read_to_string(&mut msg);
+        bail!("{endpoint} answered {code}: {}", msg.trim());
+    }
+    let mut writers = match pcap {
+        Some(p) => {
+            let int = p.with_file_name(format!(
+                "{}.int{}",
+                p.file_stem().and_then(|s| s.to_str()).unwrap_or("monitor"),
+                p.extension()
+                    .and_then(|e| e.to_str())
+                    .map_or(String::new(), |e| format!(".{e}"))
+            ));
+            Some((
+                gateway::pcap::Writer::create(p)
+                    .with_context(|| format!("cannot write {}", p.display()))?,
+                gateway::pcap::Writer::create(&int)
+                    .with_context(|| format!("cannot write {}", int.display()))?,
+            ))
+        }
+        None => None,
+    };
+    // The limit in time is checked between lines; a quiet feed ends it at the next line or when
+    // the process is stopped.
+    let started = std::time::Instant::now();
+    if let Some(l) = limit {
+        let deadline = started + l;
+        std::thread::spawn(move || {
+            std::thread::sleep(deadline.saturating_duration_since(std::time::Instant::now()));
+            std::process::exit(0);
+        });
+    }
+    let mut out = std::io::stdout().lock();
+    let mut seen = 0u64;
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if body.read_line(&mut line)? == 0 {
+            eprintln!("the instance closed the feed");
+            return Ok(());
+        }
+        let v: serde_json::Value = match serde_json::from_str(line.trim()) {
+            Ok(v) => v,
+            Err(_) => continue,
+        };
+        if v.get("listening").is_some() {
+            eprintln!(
+                "listening on {endpoint} ({})",
+                v["filter"].as_str().unwrap_or("")
+            );
+            continue;
+        }
+        if let Some(n) = v.get("lost") {
+            eprintln!("lost {n} verdicts: {}", v["why"].as_str().unwrap_or(""));
+            continue;
+        }
+        let l: gateway::monitor::Line = match serde_json::from_value(v.clone()) {
+            Ok(l) => l,
+            Err(_) => continue,
+        };
+        if let (Some((ext, int)), Some(hex)) = (writers.as_mut(), &l.frame) {
+            let data: Vec<u8> = (0..hex.len() / 2)
+                .filter_map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok())
+                .collect();
+            let p = gateway::pcap::Packet {
+                ts_ns: l.time_unix_ns,
+                wire_len: u32::from(l.len),
+                data,
+            };
+            if l.direction == "ingress" {
+                ext.write(&p)?
+            } else {
+                int.write(&p)?
+            }
+        }
+        if json {
+            let mut v = v;
+            if let Some(m) = v.as_object_mut() {
+                m.remove("frame");
+            }
+            writeln!(out, "{v}")?;
+        } else {
+            let ends = match (&l.src, &l.dst) {
+                (Some(s), Some(d)) => match (l.sport, l.dport) {
+                    (Some(sp), Some(dp)) => format!("{s}:{sp} -> {d}:{dp}"),
+                    _ => format!("{s} -> {d}"),
+                },
+                _ => "(not IP, or did not parse)".into(),
+            };
+            writeln!(
+                out,
+                "{} {:<7} {:<6} {ends} {}{} by {} (tracker {:?}, worker {})",
+                l.time_unix_ns / 1_000_000,
+                l.direction,
+                l.proto.as_deref().unwrap_or("-"),
+                l.verdict.to_uppercase(),
+                l.reason
+                    .as_deref()
+                    .map_or(String::new(), |r| format!(" {r}")),
+                l.rule_origin.as_deref().unwrap_or("-"),
+                l.tracker,
+                l.worker
+            )?;
+        }
+        out.flush()?;
+        seen += 1;
+        if count.is_some_and(|c| seen >= c) {
+            return Ok(());
+        }
+    }
 }
 
 fn stats(admin: &AdminArgs, json: bool) -> Result<()> {

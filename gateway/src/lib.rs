@@ -28,6 +28,8 @@ pub mod config;
 pub mod conntrack;
 #[cfg(feature = "runtime")]
 pub mod metrics;
+#[cfg(feature = "runtime")]
+pub mod monitor;
 pub mod parse;
 pub mod pcap;
 #[cfg(feature = "runtime")]

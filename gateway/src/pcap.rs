@@ -137,21 +137,44 @@ pub fn parse(b: &[u8]) -> Result<Vec<Packet>, (usize, String)> {
 /// Writes frames as a classic pcap file (microseconds, little-endian, Ethernet): what tests and
 /// users feed back to `replay`.
 pub fn write(path: &Path, packets: &[Packet]) -> std::io::Result<()> {
-    let mut b = Vec::new();
-    b.extend_from_slice(&0xa1b2_c3d4u32.to_le_bytes());
-    b.extend_from_slice(&2u16.to_le_bytes());
-    b.extend_from_slice(&4u16.to_le_bytes());
-    b.extend_from_slice(&[0; 8]);
-    b.extend_from_slice(&65535u32.to_le_bytes());
-    b.extend_from_slice(&LINKTYPE_ETHERNET.to_le_bytes());
+    let mut w = Writer::create(path)?;
     for p in packets {
+        w.write(p)?;
+    }
+    Ok(())
+}
+
+/// A pcap file written frame by frame, each one flushed: the file is whole after every frame
+/// (`portcullis monitor --pcap`, which may be stopped at any moment).
+pub struct Writer {
+    file: std::fs::File,
+}
+
+impl Writer {
+    pub fn create(path: &Path) -> std::io::Result<Writer> {
+        use std::io::Write;
+        let mut file = std::fs::File::create(path)?;
+        let mut b = Vec::with_capacity(24);
+        b.extend_from_slice(&0xa1b2_c3d4u32.to_le_bytes());
+        b.extend_from_slice(&2u16.to_le_bytes());
+        b.extend_from_slice(&4u16.to_le_bytes());
+        b.extend_from_slice(&[0; 8]);
+        b.extend_from_slice(&65535u32.to_le_bytes());
+        b.extend_from_slice(&LINKTYPE_ETHERNET.to_le_bytes());
+        file.write_all(&b)?;
+        Ok(Writer { file })
+    }
+
+    pub fn write(&mut self, p: &Packet) -> std::io::Result<()> {
+        use std::io::Write;
+        let mut b = Vec::with_capacity(16 + p.data.len());
         b.extend_from_slice(&((p.ts_ns / 1_000_000_000) as u32).to_le_bytes());
         b.extend_from_slice(&((p.ts_ns % 1_000_000_000 / 1000) as u32).to_le_bytes());
         b.extend_from_slice(&(p.data.len() as u32).to_le_bytes());
         b.extend_from_slice(&p.wire_len.max(p.data.len() as u32).to_le_bytes());
         b.extend_from_slice(&p.data);
+        self.file.write_all(&b)
     }
-    std::fs::write(path, b)
 }
 
 #[cfg(test)]

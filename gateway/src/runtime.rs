@@ -134,6 +134,7 @@ pub fn run(cfg: Config) -> Result<()> {
     let counters: Vec<Arc<WorkerCounters>> = (0..workers).map(|_| Arc::default()).collect();
     let latency: Vec<Arc<SharedLatency>> = (0..workers).map(|_| Arc::default()).collect();
     let flows = Arc::new(ArrayQueue::<FlowRecord>::new(4096));
+    let monitor = Arc::new(crate::monitor::Monitor::new(workers));
     // Allocated once, before any traffic: its memory is fixed from here on.
     let conntrack = cfg.conntrack.enabled.then(|| {
         let ct = Conntrack::new(cfg.conntrack.capacity, cfg.conntrack.timeouts);
@@ -158,6 +159,7 @@ pub fn run(cfg: Config) -> Result<()> {
         kubernetes: OnceLock::new(),
         sockets: Mutex::new(Vec::new()),
         conntrack: conntrack.clone(),
+        monitor: Some(metrics::Feed::new(Arc::clone(&monitor))),
     });
     // Every way out of `run` stops the threads started from here on.
     let _stop_threads = StopOnDrop(Arc::clone(&stop));
@@ -170,6 +172,14 @@ pub fn run(cfg: Config) -> Result<()> {
             std::thread::Builder::new()
                 .name("pc-metrics".into())
                 .spawn(move || metrics::serve(l, obs, stop))?,
+        );
+    }
+    if let Some(feed) = obs.monitor.clone() {
+        let stop = Arc::clone(&stop);
+        handles.push(
+            std::thread::Builder::new()
+                .name("pc-monitor".into())
+                .spawn(move || feed.pump(&stop))?,
         );
     }
     let _admin_file =
@@ -281,6 +291,7 @@ pub fn run(cfg: Config) -> Result<()> {
             l2: cfg.l2.clone(),
             conntrack: conntrack.clone(),
             sweep_per_turn: cfg.conntrack.sweep_per_turn,
+            monitor: Arc::clone(&monitor),
         };
         let (core, stop) = (cfg.cores[i], Arc::clone(&stop));
         handles.push(

@@ -34,9 +34,10 @@ use crate::conntrack::{
     self, older, Conntrack, Displaced, Frag, Hit, InsertError, Kind, Opened, Place, Probe, Track,
     Tuple, Update,
 };
+use crate::monitor::{Event, Monitor, TrackerState, Wants, SNAPLEN};
 use crate::parse::{self, Parsed};
 use crate::stats::{new_histogram, CtEvent, Reason, SharedLatency, Tally, WorkerCounters};
-use crate::sys::ring::{QueuePair, Rings, Side};
+use crate::sys::ring::{QueuePair, Received, Rings, Side};
 use crate::sys::wait_readable;
 
 /// A flow the control thread should log (rate-limited at the source).
@@ -78,6 +79,8 @@ pub struct WorkerSetup<R: Rings> {
     pub conntrack: Option<Arc<Conntrack>>,
     /// Tracker slots checked for expiry per turn.
     pub sweep_per_turn: usize,
+    /// The live verdict feed (`portcullis monitor`).
+    pub monitor: Arc<Monitor>,
 }
 
 // Slot markers for frames that the table does not decide.
@@ -121,6 +124,10 @@ struct Scratch {
     keep: [bool; MAX_BURST],
     pending: [Pending; MAX_BURST],
     tracks: [Track; MAX_BURST],
+    /// Written only while someone monitors: each frame's drop reason, tracker state and rule.
+    why: [Reason; MAX_BURST],
+    trk: [TrackerState; MAX_BURST],
+    rule: [u32; MAX_BURST],
 }
 
 /// The per-burst path: everything a burst touches except the table reader.
@@ -137,6 +144,7 @@ struct Datapath<R: Rings> {
     /// other, else read when the first frame of this turn arrives.
     burst_start: Option<Instant>,
     ct: Option<Arc<Conntrack>>,
+    monitor: Arc<Monitor>,
 }
 
 impl<R: Rings> Datapath<R> {
@@ -160,6 +168,9 @@ impl<R: Rings> Datapath<R> {
             None => 0,
         };
         let generation = table.generation() as u32;
+        // One load per burst: with nobody listening, the per-frame `mon` branches never run.
+        let wants = self.monitor.wants();
+        let mon = wants.any();
         let s = &mut *self.s;
         // Pass 1: parse every frame in place and, with a tracker, read its bucket's tag word.
         // Nothing waits on those reads here, so the burst's cache misses overlap.
@@ -191,9 +202,16 @@ impl<R: Rings> Datapath<R> {
                 Ok(Parsed::Arp | Parsed::OtherL2) => SLOT_L2_DROP,
                 Err(reason) => {
                     self.tally.drop(reason);
+                    if mon {
+                        s.why[i] = reason;
+                    }
                     SLOT_DROP
                 }
             };
+            if mon {
+                s.trk[i] = TrackerState::None;
+                s.rule[i] = u32::MAX;
+            }
         }
         if let Some(ct) = &self.ct {
             for i in 0..n {
@@ -216,6 +234,14 @@ impl<R: Rings> Datapath<R> {
                         Tracked::Pass(event) => {
                             self.tally.ct(event);
                             s.slot[i] = SLOT_TRACKED;
+                            if mon {
+                                s.rule[i] = u32::MAX;
+                                s.trk[i] = match event {
+                                    CtEvent::Related => TrackerState::Related,
+                                    CtEvent::Fragment => TrackerState::Fragment,
+                                    _ => TrackerState::Established,
+                                };
+                            }
                             continue;
                         }
                         Tracked::Decide(key, pending) => {
@@ -225,6 +251,11 @@ impl<R: Rings> Datapath<R> {
                         Tracked::Drop(reason) => {
                             self.tally.drop(reason);
                             s.slot[i] = SLOT_DROP;
+                            if mon {
+                                s.why[i] = reason;
+                                s.trk[i] = TrackerState::Fragment;
+                                s.rule[i] = u32::MAX;
+                            }
                             if self.flow_tokens > 0 {
                                 self.flow_tokens -= 1;
                                 let _ = self.flows.push(FlowRecord {
@@ -264,6 +295,9 @@ impl<R: Rings> Datapath<R> {
                 }
                 SLOT_L2_DROP => {
                     self.tally.drop(Reason::L2Policy);
+                    if mon {
+                        s.why[i] = Reason::L2Policy;
+                    }
                     false
                 }
                 k => {
@@ -285,6 +319,19 @@ impl<R: Rings> Datapath<R> {
                     };
                     let verdict = d.verdict;
                     let denied = !matches!(verdict, Verdict::Allow);
+                    if mon {
+                        s.rule[i] = d.rule;
+                        s.trk[i] = match outcome {
+                            Outcome::Invalid => TrackerState::Invalid,
+                            _ if denied
+                                && matches!(s.pending[k], Pending::Open(..))
+                                && conntrack::looks_like_reply(&s.keys[k], track) =>
+                            {
+                                TrackerState::NoFlow
+                            }
+                            _ => TrackerState::New,
+                        };
+                    }
                     if (d.log || denied) && self.flow_tokens > 0 {
                         self.flow_tokens -= 1;
                         let _ = self.flows.push(FlowRecord {
@@ -303,29 +350,78 @@ impl<R: Rings> Datapath<R> {
                                 .then_some(Reason::Invalid),
                         });
                     }
-                    match (verdict, outcome) {
-                        (Verdict::Allow, Outcome::Full) => {
-                            self.tally.drop(Reason::ConntrackFull);
+                    let why = match (verdict, outcome) {
+                        (Verdict::Allow, Outcome::Full) => Some(Reason::ConntrackFull),
+                        (Verdict::Deny(_), Outcome::Invalid) => Some(Reason::Invalid),
+                        (Verdict::Allow, _) => None,
+                        (Verdict::Deny(r), _) => Some(Reason::from_deny(r)),
+                    };
+                    match why {
+                        Some(r) => {
+                            self.tally.drop(r);
+                            if mon {
+                                s.why[i] = r;
+                            }
                             false
                         }
-                        (Verdict::Deny(_), Outcome::Invalid) => {
-                            self.tally.drop(Reason::Invalid);
-                            false
-                        }
-                        (Verdict::Allow, _) => true,
-                        (Verdict::Deny(r), _) => {
-                            self.tally.drop(Reason::from_deny(r));
-                            false
-                        }
+                        None => true,
                     }
                 }
             };
+        }
+        if mon {
+            record(s, &self.monitor, self.index, &rx, n, dir, table, wants);
         }
         let (sent, dropped) = rx.forward(&s.keep[..n]);
         self.tally.rx[dir as usize] += n as u64;
         self.tally.tx[dir as usize] += sent as u64;
         self.tally.drops[Reason::TxRingFull as usize] += dropped as u64;
         n
+    }
+}
+
+/// Queues a burst's verdicts for the monitor (only while someone listens).
+#[cold]
+#[allow(clippy::too_many_arguments)]
+fn record<R: Rings>(
+    s: &Scratch,
+    monitor: &Monitor,
+    index: usize,
+    rx: &Received<'_, R>,
+    n: usize,
+    dir: Direction,
+    table: &Table,
+    wants: Wants,
+) {
+    let unix_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    for i in 0..n {
+        let allowed = s.keep[i];
+        if allowed && !wants.allowed {
+            continue;
+        }
+        let frame = rx.frame(i);
+        let caplen = frame.len().min(SNAPLEN);
+        let mut ev = Event {
+            unix_ns,
+            key: s.parsed[i],
+            parsed: s.slot[i] == SLOT_TRACKED
+                || s.slot[i] < SLOT_IP
+                || (s.slot[i] == SLOT_DROP && s.trk[i] != TrackerState::None),
+            allowed,
+            reason: s.why[i],
+            tracker: s.trk[i],
+            rule: table.rules().get(s.rule[i] as usize).map(|r| r.id),
+            generation: table.generation(),
+            worker: index as u16,
+            ingress: dir == Direction::Ingress,
+            len: frame.len().min(u16::MAX as usize) as u16,
+            caplen: caplen as u16,
+            frame: [0; SNAPLEN],
+        };
+        ev.frame[..caplen].copy_from_slice(&frame[..caplen]);
+        monitor.push(index, ev);
     }
 }
 
@@ -579,6 +675,7 @@ impl<R: Rings> Worker<R> {
             l2,
             conntrack,
             sweep_per_turn,
+            monitor,
         } = setup;
         pair.refill();
         Worker {
@@ -595,6 +692,9 @@ impl<R: Rings> Worker<R> {
                     keep: [false; MAX_BURST],
                     pending: [Pending::Untracked; MAX_BURST],
                     tracks: [Track::default(); MAX_BURST],
+                    why: [Reason::Truncated; MAX_BURST],
+                    trk: [TrackerState::None; MAX_BURST],
+                    rule: [u32::MAX; MAX_BURST],
                 }),
                 tally: Tally::default(),
                 burst,
@@ -603,6 +703,7 @@ impl<R: Rings> Worker<R> {
                 flow_tokens: flow_budget,
                 burst_start: None,
                 ct: conntrack,
+                monitor,
             },
             reader,
             counters,

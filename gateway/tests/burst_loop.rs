@@ -108,6 +108,7 @@ fn tracked_worker(
         l2: L2::default(),
         conntrack: ct,
         sweep_per_turn: 64,
+        monitor: std::sync::Arc::new(gateway::monitor::Monitor::new(1)),
     });
     (w, counters, publisher, rules)
 }

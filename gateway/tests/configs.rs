@@ -20,6 +20,10 @@ fn every_config_file_loads() {
     let vagrant = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../vagrant/files");
     files.push(vagrant.join("gateway.yaml"));
     walk(&vagrant.join("policies"), &mut files);
+    // So are the Debian package's default config and example policy.
+    let packaging = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../packaging");
+    files.push(packaging.join("gateway.yaml"));
+    walk(&packaging.join("policies"), &mut files);
     assert!(!files.is_empty());
     let mut policy_dirs = std::collections::BTreeSet::new();
     let mut crds = Vec::new();
@@ -39,6 +43,17 @@ fn every_config_file_loads() {
             // The CRDs are checked here; the rest by tests/deploy.rs.
             if name.contains("-crd-") {
                 crds.push(f.clone());
+            }
+        } else if parent.file_name().is_some_and(|n| n == "monitoring") {
+            // Alerts: promtool (scripts/test) and tests/metrics.rs check them; here, that each
+            // file is the kind of document it says it is.
+            let v: serde_json::Value =
+                serde_norway::from_str(&std::fs::read_to_string(f).unwrap()).unwrap();
+            match name.as_ref() {
+                "alerts.yaml" => assert!(v["groups"][0]["rules"].as_array().unwrap().len() >= 5),
+                "podmonitor.yaml" => assert_eq!(v["kind"], "PodMonitor"),
+                "scrape-config.yaml" => assert_eq!(v["scrape_configs"][0]["job_name"], "portcullis"),
+                other => panic!("{}: no test knows how to load {other}", f.display()),
             }
         } else if parent.file_name().is_some_and(|n| n == "policies") {
             policy_dirs.insert(parent.to_path_buf());

@@ -64,6 +64,7 @@ fn server_with(access: Access) -> Server {
         kubernetes: OnceLock::new(),
         sockets: Mutex::new(Vec::new()),
         conntrack: Some(Arc::new(Conntrack::new(1024, Timeouts::default()))),
+        monitor: None,
     });
     let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let addr = listener.local_addr().unwrap();

@@ -51,6 +51,54 @@ impl Endpoint {
     }
 }
 
+impl Endpoint {
+    /// Sends `GET path` and returns the status code and a reader of the body as it streams
+    /// (`/monitor`); the body ends when the server closes.
+    pub fn stream(&self, path: &str) -> std::io::Result<(u16, Box<dyn std::io::BufRead + Send>)> {
+        use std::io::BufRead;
+        let (mut r, host, token): (Box<dyn ReadWrite>, String, Option<&str>) = match self {
+            Endpoint::Unix(sock) => (
+                Box::new(UnixStream::connect(sock)?),
+                "localhost".into(),
+                None,
+            ),
+            Endpoint::Tcp(addr, token) => (
+                Box::new(TcpStream::connect_timeout(addr, Duration::from_secs(3))?),
+                addr.to_string(),
+                token.as_deref(),
+            ),
+        };
+        let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+        r.write_all(format!("GET {path} HTTP/1.0\r\nHost: {host}\r\n{auth}\r\n").as_bytes())?;
+        let mut reader = std::io::BufReader::new(ReadHalf(r));
+        let mut status = String::new();
+        reader.read_line(&mut status)?;
+        let code = status
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line)? == 0 || line == "\r\n" || line == "\n" {
+                break;
+            }
+        }
+        Ok((code, Box::new(reader)))
+    }
+}
+
+trait ReadWrite: Read + Write + Send {}
+impl<T: Read + Write + Send> ReadWrite for T {}
+
+struct ReadHalf(Box<dyn ReadWrite>);
+
+impl Read for ReadHalf {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+
 /// Sends `method path` over the unix socket `sock`.
 pub fn request_unix(
     method: &str,

@@ -17,7 +17,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::{Request, Response, StatusCode};
@@ -144,6 +145,12 @@ async fn connection<S>(stream: S, obs: Arc<Observed>, access: Access)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    // The metrics listener's connections live at most CONNECTION_TIMEOUT; the admin API's may
+    // stream (`/monitor`) for as long as the client reads.
+    let limit = match access {
+        Access::Metrics => CONNECTION_TIMEOUT,
+        _ => Duration::from_secs(365 * 24 * 3600),
+    };
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
         let obs = Arc::clone(&obs);
         let access = access.clone();
@@ -153,15 +160,17 @@ where
         .timer(TokioTimer::new())
         .header_read_timeout(HEAD_TIMEOUT)
         .serve_connection(TokioIo::new(stream), service);
-    match tokio::time::timeout(CONNECTION_TIMEOUT, conn).await {
+    match tokio::time::timeout(limit, conn).await {
         Ok(Err(e)) => tracing::debug!(error = %e, "metrics connection ended with an error"),
         Ok(Ok(())) => {}
         Err(_) => tracing::debug!("metrics connection closed after {CONNECTION_TIMEOUT:?}"),
     }
 }
 
-fn reply(code: StatusCode, ctype: &'static str, body: String) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from(body)));
+type Body = BoxBody<Bytes, Infallible>;
+
+fn reply(code: StatusCode, ctype: &'static str, body: String) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(body)).boxed());
     *r.status_mut() = code;
     r.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static(ctype));
@@ -173,13 +182,13 @@ fn same_token(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn route(obs: &Observed, req: &Request<Incoming>, access: &Access) -> Response<Full<Bytes>> {
+fn route(obs: &Arc<Observed>, req: &Request<Incoming>, access: &Access) -> Response<Body> {
     let text = "text/plain; charset=utf-8";
     let path = req.uri().path();
     match access {
         Access::Metrics => {
             if !matches!(path, "/metrics" | "/healthz") {
-                let known = matches!(path, "/status" | "/explain" | "/conntrack");
+                let known = matches!(path, "/status" | "/explain" | "/conntrack" | "/monitor");
                 return reply(
                     StatusCode::NOT_FOUND,
                     text,
@@ -247,6 +256,7 @@ fn route(obs: &Observed, req: &Request<Incoming>, access: &Access) -> Response<F
             let (code, ctype, body) = conntrack(obs, req.uri().query().unwrap_or(""), flush);
             reply(code, ctype, body)
         }
+        "/monitor" => monitor(obs, req.uri().query().unwrap_or("")),
         "/healthz" => match health(&obs.status()) {
             Ok(notes) => reply(
                 StatusCode::OK,
@@ -266,6 +276,96 @@ fn route(obs: &Observed, req: &Request<Incoming>, access: &Access) -> Response<F
                 .to_string(),
         ),
     }
+}
+
+/// `GET /monitor?all=1&addr=&port=&proto=&reason=&frames=1`: a stream of JSON lines, one per
+/// frame verdict that matches (drops only unless `all=1`), for as long as the client reads.
+/// Lines `{"lost": N}` say how many events were lost since the previous one (a worker's queue
+/// was full, or this client read too slowly).
+fn monitor(obs: &Arc<Observed>, query: &str) -> Response<Body> {
+    let text = "text/plain; charset=utf-8";
+    let Some(feed) = obs.monitor.clone() else {
+        return reply(
+            StatusCode::NOT_FOUND,
+            text,
+            "this instance records no verdict feed\n".into(),
+        );
+    };
+    let filter = match crate::monitor::Filter::parse(query) {
+        Ok(f) => f,
+        Err(e) => return reply(StatusCode::BAD_REQUEST, text, format!("{e}\n")),
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
+    let obs = Arc::clone(obs);
+    let query = query.to_string();
+    tokio::spawn(async move {
+        let mut batches = feed.batches.subscribe();
+        // Registered only once subscribed: no batch is sent that this listener could miss.
+        let _sub = feed.monitor.subscribe(filter.allowed);
+        let mut lost_seen = feed.monitor.lost();
+        // Says hello at once, so the client knows it is listening.
+        let hello = serde_json::json!({"listening": true, "filter": query}).to_string() + "\n";
+        if tx.send(Bytes::from(hello)).await.is_err() {
+            return;
+        }
+        loop {
+            let batch = tokio::select! {
+                b = batches.recv() => b,
+                _ = tx.closed() => return,
+            };
+            let mut out = String::new();
+            match batch {
+                Ok(events) => {
+                    let table = obs
+                        .reloader
+                        .lock()
+                        .map(|mut r| r.publisher().current())
+                        .ok();
+                    for e in events.iter().filter(|e| filter.matches(e)) {
+                        let origin = e.rule.and_then(|id| {
+                            let t = table.as_ref()?;
+                            let r = t.rules().iter().find(|r| r.id == id)?;
+                            Some(match r.origin.index {
+                                Some(i) => format!("{} rule {i}", r.origin.object),
+                                None => r.origin.object.clone(),
+                            })
+                        });
+                        let line = crate::monitor::Line::of(e, origin, filter.frames);
+                        out.push_str(&serde_json::to_string(&line).unwrap_or_default());
+                        out.push('\n');
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    out.push_str(&format!(
+                        "{{\"lost\":{n},\"why\":\"this listener read too slowly\"}}\n"
+                    ));
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            }
+            let lost = feed.monitor.lost();
+            if lost > lost_seen {
+                out.push_str(&format!(
+                    "{{\"lost\":{},\"why\":\"a worker's queue was full\"}}\n",
+                    lost - lost_seen
+                ));
+                lost_seen = lost;
+            }
+            if !out.is_empty() && tx.send(Bytes::from(out)).await.is_err() {
+                return;
+            }
+        }
+    });
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|b| (Ok::<_, Infallible>(hyper::body::Frame::data(b)), rx))
+    });
+    let mut r = Response::new(BodyExt::boxed(StreamBody::new(stream)));
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/x-ndjson"),
+    );
+    r
 }
 
 /// `/explain?src=&dst=&proto=&sport=&dport=&icmp_type=&direction=&format=text|json`: the live

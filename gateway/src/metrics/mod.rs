@@ -46,6 +46,40 @@ pub struct Observed {
     pub sockets: Mutex<Vec<(usize, String, i32)>>,
     /// The connection tracker, when enabled.
     pub conntrack: Option<Arc<Conntrack>>,
+    /// The live verdict feed (`GET /monitor` on the admin API), when the workers record one.
+    pub monitor: Option<Feed>,
+}
+
+/// The workers' verdict queues and the broadcast `/monitor` listeners read: a pump thread
+/// ([`Feed::pump`]) moves batches from the one to the other while anyone listens.
+#[derive(Clone)]
+pub struct Feed {
+    pub monitor: Arc<crate::monitor::Monitor>,
+    pub batches: tokio::sync::broadcast::Sender<Arc<Vec<crate::monitor::Event>>>,
+}
+
+impl Feed {
+    pub fn new(monitor: Arc<crate::monitor::Monitor>) -> Feed {
+        Feed {
+            monitor,
+            batches: tokio::sync::broadcast::channel(256).0,
+        }
+    }
+
+    /// Moves queued events to the listeners every 20 ms until `stop`.
+    pub fn pump(&self, stop: &AtomicBool) {
+        let mut batch = Vec::new();
+        while !stop.load(Relaxed) {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            if self.monitor.listeners() == 0 {
+                continue;
+            }
+            self.monitor.drain(&mut batch);
+            if !batch.is_empty() {
+                let _ = self.batches.send(Arc::new(std::mem::take(&mut batch)));
+            }
+        }
+    }
 }
 
 /// The connection tracker's size, for `/status`.
