@@ -1122,6 +1122,46 @@ fn crds(write: Option<&std::path::Path>) -> Result<()> {
 mod tests {
     use super::*;
 
+    /// The CLI reference: every command's full help, as `--help` prints it.
+    fn cli_reference() -> String {
+        fn walk(cmd: &mut clap::Command, path: &str, out: &mut String) {
+            let help = cmd.render_long_help().to_string();
+            out.push_str(&format!(
+                "## `{path}`\n\n```text\n{}\n```\n\n",
+                help.trim_end()
+            ));
+            let names: Vec<String> = cmd
+                .get_subcommands()
+                .map(|s| s.get_name().to_string())
+                .filter(|n| n != "help")
+                .collect();
+            for n in names {
+                if let Some(sub) = cmd.find_subcommand_mut(&n) {
+                    walk(sub, &format!("{path} {n}"), out);
+                }
+            }
+        }
+        let mut cmd = <Cli as clap::CommandFactory>::command().term_width(100);
+        cmd.build();
+        let mut out = String::from("# CLI reference\n\nEvery command and flag of `portcullis`, as `--help` prints them, generated from the command definitions (CI fails when this file and the code disagree; `PORTCULLIS_WRITE_DOCS=1 cargo test -p portcullis --bin portcullis` rewrites it). `man portcullis` and `portcullis completions SHELL` come from the same definitions.\n\n");
+        walk(&mut cmd, "portcullis", &mut out);
+        out
+    }
+
+    #[test]
+    fn the_cli_reference_matches_the_code() {
+        let doc = cli_reference();
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/cli.md");
+        if std::env::var_os("PORTCULLIS_WRITE_DOCS").is_some() {
+            std::fs::write(&path, &doc).unwrap();
+        }
+        let have = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            have == doc,
+            "docs/cli.md does not match the command definitions; run PORTCULLIS_WRITE_DOCS=1 cargo test -p portcullis --bin portcullis"
+        );
+    }
+
     /// Every flag and argument of every subcommand says what it is for.
     #[test]
     fn every_argument_has_help() {

@@ -52,7 +52,9 @@ fn every_config_file_loads() {
             match name.as_ref() {
                 "alerts.yaml" => assert!(v["groups"][0]["rules"].as_array().unwrap().len() >= 5),
                 "podmonitor.yaml" => assert_eq!(v["kind"], "PodMonitor"),
-                "scrape-config.yaml" => assert_eq!(v["scrape_configs"][0]["job_name"], "portcullis"),
+                "scrape-config.yaml" => {
+                    assert_eq!(v["scrape_configs"][0]["job_name"], "portcullis")
+                }
                 other => panic!("{}: no test knows how to load {other}", f.display()),
             }
         } else if parent.file_name().is_some_and(|n| n == "policies") {

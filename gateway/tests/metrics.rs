@@ -44,6 +44,10 @@ fn metrics_only() -> Server {
 }
 
 fn server_with(access: Access) -> Server {
+    server_full(access, false)
+}
+
+fn server_full(access: Access, kube: bool) -> Server {
     let cfg = Config::load(
         &PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../configs/lab/gateway.yaml"),
     )
@@ -66,6 +70,11 @@ fn server_with(access: Access) -> Server {
         conntrack: Some(Arc::new(Conntrack::new(1024, Timeouts::default()))),
         monitor: None,
     });
+    if kube {
+        let _ = obs.kubernetes.set(Arc::new(Mutex::new(
+            control::source::kubernetes::Status::new("https://api.example:6443".into()),
+        )));
+    }
     let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let addr = listener.local_addr().unwrap();
     let stop = Arc::new(AtomicBool::new(false));
@@ -414,4 +423,68 @@ fn the_dashboard_and_alerts_use_metrics_that_exist() {
         }
     }
     assert!(checked > 20, "{checked} metric references");
+}
+
+/// docs/metrics.md is the exposition's families (name, type, help), generated from the code:
+/// `PORTCULLIS_WRITE_DOCS=1 cargo test -p gateway --test metrics` rewrites it.
+#[test]
+fn the_metrics_reference_matches_the_code() {
+    let srv = server_full(Access::Admin, true);
+    let (_, text) = get(srv.addr, "/metrics");
+    let mut help = std::collections::BTreeMap::new();
+    let mut kinds = std::collections::BTreeMap::new();
+    let mut labels: std::collections::BTreeMap<String, std::collections::BTreeSet<String>> =
+        Default::default();
+    for l in text.lines() {
+        if let Some(r) = l.strip_prefix("# HELP ") {
+            let (n, h) = r.split_once(' ').unwrap();
+            help.insert(n.to_string(), h.to_string());
+        } else if let Some(r) = l.strip_prefix("# TYPE ") {
+            let (n, k) = r.split_once(' ').unwrap();
+            kinds.insert(n.to_string(), k.to_string());
+        } else if let Some((series, _)) = l.rsplit_once(' ') {
+            let (name, rest) = series.split_once('{').unwrap_or((series, ""));
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| {
+                    name.strip_suffix(s)
+                        .filter(|f| kinds.get(*f).is_some_and(|k| k == "histogram"))
+                })
+                .unwrap_or(name);
+            let set = labels.entry(family.to_string()).or_default();
+            for pair in rest
+                .trim_end_matches('}')
+                .split(',')
+                .filter(|p| !p.is_empty())
+            {
+                let k = pair.split('=').next().unwrap();
+                if k != "le" {
+                    set.insert(k.to_string());
+                }
+            }
+        }
+    }
+    let mut doc = String::from("# Metrics reference\n\nEvery metric family `/metrics` exposes, generated from the code by `gateway/tests/metrics.rs` (CI fails when this file and the code disagree; `PORTCULLIS_WRITE_DOCS=1 cargo test -p gateway --test metrics` rewrites it). Counters end in `_total`; times are in seconds and sizes in bytes. Rule hits are labelled by the rule's stable id and origin, never by its position in the table, so a series keeps its labels when a rule is inserted above.\n\n| metric | type | labels | meaning |\n| --- | --- | --- | --- |\n");
+    for (name, kind) in &kinds {
+        let l = labels
+            .get(name)
+            .map(|s| s.iter().cloned().collect::<Vec<_>>().join(", "))
+            .unwrap_or_default();
+        doc.push_str(&format!(
+            "| `{name}` | {kind} | {l} | {} |\n",
+            help.get(name)
+                .map(String::as_str)
+                .unwrap_or("")
+                .replace('|', "\\|")
+        ));
+    }
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/metrics.md");
+    if std::env::var_os("PORTCULLIS_WRITE_DOCS").is_some() {
+        std::fs::write(&path, &doc).unwrap();
+    }
+    let have = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        have == doc,
+        "docs/metrics.md does not match the exposition; run PORTCULLIS_WRITE_DOCS=1 cargo test -p gateway --test metrics"
+    );
 }

@@ -366,7 +366,7 @@ pub fn diagnose(e: &(dyn std::error::Error + 'static)) -> (String, &'static str)
 }
 
 impl Status {
-    fn new(server: String) -> Status {
+    pub fn new(server: String) -> Status {
         Status {
             server,
             synced: false,
