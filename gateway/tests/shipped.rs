@@ -403,6 +403,34 @@ fn validate(at: &str, v: &Value) -> Vec<String> {
             }
         }
         "ServiceAccount" => c.meta(v, dns_subdomain, Some(true)),
+        // Prometheus Operator's (configs/monitoring): its CRD requires a selector and, per
+        // endpoint, a port to scrape.
+        "PodMonitor" => {
+            c.meta(v, dns_subdomain, Some(true));
+            c.need(
+                v["apiVersion"] == "monitoring.coreos.com/v1",
+                "apiVersion",
+                "monitoring.coreos.com/v1",
+            );
+            c.need(
+                v["spec"]["selector"].is_object(),
+                "spec.selector",
+                "Required value",
+            );
+            let endpoints = v["spec"]["podMetricsEndpoints"].as_array();
+            c.need(
+                endpoints.is_some_and(|e| !e.is_empty()),
+                "spec.podMetricsEndpoints",
+                "Required value",
+            );
+            for (i, e) in endpoints.into_iter().flatten().enumerate() {
+                c.need(
+                    e["port"].is_string(),
+                    &format!("spec.podMetricsEndpoints[{i}].port"),
+                    "a named container port",
+                );
+            }
+        }
         "ClusterRole" | "ClusterRoleBinding" | "CustomResourceDefinition" => {
             c.meta(
                 v,
