@@ -1252,16 +1252,12 @@ fn the_server_opens_connections_out_through_default_deny_ingress() {
     let (code, flows) = f.gw.get("/conntrack?port=7000").unwrap();
     assert_eq!(code, 200);
     assert!(flows.contains("\"dport\": 7000"), "{flows}");
-    // The same through the CLI, from inside the gateway's namespace.
+    // The same through the CLI, on the gateway's admin socket.
     let cli = |args: &[&str]| {
-        let out = std::process::Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &f.lab.gw_ns(),
-                env!("CARGO_BIN_EXE_portcullis"),
-            ])
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
             .args(args)
+            .arg("--admin")
+            .arg(f.gw.admin_socket())
             .output()
             .unwrap();
         assert!(
@@ -1920,6 +1916,7 @@ fn json_logs_are_json_lines_only() {
         .iter()
         .find(|v| v["fields"]["message"] == "denied flow")
         .unwrap_or_else(|| panic!("no denied flow line:\n{log}"));
+    eprintln!("flow log (JSON): {first}");
     let f = &first["fields"];
     assert_eq!(f["direction"], "ingress", "{f}");
     assert_eq!(f["proto"], "tcp");
@@ -2060,6 +2057,7 @@ fn monitor_shows_a_denied_probe_and_its_capture_replays() {
         String::from_utf8_lossy(&out.stderr)
     );
     let line: serde_json::Value = serde_json::from_str(stdout.lines().next().unwrap()).unwrap();
+    eprintln!("monitor --json: {}", stdout.lines().next().unwrap());
     assert_eq!(line["direction"], "ingress", "{line}");
     assert_eq!(line["proto"], "tcp");
     assert_eq!(line["src"], CLIENT_V4);
