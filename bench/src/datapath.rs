@@ -60,6 +60,18 @@ pub(crate) struct Args {
     /// Print JSON lines instead of a table.
     #[arg(long)]
     json: bool,
+    /// A `portcullis monitor` listener during the run: `none` (the workers record nothing),
+    /// `drops` (the default feed) or `all` (allowed frames too). A thread on another core
+    /// drains the queues as the admin API's pump does.
+    #[arg(long, default_value = "none", value_parser = ["none", "drops", "all"])]
+    monitor: String,
+}
+
+/// The verdict feed every bench worker records into (listened to with `--monitor`).
+static MONITOR: std::sync::OnceLock<Arc<gateway::monitor::Monitor>> = std::sync::OnceLock::new();
+
+fn monitor() -> Arc<gateway::monitor::Monitor> {
+    Arc::clone(MONITOR.get_or_init(|| Arc::new(gateway::monitor::Monitor::new(1))))
 }
 
 const BURST: usize = 64;
@@ -210,7 +222,7 @@ fn bench(rules: &RuleSet, ct: Option<Arc<Conntrack>>) -> Bench {
         l2: L2::default(),
         conntrack: ct,
         sweep_per_turn: 64,
-        monitor: std::sync::Arc::new(gateway::monitor::Monitor::new(1)),
+        monitor: monitor(),
     });
     Bench {
         worker,
@@ -369,6 +381,24 @@ pub(crate) fn main(a: Args) -> Result<()> {
     }
     let nrules = matches.len();
     let rules = rule_set(matches)?;
+    // A listener, and the drain that plays the admin API's pump.
+    let listening = a.monitor != "none";
+    let _listener = listening.then(|| monitor().subscribe(a.monitor == "all", false));
+    let drained = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let drain = listening.then(|| {
+        let (drained, stop) = (Arc::clone(&drained), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            let m = monitor();
+            let mut batch = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                m.drain(&mut batch);
+                drained.fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                batch.clear();
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        })
+    });
     let table = policy::table::Table::build(rules.clone(), 1, 1);
     let min = Duration::from_millis(a.min_ms);
     let max_flows = a.flows.iter().copied().max().unwrap_or(1000).max(10_000);
@@ -534,6 +564,16 @@ pub(crate) fn main(a: Args) -> Result<()> {
                 r.kept.map_or("-".into(), |k| format!("{:.2} %", k * 100.0))
             );
         }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    if let Some(d) = drain {
+        let _ = d.join();
+        eprintln!(
+            "monitor ({}): {} verdicts drained, {} lost (queue full)",
+            a.monitor,
+            drained.load(std::sync::atomic::Ordering::Relaxed),
+            monitor().lost()
+        );
     }
     Ok(())
 }

@@ -44,7 +44,7 @@ pub enum TrackerState {
 }
 
 /// One frame's verdict.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Event {
     pub unix_ns: u64,
     /// The parsed flow (zero for a frame that did not parse).
@@ -60,10 +60,11 @@ pub struct Event {
     pub worker: u16,
     /// Received on ext (else on int).
     pub ingress: bool,
-    /// The frame's length on the wire, and how much of it `frame` holds.
+    /// The frame's length on the wire.
     pub len: u16,
-    pub caplen: u16,
-    pub frame: [u8; SNAPLEN],
+    /// The frame's first [`SNAPLEN`] bytes, when a listener asked for frames (`--pcap`): only
+    /// then is anything copied or allocated.
+    pub frame: Option<Box<[u8]>>,
 }
 
 /// The feed: per-worker queues and who listens.
@@ -71,6 +72,7 @@ pub struct Monitor {
     /// Listeners, and those of them that want allowed frames too.
     listeners: AtomicU32,
     allowed: AtomicU32,
+    frames: AtomicU32,
     queues: Vec<ArrayQueue<Event>>,
     lost: Vec<AtomicU64>,
 }
@@ -80,12 +82,14 @@ pub struct Monitor {
 pub struct Wants {
     pub drops: bool,
     pub allowed: bool,
+    pub frames: bool,
 }
 
 impl Wants {
     pub const NOTHING: Wants = Wants {
         drops: false,
         allowed: false,
+        frames: false,
     };
 
     #[inline]
@@ -99,6 +103,7 @@ impl Monitor {
         Monitor {
             listeners: AtomicU32::new(0),
             allowed: AtomicU32::new(0),
+            frames: AtomicU32::new(0),
             queues: (0..workers).map(|_| ArrayQueue::new(QUEUE)).collect(),
             lost: (0..workers).map(|_| AtomicU64::new(0)).collect(),
         }
@@ -113,6 +118,7 @@ impl Monitor {
         Wants {
             drops: true,
             allowed: self.allowed.load(Relaxed) > 0,
+            frames: self.frames.load(Relaxed) > 0,
         }
     }
 
@@ -142,14 +148,18 @@ impl Monitor {
     }
 
     /// Registers a listener until the returned guard is dropped.
-    pub fn subscribe(self: &Arc<Self>, allowed: bool) -> Subscription {
+    pub fn subscribe(self: &Arc<Self>, allowed: bool, frames: bool) -> Subscription {
         self.listeners.fetch_add(1, Relaxed);
         if allowed {
             self.allowed.fetch_add(1, Relaxed);
         }
+        if frames {
+            self.frames.fetch_add(1, Relaxed);
+        }
         Subscription {
             monitor: Arc::clone(self),
             allowed,
+            frames,
         }
     }
 
@@ -162,12 +172,16 @@ impl Monitor {
 pub struct Subscription {
     monitor: Arc<Monitor>,
     allowed: bool,
+    frames: bool,
 }
 
 impl Drop for Subscription {
     fn drop(&mut self) {
         if self.allowed {
             self.monitor.allowed.fetch_sub(1, Relaxed);
+        }
+        if self.frames {
+            self.monitor.frames.fetch_sub(1, Relaxed);
         }
         let left = self.monitor.listeners.fetch_sub(1, Relaxed) - 1;
         if left == 0 {
@@ -310,12 +324,11 @@ impl Line {
             tracker: e.tracker,
             generation: e.generation,
             len: e.len,
-            frame: frames.then(|| {
-                e.frame[..e.caplen as usize]
-                    .iter()
-                    .map(|b| format!("{b:02x}"))
-                    .collect()
-            }),
+            frame: e
+                .frame
+                .as_deref()
+                .filter(|_| frames)
+                .map(|f| f.iter().map(|b| format!("{b:02x}")).collect()),
         }
     }
 }

@@ -402,8 +402,7 @@ fn record<R: Rings>(
             continue;
         }
         let frame = rx.frame(i);
-        let caplen = frame.len().min(SNAPLEN);
-        let mut ev = Event {
+        let ev = Event {
             unix_ns,
             key: s.parsed[i],
             parsed: s.slot[i] == SLOT_TRACKED
@@ -417,10 +416,10 @@ fn record<R: Rings>(
             worker: index as u16,
             ingress: dir == Direction::Ingress,
             len: frame.len().min(u16::MAX as usize) as u16,
-            caplen: caplen as u16,
-            frame: [0; SNAPLEN],
+            frame: wants
+                .frames
+                .then(|| frame[..frame.len().min(SNAPLEN)].into()),
         };
-        ev.frame[..caplen].copy_from_slice(&frame[..caplen]);
         monitor.push(index, ev);
     }
 }

@@ -301,7 +301,7 @@ fn monitor(obs: &Arc<Observed>, query: &str) -> Response<Body> {
     tokio::spawn(async move {
         let mut batches = feed.batches.subscribe();
         // Registered only once subscribed: no batch is sent that this listener could miss.
-        let _sub = feed.monitor.subscribe(filter.allowed);
+        let _sub = feed.monitor.subscribe(filter.allowed, filter.frames);
         let mut lost_seen = feed.monitor.lost();
         // Says hello at once, so the client knows it is listening.
         let hello = serde_json::json!({"listening": true, "filter": query}).to_string() + "\n";
