@@ -151,15 +151,8 @@ enum Cmd {
         /// Allowed frames too (by default only drops).
         #[arg(long)]
         all: bool,
-        /// Only frames with this address at either end.
-        #[arg(long = "ip")]
-        ip: Option<IpAddr>,
-        /// Only frames with this port at either end (TCP, UDP, SCTP).
-        #[arg(long)]
-        port: Option<u16>,
-        /// Only frames of this protocol (tcp, udp, icmp, ... or a number).
-        #[arg(long)]
-        proto: Option<String>,
+        #[command(flatten)]
+        matching: FlowMatch,
         /// Only drops for this reason (policy_deny, default_deny, invalid, conntrack_full, ...).
         #[arg(long, conflicts_with = "all")]
         reason: Option<String>,
@@ -245,19 +238,27 @@ enum ConntrackCmd {
 struct FlowFilter {
     #[command(flatten)]
     admin: AdminArgs,
-    /// Only flows with this address at either end.
+    #[command(flatten)]
+    matching: FlowMatch,
+}
+
+/// Which flows (`conntrack`) or frames (`monitor`) a command is about.
+#[derive(clap::Args)]
+struct FlowMatch {
+    /// Only those with this address at either end.
     #[arg(long = "ip")]
     ip: Option<IpAddr>,
-    /// Only flows with this port at either end.
+    /// Only those with this port at either end (TCP, UDP, SCTP).
     #[arg(long)]
     port: Option<u16>,
-    /// Only flows of this protocol (tcp, udp, icmp, ... or a number).
+    /// Only those of this protocol (tcp, udp, icmp, ... or a number).
     #[arg(long)]
     proto: Option<String>,
 }
 
-impl FlowFilter {
-    fn query(&self) -> String {
+impl FlowMatch {
+    /// The admin API's query terms for it (`addr=`, `port=`, `proto=`).
+    fn terms(&self) -> Vec<String> {
         let mut q = Vec::new();
         if let Some(a) = self.ip {
             q.push(format!("addr={a}"));
@@ -268,7 +269,13 @@ impl FlowFilter {
         if let Some(p) = &self.proto {
             q.push(format!("proto={p}"));
         }
-        format!("/conntrack?{}", q.join("&"))
+        q
+    }
+}
+
+impl FlowFilter {
+    fn query(&self) -> String {
+        format!("/conntrack?{}", self.matching.terms().join("&"))
     }
 }
 
@@ -509,27 +516,16 @@ fn dispatch(cli: Cli) -> Result<()> {
         Cmd::Monitor {
             admin,
             all,
-            ip,
-            port,
-            proto,
+            matching,
             reason,
             json,
             pcap,
             count,
             seconds,
         } => {
-            let mut q = Vec::new();
+            let mut q = matching.terms();
             if all {
                 q.push("all=1".to_string());
-            }
-            if let Some(a) = ip {
-                q.push(format!("addr={a}"));
-            }
-            if let Some(p) = port {
-                q.push(format!("port={p}"));
-            }
-            if let Some(p) = &proto {
-                q.push(format!("proto={p}"));
             }
             if let Some(r) = &reason {
                 q.push(format!("reason={r}"));

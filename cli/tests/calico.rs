@@ -36,6 +36,16 @@ fn stored_form(mut p: Value) -> Value {
     p
 }
 
+/// Where field `f` sits in a case's probe rows.
+fn column(case: &Value, f: &str) -> usize {
+    case["probe_fields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .position(|x| x == f)
+        .unwrap_or_else(|| panic!("no probe field {f}"))
+}
+
 fn pod(p: &Value) -> Value {
     let ips: Vec<Value> = p["ips"]
         .as_array()
@@ -77,13 +87,7 @@ fn write_case(case: &Value, dir: &Path, stored: bool) -> PathBuf {
         .map(|d| serde_norway::to_string(d).unwrap())
         .collect();
     std::fs::write(dir.join("policies/objects.yaml"), yaml.join("---\n")).unwrap();
-    let fields: Vec<&str> = case["probe_fields"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|f| f.as_str().unwrap())
-        .collect();
-    let at = |p: &Value, f: &str| p[fields.iter().position(|x| *x == f).unwrap()].clone();
+    let at = |p: &Value, f: &str| p[column(case, f)].clone();
     let mut lines = String::new();
     for p in case["probes"].as_array().unwrap() {
         let mut q = json!({"src": at(p, "src"), "dst": at(p, "dst"), "proto": at(p, "proto"),
@@ -165,13 +169,7 @@ fn run(stored: bool) -> Tally {
             String::from_utf8_lossy(&out.stderr),
             stdout.lines().take(3).collect::<Vec<_>>().join("\n")
         );
-        let fields: Vec<&str> = case["probe_fields"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|f| f.as_str().unwrap())
-            .collect();
-        let col = |f: &str| fields.iter().position(|x| *x == f).unwrap();
+        let col = |f: &str| column(&case, f);
         let probes = case["probes"].as_array().unwrap();
         let reports: Vec<Value> = stdout
             .lines()

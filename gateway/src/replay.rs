@@ -242,9 +242,5 @@ fn decide(
 }
 
 fn rule_name(table: &Table, rule: u32) -> String {
-    let r = &table.rules()[rule as usize];
-    match r.origin.index {
-        Some(i) => format!("{} rule {i}", r.origin.object),
-        None => r.origin.object.clone(),
-    }
+    table.rules()[rule as usize].origin.name()
 }

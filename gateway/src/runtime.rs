@@ -497,18 +497,9 @@ struct FlowEvent {
 impl FlowEvent {
     fn new(f: &FlowRecord, table: Option<&policy::table::Table>) -> FlowEvent {
         // By id: the rule keeps it in the newer tables a swap brought in meanwhile.
-        let by_id = |id: Option<policy::rule::RuleId>| {
-            let id = id?;
-            table.and_then(|t| t.rules().iter().find(|r| r.id == id))
-        };
+        let by_id = |id: Option<policy::rule::RuleId>| table?.rule_by_id(id?);
         let (rule, origin) = match by_id(f.rule_id) {
-            Some(r) => (
-                r.id.to_string(),
-                match r.origin.index {
-                    Some(i) => format!("{} rule {i}", r.origin.object),
-                    None => r.origin.object.clone(),
-                },
-            ),
+            Some(r) => (r.id.to_string(), r.origin.name()),
             None if f.rule == u32::MAX => ("-".into(), "-".into()),
             None => (
                 f.rule_id.map_or("-".into(), |id| id.to_string()),

@@ -444,6 +444,16 @@ pub struct Origin {
     pub why: String,
 }
 
+impl Origin {
+    /// `Kind/name rule N`, or the object alone: how logs, the monitor and replay name a rule.
+    pub fn name(&self) -> String {
+        match self.index {
+            Some(i) => format!("{} rule {i}", self.object),
+            None => self.object.clone(),
+        }
+    }
+}
+
 /// A stable identity for a rule: the same policy rule keeps its id across recompiles, so its
 /// counters survive a table swap.
 #[derive(
@@ -654,8 +664,8 @@ impl RuleSet {
             if let Some(prev) = seen.insert(r.id, &r.origin) {
                 return Err(RuleSetError::DuplicateId {
                     id: r.id,
-                    a: describe(prev),
-                    b: describe(&r.origin),
+                    a: prev.name(),
+                    b: r.origin.name(),
                 });
             }
         }
@@ -706,13 +716,6 @@ impl RuleSet {
             };
         }
         out
-    }
-}
-
-fn describe(o: &Origin) -> String {
-    match o.index {
-        Some(i) => format!("{} rule {i}", o.object),
-        None => o.object.clone(),
     }
 }
 

@@ -170,6 +170,13 @@ impl Table {
         self.rules.rules()
     }
 
+    /// The rule with id `id` (ids are stable across tables: a rule decided by an older table is
+    /// found in a newer one while it is unchanged). A scan: for the rate-limited flow log and the
+    /// monitor, never the datapath.
+    pub fn rule_by_id(&self, id: crate::rule::RuleId) -> Option<&Rule> {
+        self.rules().iter().find(|r| r.id == id)
+    }
+
     pub fn build_time(&self) -> Duration {
         self.build_time
     }

@@ -2,6 +2,8 @@
 //! (docs.tigera.io/calico/latest/reference/resources/...). Every verdict is checked against the
 //! linear reference too.
 
+mod common;
+
 use policy::compile::{compile, GatewayContext, PolicyEngine};
 use policy::key::FlowKey;
 use policy::object::add_object;
@@ -13,19 +15,7 @@ const DENY: Verdict = Verdict::Deny(DenyReason::Policy);
 /// Nothing in the Calico layer decided: the configured default (deny ingress, allow egress).
 const DEFAULT_IN: Verdict = Verdict::Deny(DenyReason::Default);
 
-fn snapshot(docs: &str) -> Snapshot {
-    let mut snap = Snapshot::default();
-    for (i, doc) in docs.split("\n---\n").enumerate() {
-        let v: serde_norway::Value = serde_norway::from_str(doc).unwrap();
-        add_object(v, &format!("test#{i}"), &mut snap)
-            .unwrap_or_else(|e| panic!("document {i}: {e}"));
-    }
-    snap
-}
-
-fn table_with(docs: &str, ctx: GatewayContext) -> Table {
-    Table::build(compile(&snapshot(docs), &ctx).unwrap().rules, 1, 1)
-}
+use common::{snapshot, table_with};
 
 fn table(docs: &str) -> Table {
     table_with(docs, GatewayContext::default())

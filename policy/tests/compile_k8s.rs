@@ -1,26 +1,14 @@
 //! Compiler regressions on Kubernetes and Calico objects, fed through the same entry point every
 //! source uses (`add_object`).
 
-use policy::compile::{compile, GatewayContext};
+mod common;
+
+use policy::compile::GatewayContext;
 use policy::key::FlowKey;
-use policy::object::add_object;
 use policy::rule::{DenyReason, Direction, Verdict};
-use policy::snapshot::Snapshot;
 use policy::table::Table;
 
-fn snapshot(docs: &str) -> Snapshot {
-    let mut snap = Snapshot::default();
-    for (i, doc) in docs.split("\n---\n").enumerate() {
-        let v: serde_norway::Value = serde_norway::from_str(doc).unwrap();
-        add_object(v, &format!("test#{i}"), &mut snap)
-            .unwrap_or_else(|e| panic!("document {i}: {e}"));
-    }
-    snap
-}
-
-fn table(docs: &str, ctx: GatewayContext) -> Table {
-    Table::build(compile(&snapshot(docs), &ctx).unwrap().rules, 1, 1)
-}
+use common::{snapshot, table_with as table};
 
 fn verdict(t: &Table, src: &str, dst: &str, proto: u8, dport: u16) -> Verdict {
     let k = FlowKey::new(

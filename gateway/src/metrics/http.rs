@@ -322,14 +322,9 @@ fn monitor(obs: &Arc<Observed>, query: &str) -> Response<Body> {
                         .map(|mut r| r.publisher().current())
                         .ok();
                     for e in events.iter().filter(|e| filter.matches(e)) {
-                        let origin = e.rule.and_then(|id| {
-                            let t = table.as_ref()?;
-                            let r = t.rules().iter().find(|r| r.id == id)?;
-                            Some(match r.origin.index {
-                                Some(i) => format!("{} rule {i}", r.origin.object),
-                                None => r.origin.object.clone(),
-                            })
-                        });
+                        let origin = e
+                            .rule
+                            .and_then(|id| Some(table.as_ref()?.rule_by_id(id)?.origin.name()));
                         let line = crate::monitor::Line::of(e, origin, filter.frames);
                         out.push_str(&serde_json::to_string(&line).unwrap_or_default());
                         out.push('\n');
