@@ -53,6 +53,8 @@ pub mod tcp;
 use std::sync::atomic::{fence, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 use policy::key::{proto, FlowKey, NO_VLAN};
+
+use crate::sys::huge::HugeArray;
 use policy::rule::Direction;
 
 pub use tcp::{Segment, TcpConn, TcpState};
@@ -764,8 +766,10 @@ pub enum Update {
 
 /// The shared table.
 pub struct Conntrack {
-    slots: Box<[Slot]>,
-    heads: Box<[Head]>,
+    /// On huge pages ([`HugeArray`]): every packet reads a random slot, which on small pages
+    /// is a TLB miss too.
+    slots: HugeArray<Slot>,
+    heads: HugeArray<Head>,
     buckets: usize,
     /// The bucket hash's secret (SipHash-1-3 keys), drawn at start-up.
     key: (u64, u64),
@@ -783,6 +787,27 @@ const NS: u64 = 1_000_000_000;
 /// How stale a flow's last-seen time may get before a packet refreshes it (a packet that changes
 /// nothing else writes nothing sooner). Every timeout is in whole seconds.
 const SEEN_GRANULARITY_NS: u64 = 1_000_000;
+
+/// How often each worker's sweep goes through the whole table. Expiry is lazy anyway (an expired
+/// entry is ignored by lookups and reused by inserts); the sweep keeps the entry count and
+/// `conntrack list` current. Timeouts are whole seconds, the shortest 10 s by default.
+pub const SWEEP_PERIOD_NS: u64 = NS;
+
+/// A worker's place in the expiry sweep, and when it last swept: the sweep is paced by time
+/// (the whole table once per [`SWEEP_PERIOD_NS`]), not by packets, so that under load it costs a
+/// small fraction of a slot per packet.
+#[derive(Debug, Clone, Default)]
+pub struct Sweeper {
+    cursor: usize,
+    last: Option<u64>,
+}
+
+impl Sweeper {
+    /// Slots checked so far (wrapping).
+    pub fn checked(&self) -> usize {
+        self.cursor
+    }
+}
 
 /// Whether generation `a` is older than `b` (serial number arithmetic, RFC 1982: a table
 /// generation wraps after 2^32 swaps).
@@ -865,18 +890,10 @@ impl Conntrack {
     /// [`Conntrack::new`] with a given hash key (tests that need collisions).
     pub(crate) fn with_key(capacity: usize, timeouts: Timeouts, key: (u64, u64)) -> Conntrack {
         let buckets = capacity.div_ceil(WAYS).max(1);
-        let slots: Box<[Slot]> = (0..buckets * WAYS).map(|_| Slot::default()).collect();
-        let heads: Box<[Head]> = (0..buckets).map(|_| Head::default()).collect();
-        // Fault every page in now: a zeroed allocation is mapped lazily, and the first packets
-        // of each page would otherwise pay its page fault (and a host short of memory would
-        // fail then, not at start). Atomic stores cannot be elided.
-        for s in slots.iter().step_by(4096 / std::mem::size_of::<Slot>()) {
-            s.seq.store(0, Ordering::Relaxed);
-            s.win[0].store(0, Ordering::Relaxed);
-        }
-        for h in heads.iter().step_by(4096 / std::mem::size_of::<Head>()) {
-            h.lock.store(0, Ordering::Relaxed);
-        }
+        // Every element is written here, so every page is faulted in now: a host short of memory
+        // fails at start, not on the first packets of each page.
+        let slots = HugeArray::from_fn(buckets * WAYS, |_| Slot::default());
+        let heads = HugeArray::from_fn(buckets, |_| Head::default());
         Conntrack {
             slots,
             heads,
@@ -1065,14 +1082,35 @@ impl Conntrack {
         }
     }
 
-    /// The first step of a lookup: `t`'s buckets and its primary bucket's tag word (most flows
-    /// live in their primary bucket: an insert uses the other only when the primary is full).
-    /// The datapath probes a whole burst before it looks any packet up, so that the burst's
-    /// cache misses overlap instead of queueing one behind the other.
+    /// A whole lookup's first steps at once: `t`'s buckets and its primary bucket's tag word
+    /// (most flows live in their primary bucket: an insert uses the other only when the primary
+    /// is full). The datapath instead splits them over its burst ([`Conntrack::place`],
+    /// [`Conntrack::probe_at`], [`Conntrack::touch`]) so that the burst's cache misses overlap.
     #[inline(always)]
     pub(crate) fn probe(&self, t: &Tuple) -> Probe {
-        let moves = self.moves.load(Ordering::Acquire);
+        let moves = self.moves();
+        self.probe_at(self.locate(t), moves)
+    }
+
+    /// The move counter, read before any tag word a lookup uses (see [`Conntrack::find`]).
+    #[inline(always)]
+    pub(crate) fn moves(&self) -> u64 {
+        self.moves.load(Ordering::Acquire)
+    }
+
+    /// The first stage of a burst's lookups: `t`'s place, with its primary bucket's head asked
+    /// into the cache (a prefetch, which does not wait: the next packet's parse overlaps it).
+    #[inline(always)]
+    pub(crate) fn place_ahead(&self, t: &Tuple) -> Place {
         let place = self.locate(t);
+        crate::sys::prefetch(&self.heads[place.b[0] as usize]);
+        place
+    }
+
+    /// The second stage: the primary bucket's tag word, read after [`Conntrack::place_ahead`]
+    /// brought it in. `moves` is [`Conntrack::moves`], read before this.
+    #[inline(always)]
+    pub(crate) fn probe_at(&self, place: Place, moves: u64) -> Probe {
         let head = &self.heads[place.b[0] as usize];
         Probe {
             place,
@@ -1082,9 +1120,8 @@ impl Conntrack {
         }
     }
 
-    /// Reads the first slot a [`Probe`]'s tag word points at, both its lines, so that the slot
-    /// is in cache when its lookup and update come (the second step of a burst's overlapped
-    /// misses).
+    /// The third stage: asks the first slot the [`Probe`]'s tag word points at into the cache,
+    /// both its lines, so that the slot is there when its lookup and update come.
     #[inline(always)]
     pub(crate) fn touch(&self, p: &Probe) {
         if let Some(i) = first_tag(p.tags, p.place.tag) {
@@ -1725,6 +1762,23 @@ impl Conntrack {
             self.unlock(b);
         }
         freed
+    }
+
+    /// Paced [`Conntrack::sweep`]: a worker's share of the expiry work at `now`, at most `max`
+    /// slots (see [`Sweeper`]).
+    pub fn sweep_paced(&self, sw: &mut Sweeper, max: usize, now: u64) -> usize {
+        let cap = self.slots.len() as u128;
+        let last = *sw.last.get_or_insert(now);
+        let due = (now.saturating_sub(last) as u128 * cap / SWEEP_PERIOD_NS as u128) as usize;
+        let n = due.min(max);
+        if n == 0 {
+            return 0;
+        }
+        // The time the `n` slots stand for; a worker that fell behind (a long idle sleep, or
+        // `max` too small) owes at most one period.
+        let step = (n as u128 * SWEEP_PERIOD_NS as u128 / cap) as u64;
+        sw.last = Some((last + step).max(now.saturating_sub(SWEEP_PERIOD_NS)));
+        self.sweep(&mut sw.cursor, n, now)
     }
 
     /// Every live flow for which `keep` holds (off the datapath: walks the whole table with

@@ -532,6 +532,45 @@ fn sweep_frees_expired_entries_in_bounded_steps() {
 }
 
 #[test]
+fn the_paced_sweep_covers_the_table_once_a_period_whatever_the_turn_rate() {
+    let ct = table(1024);
+    for i in 0..100 {
+        ct.insert(&udp(i), &Segment::default(), 1, 0).unwrap();
+    }
+    let cap = ct.capacity();
+    let mut sw = Sweeper::default();
+    // The first call only starts the clock.
+    assert_eq!(ct.sweep_paced(&mut sw, 64, 31 * S), 0);
+    assert_eq!(sw.checked(), 0);
+    // A turn every microsecond for one period: each slot checked once, not one per turn.
+    let (mut freed, mut now) = (0, 31 * S);
+    for _ in 0..SWEEP_PERIOD_NS / 1000 {
+        now += 1000;
+        freed += ct.sweep_paced(&mut sw, 64, now);
+    }
+    assert_eq!(freed, 100, "one period reaches every slot");
+    assert_eq!(ct.entries(), 0);
+    assert!(
+        (cap - 1..=cap).contains(&sw.checked()),
+        "{} slots checked in one period of a {cap}-slot table",
+        sw.checked()
+    );
+    // After an hour idle the worker owes one period, not an hour: it catches up `max` slots
+    // a turn and then goes back to the pace.
+    now += 3600 * S;
+    let before = sw.checked();
+    for _ in 0..4 * cap {
+        now += 1;
+        ct.sweep_paced(&mut sw, 64, now);
+    }
+    let caught_up = sw.checked() - before;
+    assert!(
+        (cap..=cap + 64).contains(&caught_up),
+        "{caught_up} slots checked after the gap"
+    );
+}
+
+#[test]
 fn list_flush_and_remove() {
     let ct = table(1024);
     for i in 0..10 {

@@ -7,10 +7,12 @@
 //! - [`xsk`]: the real rings (AF_XDP through xsk-rs) and the kernel's socket statistics;
 //! - [`fake`]: in-memory rings for tests and benchmarks;
 //! - [`xdp`]: which XDP program an interface runs, and detaching it;
+//! - [`huge`]: large arrays on transparent huge pages (the connection tracker's table);
 //! - [`prefetch`]: a cache hint for the connection tracker's burst;
 //! - [`default_sigpipe`]: SIGPIPE's default action back, for the printing subcommands.
 
 pub mod fake;
+pub mod huge;
 #[cfg(feature = "runtime")]
 pub mod liblog;
 pub mod ring;
