@@ -983,7 +983,8 @@ impl Conntrack {
         }
         Place {
             b: [b1 as u32, b2 as u32],
-            tag: (h >> 24) as u8 ^ (h >> 56) as u8,
+            // Never 0: a zero tag byte marks a free slot.
+            tag: ((h >> 24) as u8 ^ (h >> 56) as u8).max(1),
         }
     }
 
@@ -1121,14 +1122,27 @@ impl Conntrack {
     }
 
     /// The third stage: asks the first slot the [`Probe`]'s tag word points at into the cache,
-    /// both its lines, so that the slot is there when its lookup and update come.
+    /// both its lines, so that the slot is there when its lookup and update come. With no such
+    /// slot the packet is likely a new flow: then the slot its insert will take (the primary
+    /// bucket's first free one) and the other bucket's head (which the insert locks) come in
+    /// instead, so that the insert's writes find their lines here and the next insert's locked
+    /// instructions do not wait for them to drain to memory.
     #[inline(always)]
     pub(crate) fn touch(&self, p: &Probe) {
-        if let Some(i) = first_tag(p.tags, p.place.tag) {
-            let s = &self.slots[p.place.b[0] as usize * WAYS + i];
-            crate::sys::prefetch(&s.meta);
-            crate::sys::prefetch(&s.win[0]);
-        }
+        let b = p.place.b[0] as usize;
+        let i = match first_tag(p.tags, p.place.tag) {
+            Some(i) => i,
+            None => {
+                crate::sys::prefetch(&self.heads[p.place.b[1] as usize]);
+                match first_tag(p.tags, 0) {
+                    Some(i) => i,
+                    None => return,
+                }
+            }
+        };
+        let s = &self.slots[b * WAYS + i];
+        crate::sys::prefetch(&s.meta);
+        crate::sys::prefetch(&s.win[0]);
     }
 
     /// Finds the live flow `t` belongs to, in either direction.
@@ -1286,11 +1300,23 @@ impl Conntrack {
         self.end(i);
     }
 
-    /// Frees slot `i` (the caller holds its bucket lock).
+    /// Frees slot `i` and zeroes its tag (the caller holds its bucket lock).
     fn clear(&self, i: usize) {
         self.begin(i);
         self.slots[i].info.store(0, Ordering::Relaxed);
+        let h = &self.heads[i / WAYS].tags;
+        h.store(
+            h.load(Ordering::Relaxed) & !(0xffu64 << ((i % WAYS) * 8)),
+            Ordering::Relaxed,
+        );
         self.end(i);
+    }
+
+    /// A free slot of bucket `x`, from its tag word alone (exact under the bucket's lock, which
+    /// the caller holds: a slot is free exactly when its tag byte is zero).
+    #[inline(always)]
+    fn free_slot(&self, x: usize) -> Option<usize> {
+        first_tag(self.heads[x].tags.load(Ordering::Relaxed), 0).map(|k| x * WAYS + k)
     }
 
     /// Whether the entry in slot `i` is the flow `t` (either direction), live at `now`.
@@ -1571,19 +1597,25 @@ impl Conntrack {
                 }
             }
         }
-        // The same flow's expired entry; else a free slot, the primary bucket first; else an
-        // expired one; else room a move makes; else the oldest unassured entry. Only each slot's
-        // first line is read.
-        let mut free: Option<usize> = None;
+        // The same flow's expired entry; else a free slot, the primary bucket first (from the
+        // tag words: no slot is read); else an expired one; else room a move makes; else the
+        // oldest unassured entry. Only each slot's first line is read.
+        let free = if same.is_some() {
+            None
+        } else {
+            pair.iter().find_map(|&x| self.free_slot(x))
+        };
         let mut expired: Option<usize> = None;
         let mut victim: Option<(usize, u64)> = None;
-        'scan: for &x in pair {
+        for &x in pair {
+            if same.is_some() || free.is_some() {
+                break;
+            }
             for i in x * WAYS..(x + 1) * WAYS {
                 let s = &self.slots[i];
                 let info = s.info.load(Ordering::Relaxed);
                 let Some(state) = FlowState::from_code(info & I_STATE) else {
-                    free = Some(i);
-                    break 'scan;
+                    continue;
                 };
                 let seen = s.seen.load(Ordering::Relaxed);
                 let proto_ = s.meta.load(Ordering::Relaxed) as u8;
@@ -1638,6 +1670,9 @@ impl Conntrack {
     /// A free (or expired) slot of bucket `x` (locked by the caller), counting an expired one
     /// as freed.
     fn room(&self, x: usize, now: u64) -> Option<usize> {
+        if let Some(i) = self.free_slot(x) {
+            return Some(i);
+        }
         let mut expired = None;
         for i in x * WAYS..(x + 1) * WAYS {
             match self.read(i) {
