@@ -776,6 +776,9 @@ pub struct Conntrack {
     /// Bumped by every move, between writing the new place and clearing the old.
     moves: AtomicU64,
     timeouts: Timeouts,
+    /// Every idle timeout in nanoseconds by protocol class ([`Conntrack::class`]) and state code:
+    /// what [`Conntrack::timeout_ns`] computes, as one load for the per-packet expiry check.
+    idle_ns: [[u64; 16]; 3],
     entries: AtomicUsize,
     /// Time zero of the shared clock (every worker's `now` counts from it).
     epoch: std::time::Instant,
@@ -865,6 +868,53 @@ fn secret() -> (u64, u64) {
     (s.hash_one(0x5eed_u64), s.hash_one(0xc0ffee_u64))
 }
 
+/// [`Conntrack::timeout_ns`] for timeouts `t`.
+fn timeout_of(t: &Timeouts, proto_: u8, s: FlowState) -> u64 {
+    use FlowState::*;
+    let secs = match s {
+        SynSent | SynSent2 | SynReceived => t.tcp_syn_s,
+        Established => t.tcp_established_s,
+        FinWait | CloseWait | LastAck => t.tcp_closing_s,
+        TimeWait => t.tcp_time_wait_s,
+        Closed => t.tcp_closed_s,
+        Unreplied | Replied if is_icmp(proto_) => t.icmp_s,
+        Unreplied | Replied if !matches!(proto_, proto::UDP | proto::SCTP | 136) => t.generic_s,
+        Unreplied => t.udp_unreplied_s,
+        Replied => t.udp_replied_s,
+    };
+    secs as u64 * NS
+}
+
+/// A protocol's row of [`Conntrack::idle_ns`]: 0 the UDP-like protocols, 1 ICMP, 2 every other
+/// protocol, TCP included (TCP's states time out alike in every row; the non-TCP states share
+/// codes, not timeouts).
+#[inline(always)]
+fn class(p: u8) -> usize {
+    if udp_like(p) {
+        0
+    } else if is_icmp(p) {
+        1
+    } else {
+        2
+    }
+}
+
+/// The table behind [`Conntrack::idle_expired`]: [`Conntrack::timeout_ns`] for every class and
+/// state code (a code no state has, which no live slot holds, gets the closed timeout as
+/// `FlowState::from_code`'s callers always assumed).
+fn idle_table(t: &Timeouts) -> [[u64; 16]; 3] {
+    // One protocol of each class.
+    let probe = [proto::UDP, proto::ICMP, proto::TCP];
+    let mut out = [[0; 16]; 3];
+    for (row, &p) in out.iter_mut().zip(&probe) {
+        for (code, v) in row.iter_mut().enumerate() {
+            let state = FlowState::from_code(code as u32).unwrap_or(FlowState::Closed);
+            *v = timeout_of(t, p, state);
+        }
+    }
+    out
+}
+
 /// `x` scaled into `0..n` (Lemire's multiply-shift: no division, no power of two needed).
 #[inline(always)]
 fn range(x: u32, n: usize) -> usize {
@@ -901,6 +951,7 @@ impl Conntrack {
             key,
             moves: AtomicU64::new(0),
             timeouts,
+            idle_ns: idle_table(&timeouts),
             entries: AtomicUsize::new(0),
             epoch: std::time::Instant::now(),
             frags: frag::Frags::new((capacity / 64).clamp(1024, 65_536), key),
@@ -943,25 +994,19 @@ impl Conntrack {
     /// How long a flow of `proto_` in state `s` may stay idle, in nanoseconds.
     #[inline(always)]
     pub fn timeout_ns(&self, proto_: u8, s: FlowState) -> u64 {
-        let t = &self.timeouts;
-        use FlowState::*;
-        let secs = match s {
-            SynSent | SynSent2 | SynReceived => t.tcp_syn_s,
-            Established => t.tcp_established_s,
-            FinWait | CloseWait | LastAck => t.tcp_closing_s,
-            TimeWait => t.tcp_time_wait_s,
-            Closed => t.tcp_closed_s,
-            Unreplied | Replied if is_icmp(proto_) => t.icmp_s,
-            Unreplied | Replied if !matches!(proto_, proto::UDP | proto::SCTP | 136) => t.generic_s,
-            Unreplied => t.udp_unreplied_s,
-            Replied => t.udp_replied_s,
-        };
-        secs as u64 * NS
+        timeout_of(&self.timeouts, proto_, s)
     }
 
+
+    /// Whether a flow of `proto_` in the state of `info`, last seen at `seen`, has expired.
+    #[inline(always)]
+    fn idle_expired(&self, proto_: u8, info: u32, seen: u64, now: u64) -> bool {
+        now.saturating_sub(seen) > self.idle_ns[class(proto_)][(info & I_STATE) as usize]
+    }
+
+    #[inline(always)]
     fn expired(&self, c: &SlotCopy, now: u64) -> bool {
-        let state = FlowState::from_code(c.info & I_STATE).unwrap_or(FlowState::Closed);
-        now.saturating_sub(c.seen) > self.timeout_ns(c.tuple.proto, state)
+        self.idle_expired(c.tuple.proto, c.info, c.seen, now)
     }
 
     /// The flow's two buckets and its tag.
@@ -1614,12 +1659,12 @@ impl Conntrack {
             for i in x * WAYS..(x + 1) * WAYS {
                 let s = &self.slots[i];
                 let info = s.info.load(Ordering::Relaxed);
-                let Some(state) = FlowState::from_code(info & I_STATE) else {
+                if info & I_STATE == 0 {
                     continue;
-                };
+                }
                 let seen = s.seen.load(Ordering::Relaxed);
                 let proto_ = s.meta.load(Ordering::Relaxed) as u8;
-                if now.saturating_sub(seen) > self.timeout_ns(proto_, state) {
+                if self.idle_expired(proto_, info, seen, now) {
                     expired.get_or_insert(i);
                 } else if info & I_ASSURED == 0 && victim.is_none_or(|(_, v)| seen < v) {
                     victim = Some((i, seen));
@@ -1775,12 +1820,11 @@ impl Conntrack {
             // A relaxed look first: free slots and fresh flows (most of them) need no lock.
             let s = &self.slots[i];
             let info = s.info.load(Ordering::Relaxed);
-            let Some(state) = FlowState::from_code(info & I_STATE) else {
+            if info & I_STATE == 0 {
                 continue;
-            };
+            }
             let proto_ = s.meta.load(Ordering::Relaxed) as u8;
-            if now.saturating_sub(s.seen.load(Ordering::Relaxed)) <= self.timeout_ns(proto_, state)
-            {
+            if !self.idle_expired(proto_, info, s.seen.load(Ordering::Relaxed), now) {
                 continue;
             }
             let b = i / WAYS;

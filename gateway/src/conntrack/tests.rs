@@ -823,3 +823,28 @@ fn the_unchanged_shortcut_agrees_with_the_full_tcp_step() {
     eprintln!("shortcut taken on {hits} of {checked} probes");
     assert!(hits > 500, "the shortcut is exercised: {hits}");
 }
+
+#[test]
+fn the_expiry_table_agrees_with_the_timeouts_for_every_protocol_and_state() {
+    let t = Timeouts {
+        tcp_syn_s: 1,
+        tcp_established_s: 2,
+        tcp_closing_s: 3,
+        tcp_time_wait_s: 4,
+        tcp_closed_s: 5,
+        udp_unreplied_s: 6,
+        udp_replied_s: 7,
+        icmp_s: 8,
+        generic_s: 9,
+        fragment_s: 10,
+    };
+    let ct = Conntrack::new(64, t);
+    for p in 0..=255u8 {
+        for code in 1..=CODE_REPLIED {
+            let state = FlowState::from_code(code).unwrap();
+            let limit = ct.timeout_ns(p, state);
+            assert!(!ct.idle_expired(p, code, 0, limit), "proto {p} {state:?}");
+            assert!(ct.idle_expired(p, code, 0, limit + 1), "proto {p} {state:?}");
+        }
+    }
+}

@@ -18,9 +18,9 @@ const HUGE: usize = 2 << 20;
 pub struct HugeArray<T> {
     ptr: NonNull<T>,
     len: usize,
-    /// The mapping's length in bytes; 0 when the elements live in `heap`.
+    /// The mapping's length in bytes; 0 when the elements are a boxed slice on the heap
+    /// (`ptr` came from `Box::into_raw`).
     mapped: usize,
-    heap: Option<Box<[T]>>,
 }
 
 // SAFETY: a `HugeArray<T>` owns its elements exactly as a `Box<[T]>` does (nothing else holds
@@ -51,18 +51,16 @@ impl<T> HugeArray<T> {
             ptr,
             len,
             mapped: bytes.next_multiple_of(HUGE),
-            heap: None,
         }
     }
 
     fn on_heap(b: Box<[T]>) -> HugeArray<T> {
-        let mut b = b;
-        let ptr = NonNull::new(b.as_mut_ptr()).unwrap_or(NonNull::dangling());
+        let len = b.len();
+        let raw = Box::into_raw(b);
         HugeArray {
-            ptr,
-            len: b.len(),
+            ptr: NonNull::new(raw.cast::<T>()).unwrap_or(NonNull::dangling()),
+            len,
             mapped: 0,
-            heap: Some(b),
         }
     }
 
@@ -112,12 +110,11 @@ fn map_aligned(bytes: usize) -> Option<NonNull<u8>> {
 
 impl<T> Deref for HugeArray<T> {
     type Target = [T];
+    #[inline(always)]
     fn deref(&self) -> &[T] {
-        if let Some(b) = &self.heap {
-            return b;
-        }
-        // SAFETY: a mapped array holds `len` initialised elements from `ptr` (written in
-        // `from_fn`), lives until `drop`, and is only ever read through shared references.
+        // SAFETY: `ptr` points at `len` initialised elements that live as long as `self`: the
+        // mapping's (written in `from_fn`, unmapped only in `drop`) or the boxed slice's
+        // (`on_heap`, freed only in `drop`). Both are only ever read through shared references.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
 }
@@ -125,6 +122,15 @@ impl<T> Deref for HugeArray<T> {
 impl<T> Drop for HugeArray<T> {
     fn drop(&mut self) {
         if self.mapped == 0 {
+            // SAFETY: `ptr` and `len` are the boxed slice `on_heap` turned into a raw pointer
+            // (a zero-length one may be dangling, which `Box` accepts for an empty slice); it is
+            // turned back once, here, and nothing refers to it any more.
+            drop(unsafe {
+                Box::from_raw(std::ptr::slice_from_raw_parts_mut(
+                    self.ptr.as_ptr(),
+                    self.len,
+                ))
+            });
             return;
         }
         // SAFETY: the `len` elements were initialised in `from_fn` and are dropped once, here;
