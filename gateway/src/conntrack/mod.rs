@@ -55,6 +55,7 @@ use std::sync::atomic::{fence, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use policy::key::{proto, FlowKey, NO_VLAN};
 
 use crate::sys::huge::HugeArray;
+use crate::sys::siphash::siphash13;
 use policy::rule::Direction;
 
 pub use tcp::{Segment, TcpConn, TcpState};
@@ -387,7 +388,7 @@ impl Tuple {
     /// The words the bucket hash reads (see [`Tuple::hash_words`]), packed: an IPv4 tuple's two
     /// addresses share one word, so it hashes three words where IPv6 hashes six.
     #[inline(always)]
-    fn hash_input(&self) -> ([u64; 6], usize) {
+    pub(crate) fn hash_input(&self) -> ([u64; 6], usize) {
         let w = self.hash_words();
         if self.v6 {
             (w, 6)
@@ -819,48 +820,6 @@ pub fn older(a: u32, b: u32) -> bool {
     (a.wrapping_sub(b) as i32) < 0
 }
 
-/// SipHash-1-3 of six words (the flow's canonical tuple): the bucket hash, keyed so that an
-/// outsider cannot compute tuples that collide (netfilter hashes its tuples with siphash too).
-#[inline(always)]
-fn siphash13(k: (u64, u64), words: &[u64]) -> u64 {
-    let mut v0 = k.0 ^ 0x736f_6d65_7073_6575;
-    let mut v1 = k.1 ^ 0x646f_7261_6e64_6f6d;
-    let mut v2 = k.0 ^ 0x6c79_6765_6e65_7261;
-    let mut v3 = k.1 ^ 0x7465_6462_7974_6573;
-    macro_rules! round {
-        () => {
-            v0 = v0.wrapping_add(v1);
-            v1 = v1.rotate_left(13);
-            v1 ^= v0;
-            v0 = v0.rotate_left(32);
-            v2 = v2.wrapping_add(v3);
-            v3 = v3.rotate_left(16);
-            v3 ^= v2;
-            v0 = v0.wrapping_add(v3);
-            v3 = v3.rotate_left(21);
-            v3 ^= v0;
-            v2 = v2.wrapping_add(v1);
-            v1 = v1.rotate_left(17);
-            v1 ^= v2;
-            v2 = v2.rotate_left(32);
-        };
-    }
-    for &m in words {
-        v3 ^= m;
-        round!();
-        v0 ^= m;
-    }
-    let b = ((words.len() * 8) as u64) << 56;
-    v3 ^= b;
-    round!();
-    v0 ^= b;
-    v2 ^= 0xff;
-    round!();
-    round!();
-    round!();
-    v0 ^ v1 ^ v2 ^ v3
-}
-
 /// A secret from the standard library's per-process random keys.
 fn secret() -> (u64, u64) {
     use std::hash::BuildHasher;
@@ -1020,7 +979,18 @@ impl Conntrack {
     #[inline(always)]
     pub(crate) fn locate(&self, t: &Tuple) -> Place {
         let (w, n) = t.hash_input();
-        let h = siphash13(self.key, &w[..n]);
+        self.place_of_hash(siphash13(self.key, &w[..n]))
+    }
+
+    /// The bucket hash's key (SipHash-1-3 keys), for the datapath's burst hashing.
+    #[inline(always)]
+    pub(crate) fn hash_key(&self) -> (u64, u64) {
+        self.key
+    }
+
+    /// The place a tuple whose bucket hash is `h` has.
+    #[inline(always)]
+    pub(crate) fn place_of_hash(&self, h: u64) -> Place {
         let b1 = range(h as u32, self.buckets);
         let mut b2 = range((h >> 32) as u32, self.buckets);
         if b2 == b1 {
@@ -1149,8 +1119,14 @@ impl Conntrack {
     #[inline(always)]
     pub(crate) fn place_ahead(&self, t: &Tuple) -> Place {
         let place = self.locate(t);
-        crate::sys::prefetch(&self.heads[place.b[0] as usize]);
+        self.prefetch_head(&place);
         place
+    }
+
+    /// Asks `place`'s primary bucket head into the cache.
+    #[inline(always)]
+    pub(crate) fn prefetch_head(&self, place: &Place) {
+        crate::sys::prefetch(&self.heads[place.b[0] as usize]);
     }
 
     /// The second stage: the primary bucket's tag word, read after [`Conntrack::place_ahead`]

@@ -8,6 +8,7 @@
 //! - [`fake`]: in-memory rings for tests and benchmarks;
 //! - [`xdp`]: which XDP program an interface runs, and detaching it;
 //! - [`huge`]: large arrays on transparent huge pages (the connection tracker's table);
+//! - [`siphash`]: the tracker's keyed hash, a burst at a time with AVX-512 or AVX2;
 //! - [`prefetch`]: a cache hint for the connection tracker's burst;
 //! - [`default_sigpipe`]: SIGPIPE's default action back, for the printing subcommands.
 
@@ -16,6 +17,7 @@ pub mod huge;
 #[cfg(feature = "runtime")]
 pub mod liblog;
 pub mod ring;
+pub mod siphash;
 #[cfg(feature = "runtime")]
 pub mod xdp;
 #[cfg(feature = "runtime")]
