@@ -320,6 +320,18 @@ impl<R: Rings> Datapath<R> {
             nkeys += 1;
         }
         table.decide_batch(self.index, &s.keys[..nkeys], &mut s.decisions[..nkeys]);
+        // The allowed new flows' inserts come next: bring in the slots each will read or write
+        // (a free one, or under a flood both full buckets' first lines), all before the first
+        // insert, so that their misses overlap instead of queueing one insert behind another.
+        if let Some(ct) = &self.ct {
+            for k in 0..nkeys {
+                if let (Pending::Open(_, place), Verdict::Allow) =
+                    (&s.pending[k], s.decisions[k].verdict)
+                {
+                    ct.prepare_insert(place);
+                }
+            }
+        }
         for i in 0..n {
             s.keep[i] = match s.slot[i] {
                 SLOT_DROP => false,

@@ -1166,6 +1166,27 @@ impl Conntrack {
         crate::sys::prefetch(&s.win[0]);
     }
 
+    /// Prefetches what inserting a flow at `place` will touch: the first free slot of its
+    /// buckets, or, when both are full, the first line of every slot of both (which the insert
+    /// scans for an expired entry or an eviction victim). The heads came in with the lookup.
+    #[inline(always)]
+    pub(crate) fn prepare_insert(&self, place: &Place) {
+        let b = place.b.map(|x| x as usize);
+        for x in b {
+            if let Some(k) = first_tag(self.heads[x].tags.load(Ordering::Relaxed), 0) {
+                let s = &self.slots[x * WAYS + k];
+                crate::sys::prefetch(&s.meta);
+                crate::sys::prefetch(&s.win[0]);
+                return;
+            }
+        }
+        for x in b {
+            for s in &self.slots[x * WAYS..(x + 1) * WAYS] {
+                crate::sys::prefetch(&s.meta);
+            }
+        }
+    }
+
     /// Finds the live flow `t` belongs to, in either direction.
     #[inline(always)]
     pub fn lookup(&self, t: &Tuple, now: u64) -> Option<Hit> {

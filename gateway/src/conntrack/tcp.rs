@@ -302,12 +302,24 @@ impl TcpConn {
         if s.flags & (SYN | ACK | RST | FIN) != SYN || !valid_flags(s.flags) || !s.csum_ok {
             return None;
         }
-        let mut c = TcpConn::default();
-        let o = &mut c.sides[0];
-        o.end = seg_end(s);
-        o.maxend = o.end;
-        o.maxwin = (s.win as u32).max(1);
-        options(o, s);
+        // Built whole, not as `TcpConn::default()` patched field by field: that went through
+        // the stack in pieces of mixed width and stalled store forwarding on every new flow.
+        let end = seg_end(s);
+        let mut o = Side {
+            end,
+            maxend: end,
+            maxwin: (s.win as u32).max(1),
+            maxack: 0,
+            scale: 0,
+            flags: 0,
+        };
+        options(&mut o, s);
+        let mut c = TcpConn {
+            state: TcpState::None,
+            sides: [o, Side::default()],
+            last_dir: 0,
+            last_index: 0,
+        };
         let v = c.packet(false, s);
         Some((c, v))
     }
