@@ -404,7 +404,8 @@ pub struct Conntrack {
     /// Flows the table holds, shared by every worker (rounded up to a power of two).
     #[serde(default = "default_ct_capacity")]
     pub capacity: usize,
-    /// Slots each worker checks for expiry per turn.
+    /// At most this many slots each worker checks for expiry per turn (the sweep is paced to go
+    /// through the whole table once a second).
     #[serde(default = "default_ct_sweep")]
     pub sweep_per_turn: usize,
     #[serde(default)]
