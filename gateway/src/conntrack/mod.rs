@@ -956,7 +956,6 @@ impl Conntrack {
         timeout_of(&self.timeouts, proto_, s)
     }
 
-
     /// Whether a flow of `proto_` in the state of `info`, last seen at `seen`, has expired.
     #[inline(always)]
     fn idle_expired(&self, proto_: u8, info: u32, seen: u64, now: u64) -> bool {

@@ -844,7 +844,10 @@ fn the_expiry_table_agrees_with_the_timeouts_for_every_protocol_and_state() {
             let state = FlowState::from_code(code).unwrap();
             let limit = ct.timeout_ns(p, state);
             assert!(!ct.idle_expired(p, code, 0, limit), "proto {p} {state:?}");
-            assert!(ct.idle_expired(p, code, 0, limit + 1), "proto {p} {state:?}");
+            assert!(
+                ct.idle_expired(p, code, 0, limit + 1),
+                "proto {p} {state:?}"
+            );
         }
     }
 }

@@ -175,7 +175,10 @@ mod x86 {
         let iv = super::init(k);
         macro_rules! rol {
             ($x:expr, $r:literal) => {
-                _mm256_or_si256(_mm256_slli_epi64::<$r>($x), _mm256_srli_epi64::<{ 64 - $r }>($x))
+                _mm256_or_si256(
+                    _mm256_slli_epi64::<$r>($x),
+                    _mm256_srli_epi64::<{ 64 - $r }>($x),
+                )
             };
         }
         for g in 0..groups {
