@@ -1974,13 +1974,17 @@ fn tcp_unchanged(info: u32, win: &[u64; 4], original: bool, seg: &Segment) -> bo
     use tcp::{F_DATA_UNACK, F_MAXACK_SET, F_SACK_PERM};
     use tcp_flags::*;
     let d = (!original) as usize;
-    let settled = I_ASSURED | I_SEEN_REPLY;
-    if info & I_STATE != TcpState::Established as u32
-        || info & settled != settled
+    // Established, assured, replied, and the last in-window segment an ACK the same way: one
+    // compare of the info word's low bits.
+    let mask = I_STATE | I_ASSURED | I_SEEN_REPLY | I_LAST_DIR | 7 << I_LAST_INDEX;
+    let want = TcpState::Established as u32
+        | I_ASSURED
+        | I_SEEN_REPLY
+        | if d == 1 { I_LAST_DIR } else { 0 }
+        | 3 << I_LAST_INDEX;
+    if info & mask != want
         || seg.flags & (SYN | FIN | RST | ACK) != ACK
         || !tcp::valid_flags(seg.flags)
-        || ((info & I_LAST_DIR) != 0) != (d == 1)
-        || (info >> I_LAST_INDEX) & 7 != 3
     {
         return false;
     }
@@ -2005,22 +2009,22 @@ fn tcp_unchanged(info: u32, win: &[u64; 4], original: bool, seg: &Segment) -> bo
     };
     let (seq, end) = (seg.seq, seg.seq.wrapping_add(seg.len));
     let win_s = (seg.win as u32) << s_scale;
+    // The receiver's right edge moves to `sack + win` (one more for a zero window) when that is
+    // at or past it: a change unless it is already exactly there.
+    let edge = sack.wrapping_add(win_s);
+    // Every condition is computed and combined with `&`, not `&&`: all of them hold on the
+    // common path, where branching on each costs more than evaluating the rest.
     before(seq, s_maxend.wrapping_add(1))
-        && before(sack, r_end.wrapping_add(1))
-        && (r_maxwin == 0 || after(end, s_end.wrapping_sub(r_maxwin).wrapping_sub(1)))
-        && after(sack, r_end.wrapping_sub(s_maxwin).wrapping_sub(1))
-        && win_s.wrapping_add(sack.wrapping_sub(ack)) <= s_maxwin
-        && !after(end, s_end)
-        && !after(ack, s_maxack)
-        && !(r_maxwin != 0 && after(end, s_maxend))
-        && {
-            // The receiver's right edge moves to `sack + win` (one more for a zero window) when
-            // that is at or past it: a change unless it is already exactly there.
-            let edge = sack.wrapping_add(win_s);
-            !after(edge, r_maxend.wrapping_sub(1))
-                || edge.wrapping_add((win_s == 0) as u32) == r_maxend
-        }
-        && !(ack == r_end && r_flags & F_DATA_UNACK as u32 != 0)
+        & before(sack, r_end.wrapping_add(1))
+        & (r_maxwin == 0 || after(end, s_end.wrapping_sub(r_maxwin).wrapping_sub(1)))
+        & after(sack, r_end.wrapping_sub(s_maxwin).wrapping_sub(1))
+        & (win_s.wrapping_add(sack.wrapping_sub(ack)) <= s_maxwin)
+        & !after(end, s_end)
+        & !after(ack, s_maxack)
+        & !(r_maxwin != 0 && after(end, s_maxend))
+        & (!after(edge, r_maxend.wrapping_sub(1))
+            || edge.wrapping_add((win_s == 0) as u32) == r_maxend)
+        & !(ack == r_end && r_flags & F_DATA_UNACK as u32 != 0)
 }
 
 /// A TCP packet applied to a flow's info and window words: the verdict, the new info and window
