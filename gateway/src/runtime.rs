@@ -138,11 +138,22 @@ pub fn run(cfg: Config) -> Result<()> {
     // Allocated once, before any traffic: its memory is fixed from here on.
     let conntrack = cfg.conntrack.enabled.then(|| {
         let ct = Conntrack::new(cfg.conntrack.capacity, cfg.conntrack.timeouts);
+        let thp = crate::sys::huge::thp_mode();
         tracing::info!(
             capacity = ct.capacity(),
             memory_bytes = ct.memory_bytes(),
+            huge_pages = ct.huge_pages(),
+            transparent_hugepage = thp.as_deref().unwrap_or("unknown"),
             "connection tracker ready"
         );
+        if ct.huge_pages() && thp.as_deref() == Some("never") {
+            tracing::warn!(
+                "transparent huge pages are off (/sys/kernel/mm/transparent_hugepage/enabled is \
+                 `never`): the connection tracker's table uses 4 KiB pages, and lookups in a large \
+                 table also miss the TLB; `echo madvise > \
+                 /sys/kernel/mm/transparent_hugepage/enabled` lets it use 2 MiB pages"
+            );
+        }
         Arc::new(ct)
     });
     let obs = Arc::new(Observed {

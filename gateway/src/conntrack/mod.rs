@@ -928,6 +928,12 @@ impl Conntrack {
         self.slots.len()
     }
 
+    /// Whether the slots are a mapping advised to use huge pages (a table under 2 MiB is not;
+    /// the kernel may still back an advised one with small pages).
+    pub fn huge_pages(&self) -> bool {
+        self.slots.mapped()
+    }
+
     /// Bytes the table occupies (allocated once), fragment table included.
     pub fn memory_bytes(&self) -> usize {
         std::mem::size_of_val(&*self.slots)

@@ -70,6 +70,14 @@ impl<T> HugeArray<T> {
     }
 }
 
+/// The kernel's transparent huge page mode (`always`, `madvise` or `never`), when it says.
+pub fn thp_mode() -> Option<String> {
+    let s = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").ok()?;
+    let start = s.find('[')? + 1;
+    let end = start + s[start..].find(']')?;
+    Some(s[start..end].to_string())
+}
+
 /// An anonymous read-write mapping of at least `bytes` bytes, 2 MiB aligned, advised to use huge
 /// pages; `None` if the kernel refused the mapping.
 fn map_aligned(bytes: usize) -> Option<NonNull<u8>> {
@@ -167,6 +175,13 @@ mod tests {
             .all(|(i, v)| v.load(Ordering::Relaxed) == i as u64));
         large[n - 1].store(7, Ordering::Relaxed);
         assert_eq!(large[n - 1].load(Ordering::Relaxed), 7);
+    }
+
+    #[test]
+    fn the_thp_mode_is_one_of_the_kernels() {
+        if let Some(m) = thp_mode() {
+            assert!(["always", "madvise", "never"].contains(&m.as_str()), "{m}");
+        }
     }
 
     #[test]
