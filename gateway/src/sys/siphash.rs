@@ -113,117 +113,108 @@ pub fn siphash13_x3(k: (u64, u64), w: [&[u64]; 3], out: &mut [u64], width: Width
 mod x86 {
     use std::arch::x86_64::*;
 
-    /// Hashes whole groups of 8 lanes; returns how many lanes it did.
-    ///
-    /// # Safety
-    /// The CPU must have AVX-512F, and each column of `w` at least `out.len()` words.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn avx512(k: (u64, u64), w: [&[u64]; 3], out: &mut [u64]) -> usize {
-        let groups = out.len() / 8;
-        let iv = super::init(k);
-        for g in 0..groups {
-            let at = g * 8;
-            let mut v = iv.map(|x| _mm512_set1_epi64(x as i64));
-            macro_rules! round {
-                () => {
-                    v[0] = _mm512_add_epi64(v[0], v[1]);
-                    v[1] = _mm512_rol_epi64::<13>(v[1]);
-                    v[1] = _mm512_xor_si512(v[1], v[0]);
-                    v[0] = _mm512_rol_epi64::<32>(v[0]);
-                    v[2] = _mm512_add_epi64(v[2], v[3]);
-                    v[3] = _mm512_rol_epi64::<16>(v[3]);
-                    v[3] = _mm512_xor_si512(v[3], v[2]);
-                    v[0] = _mm512_add_epi64(v[0], v[3]);
-                    v[3] = _mm512_rol_epi64::<21>(v[3]);
-                    v[3] = _mm512_xor_si512(v[3], v[0]);
-                    v[2] = _mm512_add_epi64(v[2], v[1]);
-                    v[1] = _mm512_rol_epi64::<17>(v[1]);
-                    v[1] = _mm512_xor_si512(v[1], v[2]);
-                    v[2] = _mm512_rol_epi64::<32>(v[2]);
-                };
+    /// A lane-parallel SipHash-1-3 of three-word inputs, from one vector type's operations:
+    /// `splat`, `add`, `xor`, `rol!` (rotate each 64-bit lane left), unaligned `load`/`store`.
+    /// The seven rounds are one loop (three message words, the length block, then the three
+    /// finalisation rounds), which the compiler unrolls: the round is written once.
+    macro_rules! sip_lanes {
+        ($(#[$doc:meta])* $name:ident, $feature:literal, $lanes:literal, $splat:path,
+         $add:path, $xor:path, $rol:ident, $load:path, $store:path) => {
+            $(#[$doc])*
+            #[target_feature(enable = $feature)]
+            pub(super) unsafe fn $name(k: (u64, u64), w: [&[u64]; 3], out: &mut [u64]) -> usize {
+                let groups = out.len() / $lanes;
+                let iv = super::init(k);
+                for g in 0..groups {
+                    let at = g * $lanes;
+                    let mut v = iv.map(|x| $splat(x as i64));
+                    for r in 0..7 {
+                        if r == 4 {
+                            v[2] = $xor(v[2], $splat(0xff));
+                        }
+                        let m = match r {
+                            // SAFETY: `at + $lanes <= groups * $lanes <= out.len() <=
+                            // w[r].len()`: the words are in bounds; the load is unaligned.
+                            0..=2 => unsafe { $load(w[r].as_ptr().add(at).cast()) },
+                            3 => $splat((24u64 << 56) as i64),
+                            _ => $splat(0),
+                        };
+                        v[3] = $xor(v[3], m);
+                        v[0] = $add(v[0], v[1]);
+                        v[1] = $rol!(v[1], 13);
+                        v[1] = $xor(v[1], v[0]);
+                        v[0] = $rol!(v[0], 32);
+                        v[2] = $add(v[2], v[3]);
+                        v[3] = $rol!(v[3], 16);
+                        v[3] = $xor(v[3], v[2]);
+                        v[0] = $add(v[0], v[3]);
+                        v[3] = $rol!(v[3], 21);
+                        v[3] = $xor(v[3], v[0]);
+                        v[2] = $add(v[2], v[1]);
+                        v[1] = $rol!(v[1], 17);
+                        v[1] = $xor(v[1], v[2]);
+                        v[2] = $rol!(v[2], 32);
+                        v[0] = $xor(v[0], m);
+                    }
+                    let h = $xor($xor(v[0], v[1]), $xor(v[2], v[3]));
+                    // SAFETY: `at + $lanes <= out.len()`, as above; the store is unaligned.
+                    unsafe { $store(out.as_mut_ptr().add(at).cast(), h) };
+                }
+                groups * $lanes
             }
-            for col in w {
-                // SAFETY: `at + 8 <= groups * 8 <= out.len() <= col.len()`: eight words in
-                // bounds; the load is unaligned.
-                let m = unsafe { _mm512_loadu_si512(col.as_ptr().add(at).cast()) };
-                v[3] = _mm512_xor_si512(v[3], m);
-                round!();
-                v[0] = _mm512_xor_si512(v[0], m);
-            }
-            let b = _mm512_set1_epi64((24u64 << 56) as i64);
-            v[3] = _mm512_xor_si512(v[3], b);
-            round!();
-            v[0] = _mm512_xor_si512(v[0], b);
-            v[2] = _mm512_xor_si512(v[2], _mm512_set1_epi64(0xff));
-            round!();
-            round!();
-            round!();
-            let h = _mm512_xor_si512(_mm512_xor_si512(v[0], v[1]), _mm512_xor_si512(v[2], v[3]));
-            // SAFETY: `at + 8 <= out.len()`, as above; the store is unaligned.
-            unsafe { _mm512_storeu_si512(out.as_mut_ptr().add(at).cast(), h) };
-        }
-        groups * 8
+        };
     }
 
-    /// Hashes whole groups of 4 lanes; returns how many lanes it did.
-    ///
-    /// # Safety
-    /// The CPU must have AVX2, and each column of `w` at least `out.len()` words.
-    #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn avx2(k: (u64, u64), w: [&[u64]; 3], out: &mut [u64]) -> usize {
-        let groups = out.len() / 4;
-        let iv = super::init(k);
-        macro_rules! rol {
-            ($x:expr, $r:literal) => {
-                _mm256_or_si256(
-                    _mm256_slli_epi64::<$r>($x),
-                    _mm256_srli_epi64::<{ 64 - $r }>($x),
-                )
-            };
-        }
-        for g in 0..groups {
-            let at = g * 4;
-            let mut v = iv.map(|x| _mm256_set1_epi64x(x as i64));
-            macro_rules! round {
-                () => {
-                    v[0] = _mm256_add_epi64(v[0], v[1]);
-                    v[1] = rol!(v[1], 13);
-                    v[1] = _mm256_xor_si256(v[1], v[0]);
-                    v[0] = _mm256_shuffle_epi32::<0b10_11_00_01>(v[0]);
-                    v[2] = _mm256_add_epi64(v[2], v[3]);
-                    v[3] = rol!(v[3], 16);
-                    v[3] = _mm256_xor_si256(v[3], v[2]);
-                    v[0] = _mm256_add_epi64(v[0], v[3]);
-                    v[3] = rol!(v[3], 21);
-                    v[3] = _mm256_xor_si256(v[3], v[0]);
-                    v[2] = _mm256_add_epi64(v[2], v[1]);
-                    v[1] = rol!(v[1], 17);
-                    v[1] = _mm256_xor_si256(v[1], v[2]);
-                    v[2] = _mm256_shuffle_epi32::<0b10_11_00_01>(v[2]);
-                };
-            }
-            for col in w {
-                // SAFETY: `at + 4 <= groups * 4 <= out.len() <= col.len()`: four words in
-                // bounds; the load is unaligned.
-                let m = unsafe { _mm256_loadu_si256(col.as_ptr().add(at).cast()) };
-                v[3] = _mm256_xor_si256(v[3], m);
-                round!();
-                v[0] = _mm256_xor_si256(v[0], m);
-            }
-            let b = _mm256_set1_epi64x((24u64 << 56) as i64);
-            v[3] = _mm256_xor_si256(v[3], b);
-            round!();
-            v[0] = _mm256_xor_si256(v[0], b);
-            v[2] = _mm256_xor_si256(v[2], _mm256_set1_epi64x(0xff));
-            round!();
-            round!();
-            round!();
-            let h = _mm256_xor_si256(_mm256_xor_si256(v[0], v[1]), _mm256_xor_si256(v[2], v[3]));
-            // SAFETY: `at + 4 <= out.len()`, as above; the store is unaligned.
-            unsafe { _mm256_storeu_si256(out.as_mut_ptr().add(at).cast(), h) };
-        }
-        groups * 4
+    macro_rules! rol512 {
+        ($x:expr, $r:literal) => {
+            _mm512_rol_epi64::<$r>($x)
+        };
     }
+
+    /// AVX2 has no 64-bit rotate: two shifts and an or, or one shuffle for a half turn.
+    macro_rules! rol256 {
+        ($x:expr, 32) => {
+            _mm256_shuffle_epi32::<0b10_11_00_01>($x)
+        };
+        ($x:expr, $r:literal) => {
+            _mm256_or_si256(
+                _mm256_slli_epi64::<$r>($x),
+                _mm256_srli_epi64::<{ 64 - $r }>($x),
+            )
+        };
+    }
+
+    sip_lanes!(
+        /// Hashes whole groups of 8 lanes; returns how many lanes it did.
+        ///
+        /// # Safety
+        /// The CPU must have AVX-512F, and each column of `w` at least `out.len()` words.
+        avx512,
+        "avx512f",
+        8,
+        _mm512_set1_epi64,
+        _mm512_add_epi64,
+        _mm512_xor_si512,
+        rol512,
+        _mm512_loadu_si512,
+        _mm512_storeu_si512
+    );
+
+    sip_lanes!(
+        /// Hashes whole groups of 4 lanes; returns how many lanes it did.
+        ///
+        /// # Safety
+        /// The CPU must have AVX2, and each column of `w` at least `out.len()` words.
+        avx2,
+        "avx2",
+        4,
+        _mm256_set1_epi64x,
+        _mm256_add_epi64,
+        _mm256_xor_si256,
+        rol256,
+        _mm256_loadu_si256,
+        _mm256_storeu_si256
+    );
 }
 
 #[cfg(test)]
