@@ -1156,17 +1156,19 @@ impl Conntrack {
     #[inline(always)]
     pub(crate) fn touch(&self, p: &Probe) {
         let b = p.place.b[0] as usize;
-        let i = match first_tag(p.tags, p.place.tag) {
-            Some(i) => i,
-            None => {
-                crate::sys::prefetch(&self.heads[p.place.b[1] as usize]);
-                match first_tag(p.tags, 0) {
-                    Some(i) => i,
-                    None => return,
-                }
-            }
-        };
-        let s = &self.slots[b * WAYS + i];
+        let i = first_tag(p.tags, p.place.tag).or_else(|| {
+            crate::sys::prefetch(&self.heads[p.place.b[1] as usize]);
+            first_tag(p.tags, 0)
+        });
+        if let Some(i) = i {
+            self.prefetch_slot(b * WAYS + i);
+        }
+    }
+
+    /// Asks both lines of slot `i` into the cache.
+    #[inline(always)]
+    fn prefetch_slot(&self, i: usize) {
+        let s = &self.slots[i];
         crate::sys::prefetch(&s.meta);
         crate::sys::prefetch(&s.win[0]);
     }
@@ -1177,13 +1179,9 @@ impl Conntrack {
     #[inline(always)]
     pub(crate) fn prepare_insert(&self, place: &Place) {
         let b = place.b.map(|x| x as usize);
-        for x in b {
-            if let Some(k) = first_tag(self.heads[x].tags.load(Ordering::Relaxed), 0) {
-                let s = &self.slots[x * WAYS + k];
-                crate::sys::prefetch(&s.meta);
-                crate::sys::prefetch(&s.win[0]);
-                return;
-            }
+        if let Some(i) = b.iter().find_map(|&x| self.free_slot(x)) {
+            self.prefetch_slot(i);
+            return;
         }
         for x in b {
             for s in &self.slots[x * WAYS..(x + 1) * WAYS] {
@@ -1359,8 +1357,8 @@ impl Conntrack {
         self.end(i);
     }
 
-    /// A free slot of bucket `x`, from its tag word alone (exact under the bucket's lock, which
-    /// the caller holds: a slot is free exactly when its tag byte is zero).
+    /// A free slot of bucket `x`, from its tag word alone: exact under the bucket's lock (a slot
+    /// is free exactly when its tag byte is zero), a hint without it.
     #[inline(always)]
     fn free_slot(&self, x: usize) -> Option<usize> {
         first_tag(self.heads[x].tags.load(Ordering::Relaxed), 0).map(|k| x * WAYS + k)
@@ -1654,10 +1652,8 @@ impl Conntrack {
         };
         let mut expired: Option<usize> = None;
         let mut victim: Option<(usize, u64)> = None;
-        for &x in pair {
-            if same.is_some() || free.is_some() {
-                break;
-            }
+        let full = same.is_none() && free.is_none();
+        for &x in pair.iter().filter(|_| full) {
             for i in x * WAYS..(x + 1) * WAYS {
                 let s = &self.slots[i];
                 let info = s.info.load(Ordering::Relaxed);
@@ -1714,23 +1710,13 @@ impl Conntrack {
         Ok(Opened::New(displaced))
     }
 
-    /// A free (or expired) slot of bucket `x` (locked by the caller), counting an expired one
-    /// as freed.
+    /// A free slot of bucket `x` (locked by the caller), else an expired one (which
+    /// [`Conntrack::move_entry`] counts as freed when it overwrites it).
     fn room(&self, x: usize, now: u64) -> Option<usize> {
-        if let Some(i) = self.free_slot(x) {
-            return Some(i);
-        }
-        let mut expired = None;
-        for i in x * WAYS..(x + 1) * WAYS {
-            match self.read(i) {
-                None => return Some(i),
-                Some(c) if self.expired(&c, now) => {
-                    expired.get_or_insert(i);
-                }
-                Some(_) => {}
-            }
-        }
-        expired
+        self.free_slot(x).or_else(|| {
+            (x * WAYS..(x + 1) * WAYS)
+                .find(|&i| self.read(i).is_some_and(|c| self.expired(&c, now)))
+        })
     }
 
     /// Moves the entry in slot `from` to slot `to` (both buckets locked by the caller): the new
