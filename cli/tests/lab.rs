@@ -49,6 +49,20 @@ fn unique_prefix(tag: &str) -> String {
     format!("{tag}{:x}", std::process::id() % 0xfff)
 }
 
+/// A fresh lab of `queues` queues named after `tag`, torn down when its guard drops, and an
+/// empty scratch directory removed with its `TempDir`.
+fn lab_up(tag: &str, queues: u32) -> (Lab, LabGuard, TempDir) {
+    let prefix = unique_prefix(tag);
+    let lab = Lab::new(&prefix, queues).unwrap();
+    // A leftover from a killed run of the same pid is not ours to keep.
+    let _ = lab.down();
+    lab.up().unwrap();
+    let guard = LabGuard(lab.clone());
+    let dir = TempDir(std::env::temp_dir().join(format!("portcullis-test-{prefix}")));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    (lab, guard, dir)
+}
+
 fn start(tag: &str, queues: u32, policy_dir: &Path) -> Fixture {
     start_with(tag, queues, policy_dir, |_| String::new())
 }
@@ -60,14 +74,7 @@ fn start_with(
     policy_dir: &Path,
     setup: impl FnOnce(&Lab) -> String,
 ) -> Fixture {
-    let prefix = unique_prefix(tag);
-    let lab = Lab::new(&prefix, queues).unwrap();
-    // A leftover from a killed run of the same pid is not ours to keep.
-    let _ = lab.down();
-    lab.up().unwrap();
-    let guard = LabGuard(lab.clone());
-    let dir = TempDir(std::env::temp_dir().join(format!("portcullis-test-{prefix}")));
-    std::fs::create_dir_all(&dir.0).unwrap();
+    let (lab, guard, dir) = lab_up(tag, queues);
     let config = dir.0.join("gateway.yaml");
     lab.write_config(
         &repo().join("configs/lab/gateway.yaml"),
@@ -846,12 +853,7 @@ fn the_gateway_follows_the_kubernetes_api_and_survives_losing_it() {
 fn startup_waits_for_the_api_or_starts_on_the_files() {
     require_root();
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let prefix = unique_prefix("tkw");
-    let lab = Lab::new(&prefix, 1).unwrap();
-    let _ = lab.down();
-    lab.up().unwrap();
-    let _guard = LabGuard(lab.clone());
-    let dir = TempDir(std::env::temp_dir().join(format!("portcullis-test-{prefix}")));
+    let (lab, _guard, dir) = lab_up("tkw", 1);
     let policies = dir.0.join("policies");
     std::fs::create_dir_all(&policies).unwrap();
     // The file source allows the client to the UDP port; the API adds nothing but must be synced.
@@ -1864,13 +1866,7 @@ fn one_device_under_two_names_is_refused_before_any_socket() {
 fn json_logs_are_json_lines_only() {
     require_root();
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let prefix = unique_prefix("tj");
-    let lab = Lab::new(&prefix, 1).unwrap();
-    let _ = lab.down();
-    lab.up().unwrap();
-    let _guard = LabGuard(lab.clone());
-    let dir = TempDir(std::env::temp_dir().join(format!("portcullis-test-{prefix}")));
-    std::fs::create_dir_all(&dir.0).unwrap();
+    let (lab, _guard, dir) = lab_up("tj", 1);
     let config = dir.0.join("gateway.yaml");
     lab.write_config(
         &repo().join("configs/lab/gateway.yaml"),
