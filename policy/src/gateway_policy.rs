@@ -91,43 +91,14 @@ pub enum PortSpec {
     Text(String),
 }
 
-/// What a port field accepts, in the words an error gives.
-pub(crate) const PORT_EXPECTED: &str = "a port: 1-65535, a \"lo:hi\" range or a name";
-
 impl<'de> Deserialize<'de> for PortSpec {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl serde::de::Visitor<'_> for V {
-            type Value = PortSpec;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str(PORT_EXPECTED)
-            }
-            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<PortSpec, E> {
-                match u16::try_from(n) {
-                    Ok(p) if p > 0 => Ok(PortSpec::Number(p)),
-                    _ => Err(E::custom(format!(
-                        "port must be 1-65535, a \"lo:hi\" range or a name, not {n}"
-                    ))),
-                }
-            }
-            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<PortSpec, E> {
-                match u64::try_from(n) {
-                    Ok(n) => self.visit_u64(n),
-                    Err(_) => Err(E::custom(format!(
-                        "port must be 1-65535, a \"lo:hi\" range or a name, not {n}"
-                    ))),
-                }
-            }
-            fn visit_f64<E: serde::de::Error>(self, n: f64) -> Result<PortSpec, E> {
-                Err(E::custom(format!(
-                    "port must be 1-65535, a \"lo:hi\" range or a name, not {n}"
-                )))
-            }
-            fn visit_str<E: serde::de::Error>(self, t: &str) -> Result<PortSpec, E> {
-                Ok(PortSpec::Text(t.to_string()))
-            }
-        }
-        d.deserialize_any(V)
+        crate::k8s::port_or_text(
+            d,
+            "1-65535, a \"lo:hi\" range or a name",
+            PortSpec::Number,
+            PortSpec::Text,
+        )
     }
 }
 

@@ -77,39 +77,58 @@ pub enum PortRef {
 
 impl<'de> Deserialize<'de> for PortRef {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl serde::de::Visitor<'_> for V {
-            type Value = PortRef;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a port: 1-65535 or a name")
-            }
-            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<PortRef, E> {
-                match u16::try_from(n) {
-                    Ok(p) if p > 0 => Ok(PortRef::Number(p)),
-                    _ => Err(E::custom(format!(
-                        "port must be 1-65535 or a name, not {n}"
-                    ))),
-                }
-            }
-            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<PortRef, E> {
-                match u64::try_from(n) {
-                    Ok(n) => self.visit_u64(n),
-                    Err(_) => Err(E::custom(format!(
-                        "port must be 1-65535 or a name, not {n}"
-                    ))),
-                }
-            }
-            fn visit_f64<E: serde::de::Error>(self, n: f64) -> Result<PortRef, E> {
-                Err(E::custom(format!(
-                    "port must be 1-65535 or a name, not {n}"
-                )))
-            }
-            fn visit_str<E: serde::de::Error>(self, t: &str) -> Result<PortRef, E> {
-                Ok(PortRef::Name(t.to_string()))
+        port_or_text(d, "1-65535 or a name", PortRef::Number, PortRef::Name)
+    }
+}
+
+/// Deserializes a port written as a number (1-65535, built with `number`) or as a string
+/// (`text`). `forms` says what is accepted, in the errors: "port must be {forms}, not 0", and
+/// "expected a port: {forms}".
+pub(crate) fn port_or_text<'de, D: serde::Deserializer<'de>, T>(
+    d: D,
+    forms: &'static str,
+    number: fn(u16) -> T,
+    text: fn(String) -> T,
+) -> Result<T, D::Error> {
+    struct V<T> {
+        forms: &'static str,
+        number: fn(u16) -> T,
+        text: fn(String) -> T,
+    }
+    impl<T> V<T> {
+        fn bad<E: serde::de::Error>(&self, n: impl std::fmt::Display) -> E {
+            E::custom(format!("port must be {}, not {n}", self.forms))
+        }
+    }
+    impl<T> serde::de::Visitor<'_> for V<T> {
+        type Value = T;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            write!(f, "a port: {}", self.forms)
+        }
+        fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<T, E> {
+            match u16::try_from(n) {
+                Ok(p) if p > 0 => Ok((self.number)(p)),
+                _ => Err(self.bad(n)),
             }
         }
-        d.deserialize_any(V)
+        fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<T, E> {
+            match u64::try_from(n) {
+                Ok(n) => self.visit_u64(n),
+                Err(_) => Err(self.bad(n)),
+            }
+        }
+        fn visit_f64<E: serde::de::Error>(self, n: f64) -> Result<T, E> {
+            Err(self.bad(n))
+        }
+        fn visit_str<E: serde::de::Error>(self, t: &str) -> Result<T, E> {
+            Ok((self.text)(t.to_string()))
+        }
     }
+    d.deserialize_any(V {
+        forms,
+        number,
+        text,
+    })
 }
 
 #[cfg(feature = "schema")]
