@@ -150,8 +150,6 @@ struct Datapath<R: Rings> {
     burst_start: Option<Instant>,
     ct: Option<Arc<Conntrack>>,
     monitor: Arc<Monitor>,
-    /// How wide this CPU hashes a burst's tuples.
-    hash_width: crate::sys::siphash::Width,
 }
 
 impl<R: Rings> Datapath<R> {
@@ -240,7 +238,8 @@ impl<R: Rings> Datapath<R> {
                 ct.hash_key(),
                 [&a[..hashed], &b[..hashed], &c[..hashed]],
                 &mut s.hash[..hashed],
-                self.hash_width,
+                // As wide as this CPU goes.
+                crate::sys::siphash::Width::Avx512,
             );
             for j in 0..hashed {
                 let place = ct.place_of_hash(s.hash[j]);
@@ -753,7 +752,6 @@ impl<R: Rings> Worker<R> {
                 burst_start: None,
                 ct: conntrack,
                 monitor,
-                hash_width: crate::sys::siphash::detected(),
             },
             reader,
             counters,

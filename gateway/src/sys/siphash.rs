@@ -80,16 +80,15 @@ pub fn detected() -> Width {
 }
 
 /// `out[j]` = the SipHash-1-3 of the three words `w[0][j], w[1][j], w[2][j]`, for every `j` of
-/// `out`, on the path `width` (which must be one [`detected`] allows: a wider one is taken as
-/// the widest there is).
+/// `out`, at most as wide as `widest` and as this CPU allows ([`detected`]).
 #[inline]
-pub fn siphash13_x3(k: (u64, u64), w: [&[u64]; 3], out: &mut [u64], width: Width) {
+pub fn siphash13_x3(k: (u64, u64), w: [&[u64]; 3], out: &mut [u64], widest: Width) {
     let n = out.len();
     assert!(w.iter().all(|c| c.len() >= n), "a word column is short");
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
     {
-        let width = match (width, detected()) {
+        let width = match (widest, detected()) {
             (Width::Scalar, _) | (_, Width::Scalar) => Width::Scalar,
             (Width::Avx2, _) | (_, Width::Avx2) => Width::Avx2,
             _ => Width::Avx512,
@@ -103,7 +102,7 @@ pub fn siphash13_x3(k: (u64, u64), w: [&[u64]; 3], out: &mut [u64], width: Width
             Width::Scalar => {}
         }
     }
-    let _ = width;
+    let _ = widest;
     for j in done..n {
         out[j] = siphash13(k, &[w[0][j], w[1][j], w[2][j]]);
     }
