@@ -1020,6 +1020,46 @@ mod tests {
         }
     }
 
+    /// QinQ keys on both tags (outer in the key, inner in the track), and a priority tag (VID 0)
+    /// names no VLAN wherever it stands, so a priority-tagged frame keys like an untagged one.
+    #[test]
+    fn qinq_keeps_both_tags_and_a_priority_tag_names_no_vlan() {
+        let mut plain = Vec::new();
+        PacketBuilder::ethernet2(MAC_A, MAC_B)
+            .ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64)
+            .udp(5000, 53)
+            .write(&mut plain, b"q")
+            .unwrap();
+        // Inserts 802.1Q-style tags (TPID, VID) after the MAC addresses.
+        let tagged = |tags: &[(u16, u16)]| {
+            let mut f = plain[..12].to_vec();
+            for &(tpid, vid) in tags {
+                f.extend_from_slice(&tpid.to_be_bytes());
+                f.extend_from_slice(&vid.to_be_bytes());
+            }
+            f.extend_from_slice(&plain[12..]);
+            f
+        };
+        let tags_of = |f: &[u8]| {
+            let (frame, tr) = parse_tracked(f, Direction::Ingress).unwrap();
+            (ip_key(Ok(frame)).vlan, tr.vlan2)
+        };
+        assert_eq!(tags_of(&plain), (NO_VLAN, NO_VLAN));
+        assert_eq!(tags_of(&tagged(&[(0x88a8, 100), (0x8100, 42)])), (100, 42));
+        assert_eq!(tags_of(&tagged(&[(0x9100, 100), (0x8100, 43)])), (100, 43));
+        // Priority bits are not part of the VID.
+        assert_eq!(tags_of(&tagged(&[(0x8100, 0xe000 | 42)])), (42, NO_VLAN));
+        assert_eq!(tags_of(&tagged(&[(0x8100, 0)])), (NO_VLAN, NO_VLAN));
+        assert_eq!(
+            tags_of(&tagged(&[(0x88a8, 100), (0x8100, 0)])),
+            (100, NO_VLAN)
+        );
+        assert_eq!(
+            tags_of(&tagged(&[(0x88a8, 0), (0x8100, 42)])),
+            (42, NO_VLAN)
+        );
+    }
+
     #[test]
     fn the_tracker_gets_tcp_flags_echo_ids_and_quoted_headers() {
         let mut syn = Vec::new();
